@@ -1,0 +1,199 @@
+"""Tabular autoregressive environments with exact ground truth: prefix trees.
+
+A prefix tree of vocabulary V and horizon H has one state per prefix
+(a_1..a_t), t = 0..H-1, with a student and a teacher logit vector each:
+
+    S = sum_{t<H} V^t = (V^H - 1) / (V - 1) states,
+
+ordered level by level (root first) and, within a level, lexicographically by
+prefix: the prefix (a_1..a_t) read as a base-V number is its index in level t,
+which starts at offset (V^t - 1) / (V - 1). The child of state i of level t by
+token v is state i*V + v of level t+1. A bandit is the tree with H = 1.
+
+The student parameters theta are the student logit table [S, V] itself, so the
+parameter space and the logit space coincide (flattened state-major).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+import torch
+
+from vopd_analysis.batch import InputError, TokenBatch
+
+MAX_EXACT_SEQUENCES = 1 << 23
+
+
+def num_states(vocab: int, horizon: int) -> int:
+    """S = (V^H - 1) / (V - 1)."""
+    return (vocab ** horizon - 1) // (vocab - 1)
+
+
+def level_offset(vocab: int, t: int) -> int:
+    """Index of the first state of level t (prefixes of length t)."""
+    return (vocab ** t - 1) // (vocab - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixTree:
+    """Student and teacher logit tables [S, V] (float64) on a prefix tree."""
+
+    vocab: int
+    horizon: int
+    student_logits: np.ndarray
+    teacher_logits: np.ndarray
+
+    def __post_init__(self):
+        check_tables(self.student_logits, self.teacher_logits, self.vocab, self.horizon)
+
+    @property
+    def num_states(self) -> int:
+        return num_states(self.vocab, self.horizon)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.vocab ** self.horizon
+
+    def with_student(self, student_logits: np.ndarray) -> "PrefixTree":
+        return dataclasses.replace(self, student_logits=np.asarray(student_logits, dtype=np.float64))
+
+    def state_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """State index of each position: s_t = prefix y_<t. tokens [N, H] -> [N, H]."""
+        V = self.vocab
+        N, H = tokens.shape
+        within = torch.zeros(N, dtype=torch.long)
+        ids = torch.empty(N, H, dtype=torch.long)
+        for t in range(H):
+            ids[:, t] = level_offset(V, t) + within
+            within = within * V + tokens[:, t]
+        return ids
+
+    def sequences(self, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Sequences number start..stop-1 in lexicographic order, as tokens [n, H]."""
+        stop = self.num_sequences if stop is None else stop
+        index = torch.arange(start, stop, dtype=torch.long)
+        digits = [(index // self.vocab ** (self.horizon - 1 - t)) % self.vocab for t in range(self.horizon)]
+        return torch.stack(digits, dim=1)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n sequences y ~ pi_theta by ancestral sampling. [n, H]"""
+        probs = torch.softmax(torch.as_tensor(self.student_logits), -1)
+        tokens = torch.zeros(n, self.horizon, dtype=torch.long)
+        within = torch.zeros(n, dtype=torch.long)
+        for t in range(self.horizon):
+            states = level_offset(self.vocab, t) + within
+            tokens[:, t] = torch.multinomial(probs[states], 1, generator=generator).squeeze(1)
+            within = within * self.vocab + tokens[:, t]
+        return tokens
+
+    def token_batch(self, tokens: torch.Tensor, student_logits: torch.Tensor,
+                    kl_to_go: Optional[torch.Tensor] = None,
+                    next_kl_to_go: Optional[torch.Tensor] = None) -> TokenBatch:
+        """The TokenBatch of sequences ``tokens`` [N, H].
+
+        ``student_logits`` [N, H, V] are the student logits at the visited states
+        (a leaf the caller differentiates); ``kl_to_go`` [S] and ``next_kl_to_go``
+        [S, V] are optional oracle tables (W_t(s) and W_{t+1}(s + v)).
+        """
+        states = self.state_ids(tokens)
+        teacher = torch.as_tensor(self.teacher_logits)[states]
+        teacher_lp = torch.log_softmax(teacher, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return TokenBatch(
+            tokens=tokens, mask=torch.ones_like(tokens, dtype=torch.float64), student_logits=student_logits,
+            teacher_token_logprobs=teacher_lp, teacher_logits=teacher,
+            kl_to_go=None if kl_to_go is None else kl_to_go[states],
+            next_kl_to_go=None if next_kl_to_go is None else next_kl_to_go[states])
+
+
+def check_tables(student_logits: np.ndarray, teacher_logits: np.ndarray, vocab: int, horizon: int) -> None:
+    """Raise InputError unless both tables are finite [S, V] arrays for this V and H."""
+    if vocab < 2:
+        raise InputError(f"the vocabulary needs at least 2 tokens, got V={vocab}")
+    if horizon < 1:
+        raise InputError(f"the horizon must be at least 1, got H={horizon}")
+    S = num_states(vocab, horizon)
+    for name, table in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(table, np.ndarray) or table.shape != (S, vocab):
+            shape = getattr(table, "shape", None)
+            raise InputError(f"{name} must have shape [S, V] = [{S}, {vocab}] for V={vocab}, H={horizon} "
+                             f"(S = (V^H - 1)/(V - 1)), got {shape}")
+        if not np.all(np.isfinite(table)):
+            raise InputError(f"{name} contains NaN or inf")
+
+
+def from_arrays(student_logits, teacher_logits, horizon: int) -> PrefixTree:
+    """A tree from explicit [S, V] tables; V is read from the second axis."""
+    student = np.asarray(student_logits, dtype=np.float64)
+    teacher = np.asarray(teacher_logits, dtype=np.float64)
+    if student.ndim != 2:
+        raise InputError(f"student_logits must be a 2-D [S, V] array, got shape {student.shape}")
+    return PrefixTree(student.shape[1], horizon, student, teacher)
+
+
+def from_npz(path: str, horizon: int) -> PrefixTree:
+    """A tree from a NumPy .npz holding ``student_logits`` and ``teacher_logits`` [S, V]."""
+    try:
+        data = np.load(path)
+    except FileNotFoundError:
+        raise InputError(f"no such tables file: {path}") from None
+    except Exception as err:  # numpy raises several types for a corrupt file
+        raise InputError(f"cannot read {path} as a NumPy .npz file: {err}") from None
+    missing = {"student_logits", "teacher_logits"} - set(data.files)
+    if missing:
+        raise InputError(f"{path} lacks array(s) {sorted(missing)}; it has {sorted(data.files)}")
+    return from_arrays(data["student_logits"], data["teacher_logits"], horizon)
+
+
+def _base_logits(rng: np.random.Generator, vocab: int, shape: str, zipf_exponent: float) -> np.ndarray:
+    """One context-free logit vector: Gaussian, or Zipf-like log(1/rank^a) on a random order."""
+    if shape == "gaussian":
+        return rng.standard_normal(vocab)
+    if shape == "zipf":
+        return -zipf_exponent * np.log1p(rng.permutation(vocab).astype(np.float64))
+    raise InputError(f"unknown teacher shape '{shape}'; choose 'gaussian' or 'zipf'")
+
+
+def make_tree(vocab: int = 4, horizon: int = 3, *, teacher_temperature: float = 1.0,
+              teacher_shape: str = "gaussian", zipf_exponent: float = 1.5, divergence: float = 1.0,
+              coupling: float = 0.0, seed: int = 0) -> PrefixTree:
+    """A random prefix tree with knobs.
+
+    Teacher logits at state s of depth t:  (u_t + kappa c(s)) / temperature,
+    student logits:                        teacher + delta (n_t + kappa c'(s)),
+    with u_t a per-depth base vector (Gaussian or Zipf-like long tail), n_t
+    per-depth Gaussian noise, and c(s), c'(s) independent per-state Gaussian
+    vectors. kappa (``coupling``) sets how much later distributions depend on
+    earlier tokens: at kappa = 0 every state of a depth is identical, the
+    KL-to-go W_{t+1}(s + v) does not depend on v, and token-level OPD is
+    unbiased for the sequence gradient. delta (``divergence``) sets the
+    student-teacher gap; the temperature sets the teacher's entropy.
+    """
+    if teacher_temperature <= 0:
+        raise InputError(f"teacher_temperature must be positive, got {teacher_temperature}")
+    check_tables(np.zeros((num_states(vocab, horizon), vocab)), np.zeros((num_states(vocab, horizon), vocab)),
+                 vocab, horizon)
+    rng = np.random.default_rng(seed)
+    S = num_states(vocab, horizon)
+    depth = np.concatenate([np.full(vocab ** t, t) for t in range(horizon)])
+    base = np.stack([_base_logits(rng, vocab, teacher_shape, zipf_exponent) for _ in range(horizon)])
+    noise = rng.standard_normal((horizon, vocab))
+    teacher = (base[depth] + coupling * rng.standard_normal((S, vocab))) / teacher_temperature
+    student = teacher + divergence * (noise[depth] + coupling * rng.standard_normal((S, vocab)))
+    return PrefixTree(vocab, horizon, student, teacher)
+
+
+def bandit(vocab: int = 4, **knobs) -> PrefixTree:
+    """A single categorical decision (horizon 1)."""
+    return make_tree(vocab, 1, **knobs)
+
+
+def check_enumerable(tree: PrefixTree, limit: int = MAX_EXACT_SEQUENCES) -> None:
+    """Refuse trees too large to enumerate, pointing to the Monte Carlo path."""
+    if tree.num_sequences > limit:
+        raise InputError(
+            f"V={tree.vocab}, H={tree.horizon} has V^H = {tree.num_sequences:,} sequences, more than the "
+            f"{limit:,} the exact engine enumerates; use the Monte Carlo path "
+            "(vopd_analysis.montecarlo, or `vopd mc`) for this size")
