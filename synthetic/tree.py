@@ -108,12 +108,16 @@ class PrefixTree:
             next_kl_to_go=None if next_kl_to_go is None else next_kl_to_go[states])
 
 
-def check_tables(student_logits: np.ndarray, teacher_logits: np.ndarray, vocab: int, horizon: int) -> None:
-    """Raise InputError unless both tables are finite [S, V] arrays for this V and H."""
+def check_size(vocab: int, horizon: int) -> None:
     if vocab < 2:
         raise InputError(f"the vocabulary needs at least 2 tokens, got V={vocab}")
     if horizon < 1:
         raise InputError(f"the horizon must be at least 1, got H={horizon}")
+
+
+def check_tables(student_logits: np.ndarray, teacher_logits: np.ndarray, vocab: int, horizon: int) -> None:
+    """Raise InputError unless both tables are finite [S, V] arrays for this V and H."""
+    check_size(vocab, horizon)
     S = num_states(vocab, horizon)
     for name, table in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(table, np.ndarray) or table.shape != (S, vocab):
@@ -173,8 +177,7 @@ def make_tree(vocab: int = 4, horizon: int = 3, *, teacher_temperature: float = 
     """
     if teacher_temperature <= 0:
         raise InputError(f"teacher_temperature must be positive, got {teacher_temperature}")
-    check_tables(np.zeros((num_states(vocab, horizon), vocab)), np.zeros((num_states(vocab, horizon), vocab)),
-                 vocab, horizon)
+    check_size(vocab, horizon)
     rng = np.random.default_rng(seed)
     S = num_states(vocab, horizon)
     depth = np.concatenate([np.full(vocab ** t, t) for t in range(horizon)])
@@ -190,10 +193,10 @@ def bandit(vocab: int = 4, **knobs) -> PrefixTree:
     return make_tree(vocab, 1, **knobs)
 
 
-def check_enumerable(tree: PrefixTree, limit: int = MAX_EXACT_SEQUENCES) -> None:
-    """Refuse trees too large to enumerate, pointing to the Monte Carlo path."""
-    if tree.num_sequences > limit:
+def check_enumerable(vocab: int, horizon: int, limit: int = MAX_EXACT_SEQUENCES) -> None:
+    """Refuse trees too large to enumerate, pointing to the Monte Carlo path (call before building one)."""
+    if vocab ** horizon > limit:
         raise InputError(
-            f"V={tree.vocab}, H={tree.horizon} has V^H = {tree.num_sequences:,} sequences, more than the "
+            f"V={vocab}, H={horizon} has V^H = {vocab ** horizon:,} sequences, more than the "
             f"{limit:,} the exact engine enumerates; use the Monte Carlo path "
             "(vopd_analysis.montecarlo, or `vopd mc`) for this size")

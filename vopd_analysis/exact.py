@@ -88,11 +88,11 @@ def tree_quantities(tree: PrefixTree) -> TreeQuantities:
 
 @dataclasses.dataclass(frozen=True)
 class Moments:
-    """Exact mean gradient [S, V], total variance tr Cov, per-position variance [H]."""
+    """Exact mean gradient [S, V], total variance tr Cov, per-position variance [H] (None for groups)."""
 
     mean: torch.Tensor
     total_variance: float
-    position_variance: np.ndarray
+    position_variance: Optional[np.ndarray]
 
     def mse(self, target: torch.Tensor, batch_size: int) -> float:
         """MSE of a batch-B mean gradient against ``target``: |bias|^2 + tr Cov / B."""
@@ -110,7 +110,7 @@ def exact_moments(tree: PrefixTree, specs: Dict[str, dict], chunk_size: int = DE
 
     Streams over the V^H sequences in chunks; memory is O(chunk * H * V + S * V).
     """
-    check_enumerable(tree)
+    check_enumerable(tree.vocab, tree.horizon)
     for label, spec in specs.items():
         entry = est.get(spec["name"])
         if entry.group:
@@ -201,3 +201,35 @@ def analyse(tree: PrefixTree, k: int = 2, names: Optional[Iterable[str]] = None,
             "bias_sequence": bias_report(m.mean, tq.grad_sequence)["l2"],
         }
     return result
+
+
+def exact_group_moments(tree: PrefixTree, name: str, max_tuples: int = 1 << 16, **params) -> Moments:
+    """Exact moments of a group estimator (K rollouts per prompt) by enumerating all N^K tuples.
+
+    One draw is (1/K) times the gradient of the K per-sequence surrogates of a
+    tuple of K independent sequences; its probability is the product of theirs.
+    """
+    entry = est.get(name)
+    params = entry.params(**params)
+    K = params["group_size"]
+    n_tuples = tree.num_sequences ** K
+    if n_tuples > max_tuples:
+        raise InputError(f"'{name}' with K={K} on V^H = {tree.num_sequences} sequences has {n_tuples:,} "
+                         f"K-tuples, more than {max_tuples:,}; use the Monte Carlo path")
+    tq = tree_quantities(tree)
+    seq = tree.sequences()
+    index = torch.cartesian_prod(*[torch.arange(tree.num_sequences)] * K).reshape(n_tuples, K)
+    tokens = seq[index.reshape(-1)]
+    states = tree.state_ids(tokens)
+    theta = torch.as_tensor(tree.student_logits, dtype=torch.float64)
+    z = theta[states].clone().requires_grad_(True)
+    est.per_sequence(name, tree.token_batch(tokens, z), **params).sum().backward()
+    log_prob = tq.log_q[states].gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(-1)
+    prob = log_prob.reshape(n_tuples, K).sum(-1).exp()
+    draws = torch.zeros(n_tuples, tree.num_states, tree.vocab, dtype=torch.float64)
+    rows = (torch.arange(n_tuples * K) // K).unsqueeze(1).expand_as(states)
+    draws.index_put_((rows, states), z.grad / K, accumulate=True)
+    draws = draws.reshape(n_tuples, -1)
+    mean = (prob[:, None] * draws).sum(0)
+    variance = float((prob * (draws ** 2).sum(-1)).sum() - (mean ** 2).sum())
+    return Moments(mean.reshape(tree.num_states, tree.vocab), variance, None)

@@ -1,0 +1,175 @@
+"""vopd_analysis.variance: streaming moments against numpy, known per-sample gradients, the probe."""
+
+import numpy as np
+import pytest
+import torch
+
+from vopd_analysis import hf, variance
+from vopd_analysis.batch import InputError
+from vopd_analysis.estimators import surrogate_loss
+from vopd_analysis.variance import GradientMoments
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- streaming moments
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_streaming_trace_equals_numpy_cov(offset):
+    """tr Sigma and per-group traces equal numpy's np.cov, also with a mean 10^4 x the noise."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 12)) * np.linspace(0.1, 3, 12) + offset
+    groups = {"a": [(0, 5)], "b": [(5, 9), (10, 12)], "c": [(9, 10)]}
+    m = GradientMoments(12, groups, num_projections=0)
+    for row in x:
+        m.update(torch.tensor(row))
+    cov = np.cov(x, rowvar=False)
+    assert m.trace() == pytest.approx(np.trace(cov), rel=1e-9)
+    idx = {"a": list(range(5)), "b": [5, 6, 7, 8, 10, 11], "c": [9]}
+    for g, cols in idx.items():
+        assert m.group_traces()[g] == pytest.approx(np.trace(cov[np.ix_(cols, cols)]), rel=1e-9)
+    np.testing.assert_allclose(m.mean.numpy(), x.mean(0), rtol=1e-12)
+    mean_sq = float(x.mean(0) @ x.mean(0))
+    assert m.snr() == pytest.approx(mean_sq / (np.trace(cov) / 50), rel=1e-9)
+    assert m.signal_sq_norm() == pytest.approx(mean_sq - np.trace(cov) / 50, rel=1e-9)
+    assert m.noise_scale() == pytest.approx(np.trace(cov) / (mean_sq - np.trace(cov) / 50), rel=1e-9)
+
+
+def test_projected_trace_is_hutchinson_unbiased():
+    """Averaged over many random directions, the projected trace approaches tr Sigma."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 30)) * rng.uniform(0.5, 2, 30)
+    m = GradientMoments(30, num_projections=4000, seed=3)
+    for row in x:
+        m.update(torch.tensor(row))
+    assert m.projected_trace() == pytest.approx(m.trace(), rel=0.05)
+    assert np.array_equal(variance.project(torch.tensor(x[0]), 4000, 3), m.projection_matrix()[0])
+    boot = m.bootstrap_trace(100)
+    assert boot.shape == (100,) and np.isfinite(boot).all()
+
+
+def test_projection_blocks(monkeypatch):
+    """Block-wise directions: the projection is linear in g and identical between calls."""
+    monkeypatch.setattr(variance, "_PROJECTION_BLOCK", 7)
+    g1, g2 = torch.randn(20, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+    p = lambda g: variance.project(g, 5, seed=11)
+    np.testing.assert_allclose(p(g1 + 2 * g2), p(g1) + 2 * p(g2), rtol=1e-10, atol=1e-12)
+    assert np.array_equal(p(g1), p(g1))
+
+
+def test_wrong_dimension_and_too_few_samples():
+    m = GradientMoments(3)
+    with pytest.raises(InputError, match="expected 3"):
+        m.update(torch.zeros(4))
+    m.update(torch.zeros(3))
+    with pytest.raises(InputError, match="at least 2"):
+        m.trace()
+
+
+class Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(3, 2)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 1, bias=False)])
+
+
+def test_known_per_sample_gradients_of_a_linear_model():
+    """loss_i = c_i . (W x_i + b) has gradient (c_i x_i^T, c_i): the moments must match numpy."""
+    torch.manual_seed(0)
+    model = Linear()
+    named = variance.trainable_parameters(model)
+    groups = variance.parameter_groups(named)
+    assert list(groups) == ["head", "blocks.0"]
+    params = [p for _, p in named]
+    m = GradientMoments(sum(p.numel() for p in params), groups, num_projections=2)
+    xs, cs = torch.randn(25, 3), torch.randn(25, 2)
+    expected = []
+    for x, c in zip(xs, cs):
+        for p in params:
+            p.grad = None
+        (c @ model.head(x)).backward()
+        m.update(variance.flat_grad(params))
+        expected.append(np.concatenate([np.outer(c, x).ravel(), c.numpy(), np.zeros(2)]))
+    expected = np.array(expected, dtype=np.float64)
+    cov = np.cov(expected, rowvar=False)
+    assert m.trace() == pytest.approx(np.trace(cov), rel=1e-6)
+    assert m.group_traces()["head"] == pytest.approx(np.trace(cov), rel=1e-6)
+    assert m.group_traces()["blocks.0"] == 0.0
+    np.testing.assert_allclose(m.mean.numpy(), expected.mean(0), rtol=1e-6, atol=1e-7)
+    assert m.cosine(torch.tensor(expected.mean(0))) == pytest.approx(1.0)
+
+
+def test_group_key():
+    assert variance.group_key("model.layers.3.mlp.up_proj.weight") == "model.layers.3"
+    assert variance.group_key("lm_head.weight") == "lm_head"
+    assert variance.group_key("model.embed_tokens.weight") == "model.embed_tokens"
+    assert variance.group_key("scale") == "scale"
+
+
+# ----------------------------------------------------------------------------- the probe on tiny Qwen2
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    paths = hf.save_tiny_pair(tmp_path_factory.mktemp("pair"), student_vocab=48, teacher_vocab=64)
+    return hf.load_pair(*paths)
+
+
+@pytest.fixture(scope="module")
+def result(pair):
+    return variance.probe(pair.student, pair.teacher, pair.tokenizer, ["12+3=", "7+8="],
+                          ["opd", "vopd", "full_kl", "vopd_topk", "seq_rloo"], num_rollouts=12, max_new_tokens=6,
+                          seed=0, vocab_size=pair.info.vocab_size, params={"vopd_topk": {"k": 4}})
+
+
+def test_probe_table(result):
+    s = result.summary.set_index("estimator")
+    assert list(s.index) == ["opd", "vopd", "full_kl", "vopd_topk", "seq_rloo"]
+    assert (s["num_rollouts"] == 24).all()
+    assert s.loc["full_kl", "cosine_to_reference"] == pytest.approx(1.0)
+    assert s.loc["seq_rloo", "unbiased_for"] == "sequence" and s.loc["opd", "unbiased_for"] == "token"
+    assert (s["trace_cov"] > 0).all() and (s["rollouts_per_s"] > 0).all()
+    # the Rao-Blackwellised estimator removes the sampled-token noise
+    assert s.loc["full_kl", "trace_cov"] < s.loc["opd", "trace_cov"]
+    layers = result.layers.groupby("estimator")["trace_cov"].sum()
+    for name in s.index:
+        assert layers[name] == pytest.approx(s.loc[name, "trace_cov"], rel=1e-9)
+    assert set(result.layers["group"]) == {"model.embed_tokens", "model.layers.0", "model.layers.1",
+                                           "model.norm", "lm_head"}
+
+
+def test_probe_mean_equals_batched_gradient(pair, result):
+    """The mean of the per-rollout gradients is the gradient of the batched sequence-mean loss."""
+    batch = hf.score(pair.student, pair.teacher, result.rollouts, ["opd"], vocab_size=pair.info.vocab_size)
+    params = [p for _, p in variance.trainable_parameters(pair.student)]
+    pair.student.zero_grad(set_to_none=True)
+    surrogate_loss("opd", batch).backward()
+    batched = variance.flat_grad(params)
+    pair.student.zero_grad(set_to_none=True)
+    torch.testing.assert_close(result.moments["opd"].mean, batched, atol=1e-6, rtol=1e-5)
+
+
+def test_opd_and_vopd_have_compatible_means(result):
+    """Same rollouts (common random numbers): the paired differences of the projections of the
+    opd and vopd gradients have mean zero (vOPD's baseline has zero expected score). Each of
+    the 8 directions gets a t-test at |t| < 5 (family-wise false-positive rate < 1e-3)."""
+    d = result.moments["opd"].projection_matrix() - result.moments["vopd"].projection_matrix()
+    t = d.mean(0) / (d.std(0, ddof=1) / np.sqrt(len(d)))
+    assert np.all(np.abs(t) < 5), t
+
+
+def test_probe_with_reference_vector_and_bad_names(pair, result):
+    ref = result.reference.clone()
+    again = variance.probe(pair.student, pair.teacher, pair.tokenizer, ["12+3=", "7+8="], ["opd"], num_rollouts=12,
+                           max_new_tokens=6, seed=0, vocab_size=42, reference=ref)
+    a, b = again.summary.iloc[0], result.summary.set_index("estimator").loc["opd"]
+    assert a["trace_cov"] == pytest.approx(b["trace_cov"], rel=1e-6)        # same seed -> same rollouts
+    assert a["cosine_to_reference"] == pytest.approx(b["cosine_to_reference"], rel=1e-6)
+    with pytest.raises(InputError, match="unknown estimator"):
+        variance.probe(pair.student, pair.teacher, pair.tokenizer, ["1+1="], ["nope"], num_rollouts=2)
+    assert all(p.grad is None for p in pair.student.parameters())
