@@ -248,8 +248,10 @@ def k2(batch: TokenBatch) -> torch.Tensor:
 
 
 def k3(batch: TokenBatch) -> torch.Tensor:
-    """k3 = (rho - 1) - log rho, rho = pi_T(y)/pi(y), as a loss: gradient sum_t (1 - rho_t) S_t,
-    whose expectation is the forward-KL gradient E[sum_t grad KL(pi_T || pi)(s_t)]."""
+    """k3 = (rho - 1) - log rho as a loss, rho = pi_T(y)/pi(y): gradient sum_t (1 - rho_t) S_t.
+
+    Its expectation is the forward-KL gradient E[sum_t grad KL(pi_T || pi)(s_t)].
+    """
     lp = student_token_logprobs(batch)
     log_rho = torch.where(batch.mask.bool(), batch.teacher_token_logprobs.to(lp.dtype) - lp, torch.zeros_like(lp))
     return masked_sum(batch, torch.expm1(log_rho) - log_rho)
