@@ -1,0 +1,452 @@
+"""Real Hugging Face causal LMs as a student/teacher pair: loading, checks, rollouts, scoring.
+
+The pipeline is
+
+    load_pair -> check_compatible -> generate_rollouts (student samples) -> score -> TokenBatch
+
+``score`` runs one student forward (with gradient) and one teacher forward (no gradient)
+over the rollouts and keeps, at the response positions only, what the requested
+estimators need from the teacher (DESIGN.md section 2):
+
+* always:  ``teacher_token_logprobs``  log pi_T(y_t | s_t);
+* "full":  ``teacher_logits``          [B, T, V] (only if some estimator needs them);
+* "topk":  ``teacher_topk_*`` and ``*_student_topk`` fields for the largest k requested.
+
+Vocabulary. Model output layers are often padded beyond the tokenizer (Qwen2.5-0.5B has
+151936 rows, Qwen2.5-7B 152064, both tokenizers 151665 real tokens). Both models'
+logits are sliced to the shared real vocabulary ``V``, so pi and pi_T are softmaxes over
+the same V tokens, and generation never samples a padded id.
+
+Alignment. With a left-padded prompt of width P, column ``c`` of ``input_ids`` holds token
+c and the logits at column c - 1 predict it; positions are ``cumsum(attention_mask) - 1``,
+exactly as ``generate`` computes them, so scoring reproduces the sampling distribution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+
+from .batch import InputError, TokenBatch
+from . import estimators as est
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+# ----------------------------------------------------------------------------- loading and checks
+
+@dataclasses.dataclass
+class VocabInfo:
+    """Result of ``check_compatible``: the shared real vocabulary and the models' output sizes."""
+
+    vocab_size: int            # V: both models' logits are sliced to [..., :V]
+    student_output_size: int
+    teacher_output_size: int
+    num_tokens: int            # tokens in the (shared) tokenizer vocabulary
+
+
+@dataclasses.dataclass
+class ModelPair:
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    tokenizer: object           # the student's tokenizer (the pair shares its vocabulary)
+    teacher_tokenizer: object
+    info: VocabInfo
+
+
+def _resolve(name_or_path: str, role: str) -> dict:
+    """Keyword arguments for ``from_pretrained``: a local directory is loaded offline.
+
+    Anything that looks like a filesystem path (absolute, ./, ../, ~) but does not exist is an
+    ``InputError``; otherwise the string is treated as a hub id.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{role} path {path} is a file; expected a model directory (save_pretrained output)")
+        return {"pretrained_model_name_or_path": str(path), "local_files_only": True}
+    if text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or "\\" in text:
+        raise InputError(f"{role} model path does not exist: {text}")
+    return {"pretrained_model_name_or_path": text}
+
+
+def load_model(name_or_path: str, role: str = "model", dtype=None, device="cpu"):
+    """(model, tokenizer) from a hub id or local directory; the model is put in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = _resolve(name_or_path, role)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(**kwargs)
+        model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=dtype)
+    except OSError as err:
+        raise InputError(f"could not load the {role} from {name_or_path!r}: {err}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def load_pair(student: str, teacher: str, dtype=None, device="cpu") -> ModelPair:
+    """Load a student and a teacher and check that they share a vocabulary (``check_compatible``)."""
+    s_model, s_tok = load_model(student, "student", dtype, device)
+    t_model, t_tok = load_model(teacher, "teacher", dtype, device)
+    for p in t_model.parameters():
+        p.requires_grad_(False)
+    info = check_compatible(s_model, s_tok, t_model, t_tok)
+    return ModelPair(s_model, t_model, s_tok, t_tok, info)
+
+
+def output_size(model) -> int:
+    """Rows of the model's output layer (the width of its logits)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def _vocab_mismatches(student_vocab: dict, teacher_vocab: dict, limit: int = 5) -> List[str]:
+    """Up to ``limit`` human-readable differences between two token -> id maps."""
+    out = []
+    for token in sorted(set(student_vocab) | set(teacher_vocab), key=lambda t: (student_vocab.get(t, teacher_vocab.get(t)), t)):
+        s, t = student_vocab.get(token), teacher_vocab.get(token)
+        if s != t:
+            out.append(f"{token!r}: student id {s}, teacher id {t}")
+            if len(out) >= limit:
+                break
+    return out
+
+
+def check_compatible(student_model, student_tok, teacher_model, teacher_tok) -> VocabInfo:
+    """Check that student and teacher score the same token ids, and return the shared vocabulary.
+
+    The tokenizers must map every token to the same id (``get_vocab()``, added tokens
+    included): a cross-family pair is refused, naming mismatching tokens. The shared real
+    vocabulary is V = 1 + the largest token id; output layers may be padded beyond V
+    (their extra rows are dropped by slicing logits to ``[..., :V]``) but not be smaller.
+    """
+    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s_vocab != t_vocab:
+        examples = _vocab_mismatches(s_vocab, t_vocab)
+        n_bad = sum(s_vocab.get(tok) != t_vocab.get(tok) for tok in set(s_vocab) | set(t_vocab))
+        raise InputError(
+            f"student and teacher tokenizers differ ({len(s_vocab)} vs {len(t_vocab)} tokens, {n_bad} tokens "
+            f"map to different ids), so their log-probs cannot be compared token by token; on-policy "
+            f"distillation needs a same-family pair. Examples: " + "; ".join(examples))
+    vocab = 1 + max(s_vocab.values())
+    s_out, t_out = output_size(student_model), output_size(teacher_model)
+    for role, size in (("student", s_out), ("teacher", t_out)):
+        if size < vocab:
+            raise InputError(f"the {role} model has {size} output rows but its tokenizer uses ids up to "
+                             f"{vocab - 1}; the model and tokenizer do not belong together")
+    return VocabInfo(vocab_size=vocab, student_output_size=s_out, teacher_output_size=t_out, num_tokens=len(s_vocab))
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+@dataclasses.dataclass
+class Rollouts:
+    """Sampled sequences, one row per rollout; rows [i*K, (i+1)*K) belong to prompt i.
+
+    ``input_ids``/``attention_mask`` [N, L]: left-padded prompt (width ``prompt_width``)
+    followed by the response, right-padded after EOS. ``response_mask`` [N, L] is 1 on the
+    generated tokens up to and including the first EOS. ``prompt_index`` [N].
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_index: torch.Tensor
+    prompt_width: int
+
+    @property
+    def num_rollouts(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows) -> "Rollouts":
+        """The rollouts in ``rows`` (a list, slice or index tensor), trailing all-padding columns dropped."""
+        rows = torch.as_tensor(rows) if not isinstance(rows, slice) else rows
+        ids, att, resp = self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows]
+        used = att.bool().any(0).nonzero()
+        end = int(used.max()) + 1 if used.numel() else ids.shape[1]
+        end = max(end, self.prompt_width)
+        return Rollouts(ids[:, :end], att[:, :end], resp[:, :end], self.prompt_index[rows], self.prompt_width)
+
+    def responses(self, tokenizer) -> List[str]:
+        """The decoded responses (EOS excluded)."""
+        out = []
+        for ids, m in zip(self.input_ids, self.response_mask):
+            out.append(tokenizer.decode(ids[m.bool()], skip_special_tokens=True))
+        return out
+
+
+def response_mask_from_generated(generated: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """1 on generated tokens up to and including the first EOS, 0 after it. [N, T_gen]"""
+    is_eos = torch.isin(generated, torch.as_tensor(list(eos_token_ids), device=generated.device))
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return (eos_before == 0).long()
+
+
+def _eos_ids(model, tokenizer) -> List[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise InputError("neither the model's generation config nor the tokenizer defines an EOS token")
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+class _RestrictVocab:
+    """Logits processor: forbid ids >= V (padded rows), so samples come from softmax(z[:V])."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.vocab_size:] = -float("inf")
+        return scores
+
+
+def encode_prompts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int):
+    """Left-padded ``(input_ids, attention_mask)``; prompts too long for the context raise ``InputError``.
+
+    A prompt fits if its length <= max_position_embeddings - max_new_tokens.
+    """
+    if isinstance(prompts, str) or not prompts:
+        raise InputError("prompts must be a non-empty list of strings")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None:
+        budget = context - max_new_tokens
+        lengths = enc["attention_mask"].sum(1)
+        too_long = (lengths > budget).nonzero().flatten().tolist()
+        if too_long:
+            i = too_long[0]
+            raise InputError(
+                f"{len(too_long)} prompt(s) do not fit the context: prompt {i} has {int(lengths[i])} tokens, "
+                f"but max_position_embeddings ({context}) - max_new_tokens ({max_new_tokens}) = {budget}")
+    if int(enc["attention_mask"].sum(1).min()) == 0:
+        raise InputError("a prompt encodes to zero tokens")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@torch.no_grad()
+def generate_rollouts(model, tokenizer, prompts: Sequence[str], num_rollouts: int, max_new_tokens: int,
+                      temperature: float = 1.0, top_p: float = 1.0, seed: Optional[int] = None,
+                      vocab_size: Optional[int] = None) -> Rollouts:
+    """Sample ``num_rollouts`` responses per prompt from ``model``.
+
+    Sampling is from softmax(z[:V] / temperature), nucleus-truncated at ``top_p``; only
+    temperature = top_p = 1 is on-policy (the estimators assume samples from pi itself).
+    ``seed`` makes the draw reproducible without touching the global RNG state.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    if num_rollouts < 1 or max_new_tokens < 1:
+        raise InputError(f"need num_rollouts >= 1 and max_new_tokens >= 1, got {num_rollouts}, {max_new_tokens}")
+    device = next(model.parameters()).device
+    ids, att = encode_prompts(model, tokenizer, prompts, max_new_tokens)
+    ids, att = ids.repeat_interleave(num_rollouts, 0).to(device), att.repeat_interleave(num_rollouts, 0).to(device)
+    eos = _eos_ids(model, tokenizer)
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=eos, repetition_penalty=1.0)
+    processors = LogitsProcessorList([_RestrictVocab(vocab_size)] if vocab_size else [])
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        sequences = model.generate(input_ids=ids, attention_mask=att, generation_config=config,
+                                   logits_processor=processors)
+    model.train(was_training)
+    return _assemble(sequences, att, ids.shape[1], eos, num_rollouts)
+
+
+def _assemble(sequences, prompt_attention, width, eos, num_rollouts) -> Rollouts:
+    """Build ``Rollouts`` from generate's output: masks for the prompt and the response up to EOS."""
+    response = response_mask_from_generated(sequences[:, width:], eos)
+    pad_ids = torch.where(response.bool(), sequences[:, width:], torch.zeros_like(response))
+    input_ids = torch.cat([sequences[:, :width], pad_ids], 1)
+    attention = torch.cat([prompt_attention, response], 1)
+    response_mask = torch.cat([torch.zeros_like(prompt_attention), response], 1)
+    prompt_index = torch.arange(sequences.shape[0], device=sequences.device) // num_rollouts
+    return Rollouts(input_ids, attention, response_mask, prompt_index, width)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def needed_signals(estimator_names: Iterable[str], params: Optional[dict] = None):
+    """(keep_full, k): whether full teacher logits are needed, and the largest top-k (0 if none)."""
+    params = params or {}
+    keep_full, k = False, 0
+    for name in estimator_names:
+        spec = est.get(name)
+        if spec.teacher_signal == "full":
+            keep_full = True
+        elif spec.teacher_signal == "topk":
+            k = max(k, int(spec.params(**params.get(name, {}))["k"]))
+        elif spec.teacher_signal == "oracle":
+            raise InputError(f"estimator '{name}' needs exact tabular quantities; it cannot run on real models")
+    return keep_full, k
+
+
+def response_index(response_mask: torch.Tensor):
+    """Columns of each row's response: (cols [B, T], valid [B, T]), T = the longest response.
+
+    Row b's response occupies columns start_b .. start_b + len_b - 1 (contiguous).
+    """
+    lengths = response_mask.sum(1)
+    if int(lengths.min()) == 0:
+        raise InputError("a rollout has an empty response (no generated token to score)")
+    starts = response_mask.float().argmax(1)
+    T = int(lengths.max())
+    offsets = torch.arange(T, device=response_mask.device)
+    valid = offsets.unsqueeze(0) < lengths.unsqueeze(1)
+    cols = torch.where(valid, starts.unsqueeze(1) + offsets, starts.unsqueeze(1))
+    return cols, valid
+
+
+def forward_logits(model, input_ids, attention_mask, first_column: int) -> torch.Tensor:
+    """Logits [B, L - first_column, V_out] for columns first_column .. L-1 (positions from the mask)."""
+    position_ids = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    keep = input_ids.shape[1] - first_column
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(**kwargs, logits_to_keep=keep).logits
+    return model(**kwargs).logits[:, first_column:]
+
+
+@torch.no_grad()
+def teacher_signals(teacher_rows: torch.Tensor, tokens: torch.Tensor, student_rows: torch.Tensor, k: int,
+                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
+    """Teacher log-probs at the sampled tokens and top-k fields, chunked over tokens in float32.
+
+    ``teacher_rows``/``student_rows`` are [M, V] logits (already sliced to V), ``tokens`` [M].
+    For each chunk, log pi_T = log_softmax(z_T) in float32; returns flat [M] / [M, k] tensors.
+    Peak extra memory is O(chunk_tokens * V), never O(M * V) float32.
+    """
+    M = tokens.shape[0]
+    out = {"teacher_token_logprobs": torch.empty(M, dtype=torch.float32, device=tokens.device)}
+    if k:
+        for name, dtype in (("teacher_topk_ids", torch.long), ("teacher_topk_logprobs", torch.float32),
+                            ("student_topk_ids", torch.long), ("teacher_logprobs_on_student_topk", torch.float32)):
+            out[name] = torch.empty(M, k, dtype=dtype, device=tokens.device)
+    for a in range(0, M, chunk_tokens):
+        b = min(a + chunk_tokens, M)
+        logp = torch.log_softmax(teacher_rows[a:b].float(), dim=-1)
+        out["teacher_token_logprobs"][a:b] = logp.gather(-1, tokens[a:b, None]).squeeze(-1)
+        if k:
+            top = torch.topk(logp, k, dim=-1)
+            out["teacher_topk_ids"][a:b], out["teacher_topk_logprobs"][a:b] = top.indices, top.values
+            s_ids = torch.topk(student_rows[a:b], k, dim=-1).indices
+            out["student_topk_ids"][a:b] = s_ids
+            out["teacher_logprobs_on_student_topk"][a:b] = logp.gather(-1, s_ids)
+    return out
+
+
+def score(student, teacher, rollouts: Rollouts, estimator_names: Sequence[str], vocab_size: Optional[int] = None,
+          mask_token_ids: Sequence[int] = (), chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+          params: Optional[dict] = None) -> TokenBatch:
+    """Score the rollouts with both models and build the ``TokenBatch`` the estimators need.
+
+    Position t of the batch is response token y_t with state s_t = everything before it:
+    ``student_logits[b, t] = z_theta(s_t)[:V]`` (with gradient), ``tokens[b, t] = y_t``.
+    ``params`` maps estimator name -> parameter overrides (used for the top-k size).
+    Tokens in ``mask_token_ids`` are left out of the loss.
+    """
+    keep_full, k = needed_signals(estimator_names, params)
+    cols, valid = response_index(rollouts.response_mask)
+    first = int(cols.min()) - 1
+    if first < 0:
+        raise InputError("a response starts at column 0: every rollout needs at least one prompt token")
+    rows = torch.arange(cols.shape[0], device=cols.device).unsqueeze(1).expand_as(cols)
+    ids, att = rollouts.input_ids, rollouts.attention_mask
+    s_logits = forward_logits(student, ids, att, first)
+    V = _shared_vocab(s_logits.shape[-1], vocab_size)
+    student_logits = s_logits[rows, cols - 1 - first, :V]          # logits at c-1 predict token c
+    del s_logits
+    with torch.no_grad():
+        t_logits = forward_logits(teacher, ids, att, first)
+        if vocab_size is None and t_logits.shape[-1] != V:
+            raise InputError(f"student and teacher logits have different widths ({V} vs {t_logits.shape[-1]}); "
+                             "pass vocab_size=check_compatible(...).vocab_size")
+        _shared_vocab(t_logits.shape[-1], V, role="teacher")
+        teacher_flat = t_logits[rows, cols - 1 - first, :V].reshape(-1, V)
+        del t_logits
+    tokens = torch.where(valid, ids[rows, cols], torch.zeros_like(cols))
+    if int(tokens.max()) >= V:
+        raise InputError(f"a response contains token id {int(tokens.max())} outside the shared vocabulary "
+                         f"[0, {V}); generate with vocab_size={V} so padded ids are never sampled")
+    mask = valid & ~torch.isin(tokens, torch.as_tensor(list(mask_token_ids), dtype=tokens.dtype, device=tokens.device))
+    sig = teacher_signals(teacher_flat, tokens.reshape(-1), student_logits.detach().reshape(-1, V), k, chunk_tokens)
+    B, T = tokens.shape
+    fields = {name: value.reshape(B, T, *value.shape[1:]) for name, value in sig.items()}
+    if keep_full:
+        fields["teacher_logits"] = teacher_flat.reshape(B, T, V)
+    return TokenBatch(tokens=tokens, mask=mask.long(), student_logits=student_logits, **fields).validate()
+
+
+def _shared_vocab(width: int, vocab_size: Optional[int], role: str = "student") -> int:
+    """V: ``vocab_size`` if given (must fit the logits), else the logits' width."""
+    if vocab_size is None:
+        return width
+    if vocab_size > width:
+        raise InputError(f"vocab_size {vocab_size} exceeds the {role} model's {width} output logits; "
+                         "use check_compatible(...).vocab_size")
+    return vocab_size
+
+
+# ----------------------------------------------------------------------------- tiny random models (tests, demos)
+
+def char_tokenizer(chars: str = "0123456789+= abcdefghijklmnopqrstuvwxyz", specials=("<pad>", "<eos>", "<unk>")):
+    """A character-level ``PreTrainedTokenizerFast`` (ids: specials first, then ``chars``), left padding."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*specials, *chars])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[2]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=specials[0], eos_token=specials[1],
+                                   unk_token=specials[2], padding_side="left", clean_up_tokenization_spaces=False)
+
+
+def tiny_qwen2(vocab_size: int, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,
+               max_position_embeddings: int = 64, eos_token_id: int = 1, pad_token_id: int = 0):
+    """A randomly initialised ``Qwen2ForCausalLM`` of a few thousand parameters (float32, eval mode)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
+                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    model.generation_config.eos_token_id = eos_token_id
+    model.generation_config.pad_token_id = pad_token_id
+    return model
+
+
+def save_tiny_pair(directory, student_vocab: int = 0, teacher_vocab: int = 0, seed: int = 0, **config):
+    """Save a random tiny student/teacher pair with a shared char tokenizer under ``directory``.
+
+    Output vocabularies default to the tokenizer size; pass larger ones to test padded rows.
+    Returns the (student_path, teacher_path) directories.
+    """
+    directory = Path(directory)
+    tokenizer = char_tokenizer()
+    n = len(tokenizer.get_vocab())
+    paths = []
+    for role, vocab, s in (("student", student_vocab or n, seed), ("teacher", teacher_vocab or n, seed + 1)):
+        path = directory / role
+        tiny_qwen2(vocab, seed=s, **config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(str(path))
+    return tuple(paths)

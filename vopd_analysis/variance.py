@@ -1,0 +1,333 @@
+"""Monte-Carlo gradient variance of OPD estimators on any torch model.
+
+For an estimator, let g_i in R^D be the flattened parameter gradient of its surrogate on
+rollout i alone (i = 1..N, rollouts drawn from the student). With
+g_bar = (1/N) sum_i g_i, this module estimates
+
+* trace of the covariance    tr Sigma = sum_i |g_i - g_bar|^2 / (N - 1)
+                                      = (sum_i |g_i|^2 - N |g_bar|^2) / (N - 1)  (unbiased),
+  streamed with Welford's update (no cancellation), in float64, memory O(D);
+* the same trace restricted to each parameter group (layer / named prefix);
+* |G|^2, G = E[g], unbiased:  |g_bar|^2 - tr Sigma / N;
+* SNR of the N-rollout mean:  snr = |g_bar|^2 / (tr Sigma / N)  (signal over the variance of g_bar);
+* the gradient noise scale B_simple = tr Sigma / |G|^2 (McCandlish et al. 2018, "An Empirical
+  Model of Large-Batch Training"): the batch size at which the mean's noise equals its signal;
+  also tr Sigma / |g_ref|^2 against a common reference, comparable across estimators;
+* the cosine between g_bar and a reference gradient g_ref.
+
+Projections: each g_i is also projected on m fixed Gaussian directions u_j (entries N(0, 1),
+seeded, regenerated block by block so they cost no O(m D) memory). Since E_u[(u.x)^2] = |x|^2,
+the sample variance of u_j . g_i over i, averaged over j, is an unbiased (Hutchinson) estimate of
+tr Sigma; the per-rollout projections let a caller bootstrap over rollouts.
+
+``probe`` samples rollouts once and evaluates every estimator on the SAME rollouts (common
+random numbers), one backward pass per rollout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .batch import InputError
+from . import estimators as est
+from . import hf
+
+_PROJECTION_BLOCK = 1 << 20
+
+
+# ----------------------------------------------------------------------------- parameter groups
+
+def group_key(name: str) -> str:
+    """The group of a parameter name: up to its first numeric component (one transformer layer),
+    else its module path (the name without the final attribute).
+
+    'model.layers.3.mlp.up_proj.weight' -> 'model.layers.3';  'lm_head.weight' -> 'lm_head'.
+    """
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or name
+
+
+def trainable_parameters(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) for every parameter that requires grad, in ``named_parameters`` order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def parameter_groups(named_params: Sequence[Tuple[str, torch.Tensor]]) -> Dict[str, List[Tuple[int, int]]]:
+    """Group name -> list of [start, end) ranges in the flattened parameter vector."""
+    groups: Dict[str, List[Tuple[int, int]]] = {}
+    offset = 0
+    for name, p in named_params:
+        groups.setdefault(group_key(name), []).append((offset, offset + p.numel()))
+        offset += p.numel()
+    return groups
+
+
+def flat_grad(params: Sequence[torch.Tensor], dtype=torch.float64) -> torch.Tensor:
+    """Concatenated ``.grad`` of ``params`` (zeros where a parameter got no gradient). [D]"""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+                      for p in params])
+
+
+# ----------------------------------------------------------------------------- streaming moments
+
+class GradientMoments:
+    """Streaming first and second moments of per-rollout gradient vectors g_i in R^D (float64).
+
+    Welford: n += 1; d = g - mean; mean += d / n; M2 += d . (g - mean_new), so that after N
+    updates M2 = sum_i |g_i - g_bar|^2 exactly (in exact arithmetic) and tr Sigma = M2 / (N - 1).
+    Per-group M2 uses the same products summed over the group's ranges. Memory: two D-vectors.
+    """
+
+    def __init__(self, dim: int, groups: Optional[Dict[str, List[Tuple[int, int]]]] = None,
+                 num_projections: int = 8, seed: int = 0, device=None):
+        self.dim, self.count = int(dim), 0
+        self.device = torch.device(device or "cpu")
+        self.groups = groups or {"all": [(0, self.dim)]}
+        self.mean = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        self.m2 = 0.0
+        self.sum_sq_norms = 0.0
+        self.group_m2 = {g: 0.0 for g in self.groups}
+        self.num_projections, self.seed = num_projections, seed
+        self.projections: List[np.ndarray] = []
+
+    def update(self, g: torch.Tensor) -> None:
+        """Add one gradient vector g [D]."""
+        g = g.detach().reshape(-1).to(device=self.device, dtype=torch.float64)
+        if g.numel() != self.dim:
+            raise InputError(f"gradient has {g.numel()} entries, expected {self.dim}")
+        self.count += 1
+        delta = g - self.mean
+        self.mean += delta / self.count
+        prod = delta * (g - self.mean)
+        self.m2 += float(prod.sum())
+        self.sum_sq_norms += float(g @ g)
+        for name, ranges in self.groups.items():
+            self.group_m2[name] += sum(float(prod[a:b].sum()) for a, b in ranges)
+        if self.num_projections:
+            self.projections.append(project(g, self.num_projections, self.seed))
+
+    # --- statistics -------------------------------------------------------------------------
+    def _need(self, n: int) -> None:
+        if self.count < n:
+            raise InputError(f"need at least {n} gradients, got {self.count}")
+
+    def trace(self) -> float:
+        """Unbiased tr Sigma = sum_i |g_i - g_bar|^2 / (N - 1)."""
+        self._need(2)
+        return self.m2 / (self.count - 1)
+
+    def group_traces(self) -> Dict[str, float]:
+        """Unbiased trace of each parameter group's covariance block (they sum to ``trace()``)."""
+        self._need(2)
+        return {g: v / (self.count - 1) for g, v in self.group_m2.items()}
+
+    def group_mean_sq_norms(self) -> Dict[str, float]:
+        """|g_bar restricted to the group|^2."""
+        return {g: sum(float(self.mean[a:b] @ self.mean[a:b]) for a, b in r) for g, r in self.groups.items()}
+
+    def group_sizes(self) -> Dict[str, int]:
+        return {g: sum(b - a for a, b in r) for g, r in self.groups.items()}
+
+    def mean_sq_norm(self) -> float:
+        """|g_bar|^2 (biased upward by tr Sigma / N as an estimate of |G|^2)."""
+        return float(self.mean @ self.mean)
+
+    def signal_sq_norm(self) -> float:
+        """Unbiased |G|^2 = |g_bar|^2 - tr Sigma / N (may be negative when noise dominates)."""
+        return self.mean_sq_norm() - self.trace() / self.count
+
+    def snr(self) -> float:
+        """|g_bar|^2 / (tr Sigma / N): squared length of the mean over its total variance."""
+        return self.mean_sq_norm() / (self.trace() / self.count)
+
+    def noise_scale(self) -> float:
+        """B_simple = tr Sigma / |G|^2 with the unbiased |G|^2; NaN when that estimate is <= 0."""
+        signal = self.signal_sq_norm()
+        return self.trace() / signal if signal > 0 else float("nan")
+
+    def cosine(self, reference: torch.Tensor) -> float:
+        """cos(g_bar, g_ref)."""
+        ref = reference.detach().reshape(-1).to(self.mean)
+        denom = float(self.mean.norm() * ref.norm())
+        return float(self.mean @ ref) / denom if denom > 0 else float("nan")
+
+    def projection_matrix(self) -> np.ndarray:
+        """[N, m] projections u_j . g_i of every gradient seen so far."""
+        return np.stack(self.projections) if self.projections else np.zeros((0, self.num_projections))
+
+    def projected_trace(self, rows: Optional[np.ndarray] = None) -> float:
+        """Hutchinson estimate of tr Sigma: mean over directions of the sample variance of u_j . g_i."""
+        p = self.projection_matrix()
+        p = p if rows is None else p[rows]
+        return float(p.var(axis=0, ddof=1).mean())
+
+    def bootstrap_trace(self, num_resamples: int = 1000, seed: int = 0) -> np.ndarray:
+        """Bootstrap distribution (over rollouts) of ``projected_trace``, for confidence intervals."""
+        rng = np.random.default_rng(seed)
+        n = self.count
+        return np.array([self.projected_trace(rng.integers(0, n, n)) for _ in range(num_resamples)])
+
+
+def project(g: torch.Tensor, num_directions: int, seed: int) -> np.ndarray:
+    """u_j . g for j < num_directions, u_j with i.i.d. N(0, 1) entries fixed by ``seed``.
+
+    The directions are drawn block by block (2^20 coordinates) from generators seeded by
+    (seed, block), so they are the same for every call and need no O(m D) storage.
+    """
+    out = torch.zeros(num_directions, dtype=torch.float64)
+    for block, start in enumerate(range(0, g.numel(), _PROJECTION_BLOCK)):
+        part = g[start:start + _PROJECTION_BLOCK].cpu()
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        u = torch.randn(num_directions, part.numel(), generator=gen, dtype=torch.float64)
+        out += u @ part
+    return out.numpy()
+
+
+# ----------------------------------------------------------------------------- the probe
+
+@dataclasses.dataclass
+class ProbeResult:
+    """``summary``: one row per estimator; ``layers``: one row per (estimator, parameter group)."""
+
+    summary: "object"          # pandas.DataFrame
+    layers: "object"           # pandas.DataFrame
+    moments: Dict[str, GradientMoments]
+    reference: torch.Tensor
+    rollouts: hf.Rollouts
+
+
+def _estimator_params(name: str, params: Optional[dict], num_rollouts: int) -> dict:
+    """Parameters for ``name``; group estimators default to group_size = rollouts per prompt."""
+    spec = est.get(name)
+    chosen = dict((params or {}).get(name, {}))
+    if spec.group:
+        chosen.setdefault("group_size", num_rollouts)
+    return spec.params(**chosen)
+
+
+def rollout_gradients(student, teacher, rollouts: hf.Rollouts, name: str, params: dict,
+                      named_params, vocab_size=None, mask_token_ids=(), chunk_tokens=hf.DEFAULT_CHUNK_TOKENS):
+    """Yield the flattened gradient g_i of estimator ``name`` on each rollout i, in order.
+
+    Ordinary estimators: score rollout i alone, backward surrogate_loss(..., reduction="sum").
+    Group estimators (several rollouts per prompt): score the prompt's group once, then one
+    backward per row of the per-sequence values (retain_graph), each the single-rollout gradient.
+    """
+    spec = est.get(name)
+    size = params["group_size"] if spec.group else 1
+    if rollouts.num_rollouts % size:
+        raise InputError(f"{name}: group_size {size} must divide the number of rollouts {rollouts.num_rollouts}")
+    tensors = [p for _, p in named_params]
+    for start in range(0, rollouts.num_rollouts, size):
+        rows = list(range(start, start + size))
+        batch = hf.score(student, teacher, rollouts.select(rows), [name], vocab_size, mask_token_ids,
+                         chunk_tokens, params={name: params})
+        values = est.surrogate_loss(name, batch, reduction="none", **params)
+        for i in range(size):
+            for p in tensors:
+                p.grad = None
+            values[i].backward(retain_graph=i + 1 < size)
+            yield flat_grad(tensors)
+
+
+def reference_gradient(student, teacher, rollouts: hf.Rollouts, name: str = "full_kl", **kwargs) -> torch.Tensor:
+    """Mean of the per-rollout gradients of ``name`` over ``rollouts`` (float64). [D]"""
+    named = trainable_parameters(student)
+    params = _estimator_params(name, kwargs.pop("params", None), _rollouts_per_prompt(rollouts))
+    total, n = None, 0
+    for g in rollout_gradients(student, teacher, rollouts, name, params, named, **kwargs):
+        total = g if total is None else total + g
+        n += 1
+    return total / n
+
+
+def _rollouts_per_prompt(rollouts: hf.Rollouts) -> int:
+    return int(torch.bincount(rollouts.prompt_index).max())
+
+
+def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Sequence[str], num_rollouts: int,
+          max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
+          reference: Union[str, torch.Tensor] = "full_kl", vocab_size: Optional[int] = None,
+          mask_token_ids: Sequence[int] = (), params: Optional[dict] = None, num_projections: int = 8,
+          chunk_tokens: int = hf.DEFAULT_CHUNK_TOKENS, progress: bool = False) -> ProbeResult:
+    """Per-estimator gradient statistics on the same student rollouts (common random numbers).
+
+    Samples ``num_rollouts`` responses for each prompt once (seeded), then for each estimator
+    streams the N = len(prompts) * num_rollouts single-rollout gradients into a
+    ``GradientMoments``. ``reference`` is an estimator name (its mean gradient over these
+    rollouts; reused if it is also probed) or a D-vector. ``params`` maps estimator name ->
+    parameter overrides. Both models are put in eval mode (no dropout) and restored afterwards.
+    """
+    import pandas as pd
+
+    if len(set(estimators)) != len(estimators) or not estimators:
+        raise InputError(f"estimators must be a non-empty list of distinct names, got {list(estimators)}")
+    for name in estimators:
+        est.get(name)
+    modes = (student.training, teacher.training)
+    student.eval(), teacher.eval()
+    try:
+        rollouts = hf.generate_rollouts(student, tokenizer, list(prompts), num_rollouts, max_new_tokens,
+                                        temperature=temperature, seed=seed, vocab_size=vocab_size)
+        named = trainable_parameters(student)
+        groups = parameter_groups(named)
+        dim = sum(p.numel() for _, p in named)
+        common = dict(vocab_size=vocab_size, mask_token_ids=mask_token_ids, chunk_tokens=chunk_tokens)
+        order = sorted(estimators, key=lambda n: n != reference)     # the reference estimator first
+        moments, seconds = {}, {}
+        ref_vec = reference if isinstance(reference, torch.Tensor) else None
+        for name in order:
+            est_params = _estimator_params(name, params, num_rollouts)
+            m = GradientMoments(dim, groups, num_projections, seed, device=named[0][1].device)
+            start = time.perf_counter()
+            for g in rollout_gradients(student, teacher, rollouts, name, est_params, named, **common):
+                m.update(g)
+            seconds[name] = time.perf_counter() - start
+            moments[name] = m
+            if progress:
+                print(f"[probe] {name}: {m.count} rollouts in {seconds[name]:.1f}s, tr Sigma = {m.trace():.4g}")
+            if ref_vec is None and name == reference:
+                ref_vec = m.mean.clone()
+        if ref_vec is None:
+            ref_vec = reference_gradient(student, teacher, rollouts, reference, **common)
+    finally:
+        for p in student.parameters():
+            p.grad = None
+        student.train(modes[0]), teacher.train(modes[1])
+    ref_vec = ref_vec.detach().reshape(-1).to(torch.float64)
+    summary = pd.DataFrame([_summary_row(n, moments[n], seconds[n], ref_vec, params, num_rollouts) for n in estimators])
+    layers = pd.DataFrame([row for n in estimators for row in _layer_rows(n, moments[n])])
+    return ProbeResult(summary, layers, moments, ref_vec, rollouts)
+
+
+def _summary_row(name, m: GradientMoments, seconds: float, ref: torch.Tensor, params, num_rollouts) -> dict:
+    spec = est.get(name)
+    trace = m.trace()
+    ref_sq = float(ref @ ref)
+    boot = m.bootstrap_trace(200, seed=0) if m.num_projections and m.count > 2 else np.array([np.nan])
+    return {
+        "estimator": name, "unbiased_for": spec.target(_estimator_params(name, params, num_rollouts)),
+        "teacher_signal": spec.teacher_signal, "num_rollouts": m.count,
+        "trace_cov": trace, "mean_grad_sq_norm": m.mean_sq_norm(), "signal_sq_norm": m.signal_sq_norm(),
+        "snr": m.snr(), "noise_scale": m.noise_scale(),
+        "noise_scale_ref": trace / ref_sq if ref_sq > 0 else float("nan"),
+        "cosine_to_reference": m.cosine(ref),
+        "rel_error_to_reference": float((m.mean - ref.to(m.mean)).norm()) / max(ref_sq ** 0.5, 1e-300),
+        "trace_cov_projected": m.projected_trace() if m.num_projections else float("nan"),
+        "trace_cov_projected_boot_std": float(np.std(boot)),
+        "seconds": seconds, "rollouts_per_s": m.count / seconds if seconds > 0 else float("nan"),
+    }
+
+
+def _layer_rows(name: str, m: GradientMoments) -> List[dict]:
+    traces, means, sizes = m.group_traces(), m.group_mean_sq_norms(), m.group_sizes()
+    return [{"estimator": name, "group": g, "num_params": sizes[g], "trace_cov": traces[g],
+             "mean_grad_sq_norm": means[g]} for g in m.groups]
