@@ -1,0 +1,94 @@
+"""Each study's core computation on a tiny configuration: CSV columns, determinism, key identities."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from studies import baseline_quality, run_all, sequence_bias, topk, training_dynamics, unbiasedness
+from studies import variance_landscape
+from synthetic.tree import make_tree
+from vopd_analysis.baselines import baseline_quality as quality
+
+TINY = {
+    "unbiasedness": (unbiasedness, {"envs": ["bandit", "tree_coupled"], "mc_samples": 300},
+                     ["env", "estimator", "claimed_target", "rel_bias_token", "rel_bias_sequence", "mc_p", "mc_reject"]),
+    "variance_landscape": (variance_landscape, {"seeds": [0], "sweeps": {"divergence": [0.5, 2.0], "horizon": [1, 2]}},
+                           ["knob", "value", "seed", "estimator", "total_variance", "ratio_to_opd"]),
+    "baseline_quality": (baseline_quality, {"vocab": [3], "horizon": [2], "divergence": [1.0, 4.0],
+                                            "teacher_temperature": [1.0], "coupling": [1.0],
+                                            "teacher_shape": ["gaussian"], "seeds": [0, 1]},
+                         ["var_none", "var_vopd", "var_bstar", "reduction_ratio", "explained_variance"]),
+    "topk": (topk, {"vocab": 8, "horizon": 2, "zipf_exponent": [1.5], "divergence": [1.0], "ks": [1, 2, 8]},
+             ["k", "var_vopd_topk", "fraction_kept", "topk_kl_bias_token", "vopd_topk_bias_token"]),
+    "sequence_bias": (sequence_bias, {"vocab": 3, "horizon": 3, "coupling": [0.0, 1.0], "gammas": [0.0, 1.0],
+                                      "batch_sizes": [1, 16], "seeds": [0]},
+                      ["coupling", "estimator", "rel_bias_sequence", "total_variance", "mse_B1", "mse_B16"]),
+    "training_dynamics": (training_dynamics, {"tree": {**training_dynamics.TREE, "vocab": 3, "horizon": 2},
+                                              "estimators": {"full_kl": {}, "opd": {}}, "lrs": [1.0, 1e4],
+                                              "steps": 10, "seeds": [0], "eval_every": 5},
+                          ["estimator", "lr", "seed", "step", "J", "stable"]),
+}
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_study_writes_reproducible_outputs(name, tmp_path):
+    module, config, columns = TINY[name]
+    df = module.run(quick=True, out_dir=tmp_path / "a", config=config, plot=(name != "training_dynamics"))
+    module.run(quick=True, out_dir=tmp_path / "b", config=config, plot=False)
+    first = (tmp_path / "a" / f"{name}.csv").read_bytes()
+    assert first == (tmp_path / "b" / f"{name}.csv").read_bytes()
+    assert set(columns) <= set(pd.read_csv(tmp_path / "a" / f"{name}.csv").columns)
+    manifest = json.loads((tmp_path / "a" / f"{name}.json").read_text())
+    assert {"config", "versions", "git", "wall_time_s"} <= set(manifest)
+    assert {"torch", "numpy", "scipy", "pandas"} <= set(manifest["versions"])
+    if name != "training_dynamics":
+        assert (tmp_path / "a" / f"{name}.png").exists()
+    assert len(df) > 0
+
+
+def test_unbiasedness_claims_hold_exactly():
+    df = unbiasedness.compute({**unbiasedness.DEFAULTS["quick"], **TINY["unbiasedness"][1]})
+    claimed = df[df["claimed_target"] != "none"]
+    assert (claimed["rel_bias_claimed"] < 1e-10).all()
+    coupled = df[(df["env"] == "tree_coupled") & (df["estimator"] == "opd")].iloc[0]
+    assert coupled["rel_bias_sequence"] > 0.05            # token-level OPD is biased against grad J
+    assert df[df["estimator"] == "topk_kl"]["mc_reject"].all()
+
+
+def test_counterexample_decomposition_matches_variances():
+    states = baseline_quality.per_state(vocab=3, horizon=3, coupling=1.0, seed=1)
+    q = quality(make_tree(3, 3, coupling=1.0, seed=1))
+    assert q["var_baseline"] > q["var_no_baseline"] > q["var_optimal"]
+    assert np.isclose(states["vopd_minus_none"].sum(), q["var_baseline"] - q["var_no_baseline"], atol=1e-12)
+    assert np.isclose(states["gap_none"].sum(), q["var_no_baseline"] - q["var_optimal"], atol=1e-12)
+
+
+def test_topk_full_k_recovers_vopd_and_removes_bias():
+    df = topk.compute({**topk.DEFAULTS["quick"], **TINY["topk"][1]})
+    full = df[df["k"] == 8].iloc[0]
+    assert np.isclose(full["fraction_kept"], 1.0) and full["topk_kl_bias_token"] < 1e-10
+    assert (df["vopd_topk_bias_token"] < 1e-10).all()   # a state baseline never adds bias
+    assert np.isclose(df[df["k"] == 1]["fraction_kept"].iloc[0], 0.0)  # top-1 renormalised KL is 0
+
+
+def test_sequence_bias_vanishes_without_coupling():
+    df = sequence_bias.compute({**sequence_bias.DEFAULTS["quick"], **TINY["sequence_bias"][1]})
+    assert (df[df["coupling"] == 0.0]["rel_bias_sequence"] < 1e-10).all()
+    assert (df[df["estimator"] == "rtg_g1"]["rel_bias_sequence"] < 1e-10).all()
+    coupled = df[(df["coupling"] == 1.0) & (df["estimator"] == "opd")].iloc[0]
+    assert coupled["rel_bias_sequence"] > 0.05
+    cross = sequence_bias.crossovers(df)
+    assert np.isinf(cross[cross["coupling"] == 0.0]["crossover_B"]).all()
+
+
+def test_training_summary_flags_unstable_lr():
+    cfg = {**training_dynamics.DEFAULTS["quick"], **TINY["training_dynamics"][1]}
+    table = training_dynamics.summary(training_dynamics.compute(cfg)).set_index("estimator")
+    assert table.loc["full_kl", "largest_stable_lr"] == 1.0
+
+
+def test_run_all_finds_the_tabular_studies():
+    names = [name for name, _ in run_all.available(run_all.TABULAR)]
+    assert names == run_all.TABULAR
