@@ -24,7 +24,8 @@ import torch
 
 from vopd_analysis.batch import InputError, TokenBatch
 
-MAX_EXACT_SEQUENCES = 1 << 23
+MAX_EXACT_SEQUENCES = 1 << 23   # enumeration (and Monte Carlo tests against exact targets)
+MAX_DP_STATES = 1 << 22         # dynamic programming on a prefix tree
 
 
 def num_states(vocab: int, horizon: int) -> int:
@@ -56,6 +57,15 @@ class PrefixTree:
     @property
     def num_sequences(self) -> int:
         return self.vocab ** self.horizon
+
+    def level(self, t: int) -> slice:
+        """The states of level t (prefixes of length t)."""
+        return slice(level_offset(self.vocab, t), level_offset(self.vocab, t + 1))
+
+    def children(self, t: int) -> torch.Tensor:
+        """children[i, v] = global index of (state i of level t) + v, for t < H - 1. [V^t, V]"""
+        n = self.vocab ** t
+        return level_offset(self.vocab, t + 1) + torch.arange(n * self.vocab).reshape(n, self.vocab)
 
     def with_student(self, student_logits: np.ndarray) -> "PrefixTree":
         return dataclasses.replace(self, student_logits=np.asarray(student_logits, dtype=np.float64))

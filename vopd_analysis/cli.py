@@ -2,7 +2,7 @@
 
     vopd estimators [--json]                      the registry with its metadata
     vopd exact --tables F.npz --horizon H [--k K] [--json]
-    vopd exact --vocab V --horizon H [--coupling ...] [--k K] [--json]
+    vopd exact --vocab V --horizon H [--coupling ...] [--markov] [--method dp|enumerate] [--k K] [--json]
     vopd mc --vocab V --horizon H --estimator NAME [--samples N] [--alpha A] [--json]
     vopd study NAME [--quick] [--out DIR]         one study script (python -m studies.NAME)
     vopd distill ...                              the distillation loop (vopd distill --help)
@@ -29,21 +29,29 @@ def _add_tree_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--divergence", type=float, default=1.0, help="student-teacher gap")
     parser.add_argument("--coupling", type=float, default=0.0, help="future coupling strength kappa")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markov", action="store_true",
+                        help="generate a Markov chain (state = position and previous token) instead of a prefix tree")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _tree_from_args(args):
-    from synthetic import tree as tr
+    from synthetic import markov, tree as tr
     if args.tables:
         return tr.from_npz(args.tables, args.horizon)
     if args.vocab is None:
         raise InputError("give either --tables FILE.npz or --vocab V to generate a tree")
-    if args.command == "exact":
-        tr.check_size(args.vocab, args.horizon)
+    knobs = dict(teacher_temperature=args.teacher_temperature, teacher_shape=args.teacher_shape,
+                 divergence=args.divergence, coupling=args.coupling, seed=args.seed)
+    tr.check_size(args.vocab, args.horizon)
+    if args.markov:
+        return markov.make_markov(args.vocab, args.horizon, **knobs)
+    if args.command == "mc" or getattr(args, "method", "dp") == "enumerate":
         tr.check_enumerable(args.vocab, args.horizon)
-    return tr.make_tree(args.vocab, args.horizon, teacher_temperature=args.teacher_temperature,
-                        teacher_shape=args.teacher_shape, divergence=args.divergence, coupling=args.coupling,
-                        seed=args.seed)
+    elif tr.num_states(args.vocab, args.horizon) > tr.MAX_DP_STATES:
+        raise InputError(f"a prefix tree with V={args.vocab}, H={args.horizon} has "
+                         f"{tr.num_states(args.vocab, args.horizon):,} states, more than the {tr.MAX_DP_STATES:,} "
+                         "the exact engines handle; use --markov for long horizons, or the Monte Carlo path")
+    return tr.make_tree(args.vocab, args.horizon, **knobs)
 
 
 def cmd_estimators(args) -> None:
@@ -66,7 +74,7 @@ def cmd_exact(args) -> None:
         from .estimators import get
         for name in names:
             get(name)
-    result = analyse(tree, k=args.k, names=names)
+    result = analyse(tree, k=args.k, names=names, method=args.method)
     if args.json:
         json.dump(result, sys.stdout)
         print()
@@ -124,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tree_options(p)
     p.add_argument("--k", type=int, default=2, help="k for the top-k estimators")
     p.add_argument("--estimators", help="comma-separated subset of estimators")
+    p.add_argument("--method", choices=["dp", "enumerate"], default="dp",
+                   help="dynamic programming (default; any size that fits in memory) or enumerating all V^H sequences")
     p = sub.add_parser("mc", help="Monte Carlo draws of one estimator and the unbiasedness test")
     _add_tree_options(p)
     p.add_argument("--estimator", required=True)

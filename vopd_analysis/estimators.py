@@ -304,6 +304,9 @@ class Estimator:
     defaults: Dict[str, object]
     group: bool = False            # needs several rollouts per prompt
     analysis_only: bool = False    # needs exact tabular quantities
+    credit: Callable[[dict], tuple] = lambda params: (0.0, 0.0, 0.0)
+    """(a, c, gamma): beyond its value on a one-token sequence, the estimator's position-t
+    advantage adds a * sum_{t'<t} l_t' + c * sum_{t'>t} gamma^(t'-t) l_t' (used by vopd_analysis.dp)."""
 
     @property
     def description(self) -> str:
@@ -319,9 +322,16 @@ class Estimator:
     def target_for(self, **overrides) -> str:
         return self.target(self.params(**overrides))
 
+    def credit_for(self, **overrides) -> tuple:
+        return self.credit(self.params(**overrides))
+
 
 def _const(value: str) -> Callable[[dict], str]:
     return lambda params: value
+
+
+_WHOLE = _const((1.0, 1.0, 1.0))   # past and undiscounted future: the whole-sequence return
+_TO_GO = _const((0.0, 1.0, 1.0))   # undiscounted future: the reward-to-go
 
 
 REGISTRY: Dict[str, Estimator] = {e.name: e for e in [
@@ -331,12 +341,12 @@ REGISTRY: Dict[str, Estimator] = {e.name: e for e in [
     Estimator("opd_bstar", opd_bstar, _const("token"), "full", {}, analysis_only=True),
     Estimator("full_kl", full_kl, _const("token"), "full", {}),
     Estimator("topk_kl", topk_kl, _const("none"), "topk", {"k": 16}),
-    Estimator("seq_reinforce", seq_reinforce, _const("sequence"), "sampled", {}),
+    Estimator("seq_reinforce", seq_reinforce, _const("sequence"), "sampled", {}, credit=_WHOLE),
     Estimator("rtg", rtg, lambda p: "sequence" if p["gamma"] == 1.0 else ("token" if p["gamma"] == 0.0 else "none"),
-              "sampled", {"gamma": 1.0}),
-    Estimator("rtg_vopd", rtg_vopd, _const("sequence"), "full", {}),
-    Estimator("rtg_oracle", rtg_oracle, _const("sequence"), "oracle", {}, analysis_only=True),
-    Estimator("rb_seq", rb_seq, _const("sequence"), "full", {}),
+              "sampled", {"gamma": 1.0}, credit=lambda p: (0.0, 1.0, p["gamma"])),
+    Estimator("rtg_vopd", rtg_vopd, _const("sequence"), "full", {}, credit=_TO_GO),
+    Estimator("rtg_oracle", rtg_oracle, _const("sequence"), "oracle", {}, analysis_only=True, credit=_TO_GO),
+    Estimator("rb_seq", rb_seq, _const("sequence"), "full", {}, credit=_TO_GO),
     Estimator("rb_seq_oracle", rb_seq_oracle, _const("sequence"), "oracle", {}, analysis_only=True),
     Estimator("k1", k1, _const("zero"), "sampled", {}),
     Estimator("k2", k2, _const("token"), "sampled", {}),

@@ -56,27 +56,32 @@ class TreeQuantities:
         return self.grad_sequence - self.grad_token
 
 
-def tree_quantities(tree: PrefixTree) -> TreeQuantities:
-    """All exact targets by one forward (reach) and one backward (KL-to-go) sweep over levels."""
-    V, H = tree.vocab, tree.horizon
-    log_q = torch.log_softmax(torch.as_tensor(tree.student_logits, dtype=torch.float64), -1)
-    log_p = torch.log_softmax(torch.as_tensor(tree.teacher_logits, dtype=torch.float64), -1)
+def tree_quantities(env) -> TreeQuantities:
+    """All exact targets by one forward (reach) and one backward (KL-to-go) sweep over levels.
+
+    Works on any layered environment (a PrefixTree, or a synthetic.markov.MarkovChain):
+    one with ``vocab``, ``horizon``, ``num_states``, logit tables [S, V], ``level(t)``
+    (the slice of states at position t) and ``children(t)`` ([n_t, V] next states).
+    """
+    V, H = env.vocab, env.horizon
+    log_q = torch.log_softmax(torch.as_tensor(env.student_logits, dtype=torch.float64), -1)
+    log_p = torch.log_softmax(torch.as_tensor(env.teacher_logits, dtype=torch.float64), -1)
     q = log_q.exp()
     l = log_q - log_p
     kl = (q * l).sum(-1)
-    S = tree.num_states
-    levels = [slice(level_offset(V, t), level_offset(V, t + 1)) for t in range(H)]
+    S = env.num_states
+    levels = [env.level(t) for t in range(H)]
 
-    reach = torch.empty(S, dtype=torch.float64)
+    reach = torch.zeros(S, dtype=torch.float64)
     reach[levels[0]] = 1.0
     for t in range(H - 1):
-        reach[levels[t + 1]] = (reach[levels[t], None] * q[levels[t]]).reshape(-1)
+        reach.index_add_(0, env.children(t).reshape(-1), (reach[levels[t], None] * q[levels[t]]).reshape(-1))
 
     w = torch.empty(S, dtype=torch.float64)
     w_next = torch.zeros(S, V, dtype=torch.float64)
     for t in reversed(range(H)):
         if t + 1 < H:
-            w_next[levels[t]] = w[levels[t + 1]].reshape(-1, V)
+            w_next[levels[t]] = w[env.children(t)]
         w[levels[t]] = kl[levels[t]] + (q[levels[t]] * w_next[levels[t]]).sum(-1)
 
     c = l + w_next
@@ -177,17 +182,24 @@ def default_specs(k: int, names: Optional[Iterable[str]] = None) -> Dict[str, di
     return specs
 
 
-def analyse(tree: PrefixTree, k: int = 2, names: Optional[Iterable[str]] = None,
-            chunk_size: int = DEFAULT_CHUNK) -> dict:
+def analyse(tree, k: int = 2, names: Optional[Iterable[str]] = None, method: str = "dp") -> dict:
     """Exact J, and for every applicable estimator its mean, variance and bias (plain floats).
 
-    The JSON shape of ``vopd exact``: {"sequence_kl", "estimators": {name: {"mean_gradient",
-    "total_variance", "bias_token", "bias_sequence", ...}}} with absolute L2 biases.
+    ``method`` is "dp" (vopd_analysis.dp, any layered environment) or "enumerate"
+    (all V^H sequences, prefix trees only). The JSON shape of ``vopd exact``:
+    {"sequence_kl", "estimators": {name: {"mean_gradient", "total_variance",
+    "bias_token", "bias_sequence", ...}}} with absolute L2 biases.
     """
     est._check_k(k, tree.vocab, "--k")
     tq = tree_quantities(tree)
-    moments = exact_moments(tree, default_specs(k, names), chunk_size, tq)
-    result = {"vocab": tree.vocab, "horizon": tree.horizon, "k": k, "sequence_kl": tq.sequence_kl,
+    if method == "dp":
+        from .dp import dp_moments
+        moments = dp_moments(tree, default_specs(k, names), tq)
+    elif method == "enumerate":
+        moments = exact_moments(tree, default_specs(k, names), quantities=tq)
+    else:
+        raise InputError(f"unknown exact method '{method}'; choose 'dp' or 'enumerate'")
+    result = {"vocab": tree.vocab, "horizon": tree.horizon, "k": k, "method": method, "sequence_kl": tq.sequence_kl,
               "grad_sequence_norm": float(torch.linalg.norm(tq.grad_sequence)),
               "grad_token_norm": float(torch.linalg.norm(tq.grad_token)), "estimators": {}}
     for name, m in moments.items():
