@@ -8,9 +8,10 @@ gradient to the full_kl reference, all on the same rollouts (``vopd_analysis.var
 Models: ``--student PATH --teacher PATH`` (hub ids or local directories, with ``--prompts
 FILE.jsonl``), else the tiny addition pair of the in-project CPU demo
 (``vopd_analysis.tiny.load_or_train_pair``), else, if that module is missing, randomly
-initialised tiny Qwen2 models (said so in the output and the manifest).
+initialised tiny Qwen2 models (said so in the output and the manifest; ``--random-init``
+forces them, for a smoke test that needs no training).
 
-    python -m studies.llm_variance [--quick] [--student PATH --teacher PATH] [--prompts FILE]
+    python -m studies.llm_variance [--quick] [--student PATH --teacher PATH] [--prompts FILE] [--random-init]
 """
 
 from __future__ import annotations
@@ -37,17 +38,24 @@ DEFAULTS = {
 }
 
 
-def default_models(cache_dir: str = ".cache/vopd_tiny"):
-    """(student_path, teacher_path, source): the in-project tiny pair, or random tiny Qwen2 models."""
+def random_models(reason: str):
+    """Randomly initialised tiny Qwen2 student/teacher saved to a temporary directory."""
+    directory = tempfile.mkdtemp(prefix="vopd_random_pair_")
+    student, teacher = hf.save_tiny_pair(directory, seed=0)
+    print(f"NOTE: {reason}; using RANDOMLY INITIALISED tiny Qwen2 models saved under {directory} "
+          "(the numbers describe untrained models)")
+    return student, teacher, "random-init tiny Qwen2"
+
+
+def default_models(random_init: bool = False, cache_dir: str = ".cache/vopd_tiny"):
+    """(student_path, teacher_path, source): the in-project tiny pair (trained and cached on first
+    use), or random tiny Qwen2 models if ``random_init`` or ``vopd_analysis.tiny`` is missing."""
+    if random_init:
+        return random_models("--random-init given")
     try:
-        tiny = importlib.import_module("vopd_analysis.tiny")
-        loader = tiny.load_or_train_pair
+        loader = importlib.import_module("vopd_analysis.tiny").load_or_train_pair
     except (ImportError, AttributeError):
-        directory = tempfile.mkdtemp(prefix="vopd_random_pair_")
-        student, teacher = hf.save_tiny_pair(directory)
-        print("NOTE: vopd_analysis.tiny.load_or_train_pair is not available; using RANDOMLY INITIALISED "
-              f"tiny Qwen2 models saved under {directory} (numbers describe untrained models)")
-        return student, teacher, "random-init tiny Qwen2 (fallback)"
+        return random_models("vopd_analysis.tiny.load_or_train_pair is not available")
     student, teacher, _ = loader(cache_dir)
     return student, teacher, "vopd_analysis.tiny.load_or_train_pair"
 
@@ -121,7 +129,7 @@ def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot:
     if not cfg.get("student") or not cfg.get("teacher"):
         if cfg.get("student") or cfg.get("teacher"):
             raise SystemExit("give both --student and --teacher, or neither (for the tiny demo pair)")
-        cfg["student"], cfg["teacher"], cfg["model_source"] = default_models()
+        cfg["student"], cfg["teacher"], cfg["model_source"] = default_models(cfg.get("random_init", False))
         cfg.setdefault("threads", 1)      # tiny models: threading overhead dominates
     if cfg.get("threads"):
         import torch
@@ -152,6 +160,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="cpu, cuda, ...")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--random-init", action="store_true", default=None,
+                        help="use random tiny Qwen2 models instead of the trained demo pair (smoke test)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default 1 for the tiny pair)")
     args = parser.parse_args()
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("quick", "out")}

@@ -185,6 +185,8 @@ def test_teacher_signals_kept_only_when_needed(pair, rollouts):
         surrogate_loss("full_kl", topk)
     with pytest.raises(InputError, match="top-16"):
         surrogate_loss("topk_kl", topk, k=16)
+    with pytest.raises(InputError, match="k=50 is larger than the vocabulary V=42"):
+        hf.score(pair.student, pair.teacher, rollouts, ["topk_kl"], vocab_size=42, params={"topk_kl": {"k": 50}})
     full = hf.score(pair.student, pair.teacher, rollouts, ["full_kl"], vocab_size=42)
     assert full.teacher_logits.shape[-1] == 42 and full.teacher_topk_ids is None
 

@@ -45,11 +45,11 @@ def test_projected_trace_is_hutchinson_unbiased():
     """Averaged over many random directions, the projected trace approaches tr Sigma."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=(40, 30)) * rng.uniform(0.5, 2, 30)
-    m = GradientMoments(30, num_projections=4000, seed=3)
+    m = GradientMoments(30, num_projections=2000, seed=3)
     for row in x:
         m.update(torch.tensor(row))
-    assert m.projected_trace() == pytest.approx(m.trace(), rel=0.05)
-    assert np.array_equal(variance.project(torch.tensor(x[0]), 4000, 3), m.projection_matrix()[0])
+    assert m.projected_trace() == pytest.approx(m.trace(), rel=0.1)
+    assert np.array_equal(variance.project(torch.tensor(x[0]), 2000, 3), m.projection_matrix()[0])
     boot = m.bootstrap_trace(100)
     assert boot.shape == (100,) and np.isfinite(boot).all()
 
@@ -123,14 +123,14 @@ def pair(tmp_path_factory):
 @pytest.fixture(scope="module")
 def result(pair):
     return variance.probe(pair.student, pair.teacher, pair.tokenizer, ["12+3=", "7+8="],
-                          ["opd", "vopd", "full_kl", "vopd_topk", "seq_rloo"], num_rollouts=12, max_new_tokens=6,
+                          ["opd", "vopd", "full_kl", "vopd_topk", "seq_rloo"], num_rollouts=8, max_new_tokens=6,
                           seed=0, vocab_size=pair.info.vocab_size, params={"vopd_topk": {"k": 4}})
 
 
 def test_probe_table(result):
     s = result.summary.set_index("estimator")
     assert list(s.index) == ["opd", "vopd", "full_kl", "vopd_topk", "seq_rloo"]
-    assert (s["num_rollouts"] == 24).all()
+    assert (s["num_rollouts"] == 16).all()
     assert s.loc["full_kl", "cosine_to_reference"] == pytest.approx(1.0)
     assert s.loc["seq_rloo", "unbiased_for"] == "sequence" and s.loc["opd", "unbiased_for"] == "token"
     assert (s["trace_cov"] > 0).all() and (s["rollouts_per_s"] > 0).all()
@@ -165,7 +165,7 @@ def test_opd_and_vopd_have_compatible_means(result):
 
 def test_probe_with_reference_vector_and_bad_names(pair, result):
     ref = result.reference.clone()
-    again = variance.probe(pair.student, pair.teacher, pair.tokenizer, ["12+3=", "7+8="], ["opd"], num_rollouts=12,
+    again = variance.probe(pair.student, pair.teacher, pair.tokenizer, ["12+3=", "7+8="], ["opd"], num_rollouts=8,
                            max_new_tokens=6, seed=0, vocab_size=42, reference=ref)
     a, b = again.summary.iloc[0], result.summary.set_index("estimator").loc["opd"]
     assert a["trace_cov"] == pytest.approx(b["trace_cov"], rel=1e-6)        # same seed -> same rollouts
@@ -173,3 +173,18 @@ def test_probe_with_reference_vector_and_bad_names(pair, result):
     with pytest.raises(InputError, match="unknown estimator"):
         variance.probe(pair.student, pair.teacher, pair.tokenizer, ["1+1="], ["nope"], num_rollouts=2)
     assert all(p.grad is None for p in pair.student.parameters())
+
+
+def test_llm_variance_study_smoke(tmp_path):
+    """The study writes its CSVs, manifest and figure (random tiny models, a handful of rollouts)."""
+    import json
+    from studies import llm_variance
+
+    cfg = {"random_init": True, "num_prompts": 1, "num_rollouts": 3, "max_new_tokens": 3, "topk": 4}
+    df = llm_variance.run(quick=True, out_dir=tmp_path, config=cfg)
+    assert list(df["estimator"]) == llm_variance.ESTIMATORS
+    assert df.loc[df["estimator"] == "opd", "variance_ratio_to_opd"].item() == pytest.approx(1.0)
+    manifest = json.loads((tmp_path / "llm_variance.json").read_text())
+    assert manifest["config"]["model_source"] == "random-init tiny Qwen2" and "transformers" in manifest["hf_versions"]
+    for name in ("llm_variance.csv", "llm_variance_layers.csv", "llm_variance.png"):
+        assert (tmp_path / name).stat().st_size > 0

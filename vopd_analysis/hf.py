@@ -370,6 +370,8 @@ def score(student, teacher, rollouts: Rollouts, estimator_names: Sequence[str], 
     ids, att = rollouts.input_ids, rollouts.attention_mask
     s_logits = forward_logits(student, ids, att, first)
     V = _shared_vocab(s_logits.shape[-1], vocab_size)
+    if k > V:
+        raise InputError(f"top-k size k={k} is larger than the vocabulary V={V}")
     student_logits = s_logits[rows, cols - 1 - first, :V]          # logits at c-1 predict token c
     del s_logits
     with torch.no_grad():

@@ -83,7 +83,8 @@ class GradientMoments:
 
     Welford: n += 1; d = g - mean; mean += d / n; M2 += d . (g - mean_new), so that after N
     updates M2 = sum_i |g_i - g_bar|^2 exactly (in exact arithmetic) and tr Sigma = M2 / (N - 1).
-    Per-group M2 uses the same products summed over the group's ranges. Memory: two D-vectors.
+    Per-group M2 uses the same products summed over the group's ranges. Memory: the mean
+    (one float64 D-vector, on ``device``) plus update temporaries; the projections are N x m.
     """
 
     def __init__(self, dim: int, groups: Optional[Dict[str, List[Tuple[int, int]]]] = None,
@@ -109,8 +110,11 @@ class GradientMoments:
         prod = delta * (g - self.mean)
         self.m2 += float(prod.sum())
         self.sum_sq_norms += float(g @ g)
+        sums = torch.stack([prod[a:b].sum() for ranges in self.groups.values() for a, b in ranges]).tolist()
+        i = 0
         for name, ranges in self.groups.items():
-            self.group_m2[name] += sum(float(prod[a:b].sum()) for a, b in ranges)
+            self.group_m2[name] += sum(sums[i:i + len(ranges)])
+            i += len(ranges)
         if self.num_projections:
             self.projections.append(project(g, self.num_projections, self.seed))
 
@@ -135,6 +139,11 @@ class GradientMoments:
 
     def group_sizes(self) -> Dict[str, int]:
         return {g: sum(b - a for a, b in r) for g, r in self.groups.items()}
+
+    def second_moment(self) -> float:
+        """(1/N) sum_i |g_i|^2, the mean squared norm of a single-rollout gradient."""
+        self._need(1)
+        return self.sum_sq_norms / self.count
 
     def mean_sq_norm(self) -> float:
         """|g_bar|^2 (biased upward by tr Sigma / N as an estimate of |G|^2)."""
@@ -179,16 +188,18 @@ class GradientMoments:
 def project(g: torch.Tensor, num_directions: int, seed: int) -> np.ndarray:
     """u_j . g for j < num_directions, u_j with i.i.d. N(0, 1) entries fixed by ``seed``.
 
-    The directions are drawn block by block (2^20 coordinates) from generators seeded by
-    (seed, block), so they are the same for every call and need no O(m D) storage.
+    The directions are drawn block by block (2^20 coordinates) on g's device from generators
+    seeded by (seed, block), so they are the same for every call (on one device type) and
+    need no O(m D) storage.
     """
-    out = torch.zeros(num_directions, dtype=torch.float64)
+    g = g.detach().reshape(-1).to(torch.float64)
+    out = torch.zeros(num_directions, dtype=torch.float64, device=g.device)
     for block, start in enumerate(range(0, g.numel(), _PROJECTION_BLOCK)):
-        part = g[start:start + _PROJECTION_BLOCK].cpu()
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
-        u = torch.randn(num_directions, part.numel(), generator=gen, dtype=torch.float64)
+        part = g[start:start + _PROJECTION_BLOCK]
+        gen = torch.Generator(device=g.device).manual_seed(seed * 1_000_003 + block)
+        u = torch.randn(num_directions, part.numel(), generator=gen, dtype=torch.float64, device=g.device)
         out += u @ part
-    return out.numpy()
+    return out.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- the probe
