@@ -1,0 +1,283 @@
+"""Cost of one loss forward+backward per estimator, as a ratio to ``opd``.
+
+    python -m benchmarks.estimator_cost            # full grid (vocab up to 152k)
+    python -m benchmarks.estimator_cost --quick    # a few minutes on a 2-core CPU
+
+For each (vocabulary V, tokens per batch N) the script builds one synthetic batch and times
+``surrogate_loss(name, batch).backward()`` for every estimator, interleaving the repetitions
+(rotated order per round) and reporting the median over rounds of time(estimator) / time(opd)
+measured in the same round. Peak memory is measured once per estimator, separately (the
+profiler would distort timings).
+
+What the numbers mean
+* Student logits are a leaf ``[B, T, V]`` tensor with ``requires_grad`` (float32 on CPU,
+  bfloat16 on CUDA); teacher tensors are detached. The gradient is cleared before every run.
+* Each estimator reads the batch it would get in practice: ``opd`` / ``vopd`` / ``full_kl`` /
+  ``gkd_jsd`` a batch with the full teacher logits; ``vopd_topk`` and ``topk_kl`` a batch
+  with the teacher's top-k fields only (``student_topk_ids`` + ``teacher_logprobs_on_student_topk``,
+  ``teacher_topk_ids`` + ``teacher_topk_logprobs``), as a top-k scorer provides them. Producing
+  these fields (teacher forward, top-k selection) happens before the loss and is not timed.
+* ``mem`` is the peak of the bytes held by tensors created during the forward+backward
+  (temporaries, tensors saved for backward, backward temporaries, the student ``.grad``) above
+  what was alive before; the batch inputs are excluded and listed separately as ``inputs``.
+  On CPU it comes from ``torch.profiler`` memory events, on CUDA from
+  ``torch.cuda.max_memory_allocated`` (see ``benchmarks.common.peak_memory``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import math
+import statistics
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from vopd_analysis import estimators as E
+from vopd_analysis.batch import TokenBatch
+from vopd_analysis import divergences as dv
+
+from . import common
+
+# (label, registry name, parameters, which batch it reads)
+ESTIMATORS: List[Tuple[str, str, dict, str]] = [
+    ("opd", "opd", {}, "full"),
+    ("vopd", "vopd", {}, "full"),
+    ("vopd_topk@16", "vopd_topk", {"k": 16}, "topk"),
+    ("vopd_topk@64", "vopd_topk", {"k": 64}, "topk"),
+    ("vopd_topk@256", "vopd_topk", {"k": 256}, "topk"),
+    ("full_kl", "full_kl", {}, "full"),
+    ("topk_kl@64", "topk_kl", {"k": 64}, "topk"),
+    ("gkd_jsd", "gkd_jsd", {"beta": 0.5}, "full"),
+]
+REFERENCE = "opd"
+TOPK_MAX = 256
+
+# (V, tokens per batch); the batch is [B, T] with B = 8 sequences of T = N / 8 tokens.
+FULL_VOCABS = (1024, 8192, 32768, 151936)
+FULL_TOKENS = (256, 1024, 4096)
+QUICK_VOCABS = (1024, 8192, 32768, 151936)
+QUICK_TOKENS = (64, 256, 1024)
+FULL_MAX_ELEMENTS = 1 << 28      # N * V: 1 GiB per float32 [N, V] tensor
+QUICK_MAX_ELEMENTS = 1 << 24     # 64 MiB per float32 [N, V] tensor
+SEQUENCES = 8
+
+
+@dataclasses.dataclass
+class Measurement:
+    vocab: int
+    tokens: int
+    label: str
+    time_s: float            # median seconds of one forward+backward
+    time_ratio: float        # median over rounds of time / time(opd) in the same round
+    mem_bytes: int           # peak working memory of forward+backward (inputs excluded)
+    mem_ratio: float         # mem_bytes / mem_bytes(opd)
+    input_bytes: int         # bytes of the batch tensors this estimator reads
+
+
+def make_batches(vocab: int, tokens: int, device: torch.device, dtype: torch.dtype,
+                 seed: int = 0, topk: int = TOPK_MAX) -> Dict[str, TokenBatch]:
+    """A full-logits batch and a top-k batch sharing the same leaf student logits."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B = SEQUENCES if tokens % SEQUENCES == 0 and tokens >= SEQUENCES else 1
+    T = tokens // B
+    z = (2.0 * torch.randn(B, T, vocab, generator=g)).to(device=device, dtype=dtype)
+    t = (z.float() + torch.randn(B, T, vocab, generator=g).to(device)).to(dtype)
+    with torch.no_grad():
+        # y_t ~ softmax(z) by Gumbel-max, in chunks to keep the setup light
+        ys = []
+        for zb in z.float().split(1, dim=0):
+            u = torch.rand(zb.shape, generator=g).to(device).clamp_min_(1e-20)
+            ys.append((zb - u.log_().neg_().log_()).argmax(-1))
+        y = torch.cat(ys)
+        teacher_tok = dv.token_logprobs(t, y)
+        k = min(topk, vocab)
+        s_ids = torch.topk(z, k, dim=-1).indices
+        t_ids = torch.topk(t, k, dim=-1).indices
+        t_on_s = dv.logprobs_at(t, s_ids)
+        t_on_t = dv.logprobs_at(t, t_ids)
+    z = z.detach().requires_grad_(True)
+    mask = torch.ones(B, T, device=device)
+    full = TokenBatch(tokens=y, mask=mask, student_logits=z, teacher_token_logprobs=teacher_tok,
+                      teacher_logits=t.detach())
+    top = TokenBatch(tokens=y, mask=mask, student_logits=z, teacher_token_logprobs=teacher_tok,
+                     teacher_topk_ids=t_ids, teacher_topk_logprobs=t_on_t,
+                     student_topk_ids=s_ids, teacher_logprobs_on_student_topk=t_on_s)
+    return {"full": full, "topk": top}
+
+
+def _batch_bytes(batch: TokenBatch) -> int:
+    return sum(v.numel() * v.element_size() for v in dataclasses.astuple(batch) if isinstance(v, torch.Tensor))
+
+
+def _step(name: str, params: dict, batch: TokenBatch):
+    def run():
+        batch.student_logits.grad = None
+        loss = E.surrogate_loss(name, batch, **params)
+        loss.backward()
+    return run
+
+
+def measure(vocab: int, tokens: int, device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None, repeats: int = 7, warmup: int = 2,
+            estimators: Sequence[Tuple[str, str, dict, str]] = ESTIMATORS,
+            measure_memory: bool = True, min_sample_s: float = 0.05) -> List[Measurement]:
+    """One row per estimator for one (V, N): median time, ratios to opd, peak working memory."""
+    device = torch.device(device) if device is not None else common.default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    labels = [e[0] for e in estimators]
+    if REFERENCE not in labels:
+        raise ValueError(f"the estimator list must contain the reference '{REFERENCE}'")
+    batches = make_batches(vocab, tokens, device, dtype)
+    # k above the vocabulary (tiny smoke sizes) is clamped to V; the label keeps the nominal k
+    estimators = [(label, name, {**params, "k": min(params["k"], vocab)} if "k" in params else params, kind)
+                  for label, name, params, kind in estimators]
+    fns = {label: _step(name, params, batches[kind]) for label, name, params, kind in estimators}
+    mem: Dict[str, int] = {}
+    if measure_memory:
+        for label in labels:
+            batches["full"].student_logits.grad = None
+            gc.collect()
+            mem[label] = common.peak_memory(fns[label], device)
+    times = common.time_interleaved(fns, device, repeats=repeats, warmup=warmup, min_sample_s=min_sample_s)
+    batches["full"].student_logits.grad = None
+    rows = []
+    for label, name, params, kind in estimators:
+        rows.append(Measurement(
+            vocab=vocab, tokens=tokens, label=label,
+            time_s=statistics.median(times[label]),
+            time_ratio=common.paired_ratio(times[label], times[REFERENCE]),
+            mem_bytes=mem.get(label, -1),
+            mem_ratio=(mem[label] / mem[REFERENCE]) if measure_memory and mem[REFERENCE] > 0 else float("nan"),
+            input_bytes=_input_bytes(name, batches[kind])))
+    del batches, fns
+    gc.collect()
+    return rows
+
+
+def _input_bytes(name: str, batch: TokenBatch) -> int:
+    """Bytes of the batch fields the estimator reads (tokens, mask, student, and its teacher signal)."""
+    fields = ["tokens", "mask", "student_logits", "teacher_token_logprobs"]
+    signal = E.get(name).teacher_signal
+    if signal == "full":
+        fields.append("teacher_logits")
+    elif name == "vopd_topk":
+        fields += ["student_topk_ids", "teacher_logprobs_on_student_topk"]
+    elif name == "topk_kl":
+        fields += ["teacher_topk_ids", "teacher_topk_logprobs"]
+    total = 0
+    for f in fields:
+        v = getattr(batch, f)
+        if v is not None:
+            total += v.numel() * v.element_size()
+    return total
+
+
+def grid(quick: bool) -> List[Tuple[int, int]]:
+    vocabs, toks, cap = ((QUICK_VOCABS, QUICK_TOKENS, QUICK_MAX_ELEMENTS) if quick
+                         else (FULL_VOCABS, FULL_TOKENS, FULL_MAX_ELEMENTS))
+    return [(v, n) for v in vocabs for n in toks if v * n <= cap]
+
+
+# ----------------------------------------------------------------------------- output
+
+def _mb(b: int) -> str:
+    return f"{b / 2**20:.1f}"
+
+
+def format_table(rows: Sequence[Measurement]) -> str:
+    """A Markdown table: one line per (V, N), one column pair (time x, mem x) per estimator,
+    plus the absolute opd time and working memory."""
+    labels = list(dict.fromkeys(r.label for r in rows))
+    sizes = list(dict.fromkeys((r.vocab, r.tokens) for r in rows))
+    by = {(r.vocab, r.tokens, r.label): r for r in rows}
+    head = ["V", "tokens", "opd ms", "opd MiB"] + [l for l in labels if l != REFERENCE]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for v, n in sizes:
+        ref = by[(v, n, REFERENCE)]
+        cells = [str(v), str(n), f"{1e3 * ref.time_s:.1f}", _mb(ref.mem_bytes)]
+        for l in labels:
+            if l == REFERENCE:
+                continue
+            r = by.get((v, n, l))
+            cells.append("-" if r is None else f"{r.time_ratio:.2f} / {r.mem_ratio:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TARGETS = {"vopd": 1.05, "vopd_topk@16": 1.03, "vopd_topk@64": 1.03, "vopd_topk@256": 1.03}
+
+
+def check_targets(rows: Sequence[Measurement]) -> List[str]:
+    """Lines naming every (V, N, estimator) whose time or memory ratio misses its target."""
+    misses = []
+    for r in rows:
+        lim = TARGETS.get(r.label)
+        if lim is None:
+            continue
+        for what, x in (("time", r.time_ratio), ("mem", r.mem_ratio)):
+            if x > lim:
+                misses.append(f"{r.label} V={r.vocab} N={r.tokens}: {what} {x:.3f}x > {lim}x")
+    return misses
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small grid, a few minutes on a laptop CPU")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per size (default 7)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: with OpenMP spin-waiting, a CPU shared with other "
+                        "processes makes multi-threaded timings swing by orders of magnitude)")
+    p.add_argument("--no-write", action="store_true", help="print only, do not append to RESULTS.md")
+    p.add_argument("--results", default=None, help="results file (default benchmarks/RESULTS.md)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device) if args.device else common.default_device()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or 7
+    info = common.machine_info(device)
+    print(f"# estimator cost ({'quick' if args.quick else 'full'}) on {common.describe_machine(info)}",
+          flush=True)
+    rows: List[Measurement] = []
+    for v, n in grid(args.quick):
+        size_rows = measure(v, n, device=device, repeats=repeats)
+        rows += size_rows
+        ref = size_rows[0]
+        print(f"V={v:>6} N={n:>5}  opd {1e3 * ref.time_s:8.1f} ms {_mb(ref.mem_bytes):>8} MiB  " +
+              "  ".join(f"{r.label} {r.time_ratio:.2f}/{r.mem_ratio:.2f}" for r in size_rows[1:]), flush=True)
+    table = format_table(rows)
+    misses = check_targets(rows)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    text = "\n".join([
+        f"`python -m benchmarks.estimator_cost{' --quick' if args.quick else ''}` "
+        f"(student logits {dtype}, {repeats} interleaved rounds, median).",
+        "",
+        "Each cell: time ratio / peak-working-memory ratio to `opd` in the same process. "
+        "Working memory = peak bytes of tensors created during forward+backward (incl. the student grad), "
+        "inputs excluded; on CPU from `torch.profiler` memory events.",
+        "`vopd_topk` and `topk_kl` read a top-k batch (no full teacher logits).",
+        "",
+        table,
+        "",
+        "Targets (vopd <= 1.05x, vopd_topk <= 1.03x in time and memory): " +
+        ("all met." if not misses else "missed:\n" + "\n".join(f"- {m}" for m in misses)),
+    ])
+    print()
+    print(table)
+    print()
+    print(text.splitlines()[-1] if not misses else "\n".join(["targets missed:"] + misses))
+    if not args.no_write:
+        path = common.append_results(text, path=args.results, info=info,
+                                     title=f"estimator_cost{' --quick' if args.quick else ''}")
+        print(f"appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
