@@ -7,8 +7,6 @@ GPU model are upcast chunk by chunk, never as one ``[B, T, V]`` float32 copy).
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Optional
 
 import torch
@@ -20,92 +18,15 @@ _DEFAULT_CHUNK_TOKENS = 1024
 _CHUNK_ELEMENTS = 1 << 18
 
 
-# ----------------------------------------------------------------------------- logsumexp cache
-#
-# ``token_logprobs`` (called by every score-function estimator) computes logsumexp(z) over the
-# vocabulary. The detached baselines (``reverse_kl_detached``, ``logprobs_at`` without grad)
-# need the same numbers for the same logits; recomputing them is a full extra pass over
-# [B, T, V]. The last result is remembered here, keyed by the logits' storage address, shape,
-# strides, dtype, device and autograd version counter (bumped by every in-place write), and
-# only while the tensor it was computed from is still alive (weak reference), so a hit returns
-# bit-for-bit the value a recomputation would give. Writes that bypass the version counter
-# (through ``.data``) are not seen: call ``clear_logsumexp_cache()`` after such a write, or
-# ``set_logsumexp_cache(False)`` to turn the cache off.
-
-_lse_cache = threading.local()
-_lse_cache_enabled = True
-
-
-def set_logsumexp_cache(enabled: bool) -> None:
-    """Turn the logsumexp cache shared by ``token_logprobs`` and the detached baselines on or off."""
-    global _lse_cache_enabled
-    _lse_cache_enabled = bool(enabled)
-    clear_logsumexp_cache()
-
-
-def clear_logsumexp_cache() -> None:
-    """Forget the remembered logsumexp."""
-    _lse_cache.entry = None
-
-
-def _lse_key(x: torch.Tensor):
-    try:
-        if x.device.type == "meta" or x.is_nested or x.layout != torch.strided:
-            return None
-        ptr = x.data_ptr()
-        if ptr == 0:
-            return None
-        return (ptr, tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version)
-    except (RuntimeError, NotImplementedError, AttributeError):   # functorch wrappers, inference tensors
-        return None
-
-
-def _caching_allowed() -> bool:
-    if not _lse_cache_enabled:
-        return False
-    compiler = getattr(torch, "compiler", None)
-    return not (compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
-
-
-def _remember_lse(logits: torch.Tensor, lse: torch.Tensor) -> None:
-    if not _caching_allowed():
-        return
-    key = _lse_key(logits)
-    if key is None:
-        return
-    try:
-        ref = weakref.ref(logits)
-    except TypeError:
-        return
-    _lse_cache.entry = (ref, key, lse.detach())
-
-
-def _cached_lse(logits: torch.Tensor) -> Optional[torch.Tensor]:
-    """logsumexp(logits, -1) in the compute dtype if remembered for exactly these values, else None."""
-    entry = getattr(_lse_cache, "entry", None)
-    if entry is None or not _caching_allowed():
-        return None
-    ref, key, lse = entry
-    if ref() is None:
-        _lse_cache.entry = None
-        return None
-    if _lse_key(logits) != key:
-        return None
-    return lse
-
-
-def _detached_lse(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the last axis of (detached) ``logits`` in the compute dtype, [...]."""
-    lse = _cached_lse(logits)
-    if lse is not None:
-        return lse
+def logsumexp_detached(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last axis of detached ``logits`` in the compute dtype, in chunks (no [B, T, V] copy)."""
     x = logits.detach()
     dtype = compute_dtype(x)
     flat = x.reshape(-1, x.shape[-1])
     out = torch.empty(flat.shape[0], dtype=dtype, device=x.device)
     rows = _chunk_rows(x.shape[-1])
     for start in range(0, flat.shape[0], rows):
-        out[start:start + rows] = torch.logsumexp(flat[start:start + rows].to(dtype), dim=-1)   # chunked: no [B, T, V] temporary
+        out[start:start + rows] = torch.logsumexp(flat[start:start + rows].to(dtype), dim=-1)
     return out.reshape(x.shape[:-1])
 
 
@@ -118,14 +39,21 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(z)[y] = z_y - logsumexp(z), without materialising log_softmax."""
-    source = logits
+def token_logprobs_and_lse(logits: torch.Tensor, tokens: torch.Tensor) -> tuple:
+    """(z_y - logsumexp(z), detached logsumexp(z)): log softmax(z)[y] without materialising log_softmax.
+
+    The logsumexp comes back so that a baseline over the same logits
+    (``reverse_kl_detached``, ``logprobs_at``) need not recompute it: one pass over V saved.
+    """
     logits = logits.to(compute_dtype(logits))
     picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     lse = torch.logsumexp(logits, dim=-1)
-    _remember_lse(source, lse)
-    return picked - lse
+    return picked - lse, lse.detach()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(z)[y] = z_y - logsumexp(z)."""
+    return token_logprobs_and_lse(logits, tokens)[0]
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -178,15 +106,16 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 @torch.no_grad()
 def reverse_kl_detached(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                        student_lse: Optional[torch.Tensor] = None,
                         chunk_tokens: int = _DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """KL(q || p) per token as a detached baseline, computed in chunks of tokens.
 
     Peak extra memory is O(chunk_tokens * V) instead of O(B * T * V).
 
     Per chunk, log q = z - logsumexp(z) and log p = log_softmax(t) are formed in two
-    temporaries of the chunk's size that are then overwritten in place (log q - log p, q),
-    and logsumexp(z) is taken from ``token_logprobs`` when it has just been computed for the
-    same logits. A chunk holds at most ``chunk_tokens`` tokens and at most about 2^18
+    temporaries of the chunk's size that are then overwritten in place (log q - log p, q);
+    ``student_lse`` = logsumexp(z), when the caller has it (from ``token_logprobs``), saves
+    one pass over V. A chunk holds at most ``chunk_tokens`` tokens and at most about 2^18
     elements per temporary (one token when V is larger).
     """
     if chunk_tokens < 1:
@@ -194,7 +123,7 @@ def reverse_kl_detached(student_logits: torch.Tensor, teacher_logits: torch.Tens
     lead = student_logits.shape[:-1]
     V = student_logits.shape[-1]
     dtype = compute_dtype(student_logits)
-    lse_z = _cached_lse(student_logits)
+    lse_z = student_lse
     s = student_logits.detach().reshape(-1, V)
     t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     lse_z = lse_z.reshape(-1) if lse_z is not None else None
@@ -211,12 +140,12 @@ def reverse_kl_detached(student_logits: torch.Tensor, teacher_logits: torch.Tens
     return out.reshape(lead)
 
 
-def logprobs_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary log-probs log softmax(z)[ids] for ids [..., k]."""
+def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Full-vocabulary log-probs log softmax(z)[ids] for ids [..., k]; ``lse`` = logsumexp(z) if known."""
     if not (torch.is_grad_enabled() and logits.requires_grad):
-        # detached use (baselines, teacher scoring): no [B, T, V] float32 copy, and the
-        # logsumexp of ``token_logprobs`` is reused when it was computed for these logits
+        # detached use (baselines, teacher scoring): no [B, T, V] float32 copy
         dtype = compute_dtype(logits)
-        return logits.detach().gather(-1, ids).to(dtype) - _detached_lse(logits).unsqueeze(-1)
+        lse = logsumexp_detached(logits) if lse is None else lse
+        return logits.detach().gather(-1, ids).to(dtype) - lse.unsqueeze(-1)
     logits = logits.to(compute_dtype(logits))
     return logits.gather(-1, ids) - torch.logsumexp(logits, dim=-1, keepdim=True)

@@ -54,9 +54,12 @@ def _require_teacher_logits(batch: TokenBatch, name: str) -> torch.Tensor:
     return batch.teacher_logits
 
 
-def token_reverse_kl_baseline(batch: TokenBatch, name: str = "vopd") -> torch.Tensor:
-    """KL_t(s_t), detached and computed in chunks: the vOPD baseline. [B, T]"""
-    return dv.reverse_kl_detached(batch.student_logits, _require_teacher_logits(batch, name))
+def token_reverse_kl_baseline(batch: TokenBatch, name: str = "vopd", student_lse=None) -> torch.Tensor:
+    """KL_t(s_t), detached and computed in chunks: the vOPD baseline. [B, T]
+
+    ``student_lse`` = logsumexp of the student logits, when already computed.
+    """
+    return dv.reverse_kl_detached(batch.student_logits, _require_teacher_logits(batch, name), student_lse)
 
 
 def _check_k(k: int, vocab: int, name: str) -> int:
@@ -67,7 +70,7 @@ def _check_k(k: int, vocab: int, name: str) -> int:
     return k
 
 
-def topk_reverse_kl_baseline(batch: TokenBatch, k: int) -> torch.Tensor:
+def topk_reverse_kl_baseline(batch: TokenBatch, k: int, student_lse=None) -> torch.Tensor:
     """KL on the student's top-k set S_k, both distributions renormalised on S_k (detached). [B, T]
 
     b_k(s) = sum_{v in S_k} q~_v (log q~_v - log p~_v), q~ = q / q(S_k), p~ = p / p(S_k),
@@ -86,7 +89,7 @@ def topk_reverse_kl_baseline(batch: TokenBatch, k: int) -> torch.Tensor:
         else:
             raise InputError(f"estimator 'vopd_topk' (k={k}) needs the teacher's log-probs on the student's "
                              "top-k tokens (or full teacher logits), but the batch has neither")
-        student_lp = dv.logprobs_at(z, ids)
+        student_lp = dv.logprobs_at(z, ids, student_lse)
         return dv.renormalised_reverse_kl(student_lp, teacher_lp)
 
 
@@ -160,14 +163,14 @@ def opd(batch: TokenBatch) -> torch.Tensor:
 
 def vopd(batch: TokenBatch) -> torch.Tensor:
     """vOPD: sum_t sg(l_t - KL_t) log pi(y_t); KL_t(s_t) = -V(s_t) is the closed-form value baseline."""
-    lp = student_token_logprobs(batch)
-    return score_surrogate(batch, lp, log_ratio(batch, lp) - token_reverse_kl_baseline(batch))
+    lp, lse = dv.token_logprobs_and_lse(batch.student_logits, batch.tokens)
+    return score_surrogate(batch, lp, log_ratio(batch, lp) - token_reverse_kl_baseline(batch, "vopd", lse))
 
 
 def vopd_topk(batch: TokenBatch, k: int = 16) -> torch.Tensor:
     """sum_t sg(l_t - KL_t^k) log pi(y_t), KL_t^k the reverse KL on the student's top-k, renormalised."""
-    lp = student_token_logprobs(batch)
-    return score_surrogate(batch, lp, log_ratio(batch, lp) - topk_reverse_kl_baseline(batch, k))
+    lp, lse = dv.token_logprobs_and_lse(batch.student_logits, batch.tokens)
+    return score_surrogate(batch, lp, log_ratio(batch, lp) - topk_reverse_kl_baseline(batch, k, lse))
 
 
 def opd_bstar(batch: TokenBatch) -> torch.Tensor:
@@ -206,8 +209,9 @@ def rtg(batch: TokenBatch, gamma: float = 1.0) -> torch.Tensor:
 
 def rtg_vopd(batch: TokenBatch) -> torch.Tensor:
     """sum_t sg(G_t - KL_t) log pi(y_t): reward-to-go minus the per-token KL baseline."""
-    lp = student_token_logprobs(batch)
-    return score_surrogate(batch, lp, reward_to_go(log_ratio(batch, lp), 1.0) - token_reverse_kl_baseline(batch, "rtg_vopd"))
+    lp, lse = dv.token_logprobs_and_lse(batch.student_logits, batch.tokens)
+    baseline = token_reverse_kl_baseline(batch, "rtg_vopd", lse)
+    return score_surrogate(batch, lp, reward_to_go(log_ratio(batch, lp), 1.0) - baseline)
 
 
 def rtg_oracle(batch: TokenBatch) -> torch.Tensor:

@@ -153,6 +153,27 @@ def exact_moments(tree: PrefixTree, specs: Dict[str, dict], chunk_size: int = DE
     return out
 
 
+def reference_moments(tree: PrefixTree, name: str, **params) -> Moments:
+    """The slow, obviously correct reference: one autograd call per sequence on the logit table.
+
+    E g = sum_y P(y) grad_theta L(y),  tr Cov = sum_y P(y) |grad_theta L(y)|^2 - |E g|^2.
+    """
+    check_enumerable(tree.vocab, tree.horizon)
+    tq = tree_quantities(tree)
+    mean = torch.zeros(tree.num_states, tree.vocab, dtype=torch.float64)
+    second = 0.0
+    for tokens in tree.sequences():
+        tokens = tokens.unsqueeze(0)
+        theta = torch.tensor(tree.student_logits, dtype=torch.float64, requires_grad=True)
+        states = tree.state_ids(tokens)
+        batch = tree.token_batch(tokens, theta[states], tq.kl_to_go, tq.next_kl_to_go)
+        (grad,) = torch.autograd.grad(est.per_sequence(name, batch, **params).sum(), theta)
+        prob = float(tq.log_q[states[0], tokens[0]].sum().exp())
+        mean += prob * grad
+        second += prob * float((grad ** 2).sum())
+    return Moments(mean, second - float((mean ** 2).sum()), None)
+
+
 def bias_report(mean: torch.Tensor, target: torch.Tensor) -> dict:
     """Bias of a mean gradient against a target: L2 norm, relative norm, cosine."""
     diff = float(torch.linalg.norm(mean - target))
