@@ -11,7 +11,6 @@ from typing import Optional
 
 import torch
 
-_DEFAULT_CHUNK_TOKENS = 1024
 # Detached reductions over V work on chunks of about this many elements per temporary
 # (1 MiB in float32): small enough to stay in cache and to be served from the allocator's
 # free lists, so they neither touch fresh pages nor keep a second [B, T, V] tensor alive.
@@ -24,14 +23,16 @@ def logsumexp_detached(logits: torch.Tensor) -> torch.Tensor:
     dtype = compute_dtype(x)
     flat = x.reshape(-1, x.shape[-1])
     out = torch.empty(flat.shape[0], dtype=dtype, device=x.device)
-    rows = _chunk_rows(x.shape[-1])
+    rows = _chunk_rows(x.shape[-1], flat.shape[0])
     for start in range(0, flat.shape[0], rows):
         out[start:start + rows] = torch.logsumexp(flat[start:start + rows].to(dtype), dim=-1)
     return out.reshape(x.shape[:-1])
 
 
-def _chunk_rows(vocab: int, elements: int = _CHUNK_ELEMENTS) -> int:
-    return max(1, elements // max(1, vocab))
+def _chunk_rows(vocab: int, tokens: int = 0, elements: int = _CHUNK_ELEMENTS) -> int:
+    """Rows per chunk: about ``elements`` values, or 1/32 of all ``tokens`` when that is more,
+    so a large vocabulary is not walked one token at a time (at most ~32 steps per call)."""
+    return max(1, max(elements, tokens * vocab // 32) // max(1, vocab))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -106,29 +107,23 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 @torch.no_grad()
 def reverse_kl_detached(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                        student_lse: Optional[torch.Tensor] = None,
-                        chunk_tokens: int = _DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+                        student_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
     """KL(q || p) per token as a detached baseline, computed in chunks of tokens.
-
-    Peak extra memory is O(chunk_tokens * V) instead of O(B * T * V).
 
     Per chunk, log q = z - logsumexp(z) and log p = log_softmax(t) are formed in two
     temporaries of the chunk's size that are then overwritten in place (log q - log p, q);
-    ``student_lse`` = logsumexp(z), when the caller has it (from ``token_logprobs``), saves
-    one pass over V. A chunk holds at most ``chunk_tokens`` tokens and at most about 2^18
-    elements per temporary (one token when V is larger).
+    ``student_lse`` = logsumexp(z), when the caller has it (from ``token_logprobs_and_lse``),
+    saves one pass over V. A chunk holds about 2^18 elements, or 1/32 of the tokens when
+    that is more, so the extra memory stays a small fraction of one [B, T, V] tensor.
     """
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     lead = student_logits.shape[:-1]
     V = student_logits.shape[-1]
     dtype = compute_dtype(student_logits)
-    lse_z = student_lse
     s = student_logits.detach().reshape(-1, V)
     t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    lse_z = lse_z.reshape(-1) if lse_z is not None else None
+    lse_z = student_lse.reshape(-1) if student_lse is not None else None
     out = torch.empty(s.shape[0], dtype=dtype, device=s.device)
-    rows = min(chunk_tokens, _chunk_rows(V))
+    rows = _chunk_rows(V, s.shape[0])
     for start in range(0, s.shape[0], rows):
         end = min(start + rows, s.shape[0])
         zc = s[start:end].to(dtype)

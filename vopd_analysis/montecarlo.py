@@ -28,6 +28,7 @@ from scipy import stats
 from synthetic.tree import PrefixTree
 from . import estimators as est
 from .batch import InputError
+from .exact import tree_quantities
 
 
 def sample_gradients(tree: PrefixTree, name: str, n: int, seed: int, **params) -> np.ndarray:
@@ -46,7 +47,8 @@ def sample_gradients(tree: PrefixTree, name: str, n: int, seed: int, **params) -
     states = tree.state_ids(tokens)
     theta = torch.as_tensor(tree.student_logits, dtype=torch.float64)
     z = theta[states].clone().requires_grad_(True)
-    batch = tree.token_batch(tokens, z)
+    tq = tree_quantities(tree) if entry.analysis_only else None
+    batch = tree.token_batch(tokens, z, *((tq.kl_to_go, tq.next_kl_to_go) if tq else ()))
     est.per_sequence(name, batch, **params).sum().backward()
     dense = torch.zeros(n, tree.num_states, tree.vocab, dtype=torch.float64)
     rows = (torch.arange(n * group) // group).unsqueeze(1).expand_as(states)

@@ -1,0 +1,121 @@
+"""One distillation step per estimator on a Qwen-architecture pair with the real 151,936-token vocabulary.
+
+    python -m benchmarks.distill_step [--quick] [--device cuda] [--no-record]
+
+Student and teacher are Qwen2 models built from configs (random weights; no
+download), small enough for a CPU, with the Qwen vocabulary. The rollouts are
+fixed random token sequences, so every estimator sees the same batch and the
+step is: score (student forward with grad + teacher forward + the teacher
+signal the estimator needs), the estimator's loss, and the backward pass.
+Printed: milliseconds per phase, the whole step as a ratio to ``opd`` (rounds
+interleaved in one process, median of paired ratios), tokens/s, the loss as a
+fraction of the step, and peak memory (CUDA: max_memory_allocated; CPU: the
+peak of tensors allocated during the step, from torch.profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from vopd_analysis import estimators as est, hf
+
+from .common import append_results, machine_info, paired_ratio, peak_memory, synchronize
+
+QWEN_VOCAB = 151_936
+ESTIMATORS = [("opd", {}), ("vopd", {}), ("vopd_topk", {"k": 16}), ("vopd_topk", {"k": 64}),
+              ("vopd_topk", {"k": 256}), ("full_kl", {}), ("topk_kl", {"k": 64}), ("gkd_jsd", {})]
+
+
+def build_pair(device, dtype, hidden: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def model(width, layers, seed):
+        config = Qwen2Config(vocab_size=QWEN_VOCAB, hidden_size=width, intermediate_size=2 * width,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=1024, tie_word_embeddings=False)
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
+
+    return model(hidden, 2, 0).train(), model(int(hidden * 1.5), 3, 1).eval()
+
+
+def fixed_rollouts(num: int, prompt: int, response: int, device) -> hf.Rollouts:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, QWEN_VOCAB, (num, prompt + response), generator=g).to(device)
+    att = torch.ones_like(ids)
+    resp = torch.zeros_like(ids)
+    resp[:, prompt:] = 1
+    return hf.Rollouts(ids, att, resp, torch.arange(num, device=device), prompt)
+
+
+def step_phases(student, teacher, rollouts, name, params, device):
+    """Seconds of (score, loss, backward) for one step of estimator ``name``."""
+    student.zero_grad(set_to_none=True)
+    synchronize(device)
+    t0 = time.perf_counter()
+    batch = hf.score(student, teacher, rollouts, [name], params={name: params})
+    synchronize(device)
+    t1 = time.perf_counter()
+    loss = est.surrogate_loss(name, batch, **params)
+    synchronize(device)
+    t2 = time.perf_counter()
+    loss.backward()
+    synchronize(device)
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    hidden = 896 if on_gpu else 64
+    rounds = 3 if args.quick else 7
+    num, prompt, response = (8, 64, 512) if on_gpu else ((2, 16, 32) if args.quick else (4, 16, 64))
+    student, teacher = build_pair(device, dtype, hidden)
+    rollouts = fixed_rollouts(num, prompt, response, device)
+    labels = [name + (f"@{p['k']}" if "k" in p else "") for name, p in ESTIMATORS]
+    phases = {label: [] for label in labels}
+    for _ in range(1):  # warm-up
+        for name, params in ESTIMATORS:
+            step_phases(student, teacher, rollouts, name, params, device)
+    for r in range(rounds):
+        order = list(zip(labels, ESTIMATORS))
+        order = order[r % len(order):] + order[:r % len(order)]
+        for label, (name, params) in order:
+            phases[label].append(step_phases(student, teacher, rollouts, name, params, device))
+    peaks = {label: peak_memory(lambda n=name, p=params: step_phases(student, teacher, rollouts, n, p, device), device)
+             for label, (name, params) in zip(labels, ESTIMATORS)}
+
+    totals = {label: [sum(p) for p in phases[label]] for label in labels}
+    tokens = num * response
+    lines = [f"Student Qwen2 hidden {hidden} x 2 layers, teacher hidden {int(hidden * 1.5)} x 3 layers, "
+             f"vocabulary {QWEN_VOCAB:,}, {dtype}, {num} rollouts x {response} response tokens "
+             f"(+{prompt} prompt), {rounds} interleaved rounds, medians.", "",
+             "| estimator | score ms | loss ms | backward ms | step / opd | loss share of step | tokens/s | peak MiB | peak / opd |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    for label in labels:
+        score_ms, loss_ms, back_ms = (1e3 * med([p[i] for p in phases[label]]) for i in range(3))
+        step = med(totals[label])
+        lines.append(f"| {label} | {score_ms:.0f} | {loss_ms:.1f} | {back_ms:.0f} | "
+                     f"{paired_ratio(totals[label], totals['opd']):.3f} | {loss_ms / 1e3 / step:.1%} | "
+                     f"{tokens / step:.0f} | {peaks[label] / 2 ** 20:.0f} | {peaks[label] / peaks['opd']:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_record:
+        append_results(f"`python -m benchmarks.distill_step{' --quick' if args.quick else ''}`\n\n{text}",
+                       title="distill_step" + (" --quick" if args.quick else ""), info=machine_info(device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
