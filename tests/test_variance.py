@@ -94,7 +94,7 @@ def test_known_per_sample_gradients_of_a_linear_model():
         for p in params:
             p.grad = None
         (c @ model.head(x)).backward()
-        m.update(variance.flat_grad(params))
+        m.update(variance.flat_grad_of(params, [p.grad for p in params]))
         expected.append(np.concatenate([np.outer(c, x).ravel(), c.numpy(), np.zeros(2)]))
     expected = np.array(expected, dtype=np.float64)
     cov = np.cov(expected, rowvar=False)
@@ -149,7 +149,7 @@ def test_probe_mean_equals_batched_gradient(pair, result):
     params = [p for _, p in variance.trainable_parameters(pair.student)]
     pair.student.zero_grad(set_to_none=True)
     surrogate_loss("opd", batch).backward()
-    batched = variance.flat_grad(params)
+    batched = variance.flat_grad_of(params, [p.grad for p in params])
     pair.student.zero_grad(set_to_none=True)
     torch.testing.assert_close(result.moments["opd"].mean, batched, atol=1e-6, rtol=1e-5)
 

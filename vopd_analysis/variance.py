@@ -70,10 +70,11 @@ def parameter_groups(named_params: Sequence[Tuple[str, torch.Tensor]]) -> Dict[s
     return groups
 
 
-def flat_grad(params: Sequence[torch.Tensor], dtype=torch.float64) -> torch.Tensor:
-    """Concatenated ``.grad`` of ``params`` (zeros where a parameter got no gradient). [D]"""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
-                      for p in params])
+def flat_grad_of(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
+                 dtype=torch.float64) -> torch.Tensor:
+    """Concatenated ``grads`` of ``params`` (zeros where a parameter got no gradient). [D]"""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+                      for p, g in zip(params, grads)])
 
 
 # ----------------------------------------------------------------------------- streaming moments
@@ -224,40 +225,47 @@ def _estimator_params(name: str, params: Optional[dict], num_rollouts: int) -> d
     return spec.params(**chosen)
 
 
-def rollout_gradients(student, teacher, rollouts: hf.Rollouts, name: str, params: dict,
-                      named_params, vocab_size=None, mask_token_ids=(), chunk_tokens=hf.DEFAULT_CHUNK_TOKENS):
-    """Yield the flattened gradient g_i of estimator ``name`` on each rollout i, in order.
+def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params: Dict[str, dict],
+                      named_params, vocab_size=None, mask_token_ids=(), chunk_tokens=hf.DEFAULT_CHUNK_TOKENS,
+                      timings: Optional[Dict[str, float]] = None):
+    """Yield (name, g_i) for every estimator and rollout i: g_i its flattened single-rollout gradient.
 
-    Ordinary estimators: score rollout i alone, backward surrogate_loss(..., reduction="sum").
-    Group estimators (several rollouts per prompt): score the prompt's group once, then one
-    backward per row of the per-sequence values (retain_graph), each the single-rollout gradient.
+    Each prompt's group of rollouts is scored once (student forward with grad, teacher
+    forward, every teacher signal the estimators need) and shared by all estimators; then
+    each estimator takes one backward per rollout of its per-sequence values (retain_graph).
+    For a group estimator (several rollouts per prompt) row i's value already uses the
+    group's baseline, so its gradient is that rollout's term of the group estimate.
+    ``timings``, if given, accumulates seconds under "score" and under each estimator name.
     """
-    spec = est.get(name)
-    size = params["group_size"] if spec.group else 1
-    if rollouts.num_rollouts % size:
-        raise InputError(f"{name}: group_size {size} must divide the number of rollouts {rollouts.num_rollouts}")
+    size = _rollouts_per_prompt(rollouts)
+    for name, params in estimator_params.items():
+        if est.get(name).group and params["group_size"] != size:
+            raise InputError(f"{name}: group_size {params['group_size']} must equal the rollouts per prompt ({size})")
+    timings = {} if timings is None else timings
     tensors = [p for _, p in named_params]
     for start in range(0, rollouts.num_rollouts, size):
-        rows = list(range(start, start + size))
-        batch = hf.score(student, teacher, rollouts.select(rows), [name], vocab_size, mask_token_ids,
-                         chunk_tokens, params={name: params})
-        values = est.surrogate_loss(name, batch, reduction="none", **params)
-        for i in range(size):
-            for p in tensors:
-                p.grad = None
-            values[i].backward(retain_graph=i + 1 < size)
-            yield flat_grad(tensors)
+        clock = time.perf_counter()
+        batch = hf.score(student, teacher, rollouts.select(list(range(start, start + size))), list(estimator_params),
+                         vocab_size, mask_token_ids, chunk_tokens, params=estimator_params)
+        timings["score"] = timings.get("score", 0.0) + time.perf_counter() - clock
+        for n, (name, params) in enumerate(estimator_params.items()):
+            clock = time.perf_counter()
+            values = est.surrogate_loss(name, batch, reduction="none", **params)
+            for i in range(size):
+                last = n + 1 == len(estimator_params) and i + 1 == size
+                grads = torch.autograd.grad(values[i], tensors, retain_graph=not last, allow_unused=True)
+                g = flat_grad_of(tensors, grads)
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - clock
+                yield name, g
+                clock = time.perf_counter()
 
 
 def reference_gradient(student, teacher, rollouts: hf.Rollouts, name: str = "full_kl", **kwargs) -> torch.Tensor:
     """Mean of the per-rollout gradients of ``name`` over ``rollouts`` (float64). [D]"""
     named = trainable_parameters(student)
-    params = _estimator_params(name, kwargs.pop("params", None), _rollouts_per_prompt(rollouts))
-    total, n = None, 0
-    for g in rollout_gradients(student, teacher, rollouts, name, params, named, **kwargs):
-        total = g if total is None else total + g
-        n += 1
-    return total / n
+    params = {name: _estimator_params(name, kwargs.pop("params", None), _rollouts_per_prompt(rollouts))}
+    grads = [g for _, g in rollout_gradients(student, teacher, rollouts, params, named, **kwargs)]
+    return torch.stack(grads).mean(0)
 
 
 def _rollouts_per_prompt(rollouts: hf.Rollouts) -> int:
@@ -292,21 +300,20 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
         groups = parameter_groups(named)
         dim = sum(p.numel() for _, p in named)
         common = dict(vocab_size=vocab_size, mask_token_ids=mask_token_ids, chunk_tokens=chunk_tokens)
-        order = sorted(estimators, key=lambda n: n != reference)     # the reference estimator first
-        moments, seconds = {}, {}
+        est_params = {name: _estimator_params(name, params, num_rollouts) for name in estimators}
+        moments = {name: GradientMoments(dim, groups, num_projections, seed, device=named[0][1].device)
+                   for name in estimators}
+        timings: Dict[str, float] = {}
+        for name, g in rollout_gradients(student, teacher, rollouts, est_params, named, timings=timings, **common):
+            moments[name].update(g)
+        # each estimator is charged its own loss + backward time and an equal share of the scoring
+        seconds = {name: timings[name] + timings["score"] / len(estimators) for name in estimators}
+        if progress:
+            for name in estimators:
+                print(f"[probe] {name}: {moments[name].count} rollouts, tr Sigma = {moments[name].trace():.4g}")
         ref_vec = reference if isinstance(reference, torch.Tensor) else None
-        for name in order:
-            est_params = _estimator_params(name, params, num_rollouts)
-            m = GradientMoments(dim, groups, num_projections, seed, device=named[0][1].device)
-            start = time.perf_counter()
-            for g in rollout_gradients(student, teacher, rollouts, name, est_params, named, **common):
-                m.update(g)
-            seconds[name] = time.perf_counter() - start
-            moments[name] = m
-            if progress:
-                print(f"[probe] {name}: {m.count} rollouts in {seconds[name]:.1f}s, tr Sigma = {m.trace():.4g}")
-            if ref_vec is None and name == reference:
-                ref_vec = m.mean.clone()
+        if ref_vec is None and reference in moments:
+            ref_vec = moments[reference].mean.clone()
         if ref_vec is None:
             ref_vec = reference_gradient(student, teacher, rollouts, reference, **common)
     finally:
