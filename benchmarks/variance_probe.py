@@ -1,0 +1,74 @@
+"""Throughput of the gradient-variance probe: shared scoring against scoring per estimator.
+
+    python -m benchmarks.variance_probe [--quick] [--no-record]
+
+On a tiny Qwen2 pair (random weights, built from configs), the same rollouts are
+turned into per-rollout gradients for five estimators in two ways, interleaved
+in one process: ``rollout_gradients`` with all estimators at once (one scoring
+per prompt group, one backward per rollout and estimator), and the reference,
+one ``rollout_gradients`` call per estimator (a scoring per rollout and
+estimator, as a probe that handles estimators one by one would do). Printed:
+rollout-gradients per second for both and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from vopd_analysis import hf, variance
+
+from .common import append_results, machine_info, paired_ratio, time_interleaved
+
+ESTIMATORS = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 16}, "full_kl": {}, "topk_kl": {"k": 16}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core CPU)")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    tokenizer = hf.char_tokenizer()
+    vocab = len(tokenizer.get_vocab())
+    hidden = 64 if args.quick else 128
+    student = hf.tiny_qwen2(vocab, seed=0, hidden_size=hidden, num_layers=2, max_position_embeddings=128)
+    teacher = hf.tiny_qwen2(vocab, seed=1, hidden_size=hidden, num_layers=3, max_position_embeddings=128)
+    prompts = [f"{a}+{b}=" for a, b in [(12, 7), (3, 45), (20, 20), (9, 99)]]
+    rollouts = hf.generate_rollouts(student, tokenizer, prompts, 4, 24, seed=0)
+    named = variance.trainable_parameters(student)
+    params = dict(ESTIMATORS)
+
+    def shared():
+        for _ in variance.rollout_gradients(student, teacher, rollouts, params, named):
+            pass
+
+    def separate():
+        for name in params:
+            for _ in variance.rollout_gradients(student, teacher, rollouts, {name: params[name]}, named):
+                pass
+
+    rounds = 3 if args.quick else 7
+    times = time_interleaved({"shared": shared, "separate": separate}, device, repeats=rounds)
+    count = rollouts.num_rollouts * len(params)
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    text = "\n".join([
+        f"Tiny Qwen2 pair (hidden {hidden}, vocabulary {vocab}), {rollouts.num_rollouts} rollouts "
+        f"(4 prompts x 4), {len(params)} estimators, {rounds} interleaved rounds, medians.", "",
+        "| path | rollout-gradients / s | time / shared |", "|---|---|---|",
+        f"| shared scoring (probe) | {count / med(times['shared']):.0f} | 1.00 |",
+        f"| scoring per estimator (reference) | {count / med(times['separate']):.0f} | "
+        f"{paired_ratio(times['separate'], times['shared']):.2f} |"])
+    print(text)
+    if not args.no_record:
+        append_results(f"`python -m benchmarks.variance_probe{' --quick' if args.quick else ''}`\n\n{text}",
+                       title="variance_probe" + (" --quick" if args.quick else ""), info=machine_info(device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
