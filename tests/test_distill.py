@@ -1,0 +1,156 @@
+"""The distillation loop on untrained tiny models: metrics, checkpoints, NaN skipping, exact resume, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vopd_analysis import tiny
+from vopd_analysis.batch import InputError
+from vopd_analysis.distill import checkpoint as ckpt
+from vopd_analysis.distill import loop
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return tiny.save_random_pair(tmp_path_factory.mktemp("pair"))
+
+
+def small(pair, out, **overrides):
+    """Options for a few fast steps on the random pair."""
+    opts = {"--student": pair[0], "--teacher": pair[1], "--out": str(out), "--steps": 3,
+            "--prompts-per-step": 4, "--rollouts-per-prompt": 2, "--num-eval": 8, "--eval-every": 2,
+            "--save-every": 1, "--keep-checkpoints": 10, "--lr": 0.01}
+    opts.update({f"--{k.replace('_', '-')}": v for k, v in overrides.items()})
+    return [str(x) for kv in opts.items() for x in kv]
+
+
+def rows(out, kind="train"):
+    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def steps_saved(out):
+    return [int(p.name.split("-")[1]) for p in ckpt.checkpoint_dirs(out)]
+
+
+def test_run_writes_metrics_and_checkpoints(pair, tmp_path):
+    out = tmp_path / "run"
+    assert loop.main(small(pair, out, estimator="vopd_topk", k=4)) == 0
+    train = rows(out)
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for key in ("loss", "reverse_kl", "reverse_kl_sampled", "grad_norm", "tokens_per_s", "time_rollout",
+                "time_teacher", "time_student", "peak_memory_mb"):
+        assert all(isinstance(r[key], float) for r in train), key
+    assert all(r["reverse_kl"] != r["reverse_kl"] for r in train)  # nan: vopd_topk has no full teacher logits
+    assert [r["step"] for r in rows(out, "eval")] == [0, 2, 3]
+    assert steps_saved(out) == [1, 2, 3]
+    assert (out / "metrics.csv").is_file() and (out / "final" / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["estimator_params"] == {"k": 4}
+    # the student moved, and the checkpoint holds exactly the final weights
+    from transformers import AutoModelForCausalLM
+    start = AutoModelForCausalLM.from_pretrained(pair[0]).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step-00000003" / "model").state_dict()
+    assert any(not torch.equal(start[k], final[k]) for k in start)
+
+
+def test_user_prompts_jsonl(pair, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i:03d}+001=", "answer": str(i + 1)}) + "\n"
+                               for i in range(30)))
+    out = tmp_path / "run"
+    loop.main(small(pair, out, prompts=prompts, steps=2, estimator="opd", max_new_tokens=6))
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] is None and config["max_new_tokens"] == 6
+    assert len(rows(out)) == 2 and rows(out, "eval")[-1]["eval_accuracy"] == 0.0
+
+
+def test_refuses_existing_out_dir(pair, tmp_path):
+    out = tmp_path / "run"
+    loop.main(small(pair, out, steps=1, eval_every=0))
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(InputError, match="already holds a run.*--resume"):
+        loop.main(small(pair, out, steps=1, eval_every=0))
+    assert (out / "metrics.jsonl").read_text() == before
+    with pytest.raises(InputError, match="different estimator"):
+        loop.main(small(pair, out, steps=2, eval_every=0, estimator="opd") + ["--resume"])
+
+
+def test_bad_configs_are_refused(pair, tmp_path):
+    with pytest.raises(InputError, match="unknown estimator"):
+        loop.main(small(pair, tmp_path / "a", estimator="nope"))
+    with pytest.raises(InputError, match="exact tabular"):
+        loop.main(small(pair, tmp_path / "b", estimator="rtg_oracle"))
+    with pytest.raises(InputError, match="unknown"):
+        loop.main(small(pair, tmp_path / "c", estimator="opd") + ["--param", "gamma=0.5"])
+
+
+def test_nan_loss_step_is_skipped_without_a_checkpoint(pair, tmp_path, monkeypatch):
+    real, calls = loop.estimator_loss, []
+
+    def nan_on_second_step(cfg, batch, params):
+        calls.append(1)
+        loss = real(cfg, batch, params)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(loop, "estimator_loss", nan_on_second_step)
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="step 2: non-finite"):
+        loop.main(small(pair, out, eval_every=0))
+    train = rows(out)
+    assert [r["skipped"] for r in train] == [False, True, False]
+    assert train[1]["loss"] != train[1]["loss"]
+    assert steps_saved(out) == [1, 3]
+    for path in ckpt.checkpoint_dirs(out):
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(path / "model")
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_after_interruption_equals_uninterrupted(pair, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    loop.main(small(pair, full, steps=5, save_every=2, eval_every=2))
+
+    interrupted = tmp_path / "interrupted"
+    real_log = loop.Metrics.log
+
+    def die_after_step_3(self, row):
+        real_log(self, row)
+        if row["kind"] == "train" and row["step"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Metrics, "log", die_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        loop.main(small(pair, interrupted, steps=5, save_every=2, eval_every=2))
+    monkeypatch.setattr(loop.Metrics, "log", real_log)
+    assert [r["step"] for r in rows(interrupted)] == [1, 2, 3] and steps_saved(interrupted) == [2]
+
+    loop.main(["--out", str(interrupted), "--resume"])   # everything else comes from the saved config
+    a, b = rows(full), rows(interrupted)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]     # step 3 redone once, not repeated
+    for key in ("loss", "reverse_kl", "grad_norm", "response_tokens"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert rows(full, "eval") == rows(interrupted, "eval")
+
+
+def test_accelerate_launch_two_cpu_processes(pair, tmp_path):
+    """Two processes on gloo. (``accelerate launch --cpu --num_processes 2`` starts only one process
+    without MPI in accelerate 1.x; ``--multi_gpu`` uses torchrun, and ACCELERATE_USE_CPU keeps it on CPU.)"""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "-m", "vopd_analysis.distill.loop", *small(pair, out, steps=2, eval_every=2, save_every=2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    train = rows(out)
+    assert [r["step"] for r in train] == [1, 2]
+    assert train[0]["response_tokens"] > 0 and rows(out, "eval")[-1]["step"] == 2
+    assert steps_saved(out) == [2]
+    assert {p.name for p in ckpt.checkpoint_dirs(out)[0].iterdir()} >= {"rng-rank0.pt", "rng-rank1.pt", "state.pt"}

@@ -1,0 +1,68 @@
+"""Held-out evaluation of a student: verifier accuracy (greedy) and the exact reverse KL.
+
+The reverse KL reported is the exact per-token one summed over each sampled response,
+
+    KL_seq(y) = sum_t KL(pi(.|s_t) || pi_T(.|s_t)),   y ~ pi (temperature 1),
+
+averaged over one rollout per prompt: an unbiased estimate of the sequence-level
+reverse KL J(theta) = E_y[sum_t KL_t(s_t)] with the per-token sums done exactly.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .. import divergences as dv
+from .. import hf, tasks
+
+
+@torch.no_grad()
+def greedy_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                     vocab_size: Optional[int] = None) -> List[str]:
+    """Greedy (argmax) responses, decoded without special tokens (generation stops at EOS)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    ids, att = hf.encode_prompts(model, tokenizer, prompts, max_new_tokens)
+    device = next(model.parameters()).device
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=hf._eos_ids(model, tokenizer))
+    processors = LogitsProcessorList([hf._RestrictVocab(vocab_size)] if vocab_size else [])
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=config,
+                         logits_processor=processors)
+    model.train(was_training)
+    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+
+
+def sequence_reverse_kl(batch) -> torch.Tensor:
+    """sum_t m_t KL_t(s_t) per sequence from a batch scored with full teacher logits. [B]"""
+    kl = dv.reverse_kl_detached(batch.student_logits.detach(), batch.teacher_logits)
+    return (batch.mask.to(kl.dtype) * kl).sum(-1)
+
+
+def sampled_reverse_kl(batch) -> torch.Tensor:
+    """sum_t m_t l_t per sequence, l_t = log pi(y_t) - log pi_T(y_t): the single-sample estimate. [B]"""
+    lp = dv.token_logprobs(batch.student_logits.detach(), batch.tokens)
+    l = lp - batch.teacher_token_logprobs.to(lp.dtype)
+    return (batch.mask.to(l.dtype) * l).sum(-1)
+
+
+@torch.no_grad()
+def evaluate_shard(student, teacher, tokenizer, records: Sequence[dict], max_new_tokens: int, seed: int,
+                   vocab_size: Optional[int] = None, batch_size: int = 64) -> torch.Tensor:
+    """Sums over this process's records: [correct, graded, sum of KL_seq, sequences]."""
+    sums = torch.zeros(4, dtype=torch.float64)
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        prompts = [r["prompt"] for r in chunk]
+        grades = [tasks.verify(r, t) for r, t in
+                  zip(chunk, greedy_responses(student, tokenizer, prompts, max_new_tokens, vocab_size))]
+        rollouts = hf.generate_rollouts(student, tokenizer, prompts, 1, max_new_tokens, seed=seed + i,
+                                        vocab_size=vocab_size)
+        kl = sequence_reverse_kl(hf.score(student, teacher, rollouts, ["full_kl"], vocab_size=vocab_size))
+        sums += torch.tensor([sum(g is True for g in grades), sum(g is not None for g in grades),
+                              float(kl.sum()), len(chunk)], dtype=torch.float64)
+    return sums

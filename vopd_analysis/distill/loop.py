@@ -1,0 +1,493 @@
+"""``vopd distill``: on-policy distillation of a HF student from a teacher, one readable loop.
+
+Each step, on every process (``accelerate launch`` gives each its share of the prompts):
+
+1. rollouts   y ~ pi_theta(.|x), K per prompt, from the student (``hf.generate_rollouts``);
+2. teacher    one forward of the teacher over the rollouts (``hf.score``), keeping only the
+              teacher signal the estimator needs (sampled log-probs, top-k or full logits);
+3. student    the registered estimator's surrogate loss (``estimators.surrogate_loss``),
+              backward, gradients averaged over processes, clipped, one AdamW step.
+
+A non-finite loss or gradient norm skips the update (on every process) with a warning, and
+no checkpoint is written at a skipped step. Evaluation on held-out prompts reports greedy
+verifier accuracy and the exact reverse KL of student samples (``evaluate.py``). Metrics go
+to ``metrics.jsonl`` / ``metrics.csv``; checkpoints (``checkpoint.py``) make ``--resume``
+give exactly the metrics of an uninterrupted run: rollout seeds depend only on
+(seed, step, process), and optimizer, scheduler and RNG states are restored.
+
+    vopd distill --preset tiny --estimator vopd --steps 150 --out runs/tiny-vopd
+    accelerate launch --num_processes 2 --cpu -m vopd_analysis.distill.loop --preset tiny ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import estimators as est
+from .. import hf, tasks
+from ..batch import InputError
+from . import checkpoint as ckpt
+from .evaluate import evaluate_shard, sampled_reverse_kl, sequence_reverse_kl
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    student: Optional[str] = None          # path or hub id; the preset's student if None
+    teacher: Optional[str] = None
+    preset: Optional[str] = "tiny"         # built-in task + tiny models ("tiny"), or None with prompts
+    prompts: Optional[str] = None          # JSONL {"prompt", "answer"?}, replaces the preset's prompts
+    eval_prompts: Optional[str] = None     # JSONL; default: the preset's eval split or a held-out slice
+    num_eval: int = 200
+    estimator: str = "vopd"
+    estimator_params: dict = dataclasses.field(default_factory=dict)
+    reduction: str = "sequence_mean"
+    steps: int = 150
+    prompts_per_step: int = 16             # over all processes
+    rollouts_per_prompt: int = 4
+    max_new_tokens: Optional[int] = None   # default: the preset's answer length, else 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    bf16: bool = True                      # bf16 autocast and a bf16 teacher, on GPU only
+    seed: int = 0
+    eval_every: int = 25
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/distill"
+    cache_dir: str = ".cache/vopd_tiny"
+    num_threads: Optional[int] = None      # torch threads per process (CPU); default 1 per process
+
+
+# fields that may differ when a run is resumed
+RESUMABLE = {"steps", "eval_every", "save_every", "keep_checkpoints", "out_dir", "num_threads", "num_eval"}
+
+
+# ----------------------------------------------------------------------------- setup
+
+def check_config(cfg: DistillConfig, world: int) -> dict:
+    """Validate the config; return the estimator's full parameter dict."""
+    spec = est.get(cfg.estimator)
+    if spec.analysis_only:
+        raise InputError(f"estimator '{cfg.estimator}' needs exact tabular quantities; it cannot train a real model")
+    params = dict(cfg.estimator_params)
+    if spec.group:
+        params.setdefault("group_size", cfg.rollouts_per_prompt)
+    params = spec.params(**params)
+    if cfg.preset not in (None, "tiny"):
+        raise InputError(f"unknown preset '{cfg.preset}'; the only preset is 'tiny'")
+    if cfg.preset is None and (cfg.prompts is None or cfg.student is None or cfg.teacher is None):
+        raise InputError("without a preset give --prompts FILE.jsonl, --student and --teacher")
+    if cfg.steps < 1 or cfg.prompts_per_step < 1 or cfg.rollouts_per_prompt < 1:
+        raise InputError("steps, prompts_per_step and rollouts_per_prompt must be >= 1")
+    if cfg.prompts_per_step % world:
+        raise InputError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
+                         f"processes ({world}) so that every process gets the same share")
+    if cfg.reduction not in ("sequence_mean", "token_mean"):
+        raise InputError(f"reduction must be 'sequence_mean' or 'token_mean', got '{cfg.reduction}'")
+    return params
+
+
+class Prompts:
+    """Training prompts by step (deterministic in (seed, step), so resuming needs no loader state)
+    and the fixed held-out evaluation set."""
+
+    def __init__(self, cfg: DistillConfig):
+        self.cfg = cfg
+        self.records = tasks.read_jsonl(cfg.prompts) if cfg.prompts else None
+        self.eval = tasks.read_jsonl(cfg.eval_prompts)[:cfg.num_eval] if cfg.eval_prompts else None
+        if self.records is not None and self.eval is None:
+            order = random.Random(0).sample(range(len(self.records)), len(self.records))
+            n_eval = min(cfg.num_eval, len(self.records) // 10)
+            self.eval = [self.records[i] for i in order[:n_eval]]
+            self.records = [self.records[i] for i in order[n_eval:]]
+        if self.eval is None:
+            self.eval = tasks.eval_prompts(cfg.num_eval, seed=0)
+
+    def train(self, step: int) -> list:
+        """The ``prompts_per_step`` records of step ``step`` (1-based), over all processes."""
+        P = self.cfg.prompts_per_step
+        if self.records is None:
+            return tasks.train_prompts(P, seed=self.cfg.seed * 1_000_003 + step)
+        n, out = len(self.records), []
+        for i in range((step - 1) * P, step * P):
+            epoch, j = divmod(i, n)
+            order = random.Random(f"{self.cfg.seed}-{epoch}").sample(range(n), n)
+            out.append(self.records[order[j]])
+        return out
+
+
+def model_paths(cfg: DistillConfig, accelerator):
+    """(student, teacher) paths: the config's, or the tiny preset's (trained once, on the main process)."""
+    if cfg.preset == "tiny" and (cfg.student is None or cfg.teacher is None):
+        from .. import tiny
+        with accelerator.main_process_first():
+            student, teacher, _ = tiny.load_or_train_pair(cfg.cache_dir, verbose=accelerator.is_main_process)
+        return cfg.student or student, cfg.teacher or teacher
+    return cfg.student, cfg.teacher
+
+
+def prepare_out_dir(out_dir: Path, cfg: DistillConfig, resume: bool, accelerator) -> Optional[Path]:
+    """Refuse to overwrite a run; with ``resume``, check the config and return the latest checkpoint."""
+    has_run = (out_dir / "config.json").exists() or (out_dir / "metrics.jsonl").exists()
+    if has_run and not resume:
+        raise InputError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    if has_run:
+        saved = json.loads((out_dir / "config.json").read_text())
+        changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v)
+        if changed:
+            raise InputError(f"cannot resume {out_dir}: its run used different " + ", ".join(
+                f"{k} ({saved.get(k)!r} there, {getattr(cfg, k)!r} now)" for k in changed))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    return ckpt.latest(out_dir) if has_run else None
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class Metrics:
+    """Rows of metrics, appended to ``metrics.jsonl`` as they come (main process only)."""
+
+    def __init__(self, out_dir: Path, rows: list, active: bool):
+        self.path, self.rows, self.active = out_dir / "metrics.jsonl", list(rows), active
+        if active:  # rewrite from the checkpoint's rows: drops steps after it, so none is repeated
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.active:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def write_csv(self) -> None:
+        if self.active and self.rows:
+            import pandas as pd
+            pd.DataFrame(self.rows).to_csv(self.path.with_suffix(".csv"), index=False)
+
+
+def peak_memory_mb(device) -> float:
+    """CUDA max_memory_allocated on GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class TeacherTimer:
+    """Wall time spent in the teacher's forward passes, measured with module hooks."""
+
+    def __init__(self, teacher):
+        self.seconds, self._start = 0.0, None
+        teacher.register_forward_pre_hook(lambda *a: setattr(self, "_start", time.perf_counter()))
+        teacher.register_forward_hook(lambda *a: self._stop())
+
+    def _stop(self):
+        self.seconds += time.perf_counter() - self._start
+
+
+# ----------------------------------------------------------------------------- one step
+
+def estimator_loss(cfg: DistillConfig, batch, params: dict) -> torch.Tensor:
+    """The registered estimator's surrogate loss; its gradient is the estimator."""
+    return est.surrogate_loss(cfg.estimator, batch, reduction=cfg.reduction, **params)
+
+
+def average_gradients(params, accelerator) -> None:
+    """g <- mean over processes of g (each process's loss is a mean over an equal share)."""
+    if accelerator.num_processes == 1:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = _flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(avg)
+
+
+def train_step(run, step: int) -> dict:
+    """One on-policy step; returns its metrics row (reduced over processes)."""
+    cfg, acc, student = run.cfg, run.accelerator, run.student
+    rank, world = acc.process_index, acc.num_processes
+    records = run.prompts.train(step)[rank::world]
+    t0 = time.perf_counter()
+    rollouts = hf.generate_rollouts(student, run.tokenizer, [r["prompt"] for r in records], cfg.rollouts_per_prompt,
+                                    cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                    seed=(cfg.seed * 1_000_003 + step) * 1009 + rank, vocab_size=run.vocab_size)
+    t1 = time.perf_counter()
+    run.teacher_timer.seconds = 0.0
+    batch = None
+    with acc.autocast():
+        try:
+            batch = hf.score(student, run.teacher, rollouts, [cfg.estimator], vocab_size=run.vocab_size,
+                             params={cfg.estimator: run.params})
+            loss = estimator_loss(cfg, batch, run.params)
+        except InputError as err:   # NaN/inf logits are caught by TokenBatch.validate
+            if "NaN or inf" not in str(err):
+                raise
+            loss = torch.tensor(float("nan"), device=acc.device)
+    finite = acc.reduce(torch.tensor(float(torch.isfinite(loss.detach()).all()), device=acc.device), "sum")
+    grad_norm = float("nan")
+    skipped = bool(finite < world)
+    run.optimizer.zero_grad(set_to_none=True)
+    if not skipped:
+        loss.backward()
+        average_gradients(run.params_list, acc)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params_list, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        skipped = not torch.isfinite(torch.tensor(grad_norm))
+        if not skipped:
+            run.optimizer.step()
+            run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    t2 = time.perf_counter()
+    if skipped and acc.is_main_process:
+        warnings.warn(f"step {step}: non-finite loss or gradient norm; the update was skipped", RuntimeWarning)
+    return step_row(run, step, batch, rollouts, records, loss, grad_norm, skipped, (t0, t1, t2))
+
+
+def step_row(run, step, batch, rollouts, records, loss, grad_norm, skipped, times) -> dict:
+    """Reduce this step's statistics over processes into one metrics row."""
+    acc = run.accelerator
+    t0, t1, t2 = times
+    with torch.no_grad():
+        exact = sequence_reverse_kl(batch).sum() if batch is not None and batch.teacher_logits is not None else float("nan")
+        sampled = sampled_reverse_kl(batch).sum() if batch is not None else float("nan")
+    grades = [tasks.verify(records[int(i)], text) for i, text in zip(rollouts.prompt_index, rollouts.responses(run.tokenizer))]
+    local = torch.tensor([float(loss.detach()), float(exact), float(sampled), rollouts.num_rollouts,
+                          float(rollouts.response_mask.sum()), sum(g is True for g in grades),
+                          sum(g is not None for g in grades)], dtype=torch.float64, device=acc.device)
+    s = acc.reduce(local, "sum").tolist()
+    seconds = t2 - t0
+    teacher = run.teacher_timer.seconds
+    return {"kind": "train", "step": step, "loss": s[0] / acc.num_processes, "reverse_kl": s[1] / s[3],
+            "reverse_kl_sampled": s[2] / s[3], "sample_accuracy": s[5] / s[6] if s[6] else None,
+            "grad_norm": grad_norm, "skipped": skipped, "lr": run.scheduler.get_last_lr()[0],
+            "response_tokens": int(s[4]), "tokens_per_s": s[4] / seconds, "time_rollout": t1 - t0,
+            "time_teacher": teacher, "time_student": t2 - t1 - teacher, "peak_memory_mb": peak_memory_mb(acc.device)}
+
+
+def evaluate(run, step: int) -> dict:
+    """Held-out greedy accuracy and exact reverse KL, over all processes' shares of the eval set."""
+    acc = run.accelerator
+    shard = run.prompts.eval[acc.process_index::acc.num_processes]
+    with acc.autocast():
+        local = evaluate_shard(run.student, run.teacher, run.tokenizer, shard, run.cfg.max_new_tokens,
+                               seed=(run.cfg.seed * 1_000_003 + step) * 1009 + 7919 * (acc.process_index + 1),
+                               vocab_size=run.vocab_size)
+    s = acc.reduce(local.to(acc.device), "sum").tolist()
+    return {"kind": "eval", "step": step, "eval_accuracy": s[0] / s[1] if s[1] else None,
+            "eval_reverse_kl": s[2] / s[3] if s[3] else None}
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclasses.dataclass
+class Run:
+    cfg: DistillConfig
+    accelerator: object
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    tokenizer: object
+    vocab_size: int
+    params: dict
+    prompts: Prompts
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    teacher_timer: TeacherTimer
+
+    @property
+    def params_list(self):
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+
+def make_accelerator(cfg: DistillConfig):
+    """An ``Accelerator``; several processes on a machine without GPUs use gloo on the CPU.
+
+    ``accelerate launch --cpu --num_processes N`` starts a single process unless MPI is
+    configured; ``accelerate launch --multi_gpu --num_processes N`` (or ``torchrun``)
+    starts N, which on a CPU-only machine need ``cpu=True`` to form a gloo group.
+    """
+    from accelerate import Accelerator
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = world > 1 and not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
+    acc = Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.bf16 and torch.cuda.is_available() and not cpu else "no")
+    if world == 1 and "MASTER_PORT" in os.environ and acc.num_processes == 1:
+        warnings.warn("launched with several processes requested but running as one: `accelerate launch --cpu` "
+                      "starts only one process without MPI; use `accelerate launch --multi_gpu --num_processes N` "
+                      "(gloo on CPU-only machines) or `torchrun --nproc_per_node N`", RuntimeWarning)
+    return acc
+
+
+def setup(cfg: DistillConfig, resume: bool):
+    """Build the accelerator, models, optimizer and scheduler; restore a checkpoint if resuming."""
+    acc = make_accelerator(cfg)
+    on_gpu = acc.device.type == "cuda"
+    if acc.device.type == "cpu":
+        torch.set_num_threads(cfg.num_threads or 1)
+    params = check_config(cfg, acc.num_processes)
+    out_dir = Path(cfg.out_dir)
+    latest = prepare_out_dir(out_dir, cfg, resume, acc)
+    student_path, teacher_path = model_paths(cfg, acc)
+    pair = hf.load_pair(str(latest / "model") if latest else student_path, teacher_path, device=acc.device)
+    if cfg.bf16 and on_gpu:
+        pair.teacher.to(torch.bfloat16)
+    if cfg.max_new_tokens is None:
+        cfg.max_new_tokens = tasks.DEFAULT_TASK.response_tokens if cfg.prompts is None else 256
+    pair.student.train()
+    decay = [p for p in pair.student.parameters() if p.dim() >= 2]
+    no_decay = [p for p in pair.student.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    run = Run(cfg, acc, pair.student, pair.teacher, pair.tokenizer, pair.info.vocab_size, params, Prompts(cfg),
+              optimizer, scheduler, TeacherTimer(pair.teacher))
+    start, rows = 0, []
+    if latest:
+        state = ckpt.load_state(acc, latest, optimizer, scheduler)
+        start, rows = state["step"], state["rows"]
+    else:
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+    return run, start, Metrics(out_dir, rows, acc.is_main_process)
+
+
+def run(cfg: DistillConfig, resume: bool = False) -> dict:
+    """Train; returns {"out_dir", "rows", "first_eval", "last_eval"}."""
+    from tqdm.auto import tqdm
+    run_, start, metrics = setup(cfg, resume)
+    acc = run_.accelerator
+    if acc.is_main_process:
+        n_s = sum(p.numel() for p in run_.student.parameters())
+        n_t = sum(p.numel() for p in run_.teacher.parameters())
+        acc.print(f"distill: {cfg.estimator} {run_.params}, student {n_s:,} params, teacher {n_t:,}, "
+                  f"{acc.num_processes} process(es) on {acc.device}, steps {start + 1}..{cfg.steps} -> {cfg.out_dir}")
+    if start == 0 and cfg.eval_every > 0:
+        metrics.log(evaluate(run_, 0))
+    bar = tqdm(total=cfg.steps, initial=start, disable=not acc.is_main_process, desc=f"distill {cfg.estimator}")
+    for step in range(start + 1, cfg.steps + 1):
+        row = train_step(run_, step)
+        metrics.log(row)
+        if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+            metrics.log(evaluate(run_, step))
+            bar.set_postfix(acc=f"{metrics.rows[-1]['eval_accuracy']}", kl=f"{metrics.rows[-1]['eval_reverse_kl']:.3f}")
+        else:
+            bar.set_postfix(loss=f"{row['loss']:.3f}", kl=f"{row['reverse_kl_sampled']:.3f}")
+        bar.update(1)
+        if cfg.save_every > 0 and not row["skipped"] and (step % cfg.save_every == 0 or step == cfg.steps):
+            ckpt.save(acc, cfg.out_dir, step, run_.student, run_.tokenizer, run_.optimizer, run_.scheduler,
+                      metrics.rows, keep=cfg.keep_checkpoints)
+            metrics.write_csv()
+    bar.close()
+    metrics.write_csv()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        run_.student.save_pretrained(Path(cfg.out_dir) / "final")
+        run_.tokenizer.save_pretrained(Path(cfg.out_dir) / "final")
+    evals = [r for r in metrics.rows if r["kind"] == "eval"]
+    result = {"out_dir": cfg.out_dir, "rows": metrics.rows, "first_eval": evals[0] if evals else None,
+              "last_eval": evals[-1] if evals else None}
+    if acc.is_main_process and evals:
+        acc.print(f"eval: step {evals[0]['step']}: accuracy {evals[0]['eval_accuracy']}, reverse KL "
+                  f"{evals[0]['eval_reverse_kl']:.4f} -> step {evals[-1]['step']}: accuracy "
+                  f"{evals[-1]['eval_accuracy']}, reverse KL {evals[-1]['eval_reverse_kl']:.4f}")
+    acc.wait_for_everyone()
+    return result
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vopd distill", argument_default=argparse.SUPPRESS,
+                                description="On-policy distillation with any registered estimator. "
+                                            "Defaults: " + ", ".join(f"{f.name}={f.default!r}" for f in
+                                                                     dataclasses.fields(DistillConfig)
+                                                                     if f.name != "estimator_params"))
+    p.add_argument("--preset", choices=["tiny"], help="built-in addition task with tiny Qwen2 models")
+    p.add_argument("--prompts", help="JSONL of {\"prompt\": ..., \"answer\": ...} (answer optional)")
+    p.add_argument("--eval-prompts", dest="eval_prompts", help="held-out JSONL for evaluation")
+    p.add_argument("--student", help="student model directory or hub id")
+    p.add_argument("--teacher", help="teacher model directory or hub id")
+    p.add_argument("--estimator", help="registered estimator (vopd estimators)")
+    p.add_argument("--k", type=int, help="top-k size for vopd_topk / topk_kl")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="other estimator parameter (repeatable)")
+    p.add_argument("--reduction", choices=["sequence_mean", "token_mean"])
+    p.add_argument("--steps", type=int)
+    p.add_argument("--prompts-per-step", dest="prompts_per_step", type=int)
+    p.add_argument("--rollouts-per-prompt", dest="rollouts_per_prompt", type=int)
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", dest="top_p", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", dest="weight_decay", type=float)
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=int)
+    p.add_argument("--grad-clip", dest="grad_clip", type=float, help="0 disables clipping")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="full float32 on GPU")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", dest="eval_every", type=int, help="0 disables evaluation")
+    p.add_argument("--num-eval", dest="num_eval", type=int)
+    p.add_argument("--save-every", dest="save_every", type=int)
+    p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int)
+    p.add_argument("--out", dest="out_dir")
+    p.add_argument("--cache-dir", dest="cache_dir", help="where the tiny preset's models are cached")
+    p.add_argument("--num-threads", dest="num_threads", type=int)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    return p
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    """A config from the given options; with --resume, unspecified options come from the saved run."""
+    given = dict(vars(args))
+    resume = given.pop("resume", False)
+    params = {}
+    for item in given.pop("param", []):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--param expects NAME=VALUE, got {item!r}")
+        params[name] = _parse_value(value)
+    if "k" in given:
+        params["k"] = given.pop("k")
+    if "prompts" in given and "preset" not in given:
+        given["preset"] = None
+    base = {}
+    saved = Path(given.get("out_dir", DistillConfig.out_dir)) / "config.json"
+    if resume and saved.is_file():
+        base = json.loads(saved.read_text())
+    if params or "estimator_params" not in base:
+        given["estimator_params"] = params
+    return DistillConfig(**{**base, **given})
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    result = run(config_from_args(args), resume=getattr(args, "resume", False))
+    return 0 if result else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,205 @@
+"""A tiny teacher/student pair of Qwen2 models for the built-in addition task, trained in-project.
+
+``load_or_train_pair()`` trains the teacher by supervised next-token training on worked
+solutions (cross-entropy on the response tokens only) until it is near-perfect, and a
+smaller student on the same data for only a few steps, so that it starts clearly worse.
+Both are saved with ``save_pretrained`` under a directory keyed by a hash of the config,
+so the second call just loads them. No weights are downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from . import tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+
+
+TEACHER = ModelSize(hidden=64, layers=2, heads=4, intermediate=256)
+STUDENT = ModelSize(hidden=48, layers=2, heads=4, intermediate=128)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyConfig:
+    """Everything that determines the cached pair (its hash names the cache directory)."""
+
+    digits: int = 3
+    teacher: ModelSize = TEACHER
+    student: ModelSize = STUDENT
+    chars: str = tasks.TASK_CHARS          # vocabulary: the task's alphabet only (no untrained tokens)
+    teacher_max_steps: int = 1500
+    teacher_target_accuracy: float = 0.995
+    teacher_label_smoothing: float = 0.01  # keeps the teacher's log-probs finite-ish (~ -7 nats off-answer)
+    student_max_steps: int = 600
+    student_target_accuracy: float = 0.3   # the student stops training once it reaches this
+    batch_size: int = 256
+    lr: float = 3e-3
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|v2"
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def qwen2_config(size: ModelSize, tokenizer, max_positions: int = 64):
+    """A tiny ``Qwen2Config`` whose vocabulary and special ids match ``tokenizer``."""
+    from transformers import Qwen2Config
+    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=size.hidden, intermediate_size=size.intermediate,
+                       num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                       num_key_value_heads=size.heads, max_position_embeddings=max_positions,
+                       tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+
+
+def random_model(size: ModelSize, tokenizer, seed: int = 0):
+    """A randomly initialised tiny Qwen2 causal LM (used by tests and as the training start)."""
+    from transformers import Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(qwen2_config(size, tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def supervised_batch(task: tasks.Addition, tokenizer, n: int, rng_seed: int):
+    """input_ids [n, L] = prompt + solution + EOS, labels = -100 on the prompt (response-only loss)."""
+    records = task.sample(n, rng_seed, "train")
+    prompt_len = len(records[0]["prompt"])
+    texts = [r["prompt"] + r["solution"] for r in records]
+    ids = torch.tensor(tokenizer(texts, add_special_tokens=False)["input_ids"])
+    ids = torch.cat([ids, torch.full((n, 1), tokenizer.eos_token_id)], 1)
+    labels = ids.clone()
+    labels[:, :prompt_len] = -100
+    return ids, labels
+
+
+def train_supervised(model, tokenizer, task: tasks.Addition, steps: int, batch_size: int, lr: float,
+                     seed: int, desc: str = "train", stop=None, check_every: int = 25, cosine: bool = True,
+                     label_smoothing: float = 0.0) -> int:
+    """AdamW with linear warm-up (and cosine decay if ``cosine``) on fresh training prompts every
+    step. Stops early when ``stop(model)`` is true (checked every ``check_every`` steps);
+    returns the number of steps taken."""
+    from tqdm.auto import tqdm
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, steps // 20)
+    decay = (lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) if cosine else (lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * decay(s))
+    model.train()
+    bar = tqdm(range(steps), desc=desc, leave=False, mininterval=2)
+    for step in bar:
+        ids, labels = supervised_batch(task, tokenizer, batch_size, rng_seed=seed * 1_000_003 + step)
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100, label_smoothing=label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if stop is not None and (step + 1) % check_every == 0:
+            done = stop(model)
+            model.train()
+            if done:
+                break
+    bar.close()
+    model.eval()
+    return step + 1
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, records, batch_size: int = 512, max_new_tokens: Optional[int] = None) -> float:
+    """Fraction of ``records`` whose greedy response passes ``tasks.check``."""
+    model.eval()
+    max_new_tokens = max_new_tokens or tasks.DEFAULT_TASK.response_tokens
+    correct = 0
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        correct += sum(bool(tasks.verify(r, t)) for r, t in zip(chunk, texts))
+    return correct / max(1, len(records))
+
+
+def load_or_train_pair(cache_dir=".cache/vopd_tiny", config: TinyConfig = TinyConfig(),
+                       num_threads: Optional[int] = None, verbose: bool = True) -> Tuple[str, str, object]:
+    """(student_path, teacher_path, tokenizer), training and caching the pair on the first call.
+
+    The teacher trains (cosine schedule over ``teacher_max_steps``, label smoothing) until its
+    greedy accuracy on 200 training prompts reaches ``teacher_target_accuracy``; the smaller student trains at a
+    constant learning rate only until its greedy accuracy on 200 training prompts reaches
+    ``student_target_accuracy``, so it starts clearly worse than the teacher but already
+    knows the answer format.
+
+    The cache directory ``cache_dir/<config hash>`` holds ``teacher/``, ``student/`` (each a
+    ``save_pretrained`` model plus the shared tokenizer) and ``report.json`` (accuracies and
+    training times). A second call loads in seconds.
+    """
+    from transformers import AutoTokenizer
+    root = Path(cache_dir) / config.key()
+    teacher_dir, student_dir, report_path = root / "teacher", root / "student", root / "report.json"
+    if report_path.is_file():
+        if verbose:
+            print(f"tiny pair: loaded from {root}: {json.loads(report_path.read_text())}")
+        return str(student_dir), str(teacher_dir), AutoTokenizer.from_pretrained(teacher_dir)
+
+    torch.set_num_threads(num_threads or 1)  # tiny matmuls: extra threads only add contention
+    tokenizer = tasks.build_tokenizer(config.chars)
+    task = tasks.Addition(config.digits)
+    held_out = task.sample(1000, seed=config.seed + 12345, split="eval")
+    report = {"config": dataclasses.asdict(config), "key": config.key()}
+    probe = task.sample(200, seed=config.seed + 777, split="train")
+    teacher_done = lambda m: greedy_accuracy(m, tokenizer, probe) >= config.teacher_target_accuracy  # noqa: E731
+    student_done = lambda m: greedy_accuracy(m, tokenizer, probe) >= config.student_target_accuracy  # noqa: E731
+    for name, size, out_dir in (("teacher", config.teacher, teacher_dir), ("student", config.student, student_dir)):
+        start = time.perf_counter()
+        model = random_model(size, tokenizer, seed=config.seed + (0 if name == "teacher" else 1))
+        if name == "teacher":
+            steps = train_supervised(model, tokenizer, task, config.teacher_max_steps, config.batch_size, config.lr,
+                                     seed=config.seed, desc="tiny teacher", stop=teacher_done, check_every=50,
+                                     label_smoothing=config.teacher_label_smoothing)
+        else:
+            steps = train_supervised(model, tokenizer, task, config.student_max_steps, config.batch_size,
+                                     config.lr, seed=config.seed + 7, desc="tiny student", stop=student_done,
+                                     cosine=False)
+        seconds = time.perf_counter() - start
+        acc = greedy_accuracy(model, tokenizer, held_out)
+        report[name] = {"params": sum(p.numel() for p in model.parameters()), "train_steps": steps,
+                        "train_seconds": round(seconds, 1), "eval_accuracy": acc}
+        if verbose:
+            print(f"tiny {name}: {report[name]}")
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    report_path.write_text(json.dumps(report, indent=2))  # written last: marks the cache complete
+    return str(student_dir), str(teacher_dir), AutoTokenizer.from_pretrained(teacher_dir)
+
+
+def save_random_pair(directory, seed: int = 0, student: ModelSize = ModelSize(16, 1, 2, 32),
+                     teacher: ModelSize = ModelSize(24, 1, 2, 48)) -> Tuple[str, str]:
+    """Save an untrained student/teacher pair with the task tokenizer (for fast tests and smoke runs)."""
+    tokenizer = tasks.build_tokenizer(tasks.TASK_CHARS)
+    paths = []
+    for role, size, s in (("student", student, seed), ("teacher", teacher, seed + 1)):
+        path = Path(directory) / role
+        random_model(size, tokenizer, seed=s).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(str(path))
+    return paths[0], paths[1]
