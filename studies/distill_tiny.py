@@ -20,10 +20,10 @@ from . import common
 
 NAME = "distill_tiny"
 ESTIMATORS = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 4}, "full_kl": {}, "topk_kl": {"k": 4}}
-LOOP = {"lr": 3e-4, "prompts_per_step": 16, "rollouts_per_prompt": 4}
+LOOP = {"lr": 3e-4, "prompts_per_step": 32, "rollouts_per_prompt": 4}
 DEFAULTS = {
-    "quick": {"estimators": ESTIMATORS, "seeds": [0, 1], "steps": 40, "eval_every": 10, "num_eval": 100, **LOOP},
-    "full": {"estimators": ESTIMATORS, "seeds": [0, 1, 2, 3, 4], "steps": 300, "eval_every": 25, "num_eval": 500,
+    "quick": {"estimators": ESTIMATORS, "seeds": [0, 1], "steps": 100, "eval_every": 25, "num_eval": 100, **LOOP},
+    "full": {"estimators": ESTIMATORS, "seeds": [0, 1, 2, 3, 4], "steps": 500, "eval_every": 50, "num_eval": 500,
              **LOOP},
 }
 

@@ -158,7 +158,9 @@ def load_or_train_pair(cache_dir=".cache/vopd_tiny", config: TinyConfig = TinyCo
     teacher_dir, student_dir, report_path = root / "teacher", root / "student", root / "report.json"
     if report_path.is_file():
         if verbose:
-            print(f"tiny pair: loaded from {root}: {json.loads(report_path.read_text())}")
+            r = json.loads(report_path.read_text())
+            print(f"tiny pair: loaded from {root} (teacher accuracy {r['teacher']['eval_accuracy']}, "
+                  f"student {r['student']['eval_accuracy']})")
         return str(student_dir), str(teacher_dir), AutoTokenizer.from_pretrained(teacher_dir)
 
     torch.set_num_threads(num_threads or 1)  # tiny matmuls: extra threads only add contention
