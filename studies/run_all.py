@@ -1,38 +1,26 @@
 """Run every study: ``python -m studies.run_all [--quick] [--out figures] [--only a,b]``.
 
 Each study module exposes ``run(quick, out_dir) -> DataFrame``. The LLM studies
-(llm_variance, distill_tiny) are included when they exist and expose that
-interface; otherwise they are skipped with a note.
+train the tiny teacher/student pair on first use (cached in .cache/vopd_tiny).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
-import inspect
 import time
 
 from tqdm import tqdm
 
-TABULAR = ["unbiasedness", "variance_landscape", "baseline_quality", "topk", "sequence_bias", "training_dynamics"]
-OPTIONAL = ["llm_variance", "distill_tiny"]
+STUDIES = ["unbiasedness", "variance_landscape", "baseline_quality", "topk", "sequence_bias", "training_dynamics",
+           "llm_variance", "distill_tiny"]
 
 
-def available(names) -> list:
-    """(name, run) for each study whose module exists and has run(quick, out_dir)."""
-    found = []
-    for name in names:
-        if importlib.util.find_spec(f"studies.{name}") is None:
-            print(f"note: studies/{name}.py is missing; skipped")
-            continue
-        run = getattr(importlib.import_module(f"studies.{name}"), "run", None)
-        params = inspect.signature(run).parameters if callable(run) else {}
-        if not {"quick", "out_dir"} <= set(params):
-            print(f"note: studies.{name} has no run(quick, out_dir); skipped")
-            continue
-        found.append((name, run))
-    return found
+def study(name: str):
+    """The ``run`` function of studies/<name>.py; an unknown name lists the known ones."""
+    if name not in STUDIES:
+        raise SystemExit(f"error: unknown study '{name}'; known studies: {', '.join(STUDIES)}")
+    return importlib.import_module(f"studies.{name}").run
 
 
 def main() -> None:
@@ -41,9 +29,10 @@ def main() -> None:
     parser.add_argument("--out", default="figures")
     parser.add_argument("--only", help="comma-separated study names")
     args = parser.parse_args()
-    names = args.only.split(",") if args.only else TABULAR + OPTIONAL
+    names = args.only.split(",") if args.only else STUDIES
+    runs = [(name, study(name)) for name in names]
     timings = {}
-    bar = tqdm(available(names), desc="studies", unit="study")
+    bar = tqdm(runs, desc="studies", unit="study")
     for name, run in bar:
         bar.set_postfix_str(name)
         started = time.perf_counter()

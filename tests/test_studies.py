@@ -89,6 +89,13 @@ def test_training_summary_flags_unstable_lr():
     assert table.loc["full_kl", "largest_stable_lr"] == 1.0
 
 
-def test_run_all_finds_the_tabular_studies():
-    names = [name for name, _ in run_all.available(run_all.TABULAR)]
-    assert names == run_all.TABULAR
+def test_run_all_knows_every_study_module():
+    import inspect
+    import pathlib
+
+    modules = {p.stem for p in pathlib.Path(run_all.__file__).parent.glob("*.py")} - {"__init__", "common", "run_all"}
+    assert set(run_all.STUDIES) == modules
+    for name in run_all.STUDIES:
+        assert {"quick", "out_dir"} <= set(inspect.signature(run_all.study(name)).parameters)
+    with pytest.raises(SystemExit, match="known studies"):
+        run_all.study("bogus")
