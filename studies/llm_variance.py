@@ -32,9 +32,9 @@ NAME = "llm_variance"
 ESTIMATORS = ["opd", "vopd", "vopd_topk", "full_kl", "topk_kl"]
 DEFAULTS = {
     "quick": {"num_prompts": 4, "num_rollouts": 8, "max_new_tokens": 8, "estimators": ESTIMATORS,
-              "topk": 16, "num_projections": 8, "seed": 0, "dtype": None, "device": "cpu"},
+              "topk": 4, "num_projections": 8, "seed": 0, "dtype": None, "device": "cpu"},
     "full": {"num_prompts": 16, "num_rollouts": 16, "max_new_tokens": 8, "estimators": ESTIMATORS,
-             "topk": 16, "num_projections": 16, "seed": 0, "dtype": None, "device": "cpu"},
+             "topk": 4, "num_projections": 16, "seed": 0, "dtype": None, "device": "cpu"},
 }
 
 
@@ -80,10 +80,12 @@ def compute(config: dict):
     if "opd" in set(summary["estimator"]):
         opd_trace = float(summary.loc[summary["estimator"] == "opd", "trace_cov"].iloc[0])
         summary = summary.assign(variance_ratio_to_opd=summary["trace_cov"] / opd_trace)
+    timing = summary[["estimator", "seconds", "rollouts_per_s"]].to_dict(orient="records")
+    summary = summary.drop(columns=["seconds", "rollouts_per_s"])  # wall times go to the manifest only
     mean_len = float(result.rollouts.response_mask.sum(1).float().mean())
     extra = {"vocab": vars(pair.info), "hf_versions": hf_versions(), "prompts": prompts, "mean_response_tokens": mean_len,
              "student_params": sum(p.numel() for p in pair.student.parameters()),
-             "example_responses": result.rollouts.responses(pair.tokenizer)[:4]}
+             "example_responses": result.rollouts.responses(pair.tokenizer)[:4], "timing": timing}
     return summary, result.layers, extra
 
 
@@ -135,8 +137,7 @@ def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot:
         import torch
         torch.set_num_threads(cfg["threads"])
     summary, layers, extra = compute(cfg)
-    cols = ["estimator", "trace_cov", "variance_ratio_to_opd", "snr", "noise_scale_ref", "cosine_to_reference",
-            "rollouts_per_s"]
+    cols = ["estimator", "trace_cov", "variance_ratio_to_opd", "snr", "noise_scale_ref", "cosine_to_reference"]
     print(summary[[c for c in cols if c in summary]].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
