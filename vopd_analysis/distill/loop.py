@@ -16,7 +16,13 @@ give exactly the metrics of an uninterrupted run: rollout seeds depend only on
 (seed, step, process), and optimizer, scheduler and RNG states are restored.
 
     vopd distill --preset tiny --estimator vopd --out runs/tiny-vopd   # ~2 min on 2 cores
-    accelerate launch --num_processes 2 --cpu -m vopd_analysis.distill.loop --preset tiny ...
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \
+        -m vopd_analysis.distill.loop --preset tiny ...                # 2 CPU processes (gloo)
+    accelerate launch --num_processes 8 -m vopd_analysis.distill.loop ...   # 8 GPUs
+
+Gradients are averaged over processes with one all-reduce per step (the DDP result,
+without overlapping communication); models that do not fit on one device (FSDP) are
+not supported yet.
 """
 
 from __future__ import annotations
