@@ -10,12 +10,7 @@ from vopd_analysis.estimators import surrogate_loss
 from vopd_analysis.variance import GradientMoments
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- streaming moments
