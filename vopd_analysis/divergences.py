@@ -29,10 +29,10 @@ def logsumexp_detached(logits: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape[:-1])
 
 
-def _chunk_rows(vocab: int, tokens: int = 0, elements: int = _CHUNK_ELEMENTS) -> int:
-    """Rows per chunk: about ``elements`` values, or 1/32 of all ``tokens`` when that is more,
-    so a large vocabulary is not walked one token at a time (at most ~32 steps per call)."""
-    return max(1, max(elements, tokens * vocab // 32) // max(1, vocab))
+def _chunk_rows(vocab: int, tokens: int = 0) -> int:
+    """Rows per chunk: about ``_CHUNK_ELEMENTS`` values, or 1/32 of all ``tokens`` when that is
+    more, so a large vocabulary is not walked one token at a time (at most ~32 steps per call)."""
+    return max(1, max(_CHUNK_ELEMENTS, tokens * vocab // 32) // max(1, vocab))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -40,16 +40,110 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """Row by row over [N, V] logits z (in chunks of rows), with an optional teacher t
+    (and its logsumexp, when the caller has it: then t is only read, never exponentiated):
+
+        lp_n  = z_{n,y_n} - logsumexp(z_n)                      (carries the gradient)
+        lse_n = logsumexp(z_n) = m_n + log Z_n,  e = exp(z_n - m_n), Z_n = sum_v e_v, m_n = max_v z_{n,v}
+        kl_n  = KL(softmax(z_n) || softmax(t_n)) = sum_v e_v (z_v - t_v) / Z_n - lse_n + logsumexp(t_n)
+
+    kl reuses the chunk e that the logsumexp needs, so the vOPD baseline costs one extra read
+    of t and no extra exponential of z. The backward is written by hand,
+
+        d lp_n / d z_{n,v} = 1[v = y_n] - softmax(z_n)_v,
+
+    and fills the gradient chunk by chunk: besides the gradient itself no [N, V] tensor is
+    ever allocated (autograd's logsumexp + gather keep three). lse and kl are detached.
+    """
+
+    @staticmethod
+    def forward(ctx, z, y, t, t_lse):
+        N, V = z.shape
+        dtype = compute_dtype(z)
+        lse = torch.empty(N, dtype=dtype, device=z.device)
+        kl = torch.empty(N if t is not None else 0, dtype=dtype, device=z.device)
+        rows = _chunk_rows(V, N)
+        for a in range(0, N, rows):
+            zc = z[a:a + rows].to(dtype)
+            m = zc.amax(-1, keepdim=True)
+            e = torch.sub(zc, m).exp_()
+            Z = e.sum(-1)
+            lse[a:a + rows] = m.squeeze(-1) + Z.log()
+            if t is not None:
+                tc = t[a:a + rows].to(dtype)
+                lse_t = torch.logsumexp(tc, -1) if t_lse is None else t_lse[a:a + rows]
+                kl[a:a + rows] = (lse_t - lse[a:a + rows]
+                                  + torch.sub(zc, tc).mul_(e).sum(-1) / Z)
+        lp = z.gather(1, y.unsqueeze(1)).squeeze(1).to(dtype) - lse
+        ctx.save_for_backward(z, y, lse)
+        ctx.mark_non_differentiable(lse, kl)
+        return lp, lse, kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_lp, g_lse, g_kl):
+        z, y, lse = ctx.saved_tensors
+        dtype = lse.dtype
+        grad = torch.empty_like(z, memory_format=torch.contiguous_format)
+        g = g_lp.reshape(-1, 1).to(dtype)
+        rows = _chunk_rows(z.shape[1], z.shape[0])
+        for a in range(0, z.shape[0], rows):
+            out = grad[a:a + rows] if grad.dtype == dtype else None
+            p = torch.sub(z[a:a + rows].to(dtype), lse[a:a + rows, None], out=out).exp_()
+            gc = g[a:a + rows]
+            p.mul_(gc.neg()).scatter_add_(1, y[a:a + rows, None], gc)    # g (e_y - softmax(z))
+            if out is None:
+                grad[a:a + rows] = p
+        return grad, None, None, None
+
+
+def _chunked_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, teacher_logits=None,
+                            teacher_lse=None) -> tuple:
+    """(lp, detached lse, detached KL or None) shaped like ``tokens``, by ``_ChunkedTokenLogprobs``.
+
+    Under torch.func transforms (vmap, grad) the plain composite is traced instead: the
+    chunked loop writes into preallocated buffers, which those transforms cannot batch.
+    """
+    if torch._C._functorch.is_functorch_wrapped_tensor(logits):
+        logits = logits.to(compute_dtype(logits))
+        lse = torch.logsumexp(logits, dim=-1)
+        lp = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+        kl = None if teacher_logits is None else reverse_kl(logits.detach(), teacher_logits.detach())
+        return lp, lse.detach(), kl
+    V = logits.shape[-1]
+    t = None if teacher_logits is None else teacher_logits.detach().reshape(-1, V)
+    t_lse = None if t is None or teacher_lse is None else teacher_lse.detach().reshape(-1).to(compute_dtype(logits))
+    lp, lse, kl = _ChunkedTokenLogprobs.apply(logits.reshape(-1, V), tokens.reshape(-1), t, t_lse)
+    shape = tokens.shape
+    return lp.reshape(shape), lse.reshape(shape), None if t is None else kl.reshape(shape)
+
+
 def token_logprobs_and_lse(logits: torch.Tensor, tokens: torch.Tensor) -> tuple:
     """(z_y - logsumexp(z), detached logsumexp(z)): log softmax(z)[y] without materialising log_softmax.
 
-    The logsumexp comes back so that a baseline over the same logits
-    (``reverse_kl_detached``, ``logprobs_at``) need not recompute it: one pass over V saved.
+    The logsumexp comes back so that a baseline over the same logits (``logprobs_at``)
+    need not recompute it: one pass over V saved.
     """
-    logits = logits.to(compute_dtype(logits))
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    lse = torch.logsumexp(logits, dim=-1)
-    return picked - lse, lse.detach()
+    lp, lse, _ = _chunked_token_logprobs(logits, tokens)
+    return lp, lse
+
+
+def token_logprobs_and_reverse_kl(student_logits: torch.Tensor, tokens: torch.Tensor,
+                                  teacher_logits: torch.Tensor,
+                                  teacher_lse: Optional[torch.Tensor] = None) -> tuple:
+    """(log softmax(z)[y] with its gradient, detached KL(softmax(z) || softmax(t))) per token:
+    the sampled log-prob and the vOPD baseline in one pass over the student logits.
+
+    ``teacher_lse`` = logsumexp(t) saves the one exponential pass over the teacher logits.
+    Used as a baseline, the KL stays unbiased even if ``teacher_lse`` were off: any error in it
+    is a function of the state alone, so it shifts the baseline, not the expected gradient.
+    """
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                         f"{tuple(student_logits.shape)} differ in shape")
+    lp, _, kl = _chunked_token_logprobs(student_logits, tokens, teacher_logits, teacher_lse)
+    return lp, kl
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

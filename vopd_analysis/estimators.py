@@ -54,12 +54,11 @@ def _require_teacher_logits(batch: TokenBatch, name: str) -> torch.Tensor:
     return batch.teacher_logits
 
 
-def token_reverse_kl_baseline(batch: TokenBatch, name: str = "vopd", student_lse=None) -> torch.Tensor:
-    """KL_t(s_t), detached and computed in chunks: the vOPD baseline. [B, T]
-
-    ``student_lse`` = logsumexp of the student logits, when already computed.
-    """
-    return dv.reverse_kl_detached(batch.student_logits, _require_teacher_logits(batch, name), student_lse)
+def logprobs_and_reverse_kl_baseline(batch: TokenBatch, name: str = "vopd") -> tuple:
+    """(log pi(y_t|s_t) with its gradient, KL_t(s_t) detached): the vOPD baseline, computed in
+    the same chunked pass over the student logits as the sampled log-prob. [B, T] each"""
+    return dv.token_logprobs_and_reverse_kl(batch.student_logits, batch.tokens,
+                                            _require_teacher_logits(batch, name), batch.teacher_logsumexp)
 
 
 def _check_k(k: int, vocab: int, name: str) -> int:
@@ -163,8 +162,8 @@ def opd(batch: TokenBatch) -> torch.Tensor:
 
 def vopd(batch: TokenBatch) -> torch.Tensor:
     """vOPD: sum_t sg(l_t - KL_t) log pi(y_t); KL_t(s_t) = -V(s_t) is the closed-form value baseline."""
-    lp, lse = dv.token_logprobs_and_lse(batch.student_logits, batch.tokens)
-    return score_surrogate(batch, lp, log_ratio(batch, lp) - token_reverse_kl_baseline(batch, "vopd", lse))
+    lp, kl = logprobs_and_reverse_kl_baseline(batch, "vopd")
+    return score_surrogate(batch, lp, log_ratio(batch, lp) - kl)
 
 
 def vopd_topk(batch: TokenBatch, k: int = 16) -> torch.Tensor:
@@ -209,9 +208,8 @@ def rtg(batch: TokenBatch, gamma: float = 1.0) -> torch.Tensor:
 
 def rtg_vopd(batch: TokenBatch) -> torch.Tensor:
     """sum_t sg(G_t - KL_t) log pi(y_t): reward-to-go minus the per-token KL baseline."""
-    lp, lse = dv.token_logprobs_and_lse(batch.student_logits, batch.tokens)
-    baseline = token_reverse_kl_baseline(batch, "rtg_vopd", lse)
-    return score_surrogate(batch, lp, reward_to_go(log_ratio(batch, lp), 1.0) - baseline)
+    lp, kl = logprobs_and_reverse_kl_baseline(batch, "rtg_vopd")
+    return score_surrogate(batch, lp, reward_to_go(log_ratio(batch, lp), 1.0) - kl)
 
 
 def rtg_oracle(batch: TokenBatch) -> torch.Tensor:

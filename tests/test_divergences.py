@@ -1,0 +1,118 @@
+"""The chunked sampled-log-prob path against hand-computed cases and plain autograd."""
+
+import math
+
+import pytest
+import torch
+
+from vopd_analysis import divergences as dv
+
+
+def reference(z, y, t=None):
+    """Plain autograd: log_softmax(z)[y] and, with t, KL(softmax(z) || softmax(t))."""
+    lp = torch.log_softmax(z, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return lp, None if t is None else dv.reverse_kl(z.detach(), t)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 2 rows at V = 7, so a batch of 11 tokens ends in a partial chunk."""
+    monkeypatch.setattr(dv, "_CHUNK_ELEMENTS", 14)
+
+
+def test_hand_computed_two_token_case():
+    # softmax([0, log 3]) = [1/4, 3/4]; y = 1: lp = log 3/4, d lp / dz = e_y - q = [-1/4, 1/4];
+    # teacher uniform: KL = 1/4 log(1/2) + 3/4 log(3/2)
+    z = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64, requires_grad=True)
+    lp, kl = dv.token_logprobs_and_reverse_kl(z, torch.tensor([1]), torch.zeros(1, 2, dtype=torch.float64))
+    lp.sum().backward()
+    assert lp.item() == pytest.approx(math.log(0.75), abs=1e-15)
+    assert kl.item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-15)
+    torch.testing.assert_close(z.grad, torch.tensor([[-0.25, 0.25]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_values_and_gradient_match_autograd(small_chunks, dtype):
+    g = torch.Generator().manual_seed(0)
+    z = (3 * torch.randn(11, 7, generator=g, dtype=torch.float64)).to(dtype)
+    t = z + torch.randn(11, 7, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, 7, (11,), generator=g)
+    w = torch.randn(11, generator=g, dtype=torch.float64).to(dtype)     # a non-uniform upstream gradient
+    za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+    lp, kl = dv.token_logprobs_and_reverse_kl(za, y, t)
+    lp_ref, kl_ref = reference(zb, y, t)
+    (w * lp).sum().backward()
+    (w * lp_ref).sum().backward()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp, lp_ref, **tol)
+    torch.testing.assert_close(kl, kl_ref, **tol)
+    torch.testing.assert_close(za.grad, zb.grad, **tol)
+    assert not kl.requires_grad
+
+
+def test_batch_shape_and_logsumexp(small_chunks):
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 4, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (3, 4), generator=g)
+    lp, lse = dv.token_logprobs_and_lse(z, y)
+    assert lp.shape == lse.shape == (3, 4)
+    torch.testing.assert_close(lse, torch.logsumexp(z, -1))
+    torch.testing.assert_close(lp, reference(z, y)[0])
+
+
+def test_kl_is_invariant_to_logit_shifts():
+    # softmax ignores a constant per row: shifting z by +1000 and t by -50 leaves lp and KL unchanged
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(5, 9, generator=g)
+    t = torch.randn(5, 9, generator=g)
+    y = torch.randint(0, 9, (5,), generator=g)
+    lp, kl = dv.token_logprobs_and_reverse_kl(z, y, t)
+    lp_s, kl_s = dv.token_logprobs_and_reverse_kl(z + 1000.0, y, t - 50.0)
+    torch.testing.assert_close(lp_s, lp, rtol=0, atol=1e-4)
+    torch.testing.assert_close(kl_s, kl, rtol=0, atol=1e-3)
+    assert bool((kl > 0).all())
+
+
+def test_bfloat16_logits_get_a_bfloat16_gradient_close_to_float32(small_chunks):
+    g = torch.Generator().manual_seed(3)
+    z32 = 2 * torch.randn(11, 7, generator=g)
+    y = torch.randint(0, 7, (11,), generator=g)
+    zb = z32.to(torch.bfloat16).requires_grad_()
+    lp, _ = dv.token_logprobs_and_lse(zb, y)
+    assert lp.dtype == torch.float32
+    lp.sum().backward()
+    assert zb.grad.dtype == torch.bfloat16
+    zr = zb.detach().float().requires_grad_()
+    reference(zr, y)[0].sum().backward()
+    torch.testing.assert_close(zb.grad.float(), zr.grad, rtol=0, atol=1e-2)
+
+
+def test_torch_func_transforms_use_the_composite_and_agree():
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(4, 6, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (4, 6), generator=g)
+    per_row = torch.func.vmap(torch.func.grad(lambda zi, yi: dv.token_logprobs(zi, yi).sum()))(z, y)
+    loop = []
+    for zi, yi in zip(z, y):
+        zi = zi.clone().requires_grad_()
+        dv.token_logprobs(zi, yi).sum().backward()
+        loop.append(zi.grad)
+    torch.testing.assert_close(per_row, torch.stack(loop))
+
+
+def test_teacher_shape_mismatch_is_named():
+    with pytest.raises(ValueError, match="teacher logits"):
+        dv.token_logprobs_and_reverse_kl(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), torch.zeros(2, 4))
+
+
+def test_given_teacher_logsumexp_gives_the_same_kl(small_chunks):
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(11, 7, generator=g, dtype=torch.float64)
+    t = torch.randn(11, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (11,), generator=g)
+    _, kl = dv.token_logprobs_and_reverse_kl(z, y, t)
+    _, kl_given = dv.token_logprobs_and_reverse_kl(z, y, t, torch.logsumexp(t, -1))
+    torch.testing.assert_close(kl_given, kl, rtol=1e-12, atol=1e-12)
+    # a wrong normaliser shifts the baseline by a per-state constant: here +1 at every token
+    _, kl_shifted = dv.token_logprobs_and_reverse_kl(z, y, t, torch.logsumexp(t, -1) + 1.0)
+    torch.testing.assert_close(kl_shifted, kl + 1.0)
