@@ -193,6 +193,11 @@ def test_validate_names_problems():
         TokenBatch(**{**b.__dict__, "mask": torch.zeros_like(b.mask)}).validate()
     with pytest.raises(InputError, match="same vocabulary"):
         TokenBatch(**{**b.__dict__, "teacher_logits": b.teacher_logits[..., :-1]}).validate()
+    with pytest.raises(InputError, match="teacher_logsumexp must be"):
+        TokenBatch(**{**b.__dict__, "teacher_logsumexp": torch.zeros(1)}).validate()
+    with pytest.raises(InputError, match="without the teacher_logits"):
+        TokenBatch(**{**b.__dict__, "teacher_logits": None,
+                      "teacher_logsumexp": torch.zeros_like(b.teacher_token_logprobs)}).validate()
     assert b.validate() is b
 
 

@@ -131,6 +131,7 @@ def test_score_matches_slow_reference(pair, rollouts):
         kl_ref = (torch.softmax(zs, -1) * (torch.log_softmax(zs, -1) - torch.log_softmax(zt, -1))).sum(-1)
         kl = dv.reverse_kl(batch.student_logits.detach()[b, :n], batch.teacher_logits[b, :n])
         torch.testing.assert_close(kl, kl_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batch.teacher_logsumexp[b, :n], torch.logsumexp(zt, -1), atol=1e-5, rtol=1e-5)
 
 
 def test_single_rollout_scoring_equals_batched_row(pair, rollouts):
@@ -168,7 +169,7 @@ def test_estimator_losses_match_full_logit_reference(pair, rollouts, name):
 
 def test_teacher_signals_kept_only_when_needed(pair, rollouts):
     sampled = hf.score(pair.student, pair.teacher, rollouts, ["opd"], vocab_size=42)
-    assert sampled.teacher_logits is None and sampled.teacher_topk_ids is None
+    assert sampled.teacher_logits is None and sampled.teacher_topk_ids is None and sampled.teacher_logsumexp is None
     with pytest.raises(InputError, match="full teacher logits"):
         surrogate_loss("vopd", sampled)
     topk = hf.score(pair.student, pair.teacher, rollouts, ["vopd_topk", "topk_kl"], vocab_size=42,

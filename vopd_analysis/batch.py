@@ -10,6 +10,8 @@ Shapes: ``B`` sequences, ``T`` response positions, ``V`` vocabulary, ``k`` top-k
 * ``student_logits``         [B, T, V]     student logits at s_t (carry the gradient)
 * ``teacher_token_logprobs`` [B, T]        log pi_T(y_t | s_t)
 * ``teacher_logits``         [B, T, V]     optional full teacher logits
+* ``teacher_logsumexp``      [B, T]        optional logsumexp of ``teacher_logits``, from the scorer
+                                           (which needs it for ``teacher_token_logprobs`` anyway)
 * ``teacher_topk_ids``       [B, T, k]     optional teacher top-k ids (by teacher probability)
 * ``teacher_topk_logprobs``  [B, T, k]     their full-vocabulary teacher log-probs
 * ``student_topk_ids``       [B, T, k]     optional student top-k ids (by student logit)
@@ -40,6 +42,7 @@ class TokenBatch:
     student_logits: torch.Tensor
     teacher_token_logprobs: torch.Tensor
     teacher_logits: Optional[torch.Tensor] = None
+    teacher_logsumexp: Optional[torch.Tensor] = None
     teacher_topk_ids: Optional[torch.Tensor] = None
     teacher_topk_logprobs: Optional[torch.Tensor] = None
     student_topk_ids: Optional[torch.Tensor] = None
@@ -63,7 +66,7 @@ class TokenBatch:
         if tuple(self.student_logits.shape[:2]) != (B, T) or self.student_logits.dim() != 3:
             raise InputError(
                 f"student_logits must be [B, T, V] = [{B}, {T}, V], got {tuple(self.student_logits.shape)}")
-        for name in ("mask", "teacher_token_logprobs", "kl_to_go"):
+        for name in ("mask", "teacher_token_logprobs", "teacher_logsumexp", "kl_to_go"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (B, T):
                 raise InputError(f"{name} must be [B, T] = [{B}, {T}], got {tuple(value.shape)}")
@@ -87,7 +90,9 @@ class TokenBatch:
                              f"[{int(self.tokens.min())}, {int(self.tokens.max())}]")
         if not bool(self.mask.any()):
             raise InputError("the response mask is empty: no token contributes to the loss")
-        for name in ("student_logits", "teacher_logits", "teacher_token_logprobs"):
+        if self.teacher_logsumexp is not None and self.teacher_logits is None:
+            raise InputError("teacher_logsumexp is given without the teacher_logits it normalises")
+        for name in ("student_logits", "teacher_logits", "teacher_token_logprobs", "teacher_logsumexp"):
             value = getattr(self, name)
             if value is not None and not bool(torch.isfinite(value.detach()).all()):
                 raise InputError(f"{name} contains NaN or inf")

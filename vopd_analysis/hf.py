@@ -9,7 +9,8 @@ over the rollouts and keeps, at the response positions only, what the requested
 estimators need from the teacher (DESIGN.md section 2):
 
 * always:  ``teacher_token_logprobs``  log pi_T(y_t | s_t);
-* "full":  ``teacher_logits``          [B, T, V] (only if some estimator needs them);
+* "full":  ``teacher_logits``          [B, T, V] (only if some estimator needs them), and
+           ``teacher_logsumexp``       [B, T], a by-product that spares the vOPD baseline a pass;
 * "topk":  ``teacher_topk_*`` and ``*_student_topk`` fields for the largest k requested.
 
 Vocabulary. Model output layers are often padded beyond the tokenizer (Qwen2.5-0.5B has
@@ -326,14 +327,15 @@ def forward_logits(model, input_ids, attention_mask, first_column: int) -> torch
 @torch.no_grad()
 def teacher_signals(teacher_rows: torch.Tensor, tokens: torch.Tensor, student_rows: torch.Tensor, k: int,
                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
-    """Teacher log-probs at the sampled tokens and top-k fields, chunked over tokens in float32.
+    """Teacher log-probs at the sampled tokens, its logsumexp and top-k fields, chunked over tokens in float32.
 
     ``teacher_rows``/``student_rows`` are [M, V] logits (already sliced to V), ``tokens`` [M].
     For each chunk, log pi_T = log_softmax(z_T) in float32; returns flat [M] / [M, k] tensors.
     Peak extra memory is O(chunk_tokens * V), never O(M * V) float32.
     """
     M = tokens.shape[0]
-    out = {"teacher_token_logprobs": torch.empty(M, dtype=torch.float32, device=tokens.device)}
+    out = {name: torch.empty(M, dtype=torch.float32, device=tokens.device)
+           for name in ("teacher_token_logprobs", "teacher_logsumexp")}
     if k:
         for name, dtype in (("teacher_topk_ids", torch.long), ("teacher_topk_logprobs", torch.float32),
                             ("student_topk_ids", torch.long), ("teacher_logprobs_on_student_topk", torch.float32)):
@@ -342,6 +344,7 @@ def teacher_signals(teacher_rows: torch.Tensor, tokens: torch.Tensor, student_ro
         b = min(a + chunk_tokens, M)
         logp = torch.log_softmax(teacher_rows[a:b].float(), dim=-1)
         out["teacher_token_logprobs"][a:b] = logp.gather(-1, tokens[a:b, None]).squeeze(-1)
+        out["teacher_logsumexp"][a:b] = teacher_rows[a:b, 0].float() - logp[:, 0]     # z_0 - log p_0
         if k:
             top = torch.topk(logp, k, dim=-1)
             out["teacher_topk_ids"][a:b], out["teacher_topk_logprobs"][a:b] = top.indices, top.values
@@ -392,6 +395,8 @@ def score(student, teacher, rollouts: Rollouts, estimator_names: Sequence[str], 
     fields = {name: value.reshape(B, T, *value.shape[1:]) for name, value in sig.items()}
     if keep_full:
         fields["teacher_logits"] = teacher_flat.reshape(B, T, V)
+    else:
+        del fields["teacher_logsumexp"]
     return TokenBatch(tokens=tokens, mask=mask.long(), student_logits=student_logits, **fields).validate()
 
 
