@@ -13,7 +13,11 @@ What the numbers mean
 * Student logits are a leaf ``[B, T, V]`` tensor with ``requires_grad`` (float32 on CPU,
   bfloat16 on CUDA); teacher tensors are detached. The gradient is cleared before every run.
 * Each estimator reads the batch it would get in practice: ``opd`` / ``vopd`` / ``full_kl`` /
-  ``gkd_jsd`` a batch with the full teacher logits; ``vopd_topk`` and ``topk_kl`` a batch
+  ``gkd_jsd`` a batch with the full teacher logits and the teacher's logsumexp (a by-product
+  of the teacher log-probs that ``opd`` gets precomputed too, as ``hf.score`` provides them);
+  ``vopd/own-lse`` is ``vopd`` on the same batch without the logsumexp, so the baseline
+  exponentiates the teacher logits itself; ``opd+read(t)`` is ``opd`` followed by one sum over
+  the teacher logits, the floor for any baseline that reads them; ``vopd_topk`` and ``topk_kl`` a batch
   with the teacher's top-k fields only (``student_topk_ids`` + ``teacher_logprobs_on_student_topk``,
   ``teacher_topk_ids`` + ``teacher_topk_logprobs``), as a top-k scorer provides them. Producing
   these fields (teacher forward, top-k selection) happens before the loss and is not timed.
@@ -45,7 +49,9 @@ from . import common
 # (label, registry name, parameters, which batch it reads)
 ESTIMATORS: List[Tuple[str, str, dict, str]] = [
     ("opd", "opd", {}, "full"),
+    ("opd+read(t)", "opd", {}, "full"),
     ("vopd", "vopd", {}, "full"),
+    ("vopd/own-lse", "vopd", {}, "full_own_lse"),
     ("vopd_topk@16", "vopd_topk", {"k": 16}, "topk"),
     ("vopd_topk@64", "vopd_topk", {"k": 64}, "topk"),
     ("vopd_topk@256", "vopd_topk", {"k": 256}, "topk"),
@@ -54,6 +60,9 @@ ESTIMATORS: List[Tuple[str, str, dict, str]] = [
     ("gkd_jsd", "gkd_jsd", {"beta": 0.5}, "full"),
 ]
 REFERENCE = "opd"
+# opd followed by one read of the teacher logits (a sum over V): the least that any baseline
+# needing the full teacher distribution adds to opd, whatever its kernel.
+FLOOR = "opd+read(t)"
 TOPK_MAX = 256
 
 # (V, tokens per batch); the batch is [B, T] with B = 8 sequences of T = N / 8 tokens.
@@ -80,7 +89,8 @@ class Measurement:
 
 def make_batches(vocab: int, tokens: int, device: torch.device, dtype: torch.dtype,
                  seed: int = 0, topk: int = TOPK_MAX) -> Dict[str, TokenBatch]:
-    """A full-logits batch and a top-k batch sharing the same leaf student logits."""
+    """Full-logits batches (with and without the teacher logsumexp) and a top-k batch sharing
+    the same leaf student logits."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     B = SEQUENCES if tokens % SEQUENCES == 0 and tokens >= SEQUENCES else 1
     T = tokens // B
@@ -93,7 +103,8 @@ def make_batches(vocab: int, tokens: int, device: torch.device, dtype: torch.dty
             u = torch.rand(zb.shape, generator=g).to(device).clamp_min_(1e-20)
             ys.append((zb - u.log_().neg_().log_()).argmax(-1))
         y = torch.cat(ys)
-        teacher_tok = dv.token_logprobs(t, y)
+        teacher_lse = dv.logsumexp_detached(t)
+        teacher_tok = dv.logprobs_at(t, y.unsqueeze(-1), teacher_lse).squeeze(-1)
         k = min(topk, vocab)
         s_ids = torch.topk(z, k, dim=-1).indices
         t_ids = torch.topk(t, k, dim=-1).indices
@@ -101,12 +112,13 @@ def make_batches(vocab: int, tokens: int, device: torch.device, dtype: torch.dty
         t_on_t = dv.logprobs_at(t, t_ids)
     z = z.detach().requires_grad_(True)
     mask = torch.ones(B, T, device=device)
-    full = TokenBatch(tokens=y, mask=mask, student_logits=z, teacher_token_logprobs=teacher_tok,
-                      teacher_logits=t.detach())
+    own_lse = TokenBatch(tokens=y, mask=mask, student_logits=z, teacher_token_logprobs=teacher_tok,
+                         teacher_logits=t.detach())
+    full = dataclasses.replace(own_lse, teacher_logsumexp=teacher_lse)
     top = TokenBatch(tokens=y, mask=mask, student_logits=z, teacher_token_logprobs=teacher_tok,
                      teacher_topk_ids=t_ids, teacher_topk_logprobs=t_on_t,
                      student_topk_ids=s_ids, teacher_logprobs_on_student_topk=t_on_s)
-    return {"full": full, "topk": top}
+    return {"full": full, "full_own_lse": own_lse, "topk": top}
 
 
 def _batch_bytes(batch: TokenBatch) -> int:
@@ -118,6 +130,15 @@ def _step(name: str, params: dict, batch: TokenBatch):
         batch.student_logits.grad = None
         loss = E.surrogate_loss(name, batch, **params)
         loss.backward()
+    return run
+
+
+def _floor_step(batch: TokenBatch):
+    opd = _step(REFERENCE, {}, batch)
+
+    def run():
+        opd()
+        batch.teacher_logits.sum(-1)
     return run
 
 
@@ -136,7 +157,8 @@ def measure(vocab: int, tokens: int, device: Optional[torch.device] = None,
     # k above the vocabulary (tiny smoke sizes) is clamped to V; the label keeps the nominal k
     estimators = [(label, name, {**params, "k": min(params["k"], vocab)} if "k" in params else params, kind)
                   for label, name, params, kind in estimators]
-    fns = {label: _step(name, params, batches[kind]) for label, name, params, kind in estimators}
+    fns = {label: _floor_step(batches[kind]) if label == FLOOR else _step(name, params, batches[kind])
+           for label, name, params, kind in estimators}
     mem: Dict[str, int] = {}
     if measure_memory:
         for label in labels:
@@ -164,7 +186,7 @@ def _input_bytes(name: str, batch: TokenBatch) -> int:
     fields = ["tokens", "mask", "student_logits", "teacher_token_logprobs"]
     signal = E.get(name).teacher_signal
     if signal == "full":
-        fields.append("teacher_logits")
+        fields += ["teacher_logits", "teacher_logsumexp"]
     elif name == "vopd_topk":
         fields += ["student_topk_ids", "teacher_logprobs_on_student_topk"]
     elif name == "topk_kl":
@@ -261,7 +283,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "Each cell: time ratio / peak-working-memory ratio to `opd` in the same process. "
         "Working memory = peak bytes of tensors created during forward+backward (incl. the student grad), "
         "inputs excluded; on CPU from `torch.profiler` memory events.",
-        "`vopd_topk` and `topk_kl` read a top-k batch (no full teacher logits).",
+        "`vopd_topk` and `topk_kl` read a top-k batch (no full teacher logits); the full-logit estimators "
+        "also get the teacher logsumexp that the scorer computes with the teacher log-probs, except "
+        "`vopd/own-lse`, which computes it. `opd+read(t)` = opd plus one sum over the teacher logits: "
+        "the least any full-vocabulary baseline can add.",
         "",
         table,
         "",
