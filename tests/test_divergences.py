@@ -100,9 +100,46 @@ def test_torch_func_transforms_use_the_composite_and_agree():
     torch.testing.assert_close(per_row, torch.stack(loop))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kl_gradient_matches_autograd_and_closed_form(small_chunks, dtype):
+    g = torch.Generator().manual_seed(6)
+    z = (2 * torch.randn(11, 7, generator=g, dtype=torch.float64)).to(dtype)
+    t = torch.randn(11, 7, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(11, generator=g, dtype=torch.float64).to(dtype)
+    za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+    kl = dv.reverse_kl_to_fixed_teacher(za, t)
+    kl_ref = dv.reverse_kl(zb, t)
+    (w * kl).sum().backward()
+    (w * kl_ref).sum().backward()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, kl_ref.detach(), **tol)
+    torch.testing.assert_close(za.grad, zb.grad, **tol)
+    # closed form: d KL / d z_v = q_v (log q_v - log p_v - KL)
+    log_q, log_p = torch.log_softmax(z, -1), torch.log_softmax(t, -1)
+    closed = w[:, None] * log_q.exp() * (log_q - log_p - kl_ref.detach()[:, None])
+    torch.testing.assert_close(za.grad, closed, **tol)
+
+
+def test_sampled_logprob_and_kl_gradients_add_up(small_chunks):
+    """One pass giving both lp and a differentiable KL: the gradient of a w1 lp + w2 KL."""
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(11, 7, generator=g, dtype=torch.float64)
+    t = torch.randn(11, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (11,), generator=g)
+    w1, w2 = torch.randn(11, generator=g, dtype=torch.float64), torch.randn(11, generator=g, dtype=torch.float64)
+    za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+    lp, _, kl = dv._chunked_token_logprobs(za, y, t)
+    (w1 * lp + w2 * kl).sum().backward()
+    lp_ref = torch.log_softmax(zb, -1).gather(-1, y[:, None]).squeeze(-1)
+    (w1 * lp_ref + w2 * dv.reverse_kl(zb, t)).sum().backward()
+    torch.testing.assert_close(za.grad, zb.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_teacher_shape_mismatch_is_named():
     with pytest.raises(ValueError, match="teacher logits"):
         dv.token_logprobs_and_reverse_kl(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="teacher logits"):
+        dv.reverse_kl_to_fixed_teacher(torch.zeros(2, 3), torch.zeros(2, 4))
 
 
 def test_given_teacher_logsumexp_gives_the_same_kl(small_chunks):

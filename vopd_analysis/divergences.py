@@ -41,20 +41,24 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
-    """Row by row over [N, V] logits z (in chunks of rows), with an optional teacher t
-    (and its logsumexp, when the caller has it: then t is only read, never exponentiated):
+    """Row by row over [N, V] logits z (in chunks of rows), with optional sampled tokens y and
+    an optional teacher t held fixed (and its logsumexp, when the caller has it: then t is only
+    read, never exponentiated):
 
-        lp_n  = z_{n,y_n} - logsumexp(z_n)                      (carries the gradient)
         lse_n = logsumexp(z_n) = m_n + log Z_n,  e = exp(z_n - m_n), Z_n = sum_v e_v, m_n = max_v z_{n,v}
+        lp_n  = z_{n,y_n} - lse_n
         kl_n  = KL(softmax(z_n) || softmax(t_n)) = sum_v e_v (z_v - t_v) / Z_n - lse_n + logsumexp(t_n)
 
     kl reuses the chunk e that the logsumexp needs, so the vOPD baseline costs one extra read
-    of t and no extra exponential of z. The backward is written by hand,
+    of t and no extra exponential of z. The backward is written by hand (q = softmax(z_n),
+    p = softmax(t_n)),
 
-        d lp_n / d z_{n,v} = 1[v = y_n] - softmax(z_n)_v,
+        d lp_n / d z_{n,v} = 1[v = y_n] - q_v,
+        d kl_n / d z_{n,v} = q_v (log q_v - log p_v - kl_n),
 
     and fills the gradient chunk by chunk: besides the gradient itself no [N, V] tensor is
-    ever allocated (autograd's logsumexp + gather keep three). lse and kl are detached.
+    ever allocated (autograd's logsumexp + gather keep three, a log_softmax-based KL five).
+    lse is detached; a caller that uses kl as a baseline detaches it.
     """
 
     @staticmethod
@@ -62,7 +66,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         N, V = z.shape
         dtype = compute_dtype(z)
         lse = torch.empty(N, dtype=dtype, device=z.device)
-        kl = torch.empty(N if t is not None else 0, dtype=dtype, device=z.device)
+        kl, compute_t_lse = lse.new_empty(0), t is not None and t_lse is None
+        if t is not None:
+            kl = torch.empty_like(lse)
+            t_lse = torch.empty_like(lse) if compute_t_lse else t_lse
         rows = _chunk_rows(V, N)
         for a in range(0, N, rows):
             zc = z[a:a + rows].to(dtype)
@@ -72,51 +79,67 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             lse[a:a + rows] = m.squeeze(-1) + Z.log()
             if t is not None:
                 tc = t[a:a + rows].to(dtype)
-                lse_t = torch.logsumexp(tc, -1) if t_lse is None else t_lse[a:a + rows]
-                kl[a:a + rows] = (lse_t - lse[a:a + rows]
-                                  + torch.sub(zc, tc).mul_(e).sum(-1) / Z)
-        lp = z.gather(1, y.unsqueeze(1)).squeeze(1).to(dtype) - lse
-        ctx.save_for_backward(z, y, lse)
-        ctx.mark_non_differentiable(lse, kl)
+                if compute_t_lse:
+                    t_lse[a:a + rows] = torch.logsumexp(tc, -1)
+                kl[a:a + rows] = t_lse[a:a + rows] - lse[a:a + rows] + torch.sub(zc, tc).mul_(e).sum(-1) / Z
+        lp = lse.new_empty(0) if y is None else z.gather(1, y.unsqueeze(1)).squeeze(1).to(dtype) - lse
+        ctx.save_for_backward(z, y, lse, t, t_lse, kl if t is not None else None)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return lp, lse, kl
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_lp, g_lse, g_kl):
-        z, y, lse = ctx.saved_tensors
+        z, y, lse, t, t_lse, kl = ctx.saved_tensors
+        g_lp = None if y is None or g_lp is None else g_lp.reshape(-1, 1).to(lse.dtype)
+        g_kl = None if t is None or g_kl is None else g_kl.reshape(-1, 1).to(lse.dtype)
+        if g_lp is None and g_kl is None:
+            return None, None, None, None
         dtype = lse.dtype
+        if g_kl is not None:
+            shift = (lse - t_lse + kl).unsqueeze(1)       # log q - log p - kl = z - t - shift
         grad = torch.empty_like(z, memory_format=torch.contiguous_format)
-        g = g_lp.reshape(-1, 1).to(dtype)
         rows = _chunk_rows(z.shape[1], z.shape[0])
         for a in range(0, z.shape[0], rows):
+            zc = z[a:a + rows].to(dtype)
             out = grad[a:a + rows] if grad.dtype == dtype else None
-            p = torch.sub(z[a:a + rows].to(dtype), lse[a:a + rows, None], out=out).exp_()
-            gc = g[a:a + rows]
-            p.mul_(gc.neg()).scatter_add_(1, y[a:a + rows, None], gc)    # g (e_y - softmax(z))
+            q = torch.sub(zc, lse[a:a + rows, None], out=out).exp_()
+            if g_kl is None:
+                q.mul_(g_lp[a:a + rows].neg())
+            else:
+                w = torch.sub(zc, t[a:a + rows].to(dtype)).sub_(shift[a:a + rows]).mul_(g_kl[a:a + rows])
+                q.mul_(w if g_lp is None else w.sub_(g_lp[a:a + rows]))
+            if g_lp is not None:
+                q.scatter_add_(1, y[a:a + rows, None], g_lp[a:a + rows])   # + g_lp e_y
             if out is None:
-                grad[a:a + rows] = p
+                grad[a:a + rows] = q
         return grad, None, None, None
 
 
-def _chunked_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, teacher_logits=None,
-                            teacher_lse=None) -> tuple:
-    """(lp, detached lse, detached KL or None) shaped like ``tokens``, by ``_ChunkedTokenLogprobs``.
+def _chunked_token_logprobs(logits: torch.Tensor, tokens: Optional[torch.Tensor] = None,
+                            teacher_logits: Optional[torch.Tensor] = None,
+                            teacher_lse: Optional[torch.Tensor] = None) -> tuple:
+    """(lp or None, detached lse, KL or None) per token, by ``_ChunkedTokenLogprobs``; the
+    teacher is held fixed (no gradient reaches it).
 
     Under torch.func transforms (vmap, grad) the plain composite is traced instead: the
     chunked loop writes into preallocated buffers, which those transforms cannot batch.
     """
+    shape = logits.shape[:-1]
     if torch._C._functorch.is_functorch_wrapped_tensor(logits):
         logits = logits.to(compute_dtype(logits))
         lse = torch.logsumexp(logits, dim=-1)
-        lp = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
-        kl = None if teacher_logits is None else reverse_kl(logits.detach(), teacher_logits.detach())
+        lp = None if tokens is None else logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+        kl = None if teacher_logits is None else reverse_kl(logits, teacher_logits.detach())
         return lp, lse.detach(), kl
     V = logits.shape[-1]
+    y = None if tokens is None else tokens.reshape(-1)
     t = None if teacher_logits is None else teacher_logits.detach().reshape(-1, V)
     t_lse = None if t is None or teacher_lse is None else teacher_lse.detach().reshape(-1).to(compute_dtype(logits))
-    lp, lse, kl = _ChunkedTokenLogprobs.apply(logits.reshape(-1, V), tokens.reshape(-1), t, t_lse)
-    shape = tokens.shape
-    return lp.reshape(shape), lse.reshape(shape), None if t is None else kl.reshape(shape)
+    lp, lse, kl = _ChunkedTokenLogprobs.apply(logits.reshape(-1, V), y, t, t_lse)
+    return (None if y is None else lp.reshape(shape), lse.reshape(shape),
+            None if t is None else kl.reshape(shape))
 
 
 def token_logprobs_and_lse(logits: torch.Tensor, tokens: torch.Tensor) -> tuple:
@@ -143,7 +166,22 @@ def token_logprobs_and_reverse_kl(student_logits: torch.Tensor, tokens: torch.Te
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
                          f"{tuple(student_logits.shape)} differ in shape")
     lp, _, kl = _chunked_token_logprobs(student_logits, tokens, teacher_logits, teacher_lse)
-    return lp, kl
+    return lp, kl.detach()
+
+
+def reverse_kl_to_fixed_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                                teacher_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KL(q || p) per token with its gradient in the student logits only (the teacher is data),
+
+        d KL / d z_v = q_v (log q_v - log p_v - KL),
+
+    chunked like the sampled log-prob: the same value as ``reverse_kl`` without its five
+    [B, T, V] temporaries. ``teacher_lse`` = logsumexp(t), when known, saves a pass over t.
+    """
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                         f"{tuple(student_logits.shape)} differ in shape")
+    return _chunked_token_logprobs(student_logits, None, teacher_logits, teacher_lse)[2]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -197,36 +235,6 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     kl_p_m = (log_p.exp() * (log_p - log_m)).sum(-1)
     kl_q_m = (log_q.exp() * (log_q - log_m)).sum(-1)
     return beta * kl_p_m + (1.0 - beta) * kl_q_m
-
-
-@torch.no_grad()
-def reverse_kl_detached(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                        student_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """KL(q || p) per token as a detached baseline, computed in chunks of tokens.
-
-    Per chunk, log q = z - logsumexp(z) and log p = log_softmax(t) are formed in two
-    temporaries of the chunk's size that are then overwritten in place (log q - log p, q);
-    ``student_lse`` = logsumexp(z), when the caller has it (from ``token_logprobs_and_lse``),
-    saves one pass over V. A chunk holds about 2^18 elements, or 1/32 of the tokens when
-    that is more, so the extra memory stays a small fraction of one [B, T, V] tensor.
-    """
-    lead = student_logits.shape[:-1]
-    V = student_logits.shape[-1]
-    dtype = compute_dtype(student_logits)
-    s = student_logits.detach().reshape(-1, V)
-    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    lse_z = student_lse.reshape(-1) if student_lse is not None else None
-    out = torch.empty(s.shape[0], dtype=dtype, device=s.device)
-    rows = _chunk_rows(V, s.shape[0])
-    for start in range(0, s.shape[0], rows):
-        end = min(start + rows, s.shape[0])
-        zc = s[start:end].to(dtype)
-        tc = t[start:end].to(dtype)
-        lz = lse_z[start:end] if lse_z is not None else torch.logsumexp(zc, dim=-1)
-        log_q = torch.sub(zc, lz.unsqueeze(-1))
-        diff = torch.log_softmax(tc, dim=-1).neg_().add_(log_q)        # log q - log p
-        out[start:end] = log_q.exp_().mul_(diff).sum(-1)
-    return out.reshape(lead)
 
 
 def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, lse: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -180,8 +180,8 @@ def opd_bstar(batch: TokenBatch) -> torch.Tensor:
 
 def full_kl(batch: TokenBatch) -> torch.Tensor:
     """sum_t KL_t(s_t), analytic over the vocabulary (teacher detached): the Rao-Blackwellised opd."""
-    t = _require_teacher_logits(batch, "full_kl").detach()
-    return masked_sum(batch, dv.reverse_kl(batch.student_logits, t))
+    t = _require_teacher_logits(batch, "full_kl")
+    return masked_sum(batch, dv.reverse_kl_to_fixed_teacher(batch.student_logits, t, batch.teacher_logsumexp))
 
 
 def topk_kl(batch: TokenBatch, k: int = 16) -> torch.Tensor:
@@ -223,8 +223,9 @@ def rb_seq(batch: TokenBatch) -> torch.Tensor:
     """sum_t [KL_t(s_t) + sg(sum_{t'>t} l_t') log pi(y_t)]: current token exact, future sampled."""
     lp = student_token_logprobs(batch)
     future = reward_to_go(log_ratio(batch, lp), 1.0) - log_ratio(batch, lp)
-    t = _require_teacher_logits(batch, "rb_seq").detach()
-    return masked_sum(batch, dv.reverse_kl(batch.student_logits, t)) + score_surrogate(batch, lp, future)
+    t = _require_teacher_logits(batch, "rb_seq")
+    kl = dv.reverse_kl_to_fixed_teacher(batch.student_logits, t, batch.teacher_logsumexp)
+    return masked_sum(batch, kl) + score_surrogate(batch, lp, future)
 
 
 def rb_seq_oracle(batch: TokenBatch) -> torch.Tensor:

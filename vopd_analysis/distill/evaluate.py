@@ -39,7 +39,7 @@ def greedy_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
 
 def sequence_reverse_kl(batch) -> torch.Tensor:
     """sum_t m_t KL_t(s_t) per sequence from a batch scored with full teacher logits. [B]"""
-    kl = dv.reverse_kl_detached(batch.student_logits.detach(), batch.teacher_logits)
+    kl = dv.reverse_kl_to_fixed_teacher(batch.student_logits.detach(), batch.teacher_logits, batch.teacher_logsumexp)
     return (batch.mask.to(kl.dtype) * kl).sum(-1)
 
 
