@@ -15,7 +15,6 @@ the closed-form baseline increases the variance.
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 import pandas as pd
@@ -119,21 +118,22 @@ def figure(df: pd.DataFrame, states: pd.DataFrame):
     return fig
 
 
-def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
-    cfg, started = common.start(DEFAULTS, quick, config)
-    df = compute(cfg)
-    spec = cfg["counterexample"]
+def report(df: pd.DataFrame, config: dict) -> common.Report:
+    """Medians per divergence and the counterexample's per-state explanation (also <out>/baseline_quality.md)."""
+    spec = config["counterexample"]
     states = per_state(**spec)
     quality = baseline_quality(make_tree(spec["vocab"], spec["horizon"], coupling=spec["coupling"], seed=spec["seed"]))
     text = explain(states, quality, spec)
     grouped = df.groupby("divergence")[["reduction_ratio", "bstar_ratio", "explained_variance", "vopd_increases"]]
-    print(grouped.median().to_string(float_format=lambda x: f"{x:.3g}"))
-    print(text)
-    common.finish(NAME, df, cfg, out_dir, quick, started, (lambda d: figure(d, states)) if plot else None,
-                  extra={"fraction_vopd_increases": float(df["vopd_increases"].mean()),
-                         "counterexample": {**spec, **quality}}, seed=cfg["seeds"])
-    (common.Path(out_dir) / f"{NAME}.md").write_text(text)
-    return df
+    return common.Report(text=grouped.median().to_string(float_format=lambda x: f"{x:.3g}") + "\n" + text,
+                         extra={"fraction_vopd_increases": float(df["vopd_increases"].mean()),
+                                "counterexample": {**spec, **quality}},
+                         figure_args=(states,), markdown=text)
+
+
+def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
+    return common.run_study(NAME, DEFAULTS, compute, figure, report=report, quick=quick, out_dir=out_dir,
+                            config=config, plot=plot)
 
 
 if __name__ == "__main__":

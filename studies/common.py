@@ -1,9 +1,10 @@
 """Shared plumbing for the studies: config merging, CSV/JSON/figure writing, the CLI.
 
 Every study is ``python -m studies.<name> [--quick] [--out figures]`` with a
-``run(quick=True, out_dir="figures", config=None, plot=True) -> DataFrame``.
-``finish`` writes ``<out>/<name>.csv`` (rounded to 10 significant digits so a
-second run with the same seed gives the same bytes), ``<out>/<name>.json``
+``run(quick=True, out_dir="figures", config=None, plot=True) -> DataFrame``,
+most of them a call to ``run_study`` (config, compute, print the study's
+``Report``, write the outputs). ``finish`` writes ``<out>/<name>.csv`` (rounded
+to 10 significant digits so a second run with the same seed gives the same bytes), ``<out>/<name>.json``
 (config, seed, package versions, git revision, wall time) and the figure
 (``.png``; ``.pdf`` too in full mode).
 """
@@ -16,6 +17,7 @@ import os
 import platform
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -92,6 +94,49 @@ def finish(name: str, df: pd.DataFrame, config: dict, out_dir, quick: bool, star
                 "wall_time_s": round(time.perf_counter() - started, 3), "rows": len(df),
                 "columns": list(df.columns), **(extra or {})}
     (out / f"{name}.json").write_text(json.dumps(manifest, indent=2, default=_jsonable) + "\n")
+    return df
+
+
+@dataclass
+class Report:
+    """What a study says about its table besides the CSV (see ``run_study``)."""
+
+    text: Optional[str] = None                 # printed after the computation
+    extra: dict = field(default_factory=dict)  # added to the manifest
+    figure_args: tuple = ()                    # passed to the figure after the table
+    markdown: Optional[str] = None             # written to <out>/<name>.md
+
+
+def summary_report(summary: Callable[[pd.DataFrame], pd.DataFrame], digits: int) -> Callable:
+    """A ``report`` that prints ``summary(df)`` to ``digits`` significant digits and keeps it in the manifest."""
+    def report(df: pd.DataFrame, config: dict) -> Report:
+        table = summary(df)
+        return Report(text=table.to_string(index=False, float_format=lambda x: f"{x:.{digits}g}"),
+                      extra={"summary": table.to_dict(orient="records")})
+    return report
+
+
+def run_study(name: str, defaults: dict, compute: Callable, figure: Optional[Callable] = None, *,
+              report: Optional[Callable[[pd.DataFrame, dict], Report]] = None, quick: bool = True,
+              out_dir="figures", config: Optional[dict] = None, plot: bool = True,
+              seed: str = "seeds") -> pd.DataFrame:
+    """The body of a study's ``run``: config, ``compute``, ``report``, outputs; returns the table.
+
+    ``compute(config)`` returns the table, or (table, dict of manifest entries);
+    ``report(table, config)`` returns the ``Report``; ``figure(table, *report.figure_args)``
+    draws the figure (skipped unless ``plot``); the manifest's seed is ``config[seed]``.
+    """
+    cfg, started = start(defaults, quick, config)
+    df, extra = compute(cfg), {}
+    if isinstance(df, tuple):
+        df, extra = df
+    said = report(df, cfg) if report is not None else Report()
+    if said.text is not None:
+        print(said.text)
+    draw = (lambda d: figure(d, *said.figure_args)) if plot and figure is not None else None
+    finish(name, df, cfg, out_dir, quick, started, draw, extra={**said.extra, **extra}, seed=cfg.get(seed))
+    if said.markdown is not None:
+        (Path(out_dir) / f"{name}.md").write_text(said.markdown)
     return df
 
 

@@ -80,14 +80,15 @@ def figure(df: pd.DataFrame):
     return fig
 
 
+def _with_seconds(table: pd.DataFrame, seconds: dict) -> tuple:
+    """compute's (table, seconds) as run_study's (table, manifest entries)."""
+    return table, {"train_seconds": seconds}
+
+
 def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
-    cfg, started = common.start(DEFAULTS, quick, config)
-    df, seconds = compute(cfg)
-    table = summary(df)
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    common.finish(NAME, df, cfg, out_dir, quick, started, figure if plot else None,
-                  extra={"summary": table.to_dict(orient="records"), "train_seconds": seconds}, seed=cfg["seeds"])
-    return df
+    return common.run_study(NAME, DEFAULTS, lambda cfg: _with_seconds(*compute(cfg)), figure,
+                            report=common.summary_report(summary, 4), quick=quick, out_dir=out_dir, config=config,
+                            plot=plot)
 
 
 if __name__ == "__main__":

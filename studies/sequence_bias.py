@@ -14,7 +14,6 @@ and loses above it.
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 import pandas as pd
@@ -109,15 +108,19 @@ def figure(df: pd.DataFrame, cross: pd.DataFrame, kappa_mse: float):
     return fig
 
 
-def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
-    cfg, started = common.start(DEFAULTS, quick, config)
-    df = compute(cfg)
+def report(df: pd.DataFrame, config: dict) -> common.Report:
+    """The crossover batch sizes (printed for PAIRS, all in the manifest); the figure's MSE panel coupling."""
     cross = crossovers(df)
-    print(cross[cross["pair"].isin(PAIRS)].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
-    kappa_mse = 1.0 if 1.0 in cfg["coupling"] else cfg["coupling"][-1]
-    common.finish(NAME, df, cfg, out_dir, quick, started, (lambda d: figure(d, cross, kappa_mse)) if plot else None,
-                  extra={"crossovers": cross.replace(np.inf, None).to_dict(orient="records")}, seed=cfg["seeds"])
-    return df
+    kappa_mse = 1.0 if 1.0 in config["coupling"] else config["coupling"][-1]
+    shown = cross[cross["pair"].isin(PAIRS)]
+    return common.Report(text=shown.to_string(index=False, float_format=lambda x: f"{x:.3g}"),
+                         extra={"crossovers": cross.replace(np.inf, None).to_dict(orient="records")},
+                         figure_args=(cross, kappa_mse))
+
+
+def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
+    return common.run_study(NAME, DEFAULTS, compute, figure, report=report, quick=quick, out_dir=out_dir,
+                            config=config, plot=plot)
 
 
 if __name__ == "__main__":

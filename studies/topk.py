@@ -12,7 +12,6 @@ and variance of topk_kl.
 from __future__ import annotations
 
 import itertools
-import time
 
 import pandas as pd
 
@@ -90,14 +89,17 @@ def figure(df: pd.DataFrame):
     return fig
 
 
-def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
-    cfg, started = common.start(DEFAULTS, quick, config)
-    df = compute(cfg)
+def report(df: pd.DataFrame, config: dict) -> common.Report:
+    """Mean variances, kept fraction and topk_kl bias per (zipf exponent, divergence, k)."""
     cols = ["zipf_exponent", "divergence", "k", "var_opd", "var_vopd", "var_vopd_topk", "fraction_kept",
             "topk_kl_bias_token", "var_topk_kl"]
-    print(df.groupby(["zipf_exponent", "divergence", "k"])[cols[3:]].mean().to_string(float_format=lambda x: f"{x:.3g}"))
-    common.finish(NAME, df, cfg, out_dir, quick, started, figure if plot else None, seed=cfg["seeds"])
-    return df
+    means = df.groupby(cols[:3])[cols[3:]].mean()
+    return common.Report(text=means.to_string(float_format=lambda x: f"{x:.3g}"))
+
+
+def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
+    return common.run_study(NAME, DEFAULTS, compute, figure, report=report, quick=quick, out_dir=out_dir,
+                            config=config, plot=plot)
 
 
 if __name__ == "__main__":

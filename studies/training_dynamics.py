@@ -10,7 +10,6 @@ largest learning rate at which every seed stays stable (J finite, never above
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 import pandas as pd
@@ -93,13 +92,8 @@ def figure(df: pd.DataFrame):
 
 
 def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
-    cfg, started = common.start(DEFAULTS, quick, config)
-    df = compute(cfg)
-    table = summary(df)
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    common.finish(NAME, df, cfg, out_dir, quick, started, figure if plot else None,
-                  extra={"summary": table.to_dict(orient="records")}, seed=cfg["seeds"])
-    return df
+    return common.run_study(NAME, DEFAULTS, compute, figure, report=common.summary_report(summary, 4),
+                            quick=quick, out_dir=out_dir, config=config, plot=plot)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ are tested against g_tok, so the test should reject them).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import torch
@@ -140,13 +138,14 @@ def figure(df: pd.DataFrame):
     return fig
 
 
+def report(df: pd.DataFrame, config: dict) -> common.Report:
+    """The markdown table of the claims, written to <out>/unbiasedness.md."""
+    return common.Report(markdown=summary_markdown(df, config["alpha"]))
+
+
 def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
-    cfg, started = common.start(DEFAULTS, quick, config)
-    df = compute(cfg)
-    md = summary_markdown(df, cfg["alpha"])
-    common.finish(NAME, df, cfg, out_dir, quick, started, figure if plot else None)
-    (common.Path(out_dir) / f"{NAME}.md").write_text(md)
-    return df
+    return common.run_study(NAME, DEFAULTS, compute, figure, report=report, quick=quick, out_dir=out_dir,
+                            config=config, plot=plot, seed="seed")
 
 
 if __name__ == "__main__":

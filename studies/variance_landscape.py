@@ -9,8 +9,6 @@ gradient in logit space, averaged over seeds.
 
 from __future__ import annotations
 
-import time
-
 import pandas as pd
 
 from synthetic.tree import make_tree
@@ -99,13 +97,8 @@ def figure(df: pd.DataFrame):
 
 
 def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
-    cfg, started = common.start(DEFAULTS, quick, config)
-    df = compute(cfg)
-    table = summary(df)
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
-    common.finish(NAME, df, cfg, out_dir, quick, started, figure if plot else None,
-                  extra={"summary": table.to_dict(orient="records")}, seed=cfg["seeds"])
-    return df
+    return common.run_study(NAME, DEFAULTS, compute, figure, report=common.summary_report(summary, 3),
+                            quick=quick, out_dir=out_dir, config=config, plot=plot)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,37 @@ def test_run_all_knows_every_study_module():
         assert {"quick", "out_dir"} <= set(inspect.signature(run_all.study(name)).parameters)
     with pytest.raises(SystemExit, match="known studies"):
         run_all.study("bogus")
+
+
+def test_run_study_prints_report_and_writes_outputs(tmp_path, capsys):
+    from studies import common
+
+    defaults = {"quick": {"seeds": [3], "n": 2}, "full": {"seeds": [3], "n": 5}}
+    drawn = []
+
+    def figure(df, scale):
+        import matplotlib.pyplot as plt
+        drawn.append(scale)
+        fig, ax = plt.subplots()
+        ax.plot(df["x"] * scale)
+        return fig
+
+    def report(df, cfg):
+        return common.Report(text=f"{len(df)} rows", extra={"total": int(df["x"].sum())}, figure_args=(10,),
+                             markdown="# notes\n")
+
+    compute = lambda cfg: (pd.DataFrame({"x": range(cfg["n"])}), {"timing": {"a": 1.0}})  # noqa: E731
+    df = common.run_study("toy", defaults, compute, figure, report=report, quick=True, out_dir=tmp_path,
+                          config={"n": 3})
+    assert list(df["x"]) == [0, 1, 2] and drawn == [10]
+    assert capsys.readouterr().out == "3 rows\n"
+    manifest = json.loads((tmp_path / "toy.json").read_text())
+    assert manifest["seed"] == [3] and manifest["config"]["n"] == 3
+    assert manifest["total"] == 3 and manifest["timing"] == {"a": 1.0}
+    assert (tmp_path / "toy.md").read_text() == "# notes\n" and (tmp_path / "toy.png").exists()
+
+    common.run_study("bare", defaults, lambda cfg: pd.DataFrame({"x": [1]}), figure, quick=True,
+                     out_dir=tmp_path, plot=False, seed="n")
+    assert capsys.readouterr().out == "" and drawn == [10]
+    assert not (tmp_path / "bare.png").exists() and not (tmp_path / "bare.md").exists()
+    assert json.loads((tmp_path / "bare.json").read_text())["seed"] == 2
