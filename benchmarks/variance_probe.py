@@ -1,14 +1,18 @@
-"""Throughput of the gradient-variance probe: shared scoring against scoring per estimator.
+"""Throughput of the gradient-variance probe: shared scoring, loop against vmap, and scoring per estimator.
 
     python -m benchmarks.variance_probe [--quick] [--no-record]
 
 On a tiny Qwen2 pair (random weights, built from configs), the same rollouts are
-turned into per-rollout gradients for five estimators in two ways, interleaved
-in one process: ``rollout_gradients`` with all estimators at once (one scoring
-per prompt group, one backward per rollout and estimator), and the reference,
-one ``rollout_gradients`` call per estimator (a scoring per rollout and
-estimator, as a probe that handles estimators one by one would do). Printed:
-rollout-gradients per second for both and their ratio.
+turned into per-rollout gradients for five estimators in three ways, interleaved
+in one process: ``rollout_gradients`` with all estimators at once, either with
+method="loop" (one scoring per prompt group, one backward per rollout and
+estimator through the batched graph) or method="vmap" (torch.func per-sample
+gradients: one vmapped forward per rollout, one vmapped backward per rollout and
+estimator); and the reference, one loop ``rollout_gradients`` call per estimator
+(a scoring per prompt group and estimator, as a probe that handles estimators
+one by one would do). Printed: rollout-gradients per second, each path's time
+over the loop's (paired by round), and the largest difference between the vmap
+and loop gradients.
 """
 
 from __future__ import annotations
@@ -43,9 +47,15 @@ def main(argv=None) -> int:
     named = variance.trainable_parameters(student)
     params = dict(ESTIMATORS)
 
-    def shared():
-        for _ in variance.rollout_gradients(student, teacher, rollouts, params, named):
+    def gradients(method):
+        return variance.rollout_gradients(student, teacher, rollouts, params, named, method=method)
+
+    def shared(method="loop"):
+        for _ in gradients(method):
             pass
+
+    loop_grads, vmap_grads = (torch.stack([g for _, g in gradients(m)]) for m in ("loop", "vmap"))
+    max_diff = float((vmap_grads - loop_grads).abs().max() / loop_grads.abs().max())
 
     def separate():
         for name in params:
@@ -53,16 +63,21 @@ def main(argv=None) -> int:
                 pass
 
     rounds = 3 if args.quick else 7
-    times = time_interleaved({"shared": shared, "separate": separate}, device, repeats=rounds)
+    times = time_interleaved({"shared": shared, "vmap": lambda: shared("vmap"), "separate": separate}, device,
+                             repeats=rounds)
     count = rollouts.num_rollouts * len(params)
     med = lambda xs: sorted(xs)[len(xs) // 2]
     text = "\n".join([
         f"Tiny Qwen2 pair (hidden {hidden}, vocabulary {vocab}), {rollouts.num_rollouts} rollouts "
         f"(4 prompts x 4), {len(params)} estimators, {rounds} interleaved rounds, medians.", "",
-        "| path | rollout-gradients / s | time / shared |", "|---|---|---|",
-        f"| shared scoring (probe) | {count / med(times['shared']):.0f} | 1.00 |",
-        f"| scoring per estimator (reference) | {count / med(times['separate']):.0f} | "
-        f"{paired_ratio(times['separate'], times['shared']):.2f} |"])
+        "| path | rollout-gradients / s | time / shared loop |", "|---|---|---|",
+        f"| shared scoring, loop (probe default) | {count / med(times['shared']):.0f} | 1.00 |",
+        f"| shared scoring, vmap (method=\"vmap\") | {count / med(times['vmap']):.0f} | "
+        f"{paired_ratio(times['vmap'], times['shared']):.2f} |",
+        f"| scoring per estimator, loop (reference) | {count / med(times['separate']):.0f} | "
+        f"{paired_ratio(times['separate'], times['shared']):.2f} |", "",
+        f"vmap throughput / loop throughput: {1 / paired_ratio(times['vmap'], times['shared']):.2f}x; "
+        f"largest |g_vmap - g_loop| / max |g_loop| = {max_diff:.1e}."])
     print(text)
     if not args.no_record:
         append_results(f"`python -m benchmarks.variance_probe{' --quick' if args.quick else ''}`\n\n{text}",

@@ -183,3 +183,79 @@ def test_llm_variance_study_smoke(tmp_path):
     assert manifest["config"]["model_source"] == "random-init tiny Qwen2" and "transformers" in manifest["hf_versions"]
     for name in ("llm_variance.csv", "llm_variance_layers.csv", "llm_variance.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- vmap per-sample gradients
+
+def _per_rollout(student, teacher, rollouts, names, method, params=None, **kwargs):
+    """name -> [N, D] per-rollout gradients of ``rollout_gradients(method=method)``."""
+    size = int(torch.bincount(rollouts.prompt_index).max())
+    est_params = {n: variance._estimator_params(n, params, size) for n in names}
+    named = variance.trainable_parameters(student)
+    out = {n: [] for n in names}
+    for name, g in variance.rollout_gradients(student, teacher, rollouts, est_params, named, method=method, **kwargs):
+        out[name].append(g)
+    return {n: torch.stack(g) for n, g in out.items()}
+
+
+def _tiny_pair(dtype, prompts, num_rollouts=4):
+    tokenizer = hf.char_tokenizer()
+    vocab = len(tokenizer.get_vocab())
+    student = hf.tiny_qwen2(vocab, seed=0).to(dtype)
+    teacher = hf.tiny_qwen2(vocab, seed=1).to(dtype)
+    return student, teacher, hf.generate_rollouts(student, tokenizer, prompts, num_rollouts, 6, seed=0)
+
+
+def test_vmap_equals_loop_float64():
+    """Same per-rollout gradients from torch.func as from one backward per rollout, to float64
+    rounding. Both paths use eager attention here: the vmap path needs it, and transformers'
+    eager attention takes its softmax in float32, so against float64 SDPA they agree to ~1e-7
+    only. Prompts of equal length: see test_vmap_float64_left_padding_is_refused."""
+    student, teacher, rollouts = _tiny_pair(torch.float64, ["12+3=", "45+6="])
+    student.set_attn_implementation("eager")
+    names, params = ["opd", "vopd", "vopd_topk", "full_kl"], {"vopd_topk": {"k": 4}}
+    loop = _per_rollout(student, teacher, rollouts, names, "loop", params)
+    fast = _per_rollout(student, teacher, rollouts, names, "vmap", params)
+    for name in names:
+        assert loop[name].shape == (8, sum(p.numel() for p in student.parameters()))
+        torch.testing.assert_close(fast[name], loop[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_vmap_equals_loop_float32_padded_and_group_estimators():
+    """float32 with SDPA for the loop (eager inside the vmap, restored afterwards), left-padded
+    prompts, group baselines (the cross-rollout coupling is detached)."""
+    student, teacher, rollouts = _tiny_pair(torch.float32, ["12+3=", "7+8="])
+    assert bool((rollouts.attention_mask[:, 0] == 0).any())        # some prompt is left-padded
+    names = ["opd", "vopd", "vopd_topk", "full_kl", "topk_kl", "seq_rloo", "seq_grpo", "rtg"]
+    params = {"vopd_topk": {"k": 4}, "topk_kl": {"k": 4}}
+    loop = _per_rollout(student, teacher, rollouts, names, "loop", params)
+    fast = _per_rollout(student, teacher, rollouts, names, "vmap", params)
+    assert student.config._attn_implementation == "sdpa"
+    for name in names:
+        torch.testing.assert_close(fast[name], loop[name], rtol=1e-5, atol=2e-6, msg=name)
+    chunked = _per_rollout(student, teacher, rollouts, ["vopd"], "vmap", chunk_size=3)   # 4 = 3 + 1
+    torch.testing.assert_close(chunked["vopd"], fast["vopd"], rtol=1e-6, atol=1e-7)
+
+
+def test_vmap_float64_left_padding_is_refused():
+    """transformers' eager attention softmaxes in float32: float64 padding rows turn NaN; said clearly."""
+    student, teacher, rollouts = _tiny_pair(torch.float64, ["12+3=", "7+8="], num_rollouts=2)
+    with pytest.raises(InputError, match="non-finite gradients.*float64"):
+        _per_rollout(student, teacher, rollouts, ["opd"], "vmap")
+
+
+def test_unknown_gradient_method(pair):
+    named = variance.trainable_parameters(pair.student)
+    rollouts = hf.generate_rollouts(pair.student, pair.tokenizer, ["1+1="], 2, 3, seed=0)
+    with pytest.raises(InputError, match="unknown gradient method 'jacobian'.*'loop'.*'vmap'"):
+        variance.rollout_gradients(pair.student, pair.teacher, rollouts, {"opd": {}}, named, method="jacobian")
+
+
+def test_probe_vmap_equals_loop(pair, result):
+    """The probe's statistics do not depend on the gradient method (padded vocabularies, seq_rloo)."""
+    fast = variance.probe(pair.student, pair.teacher, pair.tokenizer, ["12+3=", "7+8="],
+                          ["opd", "vopd", "full_kl", "vopd_topk", "seq_rloo"], num_rollouts=8, max_new_tokens=6,
+                          seed=0, vocab_size=pair.info.vocab_size, params={"vopd_topk": {"k": 4}}, method="vmap")
+    for name, m in result.moments.items():
+        torch.testing.assert_close(fast.moments[name].mean, m.mean, rtol=1e-5, atol=1e-7)
+        assert fast.moments[name].trace() == pytest.approx(m.trace(), rel=1e-5)

@@ -21,17 +21,20 @@ the sample variance of u_j . g_i over i, averaged over j, is an unbiased (Hutchi
 tr Sigma; the per-rollout projections let a caller bootstrap over rollouts.
 
 ``probe`` samples rollouts once and evaluates every estimator on the SAME rollouts (common
-random numbers), one backward pass per rollout.
+random numbers), one backward pass per rollout and estimator, or (method="vmap") batched
+per-sample gradients with torch.func.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from torch.func import functional_call, vjp, vmap
 
 from .batch import InputError
 from . import estimators as est
@@ -225,39 +228,157 @@ def _estimator_params(name: str, params: Optional[dict], num_rollouts: int) -> d
     return spec.params(**chosen)
 
 
+METHODS = ("loop", "vmap")
+
+
 def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params: Dict[str, dict],
                       named_params, vocab_size=None, mask_token_ids=(), chunk_tokens=hf.DEFAULT_CHUNK_TOKENS,
-                      timings: Optional[Dict[str, float]] = None):
+                      timings: Optional[Dict[str, float]] = None, method: str = "loop",
+                      chunk_size: Optional[int] = None):
     """Yield (name, g_i) for every estimator and rollout i: g_i its flattened single-rollout gradient.
 
-    Each prompt's group of rollouts is scored once (student forward with grad, teacher
-    forward, every teacher signal the estimators need) and shared by all estimators; then
-    each estimator takes one backward per rollout of its per-sequence values (retain_graph).
-    For a group estimator (several rollouts per prompt) row i's value already uses the
-    group's baseline, so its gradient is that rollout's term of the group estimate.
+    Each prompt's group of rollouts is scored once (student forward, teacher forward, every
+    teacher signal the estimators need) and shared by all estimators; per group the order is
+    estimator by estimator, rollout by rollout. For a group estimator (several rollouts per
+    prompt) row i's value v_i already uses the group's (detached) baseline, so g_i = grad v_i is
+    that rollout's term of the group estimate. ``method`` (both give the same g_i):
+
+    * "loop": one backward of v_i through the batched graph per rollout and estimator;
+    * "vmap": per-sample gradients with torch.func (``_vmap_gradients``): one vmapped
+      forward per rollout and one vmapped backward per rollout and estimator, at the cost of
+      a gradient-free batched student forward for the scoring. For small models: it holds
+      the cotangents (B x E x T x V) and per-sample gradients (B x E x D) of a group of B
+      rollouts at once, and the vmap's activations (bound them with ``chunk_size`` rollouts
+      per vmap call).
+
     ``timings``, if given, accumulates seconds under "score" and under each estimator name.
     """
+    if method not in METHODS:
+        raise InputError(f"unknown gradient method {method!r}; choose 'loop' (one backward per rollout "
+                         "and estimator) or 'vmap' (torch.func per-sample gradients)")
     size = _rollouts_per_prompt(rollouts)
     for name, params in estimator_params.items():
         if est.get(name).group and params["group_size"] != size:
             raise InputError(f"{name}: group_size {params['group_size']} must equal the rollouts per prompt ({size})")
     timings = {} if timings is None else timings
+    common = (student, teacher, estimator_params, named_params, vocab_size, mask_token_ids, chunk_tokens, timings)
+    groups = (rollouts.select(list(range(start, start + size))) for start in range(0, rollouts.num_rollouts, size))
+    if method == "vmap":
+        return (item for group in groups for item in _vmap_gradients(group, *common, chunk_size=chunk_size))
+    return (item for group in groups for item in _loop_gradients(group, *common))
+
+
+def _loop_gradients(group, student, teacher, estimator_params, named_params, vocab_size, mask_token_ids,
+                    chunk_tokens, timings):
+    """One prompt group, one backward of v_i per rollout i and estimator (retain_graph)."""
     tensors = [p for _, p in named_params]
-    for start in range(0, rollouts.num_rollouts, size):
+    clock = time.perf_counter()
+    batch = hf.score(student, teacher, group, list(estimator_params), vocab_size, mask_token_ids, chunk_tokens,
+                     params=estimator_params)
+    timings["score"] = timings.get("score", 0.0) + time.perf_counter() - clock
+    size = group.num_rollouts
+    for n, (name, params) in enumerate(estimator_params.items()):
         clock = time.perf_counter()
-        batch = hf.score(student, teacher, rollouts.select(list(range(start, start + size))), list(estimator_params),
-                         vocab_size, mask_token_ids, chunk_tokens, params=estimator_params)
-        timings["score"] = timings.get("score", 0.0) + time.perf_counter() - clock
-        for n, (name, params) in enumerate(estimator_params.items()):
+        values = est.surrogate_loss(name, batch, reduction="none", **params)
+        for i in range(size):
+            last = n + 1 == len(estimator_params) and i + 1 == size
+            grads = torch.autograd.grad(values[i], tensors, retain_graph=not last, allow_unused=True)
+            g = flat_grad_of(tensors, grads)
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - clock
+            yield name, g
             clock = time.perf_counter()
-            values = est.surrogate_loss(name, batch, reduction="none", **params)
-            for i in range(size):
-                last = n + 1 == len(estimator_params) and i + 1 == size
-                grads = torch.autograd.grad(values[i], tensors, retain_graph=not last, allow_unused=True)
-                g = flat_grad_of(tensors, grads)
-                timings[name] = timings.get(name, 0.0) + time.perf_counter() - clock
-                yield name, g
-                clock = time.perf_counter()
+
+
+class _ResponseLogits(torch.nn.Module):
+    """z_theta(s_t)[:V] at one rollout's response positions: the student logits row of ``hf.score``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, att, cols, first: int, vocab: int):
+        logits = hf.forward_logits(self.model, ids[None], att[None], first)[0]      # [L - first, V_out]
+        return logits[cols - 1 - first, :vocab]                                     # [T, V]
+
+
+@contextlib.contextmanager
+def _vmappable_attention(model):
+    """Eager attention while inside: vmap cannot run transformers' SDPA mask builder.
+
+    ``masking_utils.sdpa_mask`` drops the mask when the padding mask is all ones
+    (``_ignore_causal_mask_sdpa`` calls ``padding_mask.all()`` in an ``if``), a data-dependent
+    branch that vmap refuses ("attempting to use a Tensor in some data-dependent control flow").
+    The eager path builds the same causal + padding mask without that branch; its softmax runs
+    in float32, so for a float64 model the vmap gradients match the SDPA loop to ~1e-7 only.
+    """
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if before in (None, "eager") or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def _vmap_gradients(group, student, teacher, estimator_params, named_params, vocab_size, mask_token_ids,
+                    chunk_tokens, timings, chunk_size=None):
+    """One prompt group's per-rollout gradients with torch.func, all estimators in one vmap.
+
+    Every surrogate v_i (estimator e, rollout i) depends differentiably on its own logits
+    z_i = f(theta, x_i) [T, V] only: anything that mixes rollouts (a group baseline) is
+    detached. Hence, by the chain rule,
+
+        g_i = d v_i / d theta = J_i^T c_i,   J_i = d z_i / d theta,
+        c_i = d v_i / d z_i = d (sum_j v_j) / d z_i,
+
+    so one backward of sum_j v_j to the logits of the batch (scored without a parameter graph)
+    gives every cotangent c_i, and ``vmap`` over rollouts of ``vjp`` of the functional student
+    (``functional_call``) gives J_i^T c_i for all estimators from one forward per rollout
+    (the inner vmap runs the E pullbacks of that forward). v_i is computed by
+    ``est.surrogate_loss(reduction="none")`` exactly as in the loop.
+    """
+    names = list(estimator_params)
+    clock = time.perf_counter()
+    with torch.no_grad():
+        batch = hf.score(student, teacher, group, names, vocab_size, mask_token_ids, chunk_tokens,
+                         params=estimator_params)
+    timings["score"] = timings.get("score", 0.0) + time.perf_counter() - clock
+    z = batch.student_logits.detach().requires_grad_()
+    scored = dataclasses.replace(batch, student_logits=z)
+    cotangents = []
+    for name, params in estimator_params.items():
+        clock = time.perf_counter()
+        values = est.surrogate_loss(name, scored, reduction="none", **params)
+        cotangents.append(torch.autograd.grad(values.sum(), z)[0])
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - clock
+    cotangents = torch.stack(cotangents, 1)                                         # [B, E, T, V]
+
+    clock = time.perf_counter()
+    cols, _ = hf.response_index(group.response_mask)
+    first, vocab = int(cols.min()) - 1, batch.vocab_size
+    module = _ResponseLogits(student)
+    weights = {"model." + n: p.detach() for n, p in named_params}
+    tensors = [p for _, p in named_params]
+
+    def one_rollout(ids, att, c, cot):                                              # cot [E, T, V]
+        _, pull = vjp(lambda w: functional_call(module, w, (ids, att, c, first, vocab)), weights)
+        return vmap(pull)(cot)[0]                                                   # name -> [E, *shape]
+
+    with _vmappable_attention(student):
+        grads = vmap(one_rollout, chunk_size=chunk_size)(group.input_ids, group.attention_mask, cols, cotangents)
+    grads = list(grads.values())                                                    # each [B, E, *shape]
+    if not bool(torch.isfinite(sum(g.sum() for g in grads))):                       # NaN / inf anywhere
+        raise InputError("method='vmap' gave non-finite gradients. A known cause: a float64 model with "
+                         "left-padded prompts, since transformers' eager attention (which vmap needs) takes its "
+                         "softmax in float32, where the float64 mask value becomes -inf and fully masked padding "
+                         "rows become NaN; use method='loop', float32, or prompts of equal length")
+    share = (time.perf_counter() - clock) / len(names)
+    for e, name in enumerate(names):
+        timings[name] = timings.get(name, 0.0) + share
+        for i in range(group.num_rollouts):
+            yield name, flat_grad_of(tensors, [g[i, e] for g in grads])
 
 
 def reference_gradient(student, teacher, rollouts: hf.Rollouts, name: str = "full_kl", **kwargs) -> torch.Tensor:
@@ -276,14 +397,15 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
           max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
           reference: Union[str, torch.Tensor] = "full_kl", vocab_size: Optional[int] = None,
           mask_token_ids: Sequence[int] = (), params: Optional[dict] = None, num_projections: int = 8,
-          chunk_tokens: int = hf.DEFAULT_CHUNK_TOKENS, progress: bool = False) -> ProbeResult:
+          chunk_tokens: int = hf.DEFAULT_CHUNK_TOKENS, progress: bool = False, method: str = "loop") -> ProbeResult:
     """Per-estimator gradient statistics on the same student rollouts (common random numbers).
 
     Samples ``num_rollouts`` responses for each prompt once (seeded), then for each estimator
     streams the N = len(prompts) * num_rollouts single-rollout gradients into a
     ``GradientMoments``. ``reference`` is an estimator name (its mean gradient over these
     rollouts; reused if it is also probed) or a D-vector. ``params`` maps estimator name ->
-    parameter overrides. Both models are put in eval mode (no dropout) and restored afterwards.
+    parameter overrides. ``method`` ("loop" or "vmap") is passed to ``rollout_gradients``.
+    Both models are put in eval mode (no dropout) and restored afterwards.
     """
     import pandas as pd
 
@@ -299,7 +421,7 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
         named = trainable_parameters(student)
         groups = parameter_groups(named)
         dim = sum(p.numel() for _, p in named)
-        common = dict(vocab_size=vocab_size, mask_token_ids=mask_token_ids, chunk_tokens=chunk_tokens)
+        common = dict(vocab_size=vocab_size, mask_token_ids=mask_token_ids, chunk_tokens=chunk_tokens, method=method)
         est_params = {name: _estimator_params(name, params, num_rollouts) for name in estimators}
         moments = {name: GradientMoments(dim, groups, num_projections, seed, device=named[0][1].device)
                    for name in estimators}
