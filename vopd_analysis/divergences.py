@@ -29,10 +29,12 @@ def logsumexp_detached(logits: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape[:-1])
 
 
-def _chunk_rows(vocab: int, tokens: int = 0) -> int:
+def _chunk_rows(vocab: int, tokens: int) -> int:
     """Rows per chunk: about ``_CHUNK_ELEMENTS`` values, or 1/32 of all ``tokens`` when that is
-    more, so a large vocabulary is not walked one token at a time (at most ~32 steps per call)."""
-    return max(1, max(_CHUNK_ELEMENTS, tokens * vocab // 32) // max(1, vocab))
+    more, so a large vocabulary is not walked one token at a time (at most ~32 steps per call);
+    but at most half the tokens, so two chunk-sized temporaries never outweigh one [N, V] tensor."""
+    rows = max(_CHUNK_ELEMENTS, tokens * vocab // 32) // max(1, vocab)
+    return max(1, min(rows, tokens // 2))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
