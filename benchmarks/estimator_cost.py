@@ -17,7 +17,9 @@ What the numbers mean
   of the teacher log-probs that ``opd`` gets precomputed too, as ``hf.score`` provides them);
   ``vopd/own-lse`` is ``vopd`` on the same batch without the logsumexp, so the baseline
   exponentiates the teacher logits itself; ``opd+read(t)`` is ``opd`` followed by one sum over
-  the teacher logits, the floor for any baseline that reads them; ``vopd_topk`` and ``topk_kl`` a batch
+  the teacher logits, the floor for any baseline that reads them; ``opd/autograd`` is ``opd``
+  through plain autograd (gather - logsumexp) instead of the chunked pass of
+  ``divergences._ChunkedTokenLogprobs``; ``vopd_topk`` and ``topk_kl`` a batch
   with the teacher's top-k fields only (``student_topk_ids`` + ``teacher_logprobs_on_student_topk``,
   ``teacher_topk_ids`` + ``teacher_topk_logprobs``), as a top-k scorer provides them. Producing
   these fields (teacher forward, top-k selection) happens before the loss and is not timed.
@@ -50,6 +52,7 @@ from . import common
 ESTIMATORS: List[Tuple[str, str, dict, str]] = [
     ("opd", "opd", {}, "full"),
     ("opd+read(t)", "opd", {}, "full"),
+    ("opd/autograd", "opd", {}, "full"),
     ("vopd", "vopd", {}, "full"),
     ("vopd/own-lse", "vopd", {}, "full_own_lse"),
     ("vopd_topk@16", "vopd_topk", {"k": 16}, "topk"),
@@ -63,6 +66,8 @@ REFERENCE = "opd"
 # opd followed by one read of the teacher logits (a sum over V): the least that any baseline
 # needing the full teacher distribution adds to opd, whatever its kernel.
 FLOOR = "opd+read(t)"
+# opd with plain autograd (gather - logsumexp), the composite that the chunked pass replaced
+AUTOGRAD = "opd/autograd"
 TOPK_MAX = 256
 
 # (V, tokens per batch); the batch is [B, T] with B = 8 sequences of T = N / 8 tokens.
@@ -142,6 +147,17 @@ def _floor_step(batch: TokenBatch):
     return run
 
 
+def _autograd_step(batch: TokenBatch):
+    z = batch.student_logits
+
+    def run():
+        z.grad = None
+        x = z.to(dv.compute_dtype(z))
+        lp = x.gather(-1, batch.tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, -1)
+        E.score_surrogate(batch, lp, E.log_ratio(batch, lp)).mean().backward()
+    return run
+
+
 def measure(vocab: int, tokens: int, device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None, repeats: int = 7, warmup: int = 2,
             estimators: Sequence[Tuple[str, str, dict, str]] = ESTIMATORS,
@@ -157,7 +173,8 @@ def measure(vocab: int, tokens: int, device: Optional[torch.device] = None,
     # k above the vocabulary (tiny smoke sizes) is clamped to V; the label keeps the nominal k
     estimators = [(label, name, {**params, "k": min(params["k"], vocab)} if "k" in params else params, kind)
                   for label, name, params, kind in estimators]
-    fns = {label: _floor_step(batches[kind]) if label == FLOOR else _step(name, params, batches[kind])
+    special = {FLOOR: _floor_step, AUTOGRAD: _autograd_step}
+    fns = {label: special[label](batches[kind]) if label in special else _step(name, params, batches[kind])
            for label, name, params, kind in estimators}
     mem: Dict[str, int] = {}
     if measure_memory:
@@ -286,7 +303,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "`vopd_topk` and `topk_kl` read a top-k batch (no full teacher logits); the full-logit estimators "
         "also get the teacher logsumexp that the scorer computes with the teacher log-probs, except "
         "`vopd/own-lse`, which computes it. `opd+read(t)` = opd plus one sum over the teacher logits: "
-        "the least any full-vocabulary baseline can add.",
+        "the least any full-vocabulary baseline can add. `opd/autograd` = opd through plain autograd "
+        "(gather - logsumexp) instead of the chunked pass.",
         "",
         table,
         "",
