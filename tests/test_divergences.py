@@ -153,3 +153,18 @@ def test_given_teacher_logsumexp_gives_the_same_kl(small_chunks):
     # a wrong normaliser shifts the baseline by a per-state constant: here +1 at every token
     _, kl_shifted = dv.token_logprobs_and_reverse_kl(z, y, t, torch.logsumexp(t, -1) + 1.0)
     torch.testing.assert_close(kl_shifted, kl + 1.0)
+
+
+def test_several_ids_per_position_match_autograd(small_chunks):
+    """logprobs_at with gradient (topk_kl's path): lp [N, k] and d/dz = sum_j g_j (e_{y_j} - q)."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(11, 7, generator=g, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(7, generator=g)[:3] for _ in range(11)])      # [N, k=3], distinct
+    w = torch.randn(11, 3, generator=g, dtype=torch.float64)
+    za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+    lp = dv.logprobs_at(za, ids)
+    lp_ref = torch.log_softmax(zb, -1).gather(-1, ids)
+    (w * lp).sum().backward()
+    (w * lp_ref).sum().backward()
+    torch.testing.assert_close(lp, lp_ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(za.grad, zb.grad, rtol=1e-12, atol=1e-12)

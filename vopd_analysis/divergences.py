@@ -43,19 +43,19 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
-    """Row by row over [N, V] logits z (in chunks of rows), with optional sampled tokens y and
-    an optional teacher t held fixed (and its logsumexp, when the caller has it: then t is only
+    """Row by row over [N, V] logits z (in chunks of rows), with optional token ids y [N, k]
+    (k = 1: the sampled token) and an optional teacher t held fixed (and its logsumexp, when the caller has it: then t is only
     read, never exponentiated):
 
         lse_n = logsumexp(z_n) = m_n + log Z_n,  e = exp(z_n - m_n), Z_n = sum_v e_v, m_n = max_v z_{n,v}
-        lp_n  = z_{n,y_n} - lse_n
+        lp_nj = z_{n,y_nj} - lse_n
         kl_n  = KL(softmax(z_n) || softmax(t_n)) = sum_v e_v (z_v - t_v) / Z_n - lse_n + logsumexp(t_n)
 
     kl reuses the chunk e that the logsumexp needs, so the vOPD baseline costs one extra read
     of t and no extra exponential of z. The backward is written by hand (q = softmax(z_n),
     p = softmax(t_n)),
 
-        d lp_n / d z_{n,v} = 1[v = y_n] - q_v,
+        d lp_nj / d z_{n,v} = 1[v = y_nj] - q_v,
         d kl_n / d z_{n,v} = q_v (log q_v - log p_v - kl_n),
 
     and fills the gradient chunk by chunk: besides the gradient itself no [N, V] tensor is
@@ -84,7 +84,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 if compute_t_lse:
                     t_lse[a:a + rows] = torch.logsumexp(tc, -1)
                 kl[a:a + rows] = t_lse[a:a + rows] - lse[a:a + rows] + torch.sub(zc, tc).mul_(e).sum(-1) / Z
-        lp = lse.new_empty(0) if y is None else z.gather(1, y.unsqueeze(1)).squeeze(1).to(dtype) - lse
+        lp = lse.new_empty(0) if y is None else z.gather(1, y).to(dtype) - lse.unsqueeze(1)
         ctx.save_for_backward(z, y, lse, t, t_lse, kl if t is not None else None)
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
@@ -94,13 +94,15 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_lp, g_lse, g_kl):
         z, y, lse, t, t_lse, kl = ctx.saved_tensors
-        g_lp = None if y is None or g_lp is None else g_lp.reshape(-1, 1).to(lse.dtype)
+        g_lp = None if y is None or g_lp is None else g_lp.to(lse.dtype)          # [N, k]
         g_kl = None if t is None or g_kl is None else g_kl.reshape(-1, 1).to(lse.dtype)
         if g_lp is None and g_kl is None:
             return None, None, None, None
         dtype = lse.dtype
         if g_kl is not None:
             shift = (lse - t_lse + kl).unsqueeze(1)       # log q - log p - kl = z - t - shift
+        if g_lp is not None:
+            g_sum = g_lp.sum(1, keepdim=True)
         grad = torch.empty_like(z, memory_format=torch.contiguous_format)
         rows = _chunk_rows(z.shape[1], z.shape[0])
         for a in range(0, z.shape[0], rows):
@@ -108,12 +110,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             out = grad[a:a + rows] if grad.dtype == dtype else None
             q = torch.sub(zc, lse[a:a + rows, None], out=out).exp_()
             if g_kl is None:
-                q.mul_(g_lp[a:a + rows].neg())
+                q.mul_(g_sum[a:a + rows].neg())
             else:
                 w = torch.sub(zc, t[a:a + rows].to(dtype)).sub_(shift[a:a + rows]).mul_(g_kl[a:a + rows])
-                q.mul_(w if g_lp is None else w.sub_(g_lp[a:a + rows]))
+                q.mul_(w if g_lp is None else w.sub_(g_sum[a:a + rows]))
             if g_lp is not None:
-                q.scatter_add_(1, y[a:a + rows, None], g_lp[a:a + rows])   # + g_lp e_y
+                q.scatter_add_(1, y[a:a + rows], g_lp[a:a + rows])   # + sum_j g_nj e_{y_nj}
             if out is None:
                 grad[a:a + rows] = q
         return grad, None, None, None
@@ -123,7 +125,8 @@ def _chunked_token_logprobs(logits: torch.Tensor, tokens: Optional[torch.Tensor]
                             teacher_logits: Optional[torch.Tensor] = None,
                             teacher_lse: Optional[torch.Tensor] = None) -> tuple:
     """(lp or None, detached lse, KL or None) per token, by ``_ChunkedTokenLogprobs``; the
-    teacher is held fixed (no gradient reaches it).
+    teacher is held fixed (no gradient reaches it). ``tokens`` is [...] (lp [...]) or, for
+    several ids per position, [..., k] (lp [..., k]).
 
     Under torch.func transforms (vmap, grad) the plain composite is traced instead: the
     chunked loop writes into preallocated buffers, which those transforms cannot batch.
@@ -132,15 +135,16 @@ def _chunked_token_logprobs(logits: torch.Tensor, tokens: Optional[torch.Tensor]
     if torch._C._functorch.is_functorch_wrapped_tensor(logits):
         logits = logits.to(compute_dtype(logits))
         lse = torch.logsumexp(logits, dim=-1)
-        lp = None if tokens is None else logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+        ids = None if tokens is None else tokens.reshape(*shape, -1)
+        lp = None if tokens is None else (logits.gather(-1, ids) - lse.unsqueeze(-1)).reshape(tokens.shape)
         kl = None if teacher_logits is None else reverse_kl(logits, teacher_logits.detach())
         return lp, lse.detach(), kl
     V = logits.shape[-1]
-    y = None if tokens is None else tokens.reshape(-1)
+    y = None if tokens is None else tokens.reshape(shape.numel(), -1)
     t = None if teacher_logits is None else teacher_logits.detach().reshape(-1, V)
     t_lse = None if t is None or teacher_lse is None else teacher_lse.detach().reshape(-1).to(compute_dtype(logits))
     lp, lse, kl = _ChunkedTokenLogprobs.apply(logits.reshape(-1, V), y, t, t_lse)
-    return (None if y is None else lp.reshape(shape), lse.reshape(shape),
+    return (None if y is None else lp.reshape(tokens.shape), lse.reshape(shape),
             None if t is None else kl.reshape(shape))
 
 
@@ -246,5 +250,4 @@ def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, lse: Optional[torch.Ten
         dtype = compute_dtype(logits)
         lse = logsumexp_detached(logits) if lse is None else lse
         return logits.detach().gather(-1, ids).to(dtype) - lse.unsqueeze(-1)
-    logits = logits.to(compute_dtype(logits))
-    return logits.gather(-1, ids) - torch.logsumexp(logits, dim=-1, keepdim=True)
+    return _chunked_token_logprobs(logits, ids)[0]
