@@ -19,14 +19,7 @@ _CHUNK_ELEMENTS = 1 << 18
 
 def logsumexp_detached(logits: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last axis of detached ``logits`` in the compute dtype, in chunks (no [B, T, V] copy)."""
-    x = logits.detach()
-    dtype = compute_dtype(x)
-    flat = x.reshape(-1, x.shape[-1])
-    out = torch.empty(flat.shape[0], dtype=dtype, device=x.device)
-    rows = _chunk_rows(x.shape[-1], flat.shape[0])
-    for start in range(0, flat.shape[0], rows):
-        out[start:start + rows] = torch.logsumexp(flat[start:start + rows].to(dtype), dim=-1)
-    return out.reshape(x.shape[:-1])
+    return _chunked_token_logprobs(logits.detach())[1]
 
 
 def _chunk_rows(vocab: int, tokens: int) -> int:
@@ -131,6 +124,9 @@ def _chunked_token_logprobs(logits: torch.Tensor, tokens: Optional[torch.Tensor]
     Under torch.func transforms (vmap, grad) the plain composite is traced instead: the
     chunked loop writes into preallocated buffers, which those transforms cannot batch.
     """
+    if teacher_logits is not None and teacher_logits.shape != logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                         f"{tuple(logits.shape)} differ in shape")
     shape = logits.shape[:-1]
     if torch._C._functorch.is_functorch_wrapped_tensor(logits):
         logits = logits.to(compute_dtype(logits))
@@ -168,9 +164,6 @@ def token_logprobs_and_reverse_kl(student_logits: torch.Tensor, tokens: torch.Te
     Used as a baseline, the KL stays unbiased even if ``teacher_lse`` were off: any error in it
     is a function of the state alone, so it shifts the baseline, not the expected gradient.
     """
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
-                         f"{tuple(student_logits.shape)} differ in shape")
     lp, _, kl = _chunked_token_logprobs(student_logits, tokens, teacher_logits, teacher_lse)
     return lp, kl.detach()
 
@@ -184,9 +177,6 @@ def reverse_kl_to_fixed_teacher(student_logits: torch.Tensor, teacher_logits: to
     chunked like the sampled log-prob: the same value as ``reverse_kl`` without its five
     [B, T, V] temporaries. ``teacher_lse`` = logsumexp(t), when known, saves a pass over t.
     """
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
-                         f"{tuple(student_logits.shape)} differ in shape")
     return _chunked_token_logprobs(student_logits, None, teacher_logits, teacher_lse)[2]
 
 
