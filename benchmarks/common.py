@@ -7,6 +7,7 @@
                                     before it (see the function for what the number means).
 * ``append_results(path, text)``    append a dated entry to a Markdown results file, never
                                     rewriting what is already there.
+* ``record(name, quick, text, device)``  the entry of ``python -m benchmarks.<name>``.
 """
 
 from __future__ import annotations
@@ -194,3 +195,10 @@ def append_results(text: str, path: Optional[Path] = None, title: str = "",
             fh.write(_RESULTS_HEADER + "\n")
         fh.write("\n".join(entry))
     return path
+
+
+def record(name: str, quick: bool, text: str, device: torch.device) -> Path:
+    """Append ``text`` as the RESULTS.md entry of ``python -m benchmarks.<name> [--quick]``."""
+    flag = " --quick" if quick else ""
+    return append_results(f"`python -m benchmarks.{name}{flag}`\n\n{text}", title=name + flag,
+                          info=machine_info(device))

@@ -16,6 +16,7 @@ peak of tensors allocated during the step, from torch.profiler).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -23,7 +24,7 @@ import torch
 
 from vopd_analysis import estimators as est, hf
 
-from .common import append_results, machine_info, paired_ratio, peak_memory, synchronize
+from .common import paired_ratio, peak_memory, record, synchronize
 
 QWEN_VOCAB = 151_936
 ESTIMATORS = [("opd", {}), ("vopd", {}), ("vopd_topk", {"k": 16}), ("vopd_topk", {"k": 64}),
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
              f"(+{prompt} prompt), {rounds} interleaved rounds, medians.", "",
              "| estimator | score ms | loss ms | backward ms | step / opd | loss share of step | tokens/s | peak MiB | peak / opd |",
              "|---|---|---|---|---|---|---|---|---|"]
-    med = lambda xs: sorted(xs)[len(xs) // 2]
+    med = statistics.median_high
     for label in labels:
         score_ms, loss_ms, back_ms = (1e3 * med([p[i] for p in phases[label]]) for i in range(3))
         step = med(totals[label])
@@ -121,8 +122,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_record:
-        append_results(f"`python -m benchmarks.distill_step{' --quick' if args.quick else ''}`\n\n{text}",
-                       title="distill_step" + (" --quick" if args.quick else ""), info=machine_info(device))
+        record("distill_step", args.quick, text, device)
     return 0
 
 

@@ -27,7 +27,7 @@ from synthetic.markov import make_markov
 from synthetic.tree import make_tree
 from vopd_analysis import dp, estimators as est, exact
 
-from .common import append_results, machine_info
+from .common import record
 
 
 def _seconds(fn, repeats: int = 1) -> float:
@@ -103,8 +103,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_record:
-        append_results(f"`python -m benchmarks.exact_engine{' --quick' if args.quick else ''}`\n\n{text}",
-                       title="exact_engine" + (" --quick" if args.quick else ""), info=machine_info(torch.device("cpu")))
+        record("exact_engine", args.quick, text, torch.device("cpu"))
     return 0
 
 

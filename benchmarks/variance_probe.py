@@ -18,13 +18,14 @@ and loop gradients.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
 
 from vopd_analysis import hf, variance
 
-from .common import append_results, machine_info, paired_ratio, time_interleaved
+from .common import paired_ratio, record, time_interleaved
 
 ESTIMATORS = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 16}, "full_kl": {}, "topk_kl": {"k": 16}}
 
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     times = time_interleaved({"shared": shared, "vmap": lambda: shared("vmap"), "separate": separate}, device,
                              repeats=rounds)
     count = rollouts.num_rollouts * len(params)
-    med = lambda xs: sorted(xs)[len(xs) // 2]
+    med = statistics.median_high
     text = "\n".join([
         f"Tiny Qwen2 pair (hidden {hidden}, vocabulary {vocab}), {rollouts.num_rollouts} rollouts "
         f"(4 prompts x 4), {len(params)} estimators, {rounds} interleaved rounds, medians.", "",
@@ -80,8 +81,7 @@ def main(argv=None) -> int:
         f"largest |g_vmap - g_loop| / max |g_loop| = {max_diff:.1e}."])
     print(text)
     if not args.no_record:
-        append_results(f"`python -m benchmarks.variance_probe{' --quick' if args.quick else ''}`\n\n{text}",
-                       title="variance_probe" + (" --quick" if args.quick else ""), info=machine_info(device))
+        record("variance_probe", args.quick, text, device)
     return 0
 
 

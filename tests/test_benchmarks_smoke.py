@@ -82,3 +82,11 @@ def test_main_no_write_runs(monkeypatch, capsys, tmp_path):
     assert "| V | tokens |" in out
     text = results.read_text()
     assert text.startswith("# existing\n\nold entry\n") and "estimator_cost --quick" in text
+
+
+def test_record_names_the_command_and_title(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS_PATH", tmp_path / "RESULTS.md")
+    common.record("exact_engine", True, "| a | b |", torch.device("cpu"))
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert [l for l in text.splitlines() if l.startswith("## ")][0].endswith(" exact_engine --quick")
+    assert "`python -m benchmarks.exact_engine --quick`\n\n| a | b |" in text
