@@ -1,10 +1,16 @@
-"""A tiny teacher/student pair of Qwen2 models for the built-in addition task, trained in-project.
+"""A tiny teacher/student pair of Qwen2 models for the built-in addition task.
 
-``load_or_train_pair()`` trains the teacher by supervised next-token training on worked
-solutions (cross-entropy on the response tokens only) until it is near-perfect, and a
-smaller student on the same data for only a few steps, so that it starts clearly worse.
-Both are saved with ``save_pretrained`` under a directory keyed by a hash of the config,
-so the second call just loads them. No weights are downloaded.
+The pair every machine uses is committed with the package (``vopd_analysis/pairs/tiny``:
+``teacher/``, ``student/``, each a ``save_pretrained`` model with the task tokenizer, and
+``card.json`` with the sha256 of every file, the accuracies and how it was trained).
+``load_or_train_pair()`` loads it after checking the hashes: training the same config twice
+on two machines gives different weights (float round-off compounds over 1,500 steps), so a
+retrained pair would change every real-model number downstream.
+
+``train_pair`` (``python -m vopd_analysis.tiny --retrain``) trains the teacher by supervised
+next-token training on worked solutions (cross-entropy on the response tokens only) until it
+is near-perfect, and a smaller student on the same data for only a few steps, so that it
+starts clearly worse. No weights are downloaded.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import tasks
+from .batch import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +50,7 @@ class TinyConfig:
     student: ModelSize = STUDENT
     chars: str = tasks.TASK_CHARS          # vocabulary: the task's alphabet only (no untrained tokens)
     teacher_max_steps: int = 1500
-    teacher_target_accuracy: float = 0.995
+    teacher_target_accuracy: Optional[float] = None  # None: the whole cosine schedule (no early stop)
     teacher_label_smoothing: float = 0.01  # keeps the teacher's log-probs finite-ish (~ -7 nats off-answer)
     student_max_steps: int = 600
     student_target_accuracy: float = 0.3   # the student stops training once it reaches this
@@ -52,7 +59,7 @@ class TinyConfig:
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|v2"
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|v3"
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -139,39 +146,77 @@ def greedy_accuracy(model, tokenizer, records, batch_size: int = 512, max_new_to
     return correct / max(1, len(records))
 
 
-def load_or_train_pair(cache_dir=".cache/vopd_tiny", config: TinyConfig = TinyConfig(),
-                       num_threads: Optional[int] = None, verbose: bool = True) -> Tuple[str, str, object]:
-    """(student_path, teacher_path, tokenizer), training and caching the pair on the first call.
+COMMITTED = Path(__file__).resolve().parent / "pairs" / "tiny"   # the pair every machine uses
+CARD = "card.json"
 
-    The teacher trains (cosine schedule over ``teacher_max_steps``, label smoothing) until its
-    greedy accuracy on 200 training prompts reaches ``teacher_target_accuracy``; the smaller student trains at a
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pair_files(root) -> dict:
+    """{relative path: sha256} of every file of the pair under ``root`` except the card."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != CARD}
+
+
+def verify_pair(root=COMMITTED) -> dict:
+    """The pair's card, after checking every file it lists against its sha256.
+
+    A missing card, a missing file or a file whose bytes changed raises ``InputError``
+    naming the file and the hash the card expects.
+    """
+    root = Path(root)
+    card_path = root / CARD
+    if not card_path.is_file():
+        raise InputError(f"tiny pair card {card_path} is missing; restore it with git or retrain the pair "
+                         "(python -m vopd_analysis.tiny --retrain)")
+    card = json.loads(card_path.read_text())
+    for rel, expected in card["files"].items():
+        path = root / rel
+        if not path.is_file():
+            raise InputError(f"tiny pair file {path} is missing (expected sha256 {expected})")
+        actual = file_sha256(path)
+        if actual != expected:
+            raise InputError(f"tiny pair file {path} has sha256 {actual}, expected {expected}: it was modified; "
+                             "restore it with git checkout or retrain (python -m vopd_analysis.tiny --retrain)")
+    return card
+
+
+def train_pair(root, config: TinyConfig = TinyConfig(), num_threads: Optional[int] = None,
+               verbose: bool = True) -> dict:
+    """Train the pair into ``root`` (``teacher/``, ``student/`` and ``card.json``); return the card.
+
+    The teacher trains (cosine schedule over ``teacher_max_steps``, label smoothing), stopping
+    early only if its greedy accuracy on 200 training prompts reaches ``teacher_target_accuracy``
+    (None: never; that 200-prompt check stopped a teacher at 87% held-out accuracy); the smaller student trains at a
     constant learning rate only until its greedy accuracy on 200 training prompts reaches
     ``student_target_accuracy``, so it starts clearly worse than the teacher but already
-    knows the answer format.
-
-    The cache directory ``cache_dir/<config hash>`` holds ``teacher/``, ``student/`` (each a
-    ``save_pretrained`` model plus the shared tokenizer) and ``report.json`` (accuracies and
-    training times). A second call loads in seconds.
+    knows the answer format. The card, written last (it marks the pair complete), holds the
+    config, its hash, accuracies on 1000 held-out prompts, training steps and times, the
+    package versions and the sha256 of every file.
     """
-    from transformers import AutoTokenizer
-    root = Path(cache_dir) / config.key()
-    teacher_dir, student_dir, report_path = root / "teacher", root / "student", root / "report.json"
-    if report_path.is_file():
-        if verbose:
-            r = json.loads(report_path.read_text())
-            print(f"tiny pair: loaded from {root} (teacher accuracy {r['teacher']['eval_accuracy']}, "
-                  f"student {r['student']['eval_accuracy']})")
-        return str(student_dir), str(teacher_dir), AutoTokenizer.from_pretrained(teacher_dir)
-
+    import transformers
+    root = Path(root)
     torch.set_num_threads(num_threads or 1)  # tiny matmuls: extra threads only add contention
     tokenizer = tasks.build_tokenizer(config.chars)
     task = tasks.Addition(config.digits)
     held_out = task.sample(1000, seed=config.seed + 12345, split="eval")
-    report = {"config": dataclasses.asdict(config), "key": config.key()}
+    card = {"config": dataclasses.asdict(config), "key": config.key(),
+            "how": "python -m vopd_analysis.tiny --retrain (vopd_analysis.tiny.train_pair)",
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     probe = task.sample(200, seed=config.seed + 777, split="train")
-    teacher_done = lambda m: greedy_accuracy(m, tokenizer, probe) >= config.teacher_target_accuracy  # noqa: E731
+    teacher_done = None if config.teacher_target_accuracy is None else (  # noqa: E731
+        lambda m: greedy_accuracy(m, tokenizer, probe) >= config.teacher_target_accuracy)
     student_done = lambda m: greedy_accuracy(m, tokenizer, probe) >= config.student_target_accuracy  # noqa: E731
-    for name, size, out_dir in (("teacher", config.teacher, teacher_dir), ("student", config.student, student_dir)):
+    for name, size in (("teacher", config.teacher), ("student", config.student)):
         start = time.perf_counter()
         model = random_model(size, tokenizer, seed=config.seed + (0 if name == "teacher" else 1))
         if name == "teacher":
@@ -183,15 +228,54 @@ def load_or_train_pair(cache_dir=".cache/vopd_tiny", config: TinyConfig = TinyCo
                                      config.lr, seed=config.seed + 7, desc="tiny student", stop=student_done,
                                      cosine=False)
         seconds = time.perf_counter() - start
-        acc = greedy_accuracy(model, tokenizer, held_out)
-        report[name] = {"params": sum(p.numel() for p in model.parameters()), "train_steps": steps,
-                        "train_seconds": round(seconds, 1), "eval_accuracy": acc}
+        card[name] = {"params": sum(p.numel() for p in model.parameters()), "train_steps": steps,
+                      "train_seconds": round(seconds, 1), "eval_accuracy": greedy_accuracy(model, tokenizer, held_out)}
         if verbose:
-            print(f"tiny {name}: {report[name]}")
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-    report_path.write_text(json.dumps(report, indent=2))  # written last: marks the cache complete
-    return str(student_dir), str(teacher_dir), AutoTokenizer.from_pretrained(teacher_dir)
+            print(f"tiny {name}: {card[name]}")
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    card["files"] = pair_files(root)
+    (root / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def differences(card: dict, reference: dict) -> list:
+    """What differs between two pair cards: accuracies and file hashes (empty when identical)."""
+    out = [f"{role} accuracy {card[role]['eval_accuracy']} vs {reference[role]['eval_accuracy']}"
+           for role in ("teacher", "student") if card[role]["eval_accuracy"] != reference[role]["eval_accuracy"]]
+    out += [f"{rel} differs" for rel, h in card["files"].items() if reference["files"].get(rel) != h]
+    return out
+
+
+def load_or_train_pair(cache_dir=".cache/vopd_tiny", config: TinyConfig = TinyConfig(),
+                       num_threads: Optional[int] = None, verbose: bool = True,
+                       retrain: bool = False) -> Tuple[str, str, object]:
+    """(student_path, teacher_path, tokenizer) of the tiny pair.
+
+    By default this is the pair committed with the package (``vopd_analysis/pairs/tiny``),
+    checked file by file against the sha256 in its card, so every machine uses the same
+    models. ``retrain=True`` (or a ``config`` other than the default) trains a pair into
+    ``cache_dir/<config hash>`` instead (cached: a second call loads it) and, for the default
+    config, says whether it differs from the committed pair.
+    """
+    from transformers import AutoTokenizer
+    if not retrain and config == TinyConfig():
+        card = verify_pair(COMMITTED)
+        root = COMMITTED
+    else:
+        root = Path(cache_dir) / config.key()
+        if (root / CARD).is_file():
+            card = verify_pair(root)
+        else:
+            card = train_pair(root, config, num_threads, verbose)
+            if config == TinyConfig() and verbose:
+                diff = differences(card, verify_pair(COMMITTED))
+                print("tiny pair: retrained pair is identical to the committed one" if not diff else
+                      "tiny pair: retrained pair DIFFERS from the committed one: " + "; ".join(diff))
+    if verbose:
+        print(f"tiny pair: {root} (teacher accuracy {card['teacher']['eval_accuracy']}, "
+              f"student {card['student']['eval_accuracy']})")
+    return str(root / "student"), str(root / "teacher"), AutoTokenizer.from_pretrained(root / "teacher")
 
 
 def save_random_pair(directory, seed: int = 0, student: ModelSize = ModelSize(16, 1, 2, 32),
@@ -205,3 +289,36 @@ def save_random_pair(directory, seed: int = 0, student: ModelSize = ModelSize(16
         tokenizer.save_pretrained(path)
         paths.append(str(path))
     return paths[0], paths[1]
+
+
+def main(argv=None) -> int:
+    """``python -m vopd_analysis.tiny [--retrain] [--out DIR]``: check the committed pair, or retrain it."""
+    import argparse
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--retrain", action="store_true", help="train the pair from scratch (minutes on 2 cores)")
+    parser.add_argument("--out", help="with --retrain: folder for the new pair (default .cache/vopd_tiny/<hash>)")
+    args = parser.parse_args(argv)
+    if not args.retrain:
+        card = verify_pair(COMMITTED)
+        print(f"committed tiny pair {COMMITTED}: {len(card['files'])} files match their sha256")
+        return 0
+    if args.out:
+        if (Path(args.out) / CARD).exists():
+            raise InputError(f"{args.out} already holds a pair; choose another --out")
+        card = train_pair(args.out)
+        if (COMMITTED / CARD).is_file() and Path(args.out).resolve() != COMMITTED:
+            diff = differences(card, verify_pair(COMMITTED))
+            print("identical to the committed pair" if not diff else
+                  "differs from the committed pair: " + "; ".join(diff))
+        return 0
+    load_or_train_pair(retrain=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    try:
+        sys.exit(main())
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
