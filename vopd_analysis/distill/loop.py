@@ -13,7 +13,9 @@ no checkpoint is written at a skipped step. Evaluation on held-out prompts repor
 verifier accuracy and the exact reverse KL of student samples (``evaluate.py``). Metrics go
 to ``metrics.jsonl`` / ``metrics.csv``; checkpoints (``checkpoint.py``) make ``--resume``
 give exactly the metrics of an uninterrupted run: rollout seeds depend only on
-(seed, step, process), and optimizer, scheduler and RNG states are restored.
+(seed, step, process), and optimizer, scheduler and RNG states are restored. A finished
+run writes ``summary.json`` (config, first and last evaluation, wall time, paths) and
+``curves.png``; a run without ``summary.json`` is unfinished.
 
     vopd distill --preset tiny --estimator vopd --out runs/tiny-vopd   # ~2 min on 2 cores
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \
@@ -147,20 +149,27 @@ def model_paths(cfg: DistillConfig, accelerator):
     return cfg.student, cfg.teacher
 
 
+def check_resumable(out_dir: Path, cfg: DistillConfig) -> None:
+    """Refuse to continue the run in ``out_dir`` with a config that differs from its saved one
+    in a field outside ``RESUMABLE``."""
+    saved = json.loads((out_dir / "config.json").read_text())
+    changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v)
+    if changed:
+        raise InputError(f"cannot resume {out_dir}: its run used different " + ", ".join(
+            f"{k} ({saved.get(k)!r} there, {getattr(cfg, k)!r} now)" for k in changed))
+
+
 def prepare_out_dir(out_dir: Path, cfg: DistillConfig, resume: bool, accelerator) -> Optional[Path]:
     """Refuse to overwrite a run; with ``resume``, check the config and return the latest checkpoint."""
     has_run = (out_dir / "config.json").exists() or (out_dir / "metrics.jsonl").exists()
     if has_run and not resume:
         raise InputError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
     if has_run:
-        saved = json.loads((out_dir / "config.json").read_text())
-        changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v)
-        if changed:
-            raise InputError(f"cannot resume {out_dir}: its run used different " + ", ".join(
-                f"{k} ({saved.get(k)!r} there, {getattr(cfg, k)!r} now)" for k in changed))
+        check_resumable(out_dir, cfg)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "summary.json").unlink(missing_ok=True)   # a continued run is unfinished until it ends
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     return ckpt.latest(out_dir) if has_run else None
 
@@ -300,6 +309,60 @@ def evaluate(run, step: int) -> dict:
             "eval_reverse_kl": s[2] / s[3] if s[3] else None}
 
 
+# ----------------------------------------------------------------------------- the summary
+
+UNITS = {"eval_accuracy": "fraction of held-out prompts answered correctly (greedy decoding)",
+         "eval_reverse_kl": "nats per sequence: exact per-token reverse KL summed over one student sample",
+         "wall_seconds": "seconds of this invocation (a resumed run's earlier part not included)",
+         "train_seconds": "seconds in rollouts, teacher and student over all steps done"}
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON through a temporary file and ``os.replace``: a reader sees the old file
+    or the complete new one, never a half-written one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_summary(run, rows: list, resumed_from: int, wall_seconds: float) -> dict:
+    """Write the run's ``curves.png`` and ``summary.json`` (main process only); return the summary."""
+    from .compare import plot_run, run_label
+    cfg, out = run.cfg, Path(run.cfg.out_dir)
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [{k: r[k] for k in ("step", "eval_accuracy", "eval_reverse_kl")} for r in rows if r["kind"] == "eval"]
+    label = run_label(cfg.estimator, cfg.estimator_params)
+    plot_run(rows, out / "curves.png", title=f"{label}, seed {cfg.seed}")
+    summary = {"label": label, "estimator": cfg.estimator, "estimator_params": run.params, "seed": cfg.seed,
+               "steps_done": train[-1]["step"] if train else 0, "skipped_steps": sum(r["skipped"] for r in train),
+               "resumed_from_step": resumed_from, "first_eval": evals[0] if evals else None,
+               "last_eval": evals[-1] if evals else None, "wall_seconds": wall_seconds,
+               "train_seconds": sum(r["time_rollout"] + r["time_teacher"] + r["time_student"] for r in train),
+               "units": UNITS, "metrics_jsonl": str(out / "metrics.jsonl"), "metrics_csv": str(out / "metrics.csv"),
+               "curves_png": str(out / "curves.png"), "final_model": str(out / "final"),
+               "config": dataclasses.asdict(cfg)}
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def summary_lines(summary: dict, path: Path) -> list:
+    """The run's closing console lines: what it reached, in which units, and where its files are."""
+    def acc(e):
+        return "n/a" if e["eval_accuracy"] is None else f"{e['eval_accuracy']:.3f}"
+
+    def kl(e):
+        return "n/a" if e["eval_reverse_kl"] is None else f"{e['eval_reverse_kl']:.4g}"
+
+    lines = [f"done: {summary['label']} seed {summary['seed']}, {summary['steps_done']} steps "
+             f"({summary['skipped_steps']} skipped), {summary['wall_seconds']:.1f} s"]
+    first, last = summary["first_eval"], summary["last_eval"]
+    if first:
+        lines.append(f"eval (held-out) step {first['step']} -> {last['step']}: greedy accuracy {acc(first)} -> "
+                     f"{acc(last)}, reverse KL {kl(first)} -> {kl(last)} nats per sequence")
+    return lines + [f"metrics: {summary['metrics_jsonl']}, {summary['metrics_csv']}", f"summary: {path}",
+                    f"curves:  {summary['curves_png']}"]
+
+
 # ----------------------------------------------------------------------------- the run
 
 @dataclasses.dataclass
@@ -373,8 +436,10 @@ def setup(cfg: DistillConfig, resume: bool):
 
 
 def run(cfg: DistillConfig, resume: bool = False) -> dict:
-    """Train; returns {"out_dir", "rows", "first_eval", "last_eval"}."""
+    """Train; returns {"out_dir", "rows", "first_eval", "last_eval", "summary"} (summary: None off
+    the main process)."""
     from tqdm.auto import tqdm
+    started = time.perf_counter()
     run_, start, metrics = setup(cfg, resume)
     acc = run_.accelerator
     if acc.is_main_process:
@@ -401,24 +466,23 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
     bar.close()
     metrics.write_csv()
     acc.wait_for_everyone()
+    summary = None
     if acc.is_main_process:
         run_.student.save_pretrained(Path(cfg.out_dir) / "final")
         run_.tokenizer.save_pretrained(Path(cfg.out_dir) / "final")
+        summary = write_summary(run_, metrics.rows, start, time.perf_counter() - started)
+        for line in summary_lines(summary, Path(cfg.out_dir) / "summary.json"):
+            acc.print(line)
     evals = [r for r in metrics.rows if r["kind"] == "eval"]
-    result = {"out_dir": cfg.out_dir, "rows": metrics.rows, "first_eval": evals[0] if evals else None,
-              "last_eval": evals[-1] if evals else None}
-    if acc.is_main_process and evals:
-        acc.print(f"eval: step {evals[0]['step']}: accuracy {evals[0]['eval_accuracy']}, reverse KL "
-                  f"{evals[0]['eval_reverse_kl']:.4f} -> step {evals[-1]['step']}: accuracy "
-                  f"{evals[-1]['eval_accuracy']}, reverse KL {evals[-1]['eval_reverse_kl']:.4f}")
     acc.wait_for_everyone()
-    return result
+    return {"out_dir": cfg.out_dir, "rows": metrics.rows, "first_eval": evals[0] if evals else None,
+            "last_eval": evals[-1] if evals else None, "summary": summary}
 
 
 # ----------------------------------------------------------------------------- command line
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vopd distill", argument_default=argparse.SUPPRESS,
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vopd distill", argument_default=argparse.SUPPRESS, add_help=add_help,
                                 description="On-policy distillation with any registered estimator. "
                                             "Defaults: " + ", ".join(f"{f.name}={f.default!r}" for f in
                                                                      dataclasses.fields(DistillConfig)
@@ -462,16 +526,22 @@ def _parse_value(text: str):
         return text
 
 
+def parse_params(items, option: str = "--param") -> dict:
+    """``["k=4", "beta=0.5"]`` -> ``{"k": 4, "beta": 0.5}`` (values read as JSON where they parse)."""
+    params = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"{option} expects NAME=VALUE, got {item!r}")
+        params[name] = _parse_value(value)
+    return params
+
+
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
     """A config from the given options; with --resume, unspecified options come from the saved run."""
     given = dict(vars(args))
     resume = given.pop("resume", False)
-    params = {}
-    for item in given.pop("param", []):
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--param expects NAME=VALUE, got {item!r}")
-        params[name] = _parse_value(value)
+    params = parse_params(given.pop("param", []))
     if "k" in given:
         params["k"] = given.pop("k")
     if "prompts" in given and "preset" not in given:

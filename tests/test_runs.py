@@ -1,0 +1,127 @@
+"""Comparing runs: summary.json of a run and the statistics of compare."""
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from vopd_analysis import cli, tiny
+from vopd_analysis.batch import InputError
+from vopd_analysis.distill import compare, loop
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return tiny.save_random_pair(tmp_path_factory.mktemp("pair"))
+
+
+def options(pair, **overrides):
+    """vopd distill options for two fast steps on the random pair, evaluated at every step."""
+    opts = {"student": pair[0], "teacher": pair[1], "steps": 2, "prompts_per_step": 4, "rollouts_per_prompt": 2,
+            "num_eval": 8, "eval_every": 1, "save_every": 1, "lr": 0.01, **overrides}
+    return [x for key, value in opts.items() for x in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def read_rows(run, kind):
+    return [r for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def call(*argv):
+    """cli.main(argv) -> (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+# ----------------------------------------------------------------------------- summary.json
+
+def test_run_writes_summary_and_says_where(pair, tmp_path, monkeypatch, one_thread):
+    out = tmp_path / "run"
+    code, printed, _ = call("distill", *options(pair, estimator="vopd_topk", k=4, out=out))
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    evals = read_rows(out, "eval")
+    assert summary["label"] == "vopd_topk-k4" and summary["estimator"] == "vopd_topk"
+    assert summary["estimator_params"] == {"k": 4} and summary["seed"] == 0
+    assert summary["steps_done"] == 2 and summary["skipped_steps"] == 0 and summary["resumed_from_step"] == 0
+    assert summary["first_eval"] == {k: evals[0][k] for k in ("step", "eval_accuracy", "eval_reverse_kl")}
+    assert summary["last_eval"]["step"] == 2 and summary["last_eval"]["eval_reverse_kl"] == evals[-1]["eval_reverse_kl"]
+    assert summary["wall_seconds"] > summary["train_seconds"] > 0
+    assert "nats" in summary["units"]["eval_reverse_kl"]
+    assert summary["config"] == {**json.loads((out / "config.json").read_text()), "max_new_tokens": 8}
+    for key in ("metrics_jsonl", "metrics_csv", "curves_png", "final_model"):
+        assert Path(summary[key]).exists(), key
+    assert Path(summary["curves_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob("*.tmp"))
+    last = printed.strip().splitlines()[-5:]
+    assert "nats" in last[1] and str(out / "metrics.jsonl") in last[2]
+    assert str(out / "summary.json") in last[3] and str(out / "curves.png") in last[4]
+
+    # continued to more steps: unfinished (no summary) while it runs, then a new summary
+    real_log, seen = loop.Metrics.log, []
+    monkeypatch.setattr(loop.Metrics, "log", lambda self, row: (seen.append((out / "summary.json").exists()),
+                                                                real_log(self, row)))
+    assert call("distill", "--out", out, "--steps", 3, "--resume")[0] == 0
+    assert seen and not any(seen)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_done"] == 3 and summary["resumed_from_step"] == 2 and summary["last_eval"]["step"] == 3
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def t_quantile(p, df):
+    """Student-t quantiles in closed form: Cauchy for 1 degree of freedom, and df = 2."""
+    return {1: math.tan(math.pi * (p - 0.5)), 2: (2 * p - 1) / math.sqrt(2 * p * (1 - p))}[df]
+
+
+def test_mean_interval_by_hand():
+    mean, low, high = compare.mean_interval([1.0, 2.0, 3.0])            # s = 1, n = 3
+    half = t_quantile(0.975, 2) / math.sqrt(3)
+    assert t_quantile(0.975, 2) == pytest.approx(4.302653, abs=1e-6)
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half), rel=1e-12)
+    mean, low, high = compare.mean_interval([1.0, 3.0], confidence=0.9)  # s = sqrt 2, n = 2
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - t_quantile(0.95, 1), 2.0 + t_quantile(0.95, 1)))
+    mean, low, high = compare.mean_interval([0.25])
+    assert mean == 0.25 and math.isnan(low) and math.isnan(high)
+
+
+def test_paired_difference_by_hand_and_against_scipy():
+    d = compare.paired_difference([1.0, 4.0], [0.0, 1.0])   # d = (1, 3): mean 2, sd sqrt 2, t = 2 on 1 df
+    assert d["n"] == 2 and d["mean"] == 2.0
+    assert (d["low"], d["high"]) == pytest.approx((2 - t_quantile(0.975, 1), 2 + t_quantile(0.975, 1)))
+    assert d["p_value"] == pytest.approx(1 - 2 * math.atan(2.0) / math.pi, rel=1e-12)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=6), rng.normal(0.5, size=6)
+    d = compare.paired_difference(a, b)
+    assert d["p_value"] == pytest.approx(sps.ttest_rel(a, b).pvalue, rel=1e-10)
+    assert (d["mean"], d["low"], d["high"]) == pytest.approx(compare.mean_interval(a - b))
+
+
+def test_summary_table_pairs_by_seed():
+    def rows(label, seeds, finals):
+        return [{"estimator": label.split("-")[0], "label": label, "seed": s, "step": step, "eval_accuracy": acc,
+                 "eval_reverse_kl": 10 - acc, "run": f"{label}-{s}"}
+                for s, final in zip(seeds, finals) for step, acc in ((0, 0.1), (5, final))]
+
+    df = pd.DataFrame(rows("vopd", [0, 1, 2], [0.5, 0.6, 0.9]) + rows("opd", [0, 1], [0.4, 0.45]))
+    table = compare.summary_table(df)
+    assert list(table["label"]) == ["opd", "vopd"] and table.attrs["reference"] == "opd"
+    vopd = table.iloc[1]
+    assert vopd["seeds"] == 3 and vopd["step"] == 5 and vopd["eval_accuracy_pairs"] == 2
+    assert vopd["eval_accuracy_mean"] == pytest.approx(2.0 / 3)
+    expected = compare.paired_difference([0.5, 0.6], [0.4, 0.45])
+    assert vopd["eval_accuracy_diff"] == pytest.approx(0.125)
+    assert vopd["eval_accuracy_p"] == pytest.approx(expected["p_value"])
+    assert vopd["eval_reverse_kl_diff"] == pytest.approx(-0.125)
+    assert math.isnan(table.iloc[0]["eval_accuracy_diff"])
+    assert compare.summary_table(df, reference="vopd").attrs["reference"] == "vopd"
+    with pytest.raises(InputError, match="not among the runs"):
+        compare.summary_table(df, reference="full_kl")
+    assert "minus opd" in compare.format_table(table)

@@ -1,0 +1,324 @@
+"""``vopd compare``: the final evaluations of distillation runs, per estimator, over seeds.
+
+A run is a ``vopd distill`` folder (``config.json`` and ``metrics.jsonl``); its label is the
+estimator with the parameters it was given (``vopd_topk-k4``), and runs that share a label
+differ by seed. For each label the final evaluation of each seed (its last eval row) gives
+
+* the mean of x_1..x_n over the n seeds, with the Student-t interval
+  m -+ t_{(1+c)/2, n-1} s / sqrt(n)  (s the sample standard deviation, ``mean_interval``);
+* the paired difference to a reference label over the seeds both have, d_i = x_i - r_i:
+  the same interval for mean(d) and the two-sided paired t-test p-value
+  2 P(T_{n-1} > |mean(d)| / (sd(d) / sqrt(n)))  (``paired_difference``).
+
+With fewer than two values the interval and p-value are NaN. The formulae live in
+``vopd_analysis.stats``; they are re-exported here with the run readers, so that a study can
+take ``load_runs`` / ``summary_table`` / ``mean_interval`` / ``paired_difference`` from one place.
+
+    vopd compare runs/sweep                          # a folder of runs (e.g. a sweep)
+    vopd compare runs/a runs/b --reference vopd --plot cmp.png --csv cmp.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+import numpy as np
+import pandas as pd
+
+from ..batch import InputError
+from ..stats import mean_interval, paired_difference
+
+__all__ = ["mean_interval", "paired_difference", "run_label", "find_runs", "load_runs", "summary_table",
+           "format_table", "plot_curves", "plot_run", "report", "main"]
+
+METRICS = {"eval_accuracy": "held-out greedy accuracy (fraction correct)",
+           "eval_reverse_kl": "held-out sequence reverse KL (nats)"}
+DEFAULT_REFERENCE = "opd"
+# config fields that do not change what a run measures (left out of the "runs differ in" note)
+_BOOKKEEPING = {"estimator", "estimator_params", "seed", "out_dir", "num_threads", "cache_dir", "save_every",
+                "keep_checkpoints"}
+
+
+def run_label(estimator: str, params: Optional[dict] = None) -> str:
+    """``vopd_topk`` with ``{"k": 4}`` -> ``vopd_topk-k4``: the estimator and the parameters it was given."""
+    return "-".join([estimator] + [f"{k}{v}" for k, v in sorted((params or {}).items())])
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+def _is_run(path: Path) -> bool:
+    return (path / "metrics.jsonl").is_file() and (path / "config.json").is_file()
+
+
+def find_runs(paths: Iterable) -> List[Path]:
+    """The run folders among ``paths``, a folder holding runs standing for the runs inside it."""
+    runs, bad = [], []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise InputError(f"{path} does not exist")
+        if _is_run(path):
+            runs.append(path)
+            continue
+        inside = sorted(d for d in path.iterdir() if _is_run(d)) if path.is_dir() else []
+        if (path / "metrics.jsonl").is_file() or not inside:
+            bad.append(path)
+        runs += inside
+    if bad:
+        missing = "config.json" if all((p / "metrics.jsonl").is_file() for p in bad) else "metrics.jsonl"
+        names = ", ".join(map(str, bad))
+        raise InputError(f"{names} {'is not a vopd distill run' if len(bad) == 1 else 'are not vopd distill runs'} "
+                         f"(no {missing})")
+    return list(dict.fromkeys(runs))
+
+
+def _read_rows(path: Path) -> list:
+    """The rows of ``metrics.jsonl``; a last line cut off by an interruption is left out."""
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise InputError(f"{path / 'metrics.jsonl'} line {i + 1} is not JSON") from None
+    return rows
+
+
+def load_runs(paths: Iterable) -> pd.DataFrame:
+    """Every eval row of the runs in ``paths``: columns estimator, label, seed, step, eval_accuracy,
+    eval_reverse_kl, run (the run folder). Two runs with the same label and seed are refused."""
+    frames, seen = [], {}
+    for path in find_runs(paths):
+        config = json.loads((path / "config.json").read_text())
+        label, seed = run_label(config["estimator"], config.get("estimator_params")), int(config["seed"])
+        if (label, seed) in seen:
+            raise InputError(f"{seen[label, seed]} and {path} are both {label} seed {seed}; "
+                             "compare runs that differ in estimator, parameters or seed")
+        seen[label, seed] = path
+        evals = [r for r in _read_rows(path) if r.get("kind") == "eval"]
+        frames.append(pd.DataFrame({"estimator": config["estimator"], "label": label, "seed": seed,
+                                    "step": [r["step"] for r in evals],
+                                    **{m: [r.get(m) for r in evals] for m in METRICS}, "run": str(path)}))
+    df = pd.concat(frames, ignore_index=True)
+    if df.empty:
+        raise InputError("none of the runs has an evaluation yet (runs with --eval-every 0 cannot be compared)")
+    return df.astype({"step": int, "seed": int, **{m: float for m in METRICS}})
+
+
+# ----------------------------------------------------------------------------- the table
+
+def final_evals(df: pd.DataFrame) -> pd.DataFrame:
+    """Each run's last eval row."""
+    return df.sort_values("step", kind="stable").groupby(["label", "seed"], sort=False).tail(1)
+
+
+def _reference(labels: list, df: pd.DataFrame, reference: Optional[str]) -> Optional[str]:
+    if reference is None:
+        return DEFAULT_REFERENCE if DEFAULT_REFERENCE in labels else None
+    if reference in labels:
+        return reference
+    by_name = sorted(set(df.loc[df["estimator"] == reference, "label"]))
+    if len(by_name) == 1:
+        return by_name[0]
+    raise InputError(f"reference '{reference}' is {'ambiguous' if by_name else 'not among the runs'}; "
+                     f"labels: {', '.join(labels)}")
+
+
+def summary_table(df: pd.DataFrame, reference: Optional[str] = None, confidence: float = 0.95) -> pd.DataFrame:
+    """One row per label (the reference first): seeds, last step, and for each metric m the mean of the
+    final evals with its t-interval (``m_mean``, ``m_low``, ``m_high``) and the paired difference to the
+    reference (``m_diff``, ``m_diff_low``, ``m_diff_high``, ``m_p``, ``m_pairs``; NaN for the reference
+    itself or without one). ``reference``: a label or an estimator name; default ``opd`` if present.
+    The resolved reference is in ``table.attrs["reference"]``."""
+    final = final_evals(df)
+    labels = list(dict.fromkeys(df["label"]))
+    ref = _reference(labels, df, reference)
+    if ref is not None:
+        labels.remove(ref)
+        labels.insert(0, ref)
+    by_seed = {label: g.set_index("seed").sort_index() for label, g in final.groupby("label")}
+    rows = []
+    for label in labels:
+        g = by_seed[label]
+        row = {"label": label, "estimator": g["estimator"].iloc[0], "seeds": len(g), "step": int(g["step"].max())}
+        for m in METRICS:
+            row.update(zip((f"{m}_mean", f"{m}_low", f"{m}_high"), mean_interval(g[m], confidence)))
+            d = {"mean": np.nan, "low": np.nan, "high": np.nan, "p_value": np.nan, "n": 0}
+            if ref is not None and label != ref:
+                common = g.index.intersection(by_seed[ref].index)
+                if len(common):
+                    d = paired_difference(g.loc[common, m], by_seed[ref].loc[common, m], confidence)
+            row.update({f"{m}_diff": d["mean"], f"{m}_diff_low": d["low"], f"{m}_diff_high": d["high"],
+                        f"{m}_p": d["p_value"], f"{m}_pairs": d["n"]})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table.attrs["reference"] = ref
+    return table
+
+
+def _num(x: float, fmt: str) -> str:
+    return "-" if x != x else format(x, fmt)
+
+
+def format_table(table: pd.DataFrame, confidence: float = 0.95) -> str:
+    """The table as text: one block per metric."""
+    ref = table.attrs.get("reference")
+    pct = f"{confidence:.0%}"
+    width = max(len("estimator"), *table["label"].str.len())
+    out = []
+    for m, title in METRICS.items():
+        head = f"{'estimator':{width}s} {'seeds':>5s} {'step':>5s} {'mean':>8s} {pct + ' interval':>20s}"
+        if ref is not None:
+            head += f" {'minus ' + ref:>9s} {pct + ' interval':>20s} {'p':>7s} {'pairs':>5s}"
+        lines = [f"{title}, final eval", head]
+        for r in table.to_dict("records"):
+            line = (f"{r['label']:{width}s} {r['seeds']:5d} {r['step']:5d} {_num(r[m + '_mean'], '8.4g')} "
+                    f"{'[' + _num(r[m + '_low'], '.4g') + ', ' + _num(r[m + '_high'], '.4g') + ']':>20s}")
+            if ref is not None and r["label"] != ref:
+                line += (f" {_num(r[m + '_diff'], '+9.4g')} "
+                         f"{'[' + _num(r[m + '_diff_low'], '+.4g') + ', ' + _num(r[m + '_diff_high'], '+.4g') + ']':>20s}"
+                         f" {_num(r[m + '_p'], '7.3g')} {r[m + '_pairs']:5d}")
+            lines.append(line)
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def notes(paths: Iterable, df: pd.DataFrame) -> List[str]:
+    """What a reader of the table should know: unfinished runs, runs without evals, runs whose
+    last eval is at another step than the others', and config fields in which the runs differ."""
+    runs = find_runs(paths)
+    out = [f"{p} is unfinished (no summary.json)" for p in runs if not (p / "summary.json").is_file()]
+    evaluated = set(df["run"])
+    out += [f"{p} has no eval rows yet; left out" for p in runs if str(p) not in evaluated]
+    last = final_evals(df)
+    if last["step"].nunique() > 1:
+        out.append("final evals are at different steps: " + ", ".join(
+            f"{r.label} seed {r.seed} at {r.step}" for r in last.itertuples()))
+    configs = [json.loads((p / "config.json").read_text()) for p in runs]
+    for key in sorted({k for c in configs for k in c} - _BOOKKEEPING):
+        values = [json.dumps(c.get(key)) for c in configs]
+        if len(set(values)) > 1:
+            out.append(f"the runs differ in {key}: " + ", ".join(
+                f"{v} ({values.count(v)} runs)" for v in dict.fromkeys(values)))
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _band(ax, x, mean, low, high, label):
+    line, = ax.plot(x, mean, marker="o", markersize=3, label=label)
+    ok = np.isfinite(low) & np.isfinite(high)
+    if ok.any():
+        ax.fill_between(np.asarray(x)[ok], np.asarray(low)[ok], np.asarray(high)[ok], color=line.get_color(),
+                        alpha=0.2, linewidth=0)
+
+
+def _save(fig, path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_curves(df: pd.DataFrame, path, confidence: float = 0.95) -> Path:
+    """Eval accuracy and reverse KL against step: per label the mean over seeds with its t-interval band."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
+    seeds = df.groupby("label")["seed"].nunique()
+    for label, g in df.groupby("label", sort=False):
+        for ax, m in zip(axes, METRICS):
+            steps = sorted(g["step"].unique())
+            band = np.array([mean_interval(g.loc[g["step"] == s, m], confidence) for s in steps])
+            _band(ax, steps, band[:, 0], band[:, 1], band[:, 2], f"{label} ({seeds[label]} seeds)")
+    for ax, title in zip(axes, METRICS.values()):
+        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"mean over seeds with {confidence:.0%} t-interval", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_run(rows: list, path, title: str = "") -> Path:
+    """One run's curves: eval accuracy, eval reverse KL and the training reverse KL against step."""
+    from matplotlib.figure import Figure
+    evals = [r for r in rows if r["kind"] == "eval"]
+    train = [r for r in rows if r["kind"] == "train"]
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
+    nan = float("nan")
+    for ax, key in zip(axes, METRICS):
+        ax.plot([r["step"] for r in evals], [nan if r[key] is None else r[key] for r in evals], marker="o")
+        ax.set_title(METRICS[key], fontsize=10)
+    steps = [r["step"] for r in train]
+    axes[2].plot(steps, [r["reverse_kl_sampled"] for r in train], label="sampled: sum_t log pi/pi_T")
+    if any(r["reverse_kl"] == r["reverse_kl"] for r in train):
+        axes[2].plot(steps, [r["reverse_kl"] for r in train], label="exact per-token KL, summed")
+    axes[2].set_title("training rollouts' reverse KL (nats per sequence)", fontsize=10)
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def report(paths: list, reference: Optional[str] = None, plot=None, csv=None, as_json: bool = False,
+           confidence: float = 0.95) -> pd.DataFrame:
+    """Print the table (or one JSON object), write the figure (and the CSV); return the table."""
+    df = load_runs(paths)
+    table = summary_table(df, reference, confidence)
+    if plot is None:
+        plot = Path(paths[0]) / "compare.png" if len(paths) == 1 and not _is_run(Path(paths[0])) else "compare.png"
+    plot = plot_curves(df, plot, confidence)
+    if csv:
+        table.to_csv(csv, index=False)
+    remarks = notes(paths, df)
+    if as_json:
+        print(json.dumps({"reference": table.attrs["reference"], "confidence": confidence, "plot": str(plot),
+                          "csv": str(csv) if csv else None, "notes": remarks,
+                          "rows": json.loads(table.to_json(orient="records"))}))
+        return table
+    n_runs = df["run"].nunique()
+    print(f"{len(table)} estimator(s), {n_runs} run(s); {confidence:.0%} t-intervals over seeds"
+          + (f"; differences to {table.attrs['reference']} paired by seed" if table.attrs["reference"] else ""))
+    print()
+    print(format_table(table, confidence))
+    print()
+    for line in remarks:
+        print(f"note: {line}")
+    print(f"curves: {plot}" + (f"; table: {csv}" if csv else ""))
+    return table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vopd compare", description="The final evaluations of vopd distill runs "
+                                "per estimator over seeds: mean with t-interval, paired difference to a reference "
+                                "with its p-value, and the eval curves.")
+    p.add_argument("paths", nargs="+", metavar="RUN_DIR", help="vopd distill runs, or folders holding runs")
+    p.add_argument("--reference", help=f"label or estimator to difference against (default {DEFAULT_REFERENCE} "
+                                       "if present)")
+    p.add_argument("--plot", help="PNG of the eval curves (default FOLDER/compare.png for one folder of runs, "
+                                  "else ./compare.png)")
+    p.add_argument("--csv", help="also write the table as CSV")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--confidence", type=float, default=0.95)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0 < args.confidence < 1:
+        raise InputError(f"--confidence must be in (0, 1), got {args.confidence}")
+    report(args.paths, args.reference, args.plot, args.csv, args.json, args.confidence)
+    return 0
