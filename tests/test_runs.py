@@ -1,4 +1,4 @@
-"""Comparing runs: summary.json of a run and the statistics of compare."""
+"""Comparing runs: summary.json of a run, the statistics of compare, vopd compare and vopd sweep."""
 
 import contextlib
 import io
@@ -13,7 +13,7 @@ from scipy import stats as sps
 
 from vopd_analysis import cli, tiny
 from vopd_analysis.batch import InputError
-from vopd_analysis.distill import compare, loop
+from vopd_analysis.distill import compare, loop, sweep
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +125,123 @@ def test_summary_table_pairs_by_seed():
     with pytest.raises(InputError, match="not among the runs"):
         compare.summary_table(df, reference="full_kl")
     assert "minus opd" in compare.format_table(table)
+
+
+# ----------------------------------------------------------------------------- sweep and compare
+
+SWEEP = ("--estimators", "opd,vopd_topk:k=4", "--seeds", "0,1")
+
+
+@pytest.fixture(scope="module")
+def swept(pair, tmp_path_factory):
+    """A 2 x 2 sweep interrupted in its third run (opd seed 1, after step 1's checkpoint), then called again."""
+    out = tmp_path_factory.mktemp("sweep") / "sw"
+    argv = ("sweep", *SWEEP, *options(pair, out=out))
+    real_log = loop.Metrics.log
+
+    def die_in_opd_seed1(self, row):
+        real_log(self, row)
+        if self.path.parent.name == "opd-seed1" and row["kind"] == "train" and row["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop.Metrics, "log", die_in_opd_seed1)
+        with pytest.raises(KeyboardInterrupt):
+            call(*argv)
+    before = {"finished": sorted(p.parent.name for p in out.glob("*/summary.json")),
+              "opd-seed1": read_rows(out / "opd-seed1", "train"), "plan": json.loads((out / "sweep.json").read_text())}
+    second = call(*argv)
+    return out, argv, before, second
+
+
+def test_sweep_resumes_an_interrupted_run(swept, one_thread):
+    out, _, before, (code, printed, _) = swept
+    assert before["finished"] == ["opd-seed0", "vopd_topk-k4-seed0"]
+    assert [r["folder"] for r in before["plan"]["runs"]] == ["opd-seed0", "vopd_topk-k4-seed0", "opd-seed1",
+                                                             "vopd_topk-k4-seed1"]
+    assert before["plan"]["seeds"] == [0, 1] and before["plan"]["config"]["steps"] == 2
+    assert code == 0
+    assert "skip opd-seed0: finished" in printed and "skip vopd_topk-k4-seed0: finished" in printed
+    assert "resume opd-seed1" in printed and "start vopd_topk-k4-seed1" in printed
+    assert sorted(p.parent.name for p in out.glob("*/summary.json")) == [
+        "opd-seed0", "opd-seed1", "vopd_topk-k4-seed0", "vopd_topk-k4-seed1"]
+    resumed = read_rows(out / "opd-seed1", "train")
+    assert [r["step"] for r in resumed] == [1, 2] and resumed[0] == before["opd-seed1"][0]
+    assert json.loads((out / "opd-seed1" / "summary.json").read_text())["resumed_from_step"] == 1
+    assert "minus opd" in printed and (out / "compare.png").is_file()
+
+
+def test_sweep_called_again_skips_everything(swept, one_thread):
+    out, argv, _, _ = swept
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
+    code, printed, _ = call(*argv)
+    assert code == 0 and printed.count("skip ") == 4 and " start " not in printed
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
+    code, _, err = call(*argv, "--lr", 0.02)        # another learning rate: refused before anything runs
+    assert code == 2 and err.startswith("error: cannot resume") and "opd-seed0" in err and "lr" in err
+
+
+def test_compare_two_runs_table_plot_csv_json(swept, tmp_path, one_thread):
+    out = swept[0]
+    runs = [out / "opd-seed0", out / "vopd_topk-k4-seed0"]
+    code, printed, _ = call("compare", *runs, "--plot", tmp_path / "c.png", "--csv", tmp_path / "c.csv")
+    assert code == 0
+    assert "opd" in printed and "vopd_topk-k4" in printed and "nats" in printed and "minus opd" in printed
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    table = pd.read_csv(tmp_path / "c.csv")
+    assert list(table["label"]) == ["opd", "vopd_topk-k4"] and list(table["seeds"]) == [1, 1]
+    final = read_rows(out / "vopd_topk-k4-seed0", "eval")[-1]["eval_reverse_kl"]
+    assert table["eval_reverse_kl_mean"][1] == pytest.approx(final)
+    code, printed, _ = call("compare", out, "--json", "--reference", "vopd_topk", "--plot", tmp_path / "d.png")
+    result = json.loads(printed)
+    assert code == 0 and result["reference"] == "vopd_topk-k4"
+    assert [r["seeds"] for r in result["rows"]] == [2, 2] and result["rows"][1]["eval_accuracy_pairs"] == 2
+    df = compare.load_runs([out])
+    assert list(df.columns[:6]) == ["estimator", "label", "seed", "step", "eval_accuracy", "eval_reverse_kl"]
+    assert len(df) == 4 * 3
+
+
+def test_compare_refuses_what_is_not_a_run(swept, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, err = call("compare", swept[0] / "opd-seed0", tmp_path / "empty")
+    assert code == 2 and err == f"error: {tmp_path / 'empty'} is not a vopd distill run (no metrics.jsonl)\n"
+    code, _, err = call("compare", tmp_path / "nowhere")
+    assert code == 2 and "nowhere does not exist" in err
+
+
+def test_parse_estimators_and_seeds():
+    assert sweep.parse_estimators("opd, vopd_topk:k=4", {"k": 8}) == [("opd", {}), ("vopd_topk", {"k": 4})]
+    assert sweep.parse_estimators("opd,topk_kl", {"k": 8}) == [("opd", {}), ("topk_kl", {"k": 8})]
+    for text, common, needle in [("opd,bogus", {}, "unknown estimator"), ("opd,opd", {}, "listed twice"),
+                                 ("opd,vopd", {"k": 4}, "no estimator in the sweep takes k"),
+                                 ("vopd_topk:k", {}, "expects NAME=VALUE")]:
+        with pytest.raises(InputError, match=needle):
+            sweep.parse_estimators(text, common)
+    assert sweep.parse_seeds(None, 3) == [0, 1, 2] and sweep.parse_seeds("4,2", None) == [4, 2]
+    with pytest.raises(InputError, match="not both"):
+        sweep.parse_seeds("1", 2)
+
+
+def test_sweep_jobs_spread_over_gpus_and_report_failures(pair, tmp_path, monkeypatch):
+    """--jobs N: N runs at a time, each given a GPU round-robin; a failed run leaves the others going."""
+    calls = []
+
+    def fake(run, resume, device, log):
+        calls.append((run.name, device))
+        if run.name == "opd-seed1":
+            raise RuntimeError(f"exit status 1; see {log}")
+
+    monkeypatch.setattr(sweep, "gpu_ids", lambda: ["3", "5"])
+    monkeypatch.setattr(sweep, "run_in_subprocess", fake)
+    code, _, err = call("sweep", "--estimators", "opd", "--num-seeds", 3, "--jobs", 2, *options(pair, out=tmp_path))
+    assert code == 1 and "failed: opd-seed1: exit status 1" in err
+    assert sorted(name for name, _ in calls) == ["opd-seed0", "opd-seed1", "opd-seed2"]
+    assert {device for _, device in calls} == {"3", "5"}
+
+
+def test_sweep_jobs_run_worker_processes(pair, tmp_path):
+    out = tmp_path / "sw"
+    code, printed, _ = call("sweep", "--estimators", "opd", "--jobs", 2, *options(pair, out=out))
+    assert code == 0 and "done opd-seed0" in printed
+    assert json.loads((out / "opd-seed0" / "summary.json").read_text())["steps_done"] == 2
+    assert "summary: " + str(out / "opd-seed0" / "summary.json") in (out / "logs" / "opd-seed0.log").read_text()

@@ -6,6 +6,8 @@
     vopd mc --vocab V --horizon H --estimator NAME [--samples N] [--alpha A] [--json]
     vopd study NAME [--quick] [--out DIR]         one study script (python -m studies.NAME)
     vopd distill ...                              the distillation loop (vopd distill --help)
+    vopd sweep --estimators opd,vopd --seeds 0,1 --out DIR ...   distill runs, estimators x seeds
+    vopd compare RUN_DIR... [--reference NAME]    final evals over seeds, paired differences, curves
 
 Bad input prints one line ``error: ...`` naming the problem and exits with status 2.
 """
@@ -145,15 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="figures", help="folder for the table, manifest and figure")
     sub.add_parser("distill", help="the distillation loop (vopd distill --help)", add_help=False)
+    sub.add_parser("sweep", help="distill runs for estimators x seeds in one folder (vopd sweep --help)",
+                   add_help=False)
+    sub.add_parser("compare", help="compare distill runs over seeds (vopd compare --help)", add_help=False)
     return parser
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] == ["distill"]:
-            from .distill.loop import main as distill_main
-            return distill_main(argv[1:]) or 0
+        if argv[:1] in (["distill"], ["sweep"], ["compare"]):
+            module = {"distill": "loop"}.get(argv[0], argv[0])
+            return importlib.import_module(f".distill.{module}", __package__).main(argv[1:]) or 0
         args = build_parser().parse_args(argv)
         {"estimators": cmd_estimators, "exact": cmd_exact, "mc": cmd_mc, "study": cmd_study}[args.command](args)
     except InputError as err:

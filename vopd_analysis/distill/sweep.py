@@ -1,0 +1,261 @@
+"""``vopd sweep``: estimators x seeds of ``vopd distill`` into one folder, then the comparison table.
+
+    vopd sweep --estimators opd,vopd,vopd_topk:k=4 --seeds 0,1,2 --steps 200 --out runs/sweep
+    vopd sweep --estimators opd,vopd --num-seeds 4 --jobs 2 --out runs/sweep    # 2 processes at a time
+
+Each run is a normal ``vopd distill`` folder, ``OUT/<label>-seed<S>/`` with the label of
+``compare.run_label`` (``vopd_topk-k4``); every ``vopd distill`` option is passed to all runs.
+Runs go seed by seed (all estimators at seed 0 first), so an interrupted sweep already holds
+comparable pairs. Calling the same sweep again skips the finished runs (those with a
+``summary.json`` covering the requested steps), resumes the unfinished ones from their last
+checkpoint (``vopd distill --resume``) and starts the rest; a run whose saved config differs
+from the sweep's is refused before anything runs. ``OUT/sweep.json`` holds the plan.
+
+``--jobs 1`` (the default) trains in this process; ``--jobs N`` runs N ``vopd distill``
+processes at a time, each logging to ``OUT/logs/<run>.log``, with ``CUDA_VISIBLE_DEVICES``
+set round-robin over the visible GPUs when there are any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import itertools
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .. import estimators as est
+from ..batch import InputError
+from . import compare, loop
+
+
+@dataclasses.dataclass
+class PlannedRun:
+    name: str                     # the folder under the sweep: <label>-seed<S>
+    cfg: loop.DistillConfig
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    def state(self) -> str:
+        """"finished", "unfinished" (it can be resumed) or "new"."""
+        summary = self.out / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text())["steps_done"] >= self.cfg.steps:
+            return "finished"
+        if (self.out / "config.json").is_file() or (self.out / "metrics.jsonl").is_file():
+            return "unfinished"
+        return "new"
+
+
+def parse_estimators(text: str, common: Optional[dict] = None) -> list:
+    """``"opd,vopd_topk:k=4"`` -> ``[("opd", {}), ("vopd_topk", {"k": 4})]``. Parameters in ``common``
+    (``--param``, ``--k``) go to every estimator that takes them; an estimator's own win."""
+    common = common or {}
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, *assignments = item.split(":")
+        spec = est.get(name)
+        params = {k: v for k, v in common.items() if k in spec.defaults}
+        params.update(loop.parse_params(assignments, option=f"'{item}'"))
+        out.append((name, params))
+    if not out:
+        raise InputError("--estimators is empty")
+    unused = sorted(set(common) - {k for name, _ in out for k in est.get(name).defaults})
+    if unused:
+        raise InputError(f"no estimator in the sweep takes {', '.join(unused)}")
+    labels = [compare.run_label(name, params) for name, params in out]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise InputError(f"{', '.join(twice)} listed twice in --estimators")
+    return out
+
+
+def parse_seeds(seeds: Optional[str], num_seeds: Optional[int]) -> List[int]:
+    if seeds is not None and num_seeds is not None:
+        raise InputError("give --seeds or --num-seeds, not both")
+    if num_seeds is not None:
+        if num_seeds < 1:
+            raise InputError(f"--num-seeds must be >= 1, got {num_seeds}")
+        return list(range(num_seeds))
+    try:
+        out = [int(s) for s in (seeds or "0").split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
+    if not out or len(set(out)) < len(out):
+        raise InputError(f"--seeds needs distinct seeds, got {seeds!r}")
+    return out
+
+
+def plan(base: loop.DistillConfig, estimators: list, seeds: List[int], out: Path) -> List[PlannedRun]:
+    """One run per (seed, estimator), seed-major; each config checked, and an existing folder's
+    saved config checked against it."""
+    runs = []
+    for seed, (name, params) in itertools.product(seeds, estimators):
+        folder = f"{compare.run_label(name, params)}-seed{seed}"
+        cfg = dataclasses.replace(base, estimator=name, estimator_params=dict(params), seed=seed,
+                                  out_dir=str(out / folder))
+        loop.check_config(cfg, world=1)
+        if (Path(cfg.out_dir) / "config.json").is_file():
+            loop.check_resumable(Path(cfg.out_dir), cfg)
+        runs.append(PlannedRun(folder, cfg))
+    return runs
+
+
+def write_plan(out: Path, runs: List[PlannedRun], estimators: list, seeds: List[int], jobs: int) -> None:
+    base = {k: v for k, v in dataclasses.asdict(runs[0].cfg).items()
+            if k not in ("estimator", "estimator_params", "seed", "out_dir")}
+    loop.write_json_atomic(out / "sweep.json", {
+        "estimators": [{"estimator": n, "params": p, "label": compare.run_label(n, p)} for n, p in estimators],
+        "seeds": seeds, "jobs": jobs, "config": base,
+        "runs": [{"folder": r.name, "estimator": r.cfg.estimator, "params": r.cfg.estimator_params,
+                  "seed": r.cfg.seed} for r in runs]})
+
+
+# ----------------------------------------------------------------------------- running
+
+def gpu_ids() -> List[Optional[str]]:
+    """The GPUs to spread processes over (``CUDA_VISIBLE_DEVICES`` entries or 0..n-1); [None] without."""
+    import torch
+    if not torch.cuda.is_available():
+        return [None]
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible or [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_in_process(run: PlannedRun, resume: bool) -> None:
+    loop.run(run.cfg, resume=resume)
+
+
+def run_in_subprocess(run: PlannedRun, resume: bool, device: Optional[str], log: Path) -> None:
+    """``python -m vopd_analysis.distill.sweep --one CONFIG_JSON`` with its output in ``log``."""
+    cmd = [sys.executable, "-m", "vopd_analysis.distill.sweep", "--one", json.dumps(dataclasses.asdict(run.cfg))]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as fh:
+        code = subprocess.run(cmd + (["--resume"] if resume else []), stdout=fh, stderr=subprocess.STDOUT,
+                              env=env).returncode
+    if code:
+        raise RuntimeError(f"exit status {code}; see {log}")
+
+
+def execute(runs: List[PlannedRun], out: Path, jobs: int) -> List[str]:
+    """Train the runs that are not finished; return one line per failed run."""
+    todo = [(r, r.state()) for r in runs]
+    for r, state in todo:
+        if state == "finished":
+            print(f"skip {r.name}: finished ({r.out / 'summary.json'})")
+    todo = [(r, state) for r, state in todo if state != "finished"]
+    failures, lock = [], threading.Lock()
+
+    def one(i, r, state, device=None):
+        with lock:
+            where = f" on GPU {device}" if device is not None else ""
+            print(f"[{i}/{len(todo)}] {'resume' if state == 'unfinished' else 'start'} {r.name}{where}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            if jobs == 1:
+                run_in_process(r, state == "unfinished")
+            else:
+                run_in_subprocess(r, state == "unfinished", device, out / "logs" / f"{r.name}.log")
+        except Exception as err:   # the other runs go on; this one stays resumable
+            with lock:
+                failures.append(f"{r.name}: {err}")
+                print(f"[{i}/{len(todo)}] FAILED {r.name}: {err}", flush=True)
+            return
+        with lock:
+            print(f"[{i}/{len(todo)}] done {r.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    if jobs == 1:
+        for i, (r, state) in enumerate(todo, 1):
+            one(i, r, state)
+        return failures
+    ids = gpu_ids()
+    slots = queue.Queue()
+    for j in range(jobs):
+        slots.put(ids[j % len(ids)])
+
+    def in_slot(i, r, state):
+        device = slots.get()
+        try:
+            one(i, r, state, device)
+        finally:
+            slots.put(device)
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda item: in_slot(item[0], *item[1]), enumerate(todo, 1)))
+    return failures
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vopd sweep", parents=[loop.build_parser(add_help=False)],
+                                conflict_handler="resolve", argument_default=argparse.SUPPRESS,
+                                description="Estimators x seeds of vopd distill into one folder (see "
+                                            "vopd_analysis/distill/sweep.py). Every vopd distill option "
+                                            "below applies to each run.")
+    p.add_argument("--estimators", "--estimator", default="opd,vopd",
+                   help="comma-separated, parameters after colons: opd,vopd,vopd_topk:k=4 (default opd,vopd)")
+    p.add_argument("--seeds", "--seed", help="comma-separated seeds (default 0)")
+    p.add_argument("--num-seeds", dest="num_seeds", type=int, help="seeds 0..N-1")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process when > 1 "
+                                                       "(round-robin over the GPUs if any)")
+    p.add_argument("--out", dest="out_dir", default="runs/sweep", help="the sweep folder (default runs/sweep)")
+    p.add_argument("--resume", action="store_true", help="accepted; a sweep always resumes what it can")
+    p.add_argument("--reference", help="reference for the closing table (vopd compare --reference)")
+    return p
+
+
+def main(argv=None) -> int:
+    given = vars(build_parser().parse_args(argv))
+    estimators_text, jobs, out = given.pop("estimators"), given.pop("jobs"), Path(given.pop("out_dir"))
+    seeds = parse_seeds(given.pop("seeds", None), given.pop("num_seeds", None))
+    reference = given.pop("reference", None)
+    given.pop("resume", None)
+    common = loop.parse_params(given.pop("param", []))
+    if "k" in given:
+        common["k"] = given.pop("k")
+    if jobs < 1:
+        raise InputError(f"--jobs must be >= 1, got {jobs}")
+    if (out / "metrics.jsonl").is_file():
+        raise InputError(f"{out} is a vopd distill run, not a sweep folder; choose another --out")
+    estimators = parse_estimators(estimators_text, common)
+    runs = plan(loop.config_from_args(argparse.Namespace(**given)), estimators, seeds, out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_plan(out, runs, estimators, seeds, jobs)
+    print(f"sweep: {len(estimators)} estimator(s) x {len(seeds)} seed(s) = {len(runs)} runs -> {out} "
+          f"(plan in {out / 'sweep.json'})", flush=True)
+    failures = execute(runs, out, jobs)
+    done = [str(r.out) for r in runs if r.state() == "finished"]
+    if done:
+        print()
+        compare.report(done, reference=reference, plot=out / "compare.png")
+    for line in failures:
+        print(f"failed: {line}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _one(argv: list) -> int:
+    """A sweep's worker process: ``--one CONFIG_JSON [--resume]``."""
+    cfg = loop.DistillConfig(**json.loads(argv[1]))
+    loop.run(cfg, resume="--resume" in argv[2:])
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(_one(sys.argv[1:]) if sys.argv[1:2] == ["--one"] else main(sys.argv[1:]))
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
