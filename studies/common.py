@@ -70,6 +70,40 @@ def versions() -> dict:
             "scipy": scipy.__version__, "pandas": pd.__version__}
 
 
+def machine() -> dict:
+    """What decides float round-off on a CPU: torch threads, the SIMD kernels torch picked, the CPU model
+    and its vector flags, and the Hugging Face versions (real-model manifests)."""
+    import torch
+    import transformers
+    import tokenizers
+    info = {"torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine(), "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__, "cpu_model": None, "cpu_flags": None}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info["cpu_model"] = fields.get("model name")
+    vector = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512", "amx", "asimd", "sve")
+    info["cpu_flags"] = sorted(f for f in fields.get("flags", fields.get("Features", "")).split()
+                               if f.startswith(vector))
+    return info
+
+
+def weights_sha256(models: dict) -> dict:
+    """{role: {file: sha256}} of the weight files (``*.safetensors``, ``*.bin``) of each local model
+    directory in ``models`` ({role: path}); None for a hub id that is not a local directory."""
+    from vopd_analysis.tiny import file_sha256
+    out = {}
+    for role, path in models.items():
+        root = Path(str(path))
+        out[role] = ({p.name: file_sha256(p) for p in sorted(root.iterdir()) if p.suffix in (".safetensors", ".bin")}
+                     if root.is_dir() else None)
+    return out
+
+
 def style() -> None:
     sns.set_theme(style="whitegrid", context="paper", font_scale=1.1)
 

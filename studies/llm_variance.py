@@ -1,15 +1,20 @@
-"""Gradient variance of OPD estimators on real Hugging Face causal LMs.
+"""Gradient variance of OPD estimators on real Hugging Face causal LMs, over independent prompt batches.
 
-Samples rollouts from the student once and measures, for opd, vopd, vopd_topk, full_kl
-and topk_kl, the trace of the covariance of the single-rollout parameter gradient, its
-per-layer breakdown, the SNR, the gradient noise scale and the cosine of the mean
-gradient to the full_kl reference, all on the same rollouts (``vopd_analysis.variance.probe``).
+For each of ``num_batches`` independent batches (fresh prompts and fresh rollouts, seeded by
+the batch index) the probe (``vopd_analysis.variance.probe``) samples rollouts from the student
+once and measures, for opd, vopd, vopd_topk, full_kl and topk_kl on those same rollouts, the
+trace of the covariance of the single-rollout parameter gradient, its per-layer breakdown, the
+SNR, the gradient noise scale and the cosine of the mean gradient to the full_kl reference.
+The ratio var(estimator)/var(opd) is formed within each batch (a paired comparison on common
+rollouts) and reported as its mean over batches with a Student-t 95% interval and the p-value
+of H0: mean ratio = 1; the per-layer ratios likewise. One batch's ratio is not a result: on the
+tiny pair it moves by a factor of two from batch to batch.
 
 Models: ``--student PATH --teacher PATH`` (hub ids or local directories, with ``--prompts
-FILE.jsonl``), else the tiny addition pair of the in-project CPU demo
-(``vopd_analysis.tiny.load_or_train_pair``), else, if that module is missing, randomly
-initialised tiny Qwen2 models (said so in the output and the manifest; ``--random-init``
-forces them, for a smoke test that needs no training).
+FILE.jsonl``, cut into consecutive batches), else the committed tiny addition pair
+(``vopd_analysis.tiny.load_or_train_pair``, checked against its sha256 card), or randomly
+initialised tiny Qwen2 models with ``--random-init`` (a smoke test that needs no training).
+The manifest records the sha256 of the weights, the versions and the CPU that ran it.
 
     python -m studies.llm_variance [--quick] [--student PATH --teacher PATH] [--prompts FILE] [--random-init]
 """
@@ -17,24 +22,28 @@ forces them, for a smoke test that needs no training).
 from __future__ import annotations
 
 import argparse
-import importlib
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from vopd_analysis import hf, tasks, variance
+from tqdm.auto import tqdm
+
+from vopd_analysis import hf, stats, tasks, tiny, variance
+from vopd_analysis.batch import InputError
 
 from . import common
 
 NAME = "llm_variance"
 ESTIMATORS = ["opd", "vopd", "vopd_topk", "full_kl", "topk_kl"]
+PER_BATCH = ["trace_cov", "variance_ratio_to_opd", "snr", "noise_scale_ref", "cosine_to_reference",
+             "rel_error_to_reference"]
 DEFAULTS = {
-    "quick": {"num_prompts": 4, "num_rollouts": 8, "max_new_tokens": 8, "estimators": ESTIMATORS,
-              "topk": 4, "num_projections": 8, "seed": 0, "dtype": None, "device": "cpu"},
-    "full": {"num_prompts": 16, "num_rollouts": 16, "max_new_tokens": 8, "estimators": ESTIMATORS,
-             "topk": 4, "num_projections": 16, "seed": 0, "dtype": None, "device": "cpu"},
+    "quick": {"num_batches": 8, "num_prompts": 4, "num_rollouts": 8, "max_new_tokens": 8, "estimators": ESTIMATORS,
+              "topk": 4, "num_projections": 0, "seed": 0, "dtype": None, "device": "cpu"},
+    "full": {"num_batches": 16, "num_prompts": 8, "num_rollouts": 16, "max_new_tokens": 8, "estimators": ESTIMATORS,
+             "topk": 4, "num_projections": 0, "seed": 0, "dtype": None, "device": "cpu"},
 }
 
 
@@ -47,103 +56,158 @@ def random_models(reason: str):
     return student, teacher, "random-init tiny Qwen2"
 
 
-def default_models(random_init: bool = False, cache_dir: str = ".cache/vopd_tiny"):
-    """(student_path, teacher_path, source): the in-project tiny pair (trained and cached on first
-    use), or random tiny Qwen2 models if ``random_init`` or ``vopd_analysis.tiny`` is missing."""
+def default_models(random_init: bool = False):
+    """(student_path, teacher_path, source): the committed tiny pair, or random tiny Qwen2 models."""
     if random_init:
         return random_models("--random-init given")
-    try:
-        loader = importlib.import_module("vopd_analysis.tiny").load_or_train_pair
-    except (ImportError, AttributeError):
-        return random_models("vopd_analysis.tiny.load_or_train_pair is not available")
-    student, teacher, _ = loader(cache_dir)
-    return student, teacher, "vopd_analysis.tiny.load_or_train_pair"
+    student, teacher, _ = tiny.load_or_train_pair()
+    return student, teacher, "tiny (committed pair, vopd_analysis/pairs/tiny)"
 
 
-def load_prompts(path, n: int, seed: int):
-    """``n`` prompts from a JSONL file, or ``n`` training prompts of the built-in addition task."""
-    records = tasks.read_jsonl(path)[:n] if path else tasks.train_prompts(n, seed)
-    return [r["prompt"] for r in records]
+def batch_prompts(config: dict, batch: int, records=None) -> list:
+    """The prompts of batch ``batch``: consecutive slices of ``records`` (a JSONL file's), or
+    ``num_prompts`` training prompts of the addition task drawn with seed ``1000 seed + batch``."""
+    n = config["num_prompts"]
+    if records is None:
+        return [r["prompt"] for r in tasks.train_prompts(n, seed=1000 * config["seed"] + batch)]
+    if len(records) < n * config["num_batches"]:
+        raise InputError(f"{config['prompts']} holds {len(records)} prompts; {config['num_batches']} batches of "
+                         f"{n} need {n * config['num_batches']} (lower --num-batches or --num-prompts)")
+    return [r["prompt"] for r in records[batch * n:(batch + 1) * n]]
 
 
-def compute(config: dict):
-    """Load the pair, run the probe; return (summary, per-layer table, extra manifest fields)."""
-    pair = hf.load_pair(config["student"], config["teacher"], dtype=config["dtype"], device=config["device"])
-    prompts = load_prompts(config.get("prompts"), config["num_prompts"], config["seed"])
+def probe_batch(pair, config: dict, batch: int, records=None):
+    """One independent probe: (per-estimator rows, per-layer rows, mean response length), batch-tagged."""
     k = min(config["topk"], pair.info.vocab_size)
-    result = variance.probe(pair.student, pair.teacher, pair.tokenizer, prompts, config["estimators"],
-                            config["num_rollouts"], max_new_tokens=config["max_new_tokens"], seed=config["seed"],
-                            vocab_size=pair.info.vocab_size, num_projections=config["num_projections"],
-                            params={n: {"k": k} for n in config["estimators"] if n in ("vopd_topk", "topk_kl")},
-                            progress=True)
-    summary = result.summary
-    if "opd" in set(summary["estimator"]):
-        opd_trace = float(summary.loc[summary["estimator"] == "opd", "trace_cov"].iloc[0])
-        summary = summary.assign(variance_ratio_to_opd=summary["trace_cov"] / opd_trace)
-    timing = summary[["estimator", "seconds", "rollouts_per_s"]].to_dict(orient="records")
-    summary = summary.drop(columns=["seconds", "rollouts_per_s"])  # wall times go to the manifest only
-    mean_len = float(result.rollouts.response_mask.sum(1).float().mean())
-    extra = {"vocab": vars(pair.info), "hf_versions": hf_versions(), "prompts": prompts, "mean_response_tokens": mean_len,
+    result = variance.probe(pair.student, pair.teacher, pair.tokenizer, batch_prompts(config, batch, records),
+                            config["estimators"], config["num_rollouts"], max_new_tokens=config["max_new_tokens"],
+                            seed=1000 * config["seed"] + batch, vocab_size=pair.info.vocab_size,
+                            num_projections=config["num_projections"],
+                            params={n: {"k": k} for n in config["estimators"] if n in ("vopd_topk", "topk_kl")})
+    rows, layers = result.summary, result.layers
+    opd = rows.set_index("estimator")["trace_cov"].get("opd", float("nan"))
+    rows = rows.assign(batch=batch, variance_ratio_to_opd=rows["trace_cov"] / opd)
+    opd_layers = layers[layers["estimator"] == "opd"].set_index("group")["trace_cov"]
+    layers = layers.assign(batch=batch, variance_ratio_to_opd=layers["trace_cov"] / layers["group"].map(opd_layers))
+    return rows, layers, float(result.rollouts.response_mask.sum(1).float().mean())
+
+
+def interval_columns(prefix: str, values) -> dict:
+    """{prefix_mean, prefix_low, prefix_high}: the t-interval over batches."""
+    mean, low, high = stats.mean_interval(values)
+    return {f"{prefix}_mean": mean, f"{prefix}_low": low, f"{prefix}_high": high}
+
+
+def summarise(per_batch: pd.DataFrame) -> pd.DataFrame:
+    """Per estimator: the variance ratio to opd (mean over batches, 95% t-interval, p-value of ratio = 1,
+    share of batches below 1), and the mean trace, SNR and cosine to the reference with their intervals."""
+    out = []
+    for name, g in per_batch.groupby("estimator", sort=False):
+        ratio = g["variance_ratio_to_opd"]
+        out.append({"estimator": name, "unbiased_for": g["unbiased_for"].iloc[0],
+                    "teacher_signal": g["teacher_signal"].iloc[0], "batches": len(g),
+                    "rollouts_per_batch": int(g["num_rollouts"].iloc[0]),
+                    **interval_columns("ratio", ratio),
+                    "ratio_p_value": stats.t_test_p_value(ratio, 1.0) if name != "opd" else float("nan"),
+                    "batches_below_1": int((ratio < 1).sum()),
+                    **interval_columns("trace_cov", g["trace_cov"]), **interval_columns("snr", g["snr"]),
+                    **interval_columns("cosine", g["cosine_to_reference"])})
+    return pd.DataFrame(out)
+
+
+def summarise_layers(layers: pd.DataFrame) -> pd.DataFrame:
+    """Per estimator and parameter group: the group's variance ratio to opd's, mean and t-interval over batches."""
+    rows = [{"estimator": name, "group": group, "num_params": int(g["num_params"].iloc[0]),
+             **interval_columns("ratio", g["variance_ratio_to_opd"]), **interval_columns("trace_cov", g["trace_cov"])}
+            for (name, group), g in layers.groupby(["estimator", "group"], sort=False)]
+    return pd.DataFrame(rows)
+
+
+def compute(config: dict, progress: bool = True):
+    """Load the pair, probe every batch; return (summary, per-batch table, per-layer summary, manifest fields)."""
+    pair = hf.load_pair(config["student"], config["teacher"], dtype=config["dtype"], device=config["device"])
+    records = tasks.read_jsonl(config["prompts"]) if config.get("prompts") else None
+    frames, layer_frames, lengths = [], [], []
+    for batch in tqdm(range(config["num_batches"]), desc="llm_variance batches", disable=not progress):
+        rows, layers, length = probe_batch(pair, config, batch, records)
+        frames.append(rows)
+        layer_frames.append(layers)
+        lengths.append(length)
+    per_batch = pd.concat(frames, ignore_index=True)
+    summary = summarise(per_batch)
+    layers = summarise_layers(pd.concat(layer_frames, ignore_index=True))
+    per_batch = per_batch[["batch", "estimator", *PER_BATCH]]
+    extra = {"vocab": vars(pair.info), "machine": common.machine(), "weights": common.weights_sha256(
+             {"student": config["student"], "teacher": config["teacher"]}), "mean_response_tokens": lengths,
              "student_params": sum(p.numel() for p in pair.student.parameters()),
-             "example_responses": result.rollouts.responses(pair.tokenizer)[:4], "timing": timing}
-    return summary, result.layers, extra
+             "batch_prompts": [batch_prompts(config, b, records) for b in range(min(2, config["num_batches"]))]}
+    return summary, per_batch, layers, extra
 
 
-def hf_versions() -> dict:
-    """Versions of the Hugging Face stack (the common manifest records torch, numpy, scipy, pandas)."""
-    import accelerate
-    import tokenizers
-    import transformers
-    return {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-            "accelerate": accelerate.__version__}
-
-
-def figure(summary: pd.DataFrame, layers: pd.DataFrame):
-    """(a) tr Cov per estimator, (b) cosine of the mean gradient to the full_kl reference, (c) per layer."""
+def figure(summary: pd.DataFrame, per_batch: pd.DataFrame, layers: pd.DataFrame):
+    """(a) variance ratio to opd, (b) cosine to the full_kl mean, (c) per-layer ratio: batches as dots,
+    the mean over batches with its 95% t-interval as a bar."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.6]})
     order = list(summary["estimator"])
-    sns.barplot(summary, x="estimator", y="trace_cov", hue="estimator", order=order, ax=axes[0], legend=False)
+    x = {name: i for i, name in enumerate(order)}
+    n = int(summary["batches"].iloc[0])
+    for ax, col, prefix in ((axes[0], "variance_ratio_to_opd", "ratio"), (axes[1], "cosine_to_reference", "cosine")):
+        ax.scatter(per_batch["estimator"].map(x), per_batch[col], s=10, color="0.6", zorder=2, label="one batch")
+        mean = summary[f"{prefix}_mean"]
+        ax.errorbar(range(len(order)), mean, yerr=[mean - summary[f"{prefix}_low"], summary[f"{prefix}_high"] - mean],
+                    fmt="o", color="C3", capsize=4, zorder=3, label="mean, 95% t-interval")
+        ax.set_xticks(range(len(order)), order, rotation=30)
+    axes[0].axhline(1.0, color="k", lw=0.8, ls="--")
     axes[0].set_yscale("log")
-    axes[0].set_ylabel("tr Cov of the single-rollout gradient")
-    axes[0].set_title("gradient variance (same rollouts)")
-    sns.barplot(summary, x="estimator", y="cosine_to_reference", hue="estimator", order=order, ax=axes[1],
-                legend=False)
-    axes[1].set_ylim(min(0.0, summary["cosine_to_reference"].min()), 1.05)
+    axes[0].set_ylabel("tr Cov / tr Cov(opd), same rollouts")
+    axes[0].set_title(f"gradient variance relative to opd ({n} batches)")
+    axes[0].legend(loc="lower left", fontsize=8)
     axes[1].set_title("cos(mean gradient, full_kl mean)")
-    sns.barplot(layers, x="group", y="trace_cov", hue="estimator", hue_order=order, ax=axes[2])
+    groups = list(dict.fromkeys(layers["group"]))
+    width = 0.8 / max(1, len(order))
+    for i, name in enumerate(order):
+        g = layers[layers["estimator"] == name].set_index("group").loc[groups]
+        pos = [j + (i - (len(order) - 1) / 2) * width for j in range(len(groups))]
+        axes[2].errorbar(pos, g["ratio_mean"], yerr=[g["ratio_mean"] - g["ratio_low"], g["ratio_high"] - g["ratio_mean"]],
+                         fmt="o", capsize=3, label=name)
+    axes[2].axhline(1.0, color="k", lw=0.8, ls="--")
     axes[2].set_yscale("log")
-    axes[2].set_ylabel("tr Cov (parameter group)")
-    axes[2].set_title("per-layer variance")
-    axes[2].tick_params(axis="x", rotation=30)
-    sns.move_legend(axes[2], "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    for ax in axes[:2]:
-        ax.tick_params(axis="x", rotation=30)
+    axes[2].set_xticks(range(len(groups)), groups, rotation=30)
+    axes[2].set_ylabel("group tr Cov / opd's")
+    axes[2].set_title("per-layer variance ratio (mean, 95% t-interval)")
+    axes[2].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 
 
-def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
-    started = time.perf_counter()
-    cfg = common.make_config(DEFAULTS, quick, config)
+def resolve_models(cfg: dict) -> dict:
+    """Fill in the committed tiny pair (or random models) when no --student/--teacher is given."""
     if not cfg.get("student") or not cfg.get("teacher"):
         if cfg.get("student") or cfg.get("teacher"):
             raise SystemExit("give both --student and --teacher, or neither (for the tiny demo pair)")
         cfg["student"], cfg["teacher"], cfg["model_source"] = default_models(cfg.get("random_init", False))
         cfg.setdefault("threads", 1)      # tiny models: threading overhead dominates
-    if cfg.get("threads"):
-        import torch
-        torch.set_num_threads(cfg["threads"])
-    summary, layers, extra = compute(cfg)
-    cols = ["estimator", "trace_cov", "variance_ratio_to_opd", "snr", "noise_scale_ref", "cosine_to_reference"]
-    print(summary[[c for c in cols if c in summary]].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    cfg.setdefault("pair", "tiny" if "committed" in cfg.get("model_source", "") else cfg.get("model_source", "custom"))
+    return cfg
+
+
+def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
+    started = time.perf_counter()
+    cfg = resolve_models(common.make_config(DEFAULTS, quick, config))
+    import torch
+    torch.set_num_threads(cfg.get("threads") or torch.get_num_threads())
+    summary, per_batch, layers, extra = compute(cfg)
+    summary.insert(0, "pair", cfg["pair"])
+    cols = ["estimator", "ratio_mean", "ratio_low", "ratio_high", "ratio_p_value", "batches_below_1", "cosine_mean"]
+    print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layers.to_csv(out / f"{NAME}_layers.csv", index=False, float_format=common.FLOAT_FORMAT)
-    extra["layers_csv"] = f"{NAME}_layers.csv"
-    fig = (lambda df: figure(df, layers)) if plot else None
+    for suffix, table in (("batches", per_batch), ("layers", layers)):
+        table.to_csv(out / f"{NAME}_{suffix}.csv", index=False, float_format=common.FLOAT_FORMAT)
+        extra[f"{suffix}_csv"] = f"{NAME}_{suffix}.csv"
+    fig = (lambda df: figure(df, per_batch, layers)) if plot else None
     common.finish(NAME, summary, cfg, out_dir, quick, started, fig, extra=extra, seed=cfg["seed"])
     return summary
 
@@ -155,7 +219,8 @@ def main() -> None:
     parser.add_argument("--student", help="student hub id or local directory")
     parser.add_argument("--teacher", help="teacher hub id or local directory")
     parser.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} records (default: addition task)")
-    parser.add_argument("--num-prompts", type=int)
+    parser.add_argument("--num-batches", type=int, help="independent prompt batches (fresh prompts and rollouts)")
+    parser.add_argument("--num-prompts", type=int, help="prompts per batch")
     parser.add_argument("--num-rollouts", type=int, help="rollouts per prompt")
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--seed", type=int)

@@ -1,6 +1,7 @@
 """vopd_analysis.variance: streaming moments against numpy, known per-sample gradients, the probe."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -171,17 +172,27 @@ def test_probe_with_reference_vector_and_bad_names(pair, result):
 
 
 def test_llm_variance_study_smoke(tmp_path):
-    """The study writes its CSVs, manifest and figure (random tiny models, a handful of rollouts)."""
+    """The study writes its CSVs, manifest and figure (random tiny models, a handful of rollouts), and its
+    intervals are the t-intervals of the per-batch ratios."""
     import json
+    from scipy import stats as sps
     from studies import llm_variance
 
-    cfg = {"random_init": True, "num_prompts": 1, "num_rollouts": 3, "max_new_tokens": 3, "topk": 4}
+    cfg = {"random_init": True, "num_batches": 3, "num_prompts": 1, "num_rollouts": 3, "max_new_tokens": 3, "topk": 4}
     df = llm_variance.run(quick=True, out_dir=tmp_path, config=cfg)
     assert list(df["estimator"]) == llm_variance.ESTIMATORS
-    assert df.loc[df["estimator"] == "opd", "variance_ratio_to_opd"].item() == pytest.approx(1.0)
+    opd = df.set_index("estimator").loc["opd"]
+    assert opd["ratio_mean"] == pytest.approx(1.0) and opd["batches"] == 3
+    batches = pd.read_csv(tmp_path / "llm_variance_batches.csv")
+    ratios = batches.loc[batches["estimator"] == "vopd", "variance_ratio_to_opd"].to_numpy()
+    half = sps.t.ppf(0.975, 2) * ratios.std(ddof=1) / np.sqrt(3)
+    vopd = df.set_index("estimator").loc["vopd"]
+    assert vopd["ratio_low"] == pytest.approx(ratios.mean() - half) and vopd["ratio_high"] == pytest.approx(ratios.mean() + half)
     manifest = json.loads((tmp_path / "llm_variance.json").read_text())
-    assert manifest["config"]["model_source"] == "random-init tiny Qwen2" and "transformers" in manifest["hf_versions"]
-    for name in ("llm_variance.csv", "llm_variance_layers.csv", "llm_variance.png"):
+    assert manifest["config"]["model_source"] == "random-init tiny Qwen2"
+    assert {"transformers", "torch_threads", "cpu_capability"} <= set(manifest["machine"])
+    assert set(manifest["weights"]["student"]) == {"model.safetensors"}
+    for name in ("llm_variance.csv", "llm_variance_batches.csv", "llm_variance_layers.csv", "llm_variance.png"):
         assert (tmp_path / name).stat().st_size > 0
 
 

@@ -1,0 +1,58 @@
+"""Intervals for numbers that come from a random process (probe batches, training seeds).
+
+For n independent values x_1..x_n (one per prompt batch or per seed) with mean m and sample
+standard deviation s, the Student-t interval at confidence c is
+
+    m -+ t_{(1+c)/2, n-1} s / sqrt(n),
+
+exact for normal values and a good approximation for means of many rollouts. A paired
+comparison of two estimators run on the same seeds (or batches) uses the differences
+d_i = a_i - b_i: the same interval for mean(d) and the two-sided p-value of the paired
+t-test, 2 P(T_{n-1} > |mean(d)| / (sd(d) / sqrt(n))). With n < 2 the interval is
+undefined (NaN bounds), never a spurious zero width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import numpy as np
+from scipy import stats
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Tuple[float, float, float]:
+    """(mean, low, high): the Student-t interval of the mean of independent ``values``."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return mean, mean - half, mean + half
+
+
+def t_test_p_value(values: Sequence[float], null: float = 0.0) -> float:
+    """Two-sided p-value of the one-sample t-test of H0: E x = ``null`` (NaN with fewer than 2 values;
+    0 or 1 when the values do not vary)."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)] - null
+    if x.size < 2:
+        return math.nan
+    sd = x.std(ddof=1)
+    if sd == 0:
+        return 1.0 if np.all(x == 0) else 0.0
+    return float(2 * stats.t.sf(abs(x.mean()) / (sd / math.sqrt(x.size)), x.size - 1))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
+    """mean(a - b) with its t-interval and the paired t-test p-value; ``a`` and ``b`` aligned by seed."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need equal lengths, got {a.shape} and {b.shape}")
+    d = a - b
+    mean, low, high = mean_interval(d, confidence)
+    return {"mean": mean, "low": low, "high": high, "p_value": t_test_p_value(d),
+            "n": int(np.isfinite(d).sum())}
