@@ -1,19 +1,33 @@
-"""Distilling the tiny addition student with each estimator (vopd_analysis.distill).
+"""Distilling the tiny addition student with each estimator (vopd_analysis.distill), over paired seeds.
 
-The tiny preset (``vopd_analysis.tiny``): a Qwen2 teacher trained in-project to ~100%
-on 3-digit addition with written carries, and a smaller, briefly trained student. Each
-estimator runs the same on-policy loop (same rollout seeds per seed, same learning rate)
-for a few seeds; the held-out greedy accuracy and the exact sequence reverse KL of
-student samples are recorded over steps. The figure shows mean +- sd across seeds.
+The tiny preset: the committed pair (``vopd_analysis.tiny``), a Qwen2 teacher trained
+in-project on 3-digit addition with written carries, and a smaller, briefly trained student.
+Each estimator runs the same on-policy loop from the same student; seed s gives every
+estimator the same training prompts and the same evaluation set (seeds are paired across
+estimators). The held-out greedy accuracy and the exact sequence reverse KL of student
+samples are recorded every ``eval_every`` steps.
+
+Reported per estimator, over seeds: the final accuracy and reverse KL (mean, 95% t-interval),
+the paired difference to opd on the same seeds (mean, 95% t-interval, paired t-test p-value),
+and the number of steps to reach ``kl_threshold`` nats (first evaluation at or below it).
+Quick mode (2 seeds, 100 steps) only checks that the pipeline works: it is underpowered and
+decides nothing. Full mode: 10 seeds, 500 steps; ``jobs`` runs in parallel processes and
+``work_dir`` keeps the runs, so an interrupted study resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
+import json
+import multiprocessing
 import tempfile
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from vopd_analysis import stats, tiny
 from vopd_analysis.distill.loop import DistillConfig, run as distill
 
 from . import common
@@ -22,10 +36,38 @@ NAME = "distill_tiny"
 ESTIMATORS = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 4}, "full_kl": {}, "topk_kl": {"k": 4}}
 LOOP = {"lr": 3e-4, "prompts_per_step": 32, "rollouts_per_prompt": 4}
 DEFAULTS = {
-    "quick": {"estimators": ESTIMATORS, "seeds": [0, 1], "steps": 100, "eval_every": 25, "num_eval": 100, **LOOP},
-    "full": {"estimators": ESTIMATORS, "seeds": [0, 1, 2, 3, 4], "steps": 500, "eval_every": 50, "num_eval": 500,
-             **LOOP},
+    "quick": {"estimators": ESTIMATORS, "seeds": [0, 1], "steps": 100, "eval_every": 25, "num_eval": 100,
+              "kl_threshold": 6.0, "jobs": 1, "work_dir": None, **LOOP},
+    "full": {"estimators": ESTIMATORS, "seeds": list(range(10)), "steps": 500, "eval_every": 25, "num_eval": 200,
+             "kl_threshold": 5.0, "jobs": 2, "work_dir": "runs/distill_tiny_full", **LOOP},
 }
+REFERENCE = "opd"
+
+
+def run_config(config: dict, name: str, params: dict, seed: int, work: str) -> DistillConfig:
+    return DistillConfig(preset="tiny", estimator=name, estimator_params=dict(params), seed=seed,
+                         steps=config["steps"], eval_every=config["eval_every"], num_eval=config["num_eval"],
+                         lr=config["lr"], prompts_per_step=config["prompts_per_step"],
+                         rollouts_per_prompt=config["rollouts_per_prompt"], save_every=config.get("save_every", 50),
+                         keep_checkpoints=1, num_threads=1, out_dir=f"{work}/{name}-seed{seed}")
+
+
+def one_run(cfg: DistillConfig) -> list:
+    """The metrics rows of one finished run: read back if ``out_dir/final`` exists, else trained
+    (resuming from the run's last checkpoint if it was interrupted)."""
+    out = Path(cfg.out_dir)
+    if (out / "final").is_dir():
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return distill(cfg, resume=(out / "config.json").exists())["rows"]
+
+
+def run_table(rows: list, name: str, seed: int) -> tuple:
+    """(eval rows tagged with estimator and seed, training wall seconds)."""
+    rows = pd.DataFrame(rows)
+    train = rows[rows["kind"] == "train"]
+    evals = rows[rows["kind"] == "eval"][["step", "eval_accuracy", "eval_reverse_kl"]]
+    seconds = float((train["time_rollout"] + train["time_teacher"] + train["time_student"]).sum())
+    return evals.assign(estimator=name, seed=seed), seconds
 
 
 def compute(config: dict) -> tuple:
@@ -34,34 +76,65 @@ def compute(config: dict) -> tuple:
     Wall times are kept out of the table so that a second run with the same seeds
     writes an identical CSV; they go to the manifest.
     """
-    frames, seconds = [], {}
+    plan = list(itertools.product(config["estimators"].items(), config["seeds"]))
     with tempfile.TemporaryDirectory() as tmp:
-        for (name, params), seed in itertools.product(config["estimators"].items(), config["seeds"]):
-            cfg = DistillConfig(preset="tiny", estimator=name, estimator_params=dict(params), seed=seed,
-                                steps=config["steps"], eval_every=config["eval_every"], num_eval=config["num_eval"],
-                                lr=config["lr"], prompts_per_step=config["prompts_per_step"],
-                                rollouts_per_prompt=config["rollouts_per_prompt"], save_every=0,
-                                out_dir=f"{tmp}/{name}-{seed}")
-            rows = pd.DataFrame(distill(cfg)["rows"])
-            train = rows[rows["kind"] == "train"]
-            evals = rows[rows["kind"] == "eval"][["step", "eval_accuracy", "eval_reverse_kl"]]
-            frames.append(evals.assign(estimator=name, seed=seed))
-            seconds[f"{name}/seed{seed}"] = float((train["time_rollout"] + train["time_teacher"]
-                                                   + train["time_student"]).sum())
+        work = config.get("work_dir") or tmp
+        cfgs = [run_config(config, name, params, seed, work) for (name, params), seed in plan]
+        if config.get("jobs", 1) > 1:
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(config["jobs"], mp_context=context) as pool:
+                results = list(pool.map(one_run, cfgs))
+        else:
+            results = [one_run(cfg) for cfg in cfgs]
+    frames, seconds = [], {}
+    for ((name, _), seed), rows in zip(plan, results):
+        evals, seconds[f"{name}/seed{seed}"] = run_table(rows, name, seed)
+        frames.append(evals)
     table = pd.concat(frames, ignore_index=True)[["estimator", "seed", "step", "eval_accuracy", "eval_reverse_kl"]]
     return table, seconds
 
 
-def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per estimator: accuracy and reverse KL at step 0 and at the last step (mean, sd over seeds)."""
-    first, last = df[df["step"] == 0], df[df["step"] == df["step"].max()]
+def steps_to_threshold(curve: pd.DataFrame, threshold: float) -> float:
+    """First evaluation step whose reverse KL is at or below ``threshold`` (NaN if never)."""
+    hit = curve[curve["eval_reverse_kl"] <= threshold]
+    return float(hit["step"].min()) if len(hit) else float("nan")
+
+
+def summary(df: pd.DataFrame, threshold: float, reference: str = REFERENCE) -> pd.DataFrame:
+    """Per estimator over seeds: start and final accuracy and reverse KL (mean, 95% t-interval), the paired
+    difference of the final values to ``reference`` (mean, interval, p-value), and steps to ``threshold``."""
+    last = df[df["step"] == df["step"].max()].set_index(["estimator", "seed"])
+    first = df[df["step"] == 0].set_index(["estimator", "seed"])
+    reach = {key: steps_to_threshold(g, threshold) for key, g in df.groupby(["estimator", "seed"])}
     out = []
-    for name, g in last.groupby("estimator", sort=False):
-        f = first[first["estimator"] == name]
-        out.append({"estimator": name, "acc_start": f["eval_accuracy"].mean(), "acc_end": g["eval_accuracy"].mean(),
-                    "acc_end_sd": g["eval_accuracy"].std(), "kl_start": f["eval_reverse_kl"].mean(),
-                    "kl_end": g["eval_reverse_kl"].mean(), "kl_end_sd": g["eval_reverse_kl"].std()})
+    for name in dict.fromkeys(df["estimator"]):
+        row = {"estimator": name, "seeds": int(len(last.loc[name])),
+               "acc_start": float(first.loc[name, "eval_accuracy"].mean()),
+               "kl_start": float(first.loc[name, "eval_reverse_kl"].mean())}
+        for metric, short in (("eval_accuracy", "acc"), ("eval_reverse_kl", "kl")):
+            mean, low, high = stats.mean_interval(last.loc[name, metric])
+            row.update({f"{short}_end": mean, f"{short}_end_low": low, f"{short}_end_high": high})
+            if reference in last.index.get_level_values(0) and name != reference:
+                seeds = last.loc[name].index.intersection(last.loc[reference].index)
+                d = stats.paired_difference(last.loc[name].loc[seeds, metric], last.loc[reference].loc[seeds, metric])
+                row.update({f"{short}_diff": d["mean"], f"{short}_diff_low": d["low"], f"{short}_diff_high": d["high"],
+                            f"{short}_diff_p": d["p_value"]})
+        steps = np.array([reach[(name, s)] for s in last.loc[name].index])
+        mean, low, high = stats.mean_interval(steps)
+        row.update({"reached": int(np.isfinite(steps).sum()), "steps_to_kl": mean, "steps_to_kl_low": low,
+                    "steps_to_kl_high": high})
+        out.append(row)
     return pd.DataFrame(out)
+
+
+def report(df: pd.DataFrame, config: dict) -> common.Report:
+    table = summary(df, config["kl_threshold"])
+    head = (f"{df['seed'].nunique()} paired seeds, {df['step'].max()} steps; differences are estimator - {REFERENCE} "
+            f"on the same seeds; steps_to_kl: first evaluation with reverse KL <= {config['kl_threshold']} nats")
+    if df["seed"].nunique() < 5:
+        head += "\nUNDERPOWERED (quick mode): too few seeds to decide any difference"
+    text = head + "\n" + table.to_string(index=False, float_format=lambda x: f"{x:.4g}")
+    return common.Report(text=text, extra={"summary": table.to_dict(orient="records"), "summary_note": head})
 
 
 def figure(df: pd.DataFrame):
@@ -70,9 +143,9 @@ def figure(df: pd.DataFrame):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (col, label) in zip(axes, [("eval_accuracy", "held-out greedy accuracy"),
                                        ("eval_reverse_kl", "sequence reverse KL (nats)")]):
-        sns.lineplot(df, x="step", y=col, hue="estimator", errorbar="sd", marker="o", ax=ax)
+        sns.lineplot(df, x="step", y=col, hue="estimator", errorbar=("ci", 95), seed=0, n_boot=200, marker="o", ax=ax)
         ax.set_ylabel(label)
-        ax.set_title(f"{label} (mean ± sd over {df['seed'].nunique()} seeds)")
+        ax.set_title(f"{label} (mean, 95% interval, {df['seed'].nunique()} seeds)")
     axes[1].set_yscale("log")
     axes[0].get_legend().remove()
     sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.02, 1))
@@ -81,13 +154,15 @@ def figure(df: pd.DataFrame):
 
 
 def _with_seconds(table: pd.DataFrame, seconds: dict) -> tuple:
-    """compute's (table, seconds) as run_study's (table, manifest entries)."""
-    return table, {"train_seconds": seconds}
+    """compute's (table, seconds) as run_study's (table, manifest entries: the models' hashes, the machine)."""
+    student, teacher, _ = tiny.load_or_train_pair(verbose=False)
+    return table, {"train_seconds": seconds, "machine": common.machine(),
+                   "weights": common.weights_sha256({"student": student, "teacher": teacher})}
 
 
 def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
     return common.run_study(NAME, DEFAULTS, lambda cfg: _with_seconds(*compute(cfg)), figure,
-                            report=common.summary_report(summary, 4), quick=quick, out_dir=out_dir, config=config,
+                            report=report, quick=quick, out_dir=out_dir, config=config,
                             plot=plot)
 
 

@@ -1,7 +1,7 @@
 """Run every study: ``python -m studies.run_all [--quick] [--out figures] [--only a,b]``.
 
 Each study module exposes ``run(quick, out_dir) -> DataFrame``. The LLM studies
-train the tiny teacher/student pair on first use (cached in .cache/vopd_tiny).
+use the committed tiny teacher/student pair (vopd_analysis/pairs/tiny).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 from tqdm import tqdm
 
 STUDIES = ["unbiasedness", "variance_landscape", "baseline_quality", "topk", "sequence_bias", "training_dynamics",
-           "llm_variance", "distill_tiny"]
+           "llm_variance", "variance_training", "distill_tiny"]
 
 
 def study(name: str):

@@ -1,0 +1,98 @@
+"""The committed tiny pair is what every machine loads, and the committed real-model tables reproduce.
+
+Tolerance: the tables are recomputed here with one torch thread, from the committed weights,
+and compared with the committed CSVs at a relative tolerance of 1e-4 (absolute 1e-9).
+Sampling and greedy decoding are discrete, so any change that moves a sampled token shows up
+far above that; what the tolerance absorbs is float32 round-off of matrix products, which
+differs between CPU kernel families (AVX2 / AVX-512, the manifests' ``machine`` entry) at
+about 1e-7 relative and reaches the float64 variance traces amplified by at most a few
+hundred.
+"""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from studies import common, distill_tiny, llm_variance
+from vopd_analysis import InputError, hf, tiny
+
+RTOL, ATOL = 1e-4, 1e-9
+FIGURES = common.REPO / "figures"
+
+
+def test_committed_pair_matches_its_card():
+    card = tiny.verify_pair()
+    assert {"student/model.safetensors", "teacher/model.safetensors"} <= set(card["files"])
+    assert card["teacher"]["eval_accuracy"] > card["student"]["eval_accuracy"]
+    student, teacher, tokenizer = tiny.load_or_train_pair(verbose=False)
+    assert student.startswith(str(tiny.COMMITTED)) and len(tokenizer) == 16
+
+
+def test_tampered_or_missing_weights_name_the_file(tmp_path):
+    pair = tmp_path / "pair"
+    shutil.copytree(tiny.COMMITTED, pair)
+    expected = tiny.verify_pair(pair)["files"]["teacher/model.safetensors"]
+    with open(pair / "teacher" / "model.safetensors", "r+b") as fh:
+        fh.seek(200)
+        byte = fh.read(1)
+        fh.seek(200)
+        fh.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(InputError, match=f"teacher/model.safetensors has sha256 .*, expected {expected}"):
+        tiny.verify_pair(pair)
+    (pair / "student" / "model.safetensors").unlink()
+    shutil.copy(tiny.COMMITTED / "teacher" / "model.safetensors", pair / "teacher" / "model.safetensors")
+    with pytest.raises(InputError, match="student/model.safetensors is missing"):
+        tiny.verify_pair(pair)
+    (pair / tiny.CARD).unlink()
+    with pytest.raises(InputError, match="card .* is missing"):
+        tiny.verify_pair(pair)
+
+
+def _assert_frames_close(new: pd.DataFrame, committed: pd.DataFrame):
+    assert list(new.columns) == list(committed.columns)
+    assert len(new) == len(committed)
+    for col in new.columns:
+        if pd.api.types.is_numeric_dtype(committed[col]):
+            np.testing.assert_allclose(new[col].to_numpy(float), committed[col].to_numpy(float), rtol=RTOL,
+                                       atol=ATOL, err_msg=col)
+        else:
+            assert (new[col].astype(str) == committed[col].astype(str)).all(), col
+
+
+def test_llm_variance_reproduces_committed_batches(tmp_path):
+    """The first two of the committed quick run's prompt batches, recomputed from scratch."""
+    llm_variance.run(quick=True, out_dir=tmp_path, config={"num_batches": 2}, plot=False)
+    new = pd.read_csv(tmp_path / "llm_variance_batches.csv")
+    committed = pd.read_csv(FIGURES / "llm_variance_batches.csv")
+    _assert_frames_close(new, committed[committed["batch"] < 2].reset_index(drop=True))
+
+
+def test_distill_tiny_reproduces_committed_run():
+    """One (estimator, seed) run of the committed quick table: the training loop is deterministic too."""
+    config = {**distill_tiny.DEFAULTS["quick"], "estimators": {"vopd": {}}, "seeds": [1]}
+    table, _ = distill_tiny.compute(config)
+    committed = pd.read_csv(FIGURES / "distill_tiny.csv")
+    committed = committed[(committed["estimator"] == "vopd") & (committed["seed"] == 1)].reset_index(drop=True)
+    _assert_frames_close(table, committed)
+
+
+def test_variance_training_probes_each_checkpoint(tmp_path):
+    """A 4-step run with checkpoints at 2 and 4: every estimator probed at steps 0, 2, 4 on the same rollouts."""
+    from studies import variance_training
+    probe = {**variance_training.PROBE, "num_prompts": 2, "num_rollouts": 3}
+    config = {"steps": 4, "checkpoint_every": 2, "num_batches": 2, "prompts_per_step": 4, "probe": probe}
+    df = variance_training.run(quick=True, out_dir=tmp_path, config=config)
+    assert sorted(set(df["step"])) == [0, 2, 4] and set(df["run"]) == {"vopd"}
+    opd = df[df["estimator"] == "opd"]
+    assert np.allclose(opd["ratio_mean"], 1.0) and (df["batches"] == 2).all()
+    # step 0 is the committed student: the same numbers as llm_variance's probe of the same batches
+    student, teacher, _ = tiny.load_or_train_pair(verbose=False)
+    pair = hf.load_pair(student, teacher)
+    rows = pd.concat([llm_variance.probe_batch(pair, {**probe, "num_batches": 2}, b)[0] for b in range(2)])
+    start = df[(df["step"] == 0) & (df["estimator"] == "vopd")]["ratio_mean"].item()
+    assert start == pytest.approx(rows.loc[rows["estimator"] == "vopd", "variance_ratio_to_opd"].mean(), rel=1e-12)
+    later = df[(df["step"] == 4) & (df["estimator"] == "vopd")]["ratio_mean"].item()
+    assert later != start                                # the checkpoints are other models
+    assert (tmp_path / "variance_training.png").stat().st_size > 0
