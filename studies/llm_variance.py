@@ -6,8 +6,8 @@ once and measures, for opd, vopd, vopd_topk, full_kl and topk_kl on those same r
 trace of the covariance of the single-rollout parameter gradient, its per-layer breakdown, the
 SNR, the gradient noise scale and the cosine of the mean gradient to the full_kl reference.
 The ratio var(estimator)/var(opd) is formed within each batch (a paired comparison on common
-rollouts) and reported as its mean over batches with a Student-t 95% interval and the p-value
-of H0: mean ratio = 1; the per-layer ratios likewise. One batch's ratio is not a result: on the
+rollouts) and reported as its geometric mean over batches with a 95% interval (the t-interval
+of the log ratios, exponentiated) and the p-value of H0: ratio = 1; the per-layer ratios likewise. One batch's ratio is not a result: on the
 tiny pair it moves by a factor of two from batch to batch.
 
 Models: ``--student PATH --teacher PATH`` (hub ids or local directories, with ``--prompts
@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from tqdm.auto import tqdm
@@ -98,17 +99,24 @@ def interval_columns(prefix: str, values) -> dict:
     return {f"{prefix}_mean": mean, f"{prefix}_low": low, f"{prefix}_high": high}
 
 
+def ratio_columns(ratios) -> dict:
+    """{ratio_gmean, ratio_low, ratio_high, ratio_p_value}: geometric mean over batches, the exponentiated
+    t-interval of the log ratios, and the t-test p-value of H0: E log ratio = 0."""
+    gmean, low, high = stats.ratio_interval(ratios)
+    return {"ratio_gmean": gmean, "ratio_low": low, "ratio_high": high,
+            "ratio_p_value": stats.t_test_p_value(np.log(np.asarray(ratios, dtype=float)))}
+
+
 def summarise(per_batch: pd.DataFrame) -> pd.DataFrame:
-    """Per estimator: the variance ratio to opd (mean over batches, 95% t-interval, p-value of ratio = 1,
-    share of batches below 1), and the mean trace, SNR and cosine to the reference with their intervals."""
+    """Per estimator: the variance ratio to opd (geometric mean over batches, 95% interval, p-value of
+    ratio = 1, number of batches below 1), and the mean trace, SNR and cosine to the reference with their
+    t-intervals."""
     out = []
     for name, g in per_batch.groupby("estimator", sort=False):
         ratio = g["variance_ratio_to_opd"]
         out.append({"estimator": name, "unbiased_for": g["unbiased_for"].iloc[0],
                     "teacher_signal": g["teacher_signal"].iloc[0], "batches": len(g),
-                    "rollouts_per_batch": int(g["num_rollouts"].iloc[0]),
-                    **interval_columns("ratio", ratio),
-                    "ratio_p_value": stats.t_test_p_value(ratio, 1.0) if name != "opd" else float("nan"),
+                    "rollouts_per_batch": int(g["num_rollouts"].iloc[0]), **ratio_columns(ratio),
                     "batches_below_1": int((ratio < 1).sum()),
                     **interval_columns("trace_cov", g["trace_cov"]), **interval_columns("snr", g["snr"]),
                     **interval_columns("cosine", g["cosine_to_reference"])})
@@ -116,9 +124,9 @@ def summarise(per_batch: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarise_layers(layers: pd.DataFrame) -> pd.DataFrame:
-    """Per estimator and parameter group: the group's variance ratio to opd's, mean and t-interval over batches."""
+    """Per estimator and parameter group: the group's variance ratio to opd's (geometric mean, interval)."""
     rows = [{"estimator": name, "group": group, "num_params": int(g["num_params"].iloc[0]),
-             **interval_columns("ratio", g["variance_ratio_to_opd"]), **interval_columns("trace_cov", g["trace_cov"])}
+             **ratio_columns(g["variance_ratio_to_opd"]), **interval_columns("trace_cov", g["trace_cov"])}
             for (name, group), g in layers.groupby(["estimator", "group"], sort=False)]
     return pd.DataFrame(rows)
 
@@ -153,11 +161,13 @@ def figure(summary: pd.DataFrame, per_batch: pd.DataFrame, layers: pd.DataFrame)
     order = list(summary["estimator"])
     x = {name: i for i, name in enumerate(order)}
     n = int(summary["batches"].iloc[0])
-    for ax, col, prefix in ((axes[0], "variance_ratio_to_opd", "ratio"), (axes[1], "cosine_to_reference", "cosine")):
+    for ax, col, center in ((axes[0], "variance_ratio_to_opd", "ratio_gmean"),
+                            (axes[1], "cosine_to_reference", "cosine_mean")):
+        prefix = center.split("_")[0]
         ax.scatter(per_batch["estimator"].map(x), per_batch[col], s=10, color="0.6", zorder=2, label="one batch")
-        mean = summary[f"{prefix}_mean"]
+        mean = summary[center]
         ax.errorbar(range(len(order)), mean, yerr=[mean - summary[f"{prefix}_low"], summary[f"{prefix}_high"] - mean],
-                    fmt="o", color="C3", capsize=4, zorder=3, label="mean, 95% t-interval")
+                    fmt="o", color="C3", capsize=4, zorder=3, label="mean over batches, 95% interval")
         ax.set_xticks(range(len(order)), order, rotation=30)
     axes[0].axhline(1.0, color="k", lw=0.8, ls="--")
     axes[0].set_yscale("log")
@@ -170,13 +180,13 @@ def figure(summary: pd.DataFrame, per_batch: pd.DataFrame, layers: pd.DataFrame)
     for i, name in enumerate(order):
         g = layers[layers["estimator"] == name].set_index("group").loc[groups]
         pos = [j + (i - (len(order) - 1) / 2) * width for j in range(len(groups))]
-        axes[2].errorbar(pos, g["ratio_mean"], yerr=[g["ratio_mean"] - g["ratio_low"], g["ratio_high"] - g["ratio_mean"]],
+        axes[2].errorbar(pos, g["ratio_gmean"], yerr=[g["ratio_gmean"] - g["ratio_low"], g["ratio_high"] - g["ratio_gmean"]],
                          fmt="o", capsize=3, label=name)
     axes[2].axhline(1.0, color="k", lw=0.8, ls="--")
     axes[2].set_yscale("log")
     axes[2].set_xticks(range(len(groups)), groups, rotation=30)
     axes[2].set_ylabel("group tr Cov / opd's")
-    axes[2].set_title("per-layer variance ratio (mean, 95% t-interval)")
+    axes[2].set_title("per-layer variance ratio (geometric mean, 95% interval)")
     axes[2].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
@@ -200,7 +210,7 @@ def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot:
     torch.set_num_threads(cfg.get("threads") or torch.get_num_threads())
     summary, per_batch, layers, extra = compute(cfg)
     summary.insert(0, "pair", cfg["pair"])
-    cols = ["estimator", "ratio_mean", "ratio_low", "ratio_high", "ratio_p_value", "batches_below_1", "cosine_mean"]
+    cols = ["estimator", "ratio_gmean", "ratio_low", "ratio_high", "ratio_p_value", "batches_below_1", "cosine_mean"]
     print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ Each estimator in ``runs`` trains the committed tiny student (``vopd distill --p
 checkpoints every ``checkpoint_every`` steps, all kept). At step 0 (the starting student) and
 at every checkpoint, every estimator in ``probe`` is probed on the same rollouts, over
 ``num_batches`` independent prompt batches, exactly as in ``llm_variance``: the ratio
-var(estimator)/var(opd) within each batch, then its mean over batches with a 95% t-interval.
+var(estimator)/var(opd) within each batch, then its geometric mean over batches with a 95% interval.
 This is the real-model counterpart of the vOPD paper's variance-over-training evidence.
 
 Quick mode: one vopd run of 200 steps, 4 checkpoints, 4 batches (a smoke run; the intervals
@@ -68,7 +68,7 @@ def compute(config: dict) -> tuple:
                 summary = llm_variance.summarise(per_batch)
                 rows.append(summary.assign(run=name, step=step))
     table = pd.concat(rows, ignore_index=True)
-    cols = ["run", "step", "estimator", "batches", "ratio_mean", "ratio_low", "ratio_high", "ratio_p_value",
+    cols = ["run", "step", "estimator", "batches", "ratio_gmean", "ratio_low", "ratio_high", "ratio_p_value",
             "batches_below_1", "trace_cov_mean", "trace_cov_low", "trace_cov_high"]
     per_batch = pd.concat(batches, ignore_index=True)
     return table[cols], {"per_batch": per_batch.to_dict(orient="list"), "machine": common.machine(),
@@ -83,7 +83,7 @@ def figure(df: pd.DataFrame):
     for ax, name in zip(axes[0], runs):
         for i, (est, g) in enumerate(df[(df["run"] == name) & (df["estimator"] != "opd")].groupby("estimator",
                                                                                                   sort=False)):
-            ax.plot(g["step"], g["ratio_mean"], marker="o", color=f"C{i}", label=est)
+            ax.plot(g["step"], g["ratio_gmean"], marker="o", color=f"C{i}", label=est)
             ax.fill_between(g["step"], g["ratio_low"], g["ratio_high"], color=f"C{i}", alpha=0.2)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_yscale("log")

@@ -86,13 +86,14 @@ def test_variance_training_probes_each_checkpoint(tmp_path):
     df = variance_training.run(quick=True, out_dir=tmp_path, config=config)
     assert sorted(set(df["step"])) == [0, 2, 4] and set(df["run"]) == {"vopd"}
     opd = df[df["estimator"] == "opd"]
-    assert np.allclose(opd["ratio_mean"], 1.0) and (df["batches"] == 2).all()
+    assert np.allclose(opd["ratio_gmean"], 1.0) and (df["batches"] == 2).all()
     # step 0 is the committed student: the same numbers as llm_variance's probe of the same batches
     student, teacher, _ = tiny.load_or_train_pair(verbose=False)
     pair = hf.load_pair(student, teacher)
     rows = pd.concat([llm_variance.probe_batch(pair, {**probe, "num_batches": 2}, b)[0] for b in range(2)])
-    start = df[(df["step"] == 0) & (df["estimator"] == "vopd")]["ratio_mean"].item()
-    assert start == pytest.approx(rows.loc[rows["estimator"] == "vopd", "variance_ratio_to_opd"].mean(), rel=1e-12)
-    later = df[(df["step"] == 4) & (df["estimator"] == "vopd")]["ratio_mean"].item()
+    start = df[(df["step"] == 0) & (df["estimator"] == "vopd")]["ratio_gmean"].item()
+    ratios = rows.loc[rows["estimator"] == "vopd", "variance_ratio_to_opd"]
+    assert start == pytest.approx(np.exp(np.log(ratios).mean()), rel=1e-12)
+    later = df[(df["step"] == 4) & (df["estimator"] == "vopd")]["ratio_gmean"].item()
     assert later != start                                # the checkpoints are other models
     assert (tmp_path / "variance_training.png").stat().st_size > 0

@@ -182,12 +182,15 @@ def test_llm_variance_study_smoke(tmp_path):
     df = llm_variance.run(quick=True, out_dir=tmp_path, config=cfg)
     assert list(df["estimator"]) == llm_variance.ESTIMATORS
     opd = df.set_index("estimator").loc["opd"]
-    assert opd["ratio_mean"] == pytest.approx(1.0) and opd["batches"] == 3
+    assert opd["ratio_gmean"] == pytest.approx(1.0) and opd["batches"] == 3
     batches = pd.read_csv(tmp_path / "llm_variance_batches.csv")
-    ratios = batches.loc[batches["estimator"] == "vopd", "variance_ratio_to_opd"].to_numpy()
-    half = sps.t.ppf(0.975, 2) * ratios.std(ddof=1) / np.sqrt(3)
+    logs = np.log(batches.loc[batches["estimator"] == "vopd", "variance_ratio_to_opd"].to_numpy())
+    half = sps.t.ppf(0.975, 2) * logs.std(ddof=1) / np.sqrt(3)
     vopd = df.set_index("estimator").loc["vopd"]
-    assert vopd["ratio_low"] == pytest.approx(ratios.mean() - half) and vopd["ratio_high"] == pytest.approx(ratios.mean() + half)
+    assert vopd["ratio_gmean"] == pytest.approx(np.exp(logs.mean()), rel=1e-6)
+    assert vopd["ratio_low"] == pytest.approx(np.exp(logs.mean() - half), rel=1e-6)
+    assert vopd["ratio_high"] == pytest.approx(np.exp(logs.mean() + half), rel=1e-6)
+    assert vopd["ratio_p_value"] == pytest.approx(sps.ttest_1samp(logs, 0.0).pvalue, rel=1e-6)
     manifest = json.loads((tmp_path / "llm_variance.json").read_text())
     assert manifest["config"]["model_source"] == "random-init tiny Qwen2"
     assert {"transformers", "torch_threads", "cpu_capability"} <= set(manifest["machine"])

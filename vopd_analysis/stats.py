@@ -10,6 +10,10 @@ comparison of two estimators run on the same seeds (or batches) uses the differe
 d_i = a_i - b_i: the same interval for mean(d) and the two-sided p-value of the paired
 t-test, 2 P(T_{n-1} > |mean(d)| / (sd(d) / sqrt(n))). With n < 2 the interval is
 undefined (NaN bounds), never a spurious zero width.
+
+Ratios (a variance over opd's on the same rollouts) are multiplicative: their interval is the
+t-interval of log x, exponentiated, around the geometric mean exp(mean log x). It stays
+positive, and a ratio r and its inverse 1/r get mirror-image intervals.
 """
 
 from __future__ import annotations
@@ -32,6 +36,14 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Tuple[fl
         return mean, math.nan, math.nan
     half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
     return mean, mean - half, mean + half
+
+
+def ratio_interval(ratios: Sequence[float], confidence: float = 0.95) -> Tuple[float, float, float]:
+    """(geometric mean, low, high) of positive ``ratios``: ``mean_interval`` of their logs, exponentiated."""
+    x = np.asarray(ratios, dtype=np.float64)
+    if np.any(x <= 0):
+        raise ValueError(f"ratios must be positive, got {x[x <= 0][:3].tolist()}")
+    return tuple(float(np.exp(v)) for v in mean_interval(np.log(x), confidence))
 
 
 def t_test_p_value(values: Sequence[float], null: float = 0.0) -> float:
