@@ -8,7 +8,8 @@ var(estimator)/var(opd) within each batch, then its geometric mean over batches 
 This is the real-model counterpart of the vOPD paper's variance-over-training evidence.
 
 Quick mode: one vopd run of 200 steps, 4 checkpoints, 4 batches (a smoke run; the intervals
-are wide). Full mode: the runs of opd, vopd and full_kl, 400 steps, 8 batches.
+are wide). Full mode: the runs of opd, vopd and full_kl with distill_tiny's full-mode training
+(400 steps of 16 prompts x 4 rollouts at lr 1e-3), 8 batches.
 
     python -m studies.variance_training [--quick]
 """
@@ -34,7 +35,7 @@ DEFAULTS = {
     "quick": {"runs": {"vopd": {}}, "steps": 200, "checkpoint_every": 50, "num_batches": 4, "seed": 0,
               "probe": PROBE, **LOOP},
     "full": {"runs": {"opd": {}, "vopd": {}, "full_kl": {}}, "steps": 400, "checkpoint_every": 100,
-             "num_batches": 8, "seed": 0, "probe": PROBE, **LOOP},
+             "num_batches": 8, "seed": 0, "probe": PROBE, **LOOP, "lr": 1e-3, "prompts_per_step": 16},
 }
 
 
