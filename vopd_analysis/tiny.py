@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import tasks
+from . import pair_card, tasks
 from .batch import InputError
 
 
@@ -147,23 +147,11 @@ def greedy_accuracy(model, tokenizer, records, batch_size: int = 512, max_new_to
 
 
 COMMITTED = Path(__file__).resolve().parent / "pairs" / "tiny"   # the pair every machine uses
-CARD = "card.json"
-
-
-def file_sha256(path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def pair_files(root) -> dict:
-    """{relative path: sha256} of every file of the pair under ``root`` except the card."""
-    root = Path(root)
-    return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != CARD}
+CARD = pair_card.CARD
+file_sha256 = pair_card.file_sha256
+pair_files = pair_card.pair_files
+PAIR = pair_card.CommittedPair("tiny", "vopd_analysis.tiny", COMMITTED, ".cache/vopd_tiny",
+                               {"eval_accuracy": "accuracy"})
 
 
 def verify_pair(root=COMMITTED) -> dict:
@@ -172,21 +160,7 @@ def verify_pair(root=COMMITTED) -> dict:
     A missing card, a missing file or a file whose bytes changed raises ``InputError``
     naming the file and the hash the card expects.
     """
-    root = Path(root)
-    card_path = root / CARD
-    if not card_path.is_file():
-        raise InputError(f"tiny pair card {card_path} is missing; restore it with git or retrain the pair "
-                         "(python -m vopd_analysis.tiny --retrain)")
-    card = json.loads(card_path.read_text())
-    for rel, expected in card["files"].items():
-        path = root / rel
-        if not path.is_file():
-            raise InputError(f"tiny pair file {path} is missing (expected sha256 {expected})")
-        actual = file_sha256(path)
-        if actual != expected:
-            raise InputError(f"tiny pair file {path} has sha256 {actual}, expected {expected}: it was modified; "
-                             "restore it with git checkout or retrain (python -m vopd_analysis.tiny --retrain)")
-    return card
+    return PAIR.verify(root)
 
 
 def train_pair(root, config: TinyConfig = TinyConfig(), num_threads: Optional[int] = None,
@@ -234,17 +208,12 @@ def train_pair(root, config: TinyConfig = TinyConfig(), num_threads: Optional[in
             print(f"tiny {name}: {card[name]}")
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
-    card["files"] = pair_files(root)
-    (root / CARD).write_text(json.dumps(card, indent=2) + "\n")
-    return card
+    return pair_card.write_card(root, card)
 
 
 def differences(card: dict, reference: dict) -> list:
     """What differs between two pair cards: accuracies and file hashes (empty when identical)."""
-    out = [f"{role} accuracy {card[role]['eval_accuracy']} vs {reference[role]['eval_accuracy']}"
-           for role in ("teacher", "student") if card[role]["eval_accuracy"] != reference[role]["eval_accuracy"]]
-    out += [f"{rel} differs" for rel, h in card["files"].items() if reference["files"].get(rel) != h]
-    return out
+    return PAIR.differences(card, reference)
 
 
 def load_or_train_pair(cache_dir=".cache/vopd_tiny", config: TinyConfig = TinyConfig(),
@@ -259,19 +228,9 @@ def load_or_train_pair(cache_dir=".cache/vopd_tiny", config: TinyConfig = TinyCo
     config, says whether it differs from the committed pair.
     """
     from transformers import AutoTokenizer
-    if not retrain and config == TinyConfig():
-        card = verify_pair(COMMITTED)
-        root = COMMITTED
-    else:
-        root = Path(cache_dir) / config.key()
-        if (root / CARD).is_file():
-            card = verify_pair(root)
-        else:
-            card = train_pair(root, config, num_threads, verbose)
-            if config == TinyConfig() and verbose:
-                diff = differences(card, verify_pair(COMMITTED))
-                print("tiny pair: retrained pair is identical to the committed one" if not diff else
-                      "tiny pair: retrained pair DIFFERS from the committed one: " + "; ".join(diff))
+    root, card = PAIR.load_or_train(Path(cache_dir) / config.key(),
+                                    lambda r: train_pair(r, config, num_threads, verbose),
+                                    default=config == TinyConfig(), retrain=retrain, verbose=verbose)
     if verbose:
         print(f"tiny pair: {root} (teacher accuracy {card['teacher']['eval_accuracy']}, "
               f"student {card['student']['eval_accuracy']})")
@@ -293,26 +252,7 @@ def save_random_pair(directory, seed: int = 0, student: ModelSize = ModelSize(16
 
 def main(argv=None) -> int:
     """``python -m vopd_analysis.tiny [--retrain] [--out DIR]``: check the committed pair, or retrain it."""
-    import argparse
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--retrain", action="store_true", help="train the pair from scratch (minutes on 2 cores)")
-    parser.add_argument("--out", help="with --retrain: folder for the new pair (default .cache/vopd_tiny/<hash>)")
-    args = parser.parse_args(argv)
-    if not args.retrain:
-        card = verify_pair(COMMITTED)
-        print(f"committed tiny pair {COMMITTED}: {len(card['files'])} files match their sha256")
-        return 0
-    if args.out:
-        if (Path(args.out) / CARD).exists():
-            raise InputError(f"{args.out} already holds a pair; choose another --out")
-        card = train_pair(args.out)
-        if (COMMITTED / CARD).is_file() and Path(args.out).resolve() != COMMITTED:
-            diff = differences(card, verify_pair(COMMITTED))
-            print("identical to the committed pair" if not diff else
-                  "differs from the committed pair: " + "; ".join(diff))
-        return 0
-    load_or_train_pair(retrain=True)
-    return 0
+    return PAIR.main(argv, main.__doc__, train_pair, lambda: load_or_train_pair(retrain=True))
 
 
 if __name__ == "__main__":
