@@ -410,6 +410,61 @@ def _shared_vocab(width: int, vocab_size: Optional[int], role: str = "student") 
     return vocab_size
 
 
+# ----------------------------------------------------------------------------- what the distributions look like
+
+@torch.no_grad()
+def token_distribution_statistics(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                                  top_k: Sequence[int] = (1, 16, 256),
+                                  chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
+    """Per-token means over the M rows of ``[M, V]`` student and teacher logits, in float32 chunks:
+
+    * ``teacher_entropy``     H(pi_T) = -sum_v p_v log p_v (nats), p = softmax(teacher row);
+    * ``teacher_top{k}_mass`` the probability of the teacher's k most likely tokens (1 when k >= V);
+    * ``reverse_kl``          KL(pi || pi_T) = sum_v q_v (log q_v - log p_v), q = softmax(student row);
+    * ``student_entropy``     H(pi);
+
+    plus ``tokens`` (M) and ``vocab_size`` (V). Uniform teacher logits give entropy log V and
+    top-k mass k / V; identical rows give reverse KL 0.
+    """
+    M, V = teacher_logits.shape
+    if student_logits.shape != teacher_logits.shape or M == 0:
+        raise InputError(f"need equal non-empty [M, V] student and teacher logits, got {tuple(student_logits.shape)} "
+                         f"and {tuple(teacher_logits.shape)}")
+    sums = {"teacher_entropy": 0.0, "student_entropy": 0.0, "reverse_kl": 0.0,
+            **{f"teacher_top{k}_mass": 0.0 for k in top_k}}
+    for a in range(0, M, chunk_tokens):
+        logp = torch.log_softmax(teacher_logits[a:a + chunk_tokens].float(), dim=-1)
+        logq = torch.log_softmax(student_logits[a:a + chunk_tokens].float(), dim=-1)
+        p, q = logp.exp(), logq.exp()
+        sums["teacher_entropy"] += float(-(p * logp).sum(-1).double().sum())
+        sums["student_entropy"] += float(-(q * logq).sum(-1).double().sum())
+        sums["reverse_kl"] += float((q * (logq - logp)).sum(-1).double().sum())
+        for k in top_k:
+            sums[f"teacher_top{k}_mass"] += float(torch.topk(p, min(k, V), dim=-1).values.sum(-1).double().sum())
+    return {**{name: total / M for name, total in sums.items()}, "tokens": M, "vocab_size": V}
+
+
+@torch.no_grad()
+def distribution_statistics(student, teacher, tokenizer, prompts: Sequence[str], num_rollouts: int,
+                            max_new_tokens: int, seed: Optional[int] = None, vocab_size: Optional[int] = None,
+                            top_k: Sequence[int] = (1, 16, 256), chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
+    """What the estimators see: ``token_distribution_statistics`` at every response token of
+    ``num_rollouts`` student samples per prompt (``generate_rollouts`` with ``seed``), the teacher
+    and the student both conditioned on the student's own prefix. Adds ``teacher_token_logprob``,
+    the mean of log pi_T(y_t | s_t) over the sampled tokens, and ``mean_response_tokens``."""
+    rollouts = generate_rollouts(student, tokenizer, prompts, num_rollouts, max_new_tokens, seed=seed,
+                                 vocab_size=vocab_size)
+    was_training = student.training
+    student.eval()
+    batch = score(student, teacher, rollouts, ["full_kl"], vocab_size=vocab_size, chunk_tokens=chunk_tokens)
+    student.train(was_training)
+    keep = batch.mask.bool()
+    out = token_distribution_statistics(batch.student_logits[keep], batch.teacher_logits[keep], top_k, chunk_tokens)
+    out["teacher_token_logprob"] = float(batch.teacher_token_logprobs[keep].double().mean())
+    out["mean_response_tokens"] = float(rollouts.response_mask.sum(1).double().mean())
+    return out
+
+
 # ----------------------------------------------------------------------------- tiny random models (tests, demos)
 
 def char_tokenizer(chars: str = "0123456789+= abcdefghijklmnopqrstuvwxyz", specials=("<pad>", "<eos>", "<unk>")):
