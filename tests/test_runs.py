@@ -51,10 +51,12 @@ def test_run_writes_summary_and_says_where(pair, tmp_path, monkeypatch, one_thre
     assert summary["label"] == "vopd_topk-k4" and summary["estimator"] == "vopd_topk"
     assert summary["estimator_params"] == {"k": 4} and summary["seed"] == 0
     assert summary["steps_done"] == 2 and summary["skipped_steps"] == 0 and summary["resumed_from_step"] == 0
-    assert summary["first_eval"] == {k: evals[0][k] for k in ("step", "eval_accuracy", "eval_reverse_kl")}
+    assert summary["first_eval"] == {k: evals[0][k] for k in ("step", "eval_accuracy", "eval_reverse_kl",
+                                                                "eval_teacher_logprob")}
     assert summary["last_eval"]["step"] == 2 and summary["last_eval"]["eval_reverse_kl"] == evals[-1]["eval_reverse_kl"]
     assert summary["wall_seconds"] > summary["train_seconds"] > 0
-    assert "nats" in summary["units"]["eval_reverse_kl"]
+    assert "nats" in summary["units"]["eval_reverse_kl"] and "nats" in summary["units"]["eval_teacher_logprob"]
+    assert all(r["eval_teacher_logprob"] < 0 for r in evals)
     assert summary["config"] == {**json.loads((out / "config.json").read_text()), "max_new_tokens": 8}
     for key in ("metrics_jsonl", "metrics_csv", "curves_png", "final_model"):
         assert Path(summary[key]).exists(), key

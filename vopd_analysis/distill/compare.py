@@ -10,7 +10,8 @@ differ by seed. For each label the final evaluation of each seed (its last eval 
   the same interval for mean(d) and the two-sided paired t-test p-value
   2 P(T_{n-1} > |mean(d)| / (sd(d) / sqrt(n)))  (``paired_difference``).
 
-With fewer than two values the interval and p-value are NaN. The formulae live in
+With fewer than two values the interval and p-value are NaN; so is every accuracy entry of runs on
+a task without a verifier (the small preset), and the accuracy panels say so. The formulae live in
 ``vopd_analysis.stats``; they are re-exported here with the run readers, so that a study can
 take ``load_runs`` / ``summary_table`` / ``mean_interval`` / ``paired_difference`` from one place.
 
@@ -35,11 +36,17 @@ __all__ = ["mean_interval", "paired_difference", "run_label", "find_runs", "load
            "format_table", "plot_curves", "plot_run", "report", "main"]
 
 METRICS = {"eval_accuracy": "held-out greedy accuracy (fraction correct)",
-           "eval_reverse_kl": "held-out sequence reverse KL (nats)"}
+           "eval_reverse_kl": "held-out sequence reverse KL (nats)",
+           "eval_teacher_logprob": "teacher log-prob of student samples (nats per token)"}
 DEFAULT_REFERENCE = "opd"
 # config fields that do not change what a run measures (left out of the "runs differ in" note)
 _BOOKKEEPING = {"estimator", "estimator_params", "seed", "out_dir", "num_threads", "cache_dir", "save_every",
                 "keep_checkpoints"}
+
+
+def present(columns) -> dict:
+    """The entries of ``METRICS`` among ``columns`` (a table built by hand may lack some)."""
+    return {m: title for m, title in METRICS.items() if m in columns}
 
 
 def run_label(estimator: str, params: Optional[dict] = None) -> str:
@@ -89,7 +96,9 @@ def _read_rows(path: Path) -> list:
 
 def load_runs(paths: Iterable) -> pd.DataFrame:
     """Every eval row of the runs in ``paths``: columns estimator, label, seed, step, eval_accuracy,
-    eval_reverse_kl, run (the run folder). Two runs with the same label and seed are refused."""
+    eval_reverse_kl, eval_teacher_logprob, run (the run folder); a metric a run did not record (no
+    verifier, or a run from before the metric existed) is NaN. Two runs with the same label and seed
+    are refused."""
     frames, seen = [], {}
     for path in find_runs(paths):
         config = json.loads((path / "config.json").read_text())
@@ -144,7 +153,7 @@ def summary_table(df: pd.DataFrame, reference: Optional[str] = None, confidence:
     for label in labels:
         g = by_seed[label]
         row = {"label": label, "estimator": g["estimator"].iloc[0], "seeds": len(g), "step": int(g["step"].max())}
-        for m in METRICS:
+        for m in present(df.columns):
             row.update(zip((f"{m}_mean", f"{m}_low", f"{m}_high"), mean_interval(g[m], confidence)))
             d = {"mean": np.nan, "low": np.nan, "high": np.nan, "p_value": np.nan, "n": 0}
             if ref is not None and label != ref:
@@ -170,6 +179,11 @@ def format_table(table: pd.DataFrame, confidence: float = 0.95) -> str:
     width = max(len("estimator"), *table["label"].str.len())
     out = []
     for m, title in METRICS.items():
+        if f"{m}_mean" not in table:
+            continue
+        if not np.isfinite(table[f"{m}_mean"].to_numpy(float)).any():
+            out.append(f"{title}: none recorded" + (" (no verifier for this task)" if m == "eval_accuracy" else ""))
+            continue
         head = f"{'estimator':{width}s} {'seeds':>5s} {'step':>5s} {'mean':>8s} {pct + ' interval':>20s}"
         if ref is not None:
             head += f" {'minus ' + ref:>9s} {pct + ' interval':>20s} {'p':>7s} {'pairs':>5s}"
@@ -227,18 +241,29 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _no_values(ax, key: str) -> None:
+    """Say on an empty panel why it is empty."""
+    why = "no verifier for this task: no accuracy" if key == "eval_accuracy" else "not recorded"
+    ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center", color="0.4")
+    ax.tick_params(labelbottom=False, labelleft=False, length=0)
+
+
 def plot_curves(df: pd.DataFrame, path, confidence: float = 0.95) -> Path:
-    """Eval accuracy and reverse KL against step: per label the mean over seeds with its t-interval band."""
+    """Eval accuracy, reverse KL and teacher log-prob against step: per label the mean over seeds with its
+    t-interval band."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(11, 4))
-    axes = fig.subplots(1, 2)
+    fig = Figure(figsize=(16, 4))
+    metrics = present(df.columns)
+    axes = fig.subplots(1, len(metrics))
     seeds = df.groupby("label")["seed"].nunique()
     for label, g in df.groupby("label", sort=False):
-        for ax, m in zip(axes, METRICS):
+        for ax, m in zip(axes, metrics):
             steps = sorted(g["step"].unique())
             band = np.array([mean_interval(g.loc[g["step"] == s, m], confidence) for s in steps])
             _band(ax, steps, band[:, 0], band[:, 1], band[:, 2], f"{label} ({seeds[label]} seeds)")
-    for ax, title in zip(axes, METRICS.values()):
+    for ax, (m, title) in zip(axes, metrics.items()):
+        if not np.isfinite(df[m].to_numpy(float)).any():
+            _no_values(ax, m)
         ax.set_xlabel("step")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
@@ -248,22 +273,26 @@ def plot_curves(df: pd.DataFrame, path, confidence: float = 0.95) -> Path:
 
 
 def plot_run(rows: list, path, title: str = "") -> Path:
-    """One run's curves: eval accuracy, eval reverse KL and the training reverse KL against step."""
+    """One run's curves: eval accuracy, eval reverse KL, eval teacher log-prob and the training reverse
+    KL against step."""
     from matplotlib.figure import Figure
     evals = [r for r in rows if r["kind"] == "eval"]
     train = [r for r in rows if r["kind"] == "train"]
-    fig = Figure(figsize=(13, 3.8))
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(17, 3.8))
+    axes = fig.subplots(1, len(METRICS) + 1)
     nan = float("nan")
     for ax, key in zip(axes, METRICS):
-        ax.plot([r["step"] for r in evals], [nan if r[key] is None else r[key] for r in evals], marker="o")
+        values = [nan if r.get(key) is None else r[key] for r in evals]
+        ax.plot([r["step"] for r in evals], values, marker="o")
+        if not any(v == v for v in values):
+            _no_values(ax, key)
         ax.set_title(METRICS[key], fontsize=10)
     steps = [r["step"] for r in train]
-    axes[2].plot(steps, [r["reverse_kl_sampled"] for r in train], label="sampled: sum_t log pi/pi_T")
+    axes[-1].plot(steps, [r["reverse_kl_sampled"] for r in train], label="sampled: sum_t log pi/pi_T")
     if any(r["reverse_kl"] == r["reverse_kl"] for r in train):
-        axes[2].plot(steps, [r["reverse_kl"] for r in train], label="exact per-token KL, summed")
-    axes[2].set_title("training rollouts' reverse KL (nats per sequence)", fontsize=10)
-    axes[2].legend(fontsize=8)
+        axes[-1].plot(steps, [r["reverse_kl"] for r in train], label="exact per-token KL, summed")
+    axes[-1].set_title("training rollouts' reverse KL (nats per sequence)", fontsize=10)
+    axes[-1].legend(fontsize=8)
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -1,4 +1,5 @@
-"""Held-out evaluation of a student: verifier accuracy (greedy) and the exact reverse KL.
+"""Held-out evaluation of a student: verifier accuracy (greedy), the exact reverse KL and the
+teacher's log-likelihood of the student's samples.
 
 The reverse KL reported is the exact per-token one summed over each sampled response,
 
@@ -6,6 +7,10 @@ The reverse KL reported is the exact per-token one summed over each sampled resp
 
 averaged over one rollout per prompt: an unbiased estimate of the sequence-level
 reverse KL J(theta) = E_y[sum_t KL_t(s_t)] with the per-token sums done exactly.
+On the same samples, the teacher log-likelihood is sum_t log pi_T(y_t | s_t) over all
+sampled tokens (EOS included) divided by their number: nats per token, higher is better.
+Accuracy needs a verifier: prompts that cannot be graded (no answer and not the built-in
+task's, e.g. the small preset's text prompts) are not decoded greedily and count as ungraded.
 """
 
 from __future__ import annotations
@@ -50,19 +55,31 @@ def sampled_reverse_kl(batch) -> torch.Tensor:
     return (batch.mask.to(l.dtype) * l).sum(-1)
 
 
+def gradable(record: dict) -> bool:
+    """Whether ``tasks.verify`` can grade a response to ``record`` (any response: the empty one)."""
+    return tasks.verify(record, "") is not None
+
+
 @torch.no_grad()
 def evaluate_shard(student, teacher, tokenizer, records: Sequence[dict], max_new_tokens: int, seed: int,
                    vocab_size: Optional[int] = None, batch_size: int = 64) -> torch.Tensor:
-    """Sums over this process's records: [correct, graded, sum of KL_seq, sequences]."""
-    sums = torch.zeros(4, dtype=torch.float64)
+    """Sums over this process's records: [correct, graded, sum of KL_seq, sequences,
+    sum of teacher log-probs of the sampled tokens, sampled tokens]."""
+    sums = torch.zeros(6, dtype=torch.float64)
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         prompts = [r["prompt"] for r in chunk]
-        grades = [tasks.verify(r, t) for r, t in
-                  zip(chunk, greedy_responses(student, tokenizer, prompts, max_new_tokens, vocab_size))]
+        grades = []
+        if any(gradable(r) for r in chunk):
+            grades = [tasks.verify(r, t) for r, t in
+                      zip(chunk, greedy_responses(student, tokenizer, prompts, max_new_tokens, vocab_size))]
         rollouts = hf.generate_rollouts(student, tokenizer, prompts, 1, max_new_tokens, seed=seed + i,
                                         vocab_size=vocab_size)
-        kl = sequence_reverse_kl(hf.score(student, teacher, rollouts, ["full_kl"], vocab_size=vocab_size))
+        batch = hf.score(student, teacher, rollouts, ["full_kl"], vocab_size=vocab_size)
+        kl = sequence_reverse_kl(batch)
+        mask = batch.mask.to(torch.float64)
         sums += torch.tensor([sum(g is True for g in grades), sum(g is not None for g in grades),
-                              float(kl.sum()), len(chunk)], dtype=torch.float64)
+                              float(kl.sum()), len(chunk),
+                              float((mask * batch.teacher_token_logprobs.to(torch.float64)).sum()), float(mask.sum())],
+                             dtype=torch.float64)
     return sums

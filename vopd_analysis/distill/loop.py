@@ -10,7 +10,8 @@ Each step, on every process (``accelerate launch`` gives each its share of the p
 
 A non-finite loss or gradient norm skips the update (on every process) with a warning, and
 no checkpoint is written at a skipped step. Evaluation on held-out prompts reports greedy
-verifier accuracy and the exact reverse KL of student samples (``evaluate.py``). Metrics go
+verifier accuracy (where the task has a verifier), the exact reverse KL of student samples and
+the teacher's log-likelihood of them (``evaluate.py``). Metrics go
 to ``metrics.jsonl`` / ``metrics.csv``; checkpoints (``checkpoint.py``) make ``--resume``
 give exactly the metrics of an uninterrupted run: rollout seeds depend only on
 (seed, step, process), and optimizer, scheduler and RNG states are restored. A finished
@@ -18,6 +19,7 @@ run writes ``summary.json`` (config, first and last evaluation, wall time, paths
 ``curves.png``; a run without ``summary.json`` is unfinished.
 
     vopd distill --preset tiny --estimator vopd --out runs/tiny-vopd   # ~2 min on 2 cores
+    vopd distill --preset small --estimator vopd --out runs/small-vopd # text, 8,192-token vocabulary
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \
         -m vopd_analysis.distill.loop --preset tiny ...                # 2 CPU processes (gloo)
     accelerate launch --num_processes 8 -m vopd_analysis.distill.loop ...   # 8 GPUs
@@ -39,12 +41,12 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .. import estimators as est
-from .. import hf, tasks
+from .. import hf, small, tasks, tiny
 from ..batch import InputError
 from . import checkpoint as ckpt
 from .evaluate import evaluate_shard, sampled_reverse_kl, sequence_reverse_kl
@@ -54,7 +56,7 @@ from .evaluate import evaluate_shard, sampled_reverse_kl, sequence_reverse_kl
 class DistillConfig:
     student: Optional[str] = None          # path or hub id; the preset's student if None
     teacher: Optional[str] = None
-    preset: Optional[str] = "tiny"         # built-in task + tiny models ("tiny"), or None with prompts
+    preset: Optional[str] = "tiny"         # a built-in task with its models (PRESETS), or None with prompts
     prompts: Optional[str] = None          # JSONL {"prompt", "answer"?}, replaces the preset's prompts
     eval_prompts: Optional[str] = None     # JSONL; default: the preset's eval split or a held-out slice
     num_eval: int = 200
@@ -64,7 +66,7 @@ class DistillConfig:
     steps: int = 500
     prompts_per_step: int = 32             # over all processes
     rollouts_per_prompt: int = 4
-    max_new_tokens: Optional[int] = None   # default: the preset's answer length, else 256
+    max_new_tokens: Optional[int] = None   # default: the preset's response length, else 256
     temperature: float = 1.0
     top_p: float = 1.0
     lr: float = 3e-4
@@ -85,6 +87,28 @@ class DistillConfig:
 RESUMABLE = {"steps", "eval_every", "save_every", "keep_checkpoints", "out_dir", "num_threads", "num_eval"}
 
 
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A built-in task with its committed student/teacher pair."""
+
+    help: str
+    load_pair: Callable        # (cache_dir, verbose) -> (student path, teacher path, tokenizer)
+    train_prompts: Callable    # (n, seed) -> n records {"prompt", ...}
+    eval_prompts: Callable     # (n, seed) -> n held-out records
+    max_new_tokens: int        # default response length
+
+
+PRESETS = {
+    "tiny": Preset("3-digit addition with written carries, tiny Qwen2 pair, 16-token vocabulary (graded)",
+                   lambda cache_dir, verbose: tiny.load_or_train_pair(cache_dir, verbose=verbose),
+                   tasks.train_prompts, tasks.eval_prompts, tasks.DEFAULT_TASK.response_tokens),
+    "small": Preset(f"continue Python documentation for {small.RESPONSE_TOKENS} tokens, small Qwen2 pair, "
+                    "8,192-token BPE vocabulary (no verifier: no accuracy)",
+                    lambda cache_dir, verbose: small.load_or_train_pair(verbose=verbose),
+                    small.train_prompts, small.eval_prompts, small.RESPONSE_TOKENS),
+}
+
+
 # ----------------------------------------------------------------------------- setup
 
 def check_config(cfg: DistillConfig, world: int) -> dict:
@@ -96,8 +120,8 @@ def check_config(cfg: DistillConfig, world: int) -> dict:
     if spec.group:
         params.setdefault("group_size", cfg.rollouts_per_prompt)
     params = spec.params(**params)
-    if cfg.preset not in (None, "tiny"):
-        raise InputError(f"unknown preset '{cfg.preset}'; the only preset is 'tiny'")
+    if cfg.preset is not None and cfg.preset not in PRESETS:
+        raise InputError(f"unknown preset '{cfg.preset}'; presets: {', '.join(PRESETS)}")
     if cfg.preset is None and (cfg.prompts is None or cfg.student is None or cfg.teacher is None):
         raise InputError("without a preset give --prompts FILE.jsonl, --student and --teacher")
     if cfg.steps < 1 or cfg.prompts_per_step < 1 or cfg.rollouts_per_prompt < 1:
@@ -124,13 +148,13 @@ class Prompts:
             self.eval = [self.records[i] for i in order[:n_eval]]
             self.records = [self.records[i] for i in order[n_eval:]]
         if self.eval is None:
-            self.eval = tasks.eval_prompts(cfg.num_eval, seed=0)
+            self.eval = PRESETS[cfg.preset].eval_prompts(cfg.num_eval, seed=0)
 
     def train(self, step: int) -> list:
         """The ``prompts_per_step`` records of step ``step`` (1-based), over all processes."""
         P = self.cfg.prompts_per_step
         if self.records is None:
-            return tasks.train_prompts(P, seed=self.cfg.seed * 1_000_003 + step)
+            return PRESETS[self.cfg.preset].train_prompts(P, seed=self.cfg.seed * 1_000_003 + step)
         n, out = len(self.records), []
         for i in range((step - 1) * P, step * P):
             epoch, j = divmod(i, n)
@@ -140,11 +164,10 @@ class Prompts:
 
 
 def model_paths(cfg: DistillConfig, accelerator):
-    """(student, teacher) paths: the config's, or the tiny preset's (trained once, on the main process)."""
-    if cfg.preset == "tiny" and (cfg.student is None or cfg.teacher is None):
-        from .. import tiny
+    """(student, teacher) paths: the config's, or the preset's (checked, or trained, on the main process first)."""
+    if cfg.preset is not None and (cfg.student is None or cfg.teacher is None):
         with accelerator.main_process_first():
-            student, teacher, _ = tiny.load_or_train_pair(cfg.cache_dir, verbose=accelerator.is_main_process)
+            student, teacher, _ = PRESETS[cfg.preset].load_pair(cfg.cache_dir, accelerator.is_main_process)
         return cfg.student or student, cfg.teacher or teacher
     return cfg.student, cfg.teacher
 
@@ -297,7 +320,8 @@ def step_row(run, step, batch, rollouts, records, loss, grad_norm, skipped, time
 
 
 def evaluate(run, step: int) -> dict:
-    """Held-out greedy accuracy and exact reverse KL, over all processes' shares of the eval set."""
+    """Held-out greedy accuracy (None if nothing could be graded), exact reverse KL and the teacher's
+    mean log-prob per sampled token, over all processes' shares of the eval set."""
     acc = run.accelerator
     shard = run.prompts.eval[acc.process_index::acc.num_processes]
     with acc.autocast():
@@ -306,13 +330,15 @@ def evaluate(run, step: int) -> dict:
                                vocab_size=run.vocab_size)
     s = acc.reduce(local.to(acc.device), "sum").tolist()
     return {"kind": "eval", "step": step, "eval_accuracy": s[0] / s[1] if s[1] else None,
-            "eval_reverse_kl": s[2] / s[3] if s[3] else None}
+            "eval_reverse_kl": s[2] / s[3] if s[3] else None, "eval_teacher_logprob": s[4] / s[5] if s[5] else None}
 
 
 # ----------------------------------------------------------------------------- the summary
 
-UNITS = {"eval_accuracy": "fraction of held-out prompts answered correctly (greedy decoding)",
+EVAL_KEYS = ("step", "eval_accuracy", "eval_reverse_kl", "eval_teacher_logprob")
+UNITS = {"eval_accuracy": "fraction of held-out prompts answered correctly (greedy decoding); null without a verifier",
          "eval_reverse_kl": "nats per sequence: exact per-token reverse KL summed over one student sample",
+         "eval_teacher_logprob": "nats per token: the teacher's mean log-prob of the student sample's tokens",
          "wall_seconds": "seconds of this invocation (a resumed run's earlier part not included)",
          "train_seconds": "seconds in rollouts, teacher and student over all steps done"}
 
@@ -330,7 +356,7 @@ def write_summary(run, rows: list, resumed_from: int, wall_seconds: float) -> di
     from .compare import plot_run, run_label
     cfg, out = run.cfg, Path(run.cfg.out_dir)
     train = [r for r in rows if r["kind"] == "train"]
-    evals = [{k: r[k] for k in ("step", "eval_accuracy", "eval_reverse_kl")} for r in rows if r["kind"] == "eval"]
+    evals = [{k: r.get(k) for k in EVAL_KEYS} for r in rows if r["kind"] == "eval"]
     label = run_label(cfg.estimator, cfg.estimator_params)
     plot_run(rows, out / "curves.png", title=f"{label}, seed {cfg.seed}")
     summary = {"label": label, "estimator": cfg.estimator, "estimator_params": run.params, "seed": cfg.seed,
@@ -347,18 +373,21 @@ def write_summary(run, rows: list, resumed_from: int, wall_seconds: float) -> di
 
 def summary_lines(summary: dict, path: Path) -> list:
     """The run's closing console lines: what it reached, in which units, and where its files are."""
-    def acc(e):
-        return "n/a" if e["eval_accuracy"] is None else f"{e['eval_accuracy']:.3f}"
+    def value(e, key, fmt):
+        return "n/a" if e.get(key) is None else format(e[key], fmt)
 
-    def kl(e):
-        return "n/a" if e["eval_reverse_kl"] is None else f"{e['eval_reverse_kl']:.4g}"
+    def change(key, fmt):
+        return f"{value(first, key, fmt)} -> {value(last, key, fmt)}"
 
     lines = [f"done: {summary['label']} seed {summary['seed']}, {summary['steps_done']} steps "
              f"({summary['skipped_steps']} skipped), {summary['wall_seconds']:.1f} s"]
     first, last = summary["first_eval"], summary["last_eval"]
     if first:
-        lines.append(f"eval (held-out) step {first['step']} -> {last['step']}: greedy accuracy {acc(first)} -> "
-                     f"{acc(last)}, reverse KL {kl(first)} -> {kl(last)} nats per sequence")
+        graded = first.get("eval_accuracy") is not None or last.get("eval_accuracy") is not None
+        lines.append(f"eval (held-out) step {first['step']} -> {last['step']}: "
+                     + (f"greedy accuracy {change('eval_accuracy', '.3f')}, " if graded else "")
+                     + f"reverse KL {change('eval_reverse_kl', '.4g')} nats per sequence, "
+                     f"teacher log-prob {change('eval_teacher_logprob', '.4g')} nats per token")
     return lines + [f"metrics: {summary['metrics_jsonl']}, {summary['metrics_csv']}", f"summary: {path}",
                     f"curves:  {summary['curves_png']}"]
 
@@ -416,7 +445,7 @@ def setup(cfg: DistillConfig, resume: bool):
     if cfg.bf16 and on_gpu:
         pair.teacher.to(torch.bfloat16)
     if cfg.max_new_tokens is None:
-        cfg.max_new_tokens = tasks.DEFAULT_TASK.response_tokens if cfg.prompts is None else 256
+        cfg.max_new_tokens = PRESETS[cfg.preset].max_new_tokens if cfg.prompts is None else 256
     pair.student.train()
     decay = [p for p in pair.student.parameters() if p.dim() >= 2]
     no_decay = [p for p in pair.student.parameters() if p.dim() < 2]
@@ -433,6 +462,12 @@ def setup(cfg: DistillConfig, resume: bool):
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
     return run, start, Metrics(out_dir, rows, acc.is_main_process)
+
+
+def eval_postfix(row: dict) -> dict:
+    """The progress bar's view of an eval row (accuracy only where the task is graded)."""
+    out = {} if row["eval_accuracy"] is None else {"acc": f"{row['eval_accuracy']:.3f}"}
+    return {**out, "kl": f"{row['eval_reverse_kl']:.3f}", "teacher_lp": f"{row['eval_teacher_logprob']:.3f}"}
 
 
 def run(cfg: DistillConfig, resume: bool = False) -> dict:
@@ -455,7 +490,7 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
         metrics.log(row)
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
             metrics.log(evaluate(run_, step))
-            bar.set_postfix(acc=f"{metrics.rows[-1]['eval_accuracy']}", kl=f"{metrics.rows[-1]['eval_reverse_kl']:.3f}")
+            bar.set_postfix(eval_postfix(metrics.rows[-1]))
         else:
             bar.set_postfix(loss=f"{row['loss']:.3f}", kl=f"{row['reverse_kl_sampled']:.3f}")
         bar.update(1)
@@ -487,7 +522,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                             "Defaults: " + ", ".join(f"{f.name}={f.default!r}" for f in
                                                                      dataclasses.fields(DistillConfig)
                                                                      if f.name != "estimator_params"))
-    p.add_argument("--preset", choices=["tiny"], help="built-in addition task with tiny Qwen2 models")
+    p.add_argument("--preset", choices=list(PRESETS), help="built-in task with its committed pair: " + "; ".join(
+        f"{name}: {preset.help}" for name, preset in PRESETS.items()))
     p.add_argument("--prompts", help="JSONL of {\"prompt\": ..., \"answer\": ...} (answer optional)")
     p.add_argument("--eval-prompts", dest="eval_prompts", help="held-out JSONL for evaluation")
     p.add_argument("--student", help="student model directory or hub id")
@@ -513,7 +549,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--save-every", dest="save_every", type=int)
     p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int)
     p.add_argument("--out", dest="out_dir")
-    p.add_argument("--cache-dir", dest="cache_dir", help="where the tiny preset's models are cached")
+    p.add_argument("--cache-dir", dest="cache_dir", help="where the tiny preset's retrained models are cached")
     p.add_argument("--num-threads", dest="num_threads", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     return p
