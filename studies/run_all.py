@@ -12,8 +12,8 @@ import time
 
 from tqdm import tqdm
 
-STUDIES = ["unbiasedness", "variance_landscape", "baseline_quality", "topk", "sequence_bias", "training_dynamics",
-           "llm_variance", "variance_training", "distill_tiny"]
+STUDIES = ["unbiasedness", "test_calibration", "variance_landscape", "baseline_quality", "topk", "sequence_bias",
+           "training_dynamics", "llm_variance", "variance_training", "distill_tiny"]
 
 
 def study(name: str):

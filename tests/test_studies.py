@@ -7,13 +7,17 @@ import pandas as pd
 import pytest
 
 from studies import baseline_quality, run_all, sequence_bias, topk, training_dynamics, unbiasedness
+from studies import test_calibration as calibration
 from studies import variance_landscape
 from synthetic.tree import make_tree
 from vopd_analysis.baselines import baseline_quality as quality
 
 TINY = {
-    "unbiasedness": (unbiasedness, {"envs": ["bandit", "tree_coupled"], "mc_samples": 300},
+    "unbiasedness": (unbiasedness, {"envs": ["bandit", "tree_coupled"], "mc_samples": 3000},  # 300: too few for a verdict
                      ["env", "estimator", "claimed_target", "rel_bias_token", "rel_bias_sequence", "mc_p", "mc_reject"]),
+    "test_calibration": (calibration, {"envs": ["bandit", "tree_coupled"], "ns": [300], "reps": 4,
+                                       "group_ns": [300], "group_reps": 2, "biased": ["topk_kl"]},
+                         ["env", "estimator", "n", "reject_rate", "inconclusive_rate", "reject_given_verdict"]),
     "variance_landscape": (variance_landscape, {"seeds": [0], "sweeps": {"divergence": [0.5, 2.0], "horizon": [1, 2]}},
                            ["knob", "value", "seed", "estimator", "total_variance", "ratio_to_opd"]),
     "baseline_quality": (baseline_quality, {"vocab": [3], "horizon": [2], "divergence": [1.0, 4.0],

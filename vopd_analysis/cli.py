@@ -105,7 +105,8 @@ def cmd_mc(args) -> None:
         tq = exact.tree_quantities(tree)
         for label, vector in (("token", tq.grad_token), ("sequence", tq.grad_sequence)):
             test = mc.unbiasedness_test(draws, vector.numpy().ravel(), alpha=args.alpha, seed=args.seed)
-            out[f"test_{label}"] = {"statistic": test.statistic, "p_value": test.p_value, "reject": test.reject}
+            out[f"test_{label}"] = {"reject": test.reject, "inconclusive": test.inconclusive, "p_value": test.p_value,
+                                    "statistic": test.statistic, "draws_needed": test.draws_needed}
     if args.json:
         print(json.dumps(out))
         return
@@ -113,7 +114,8 @@ def cmd_mc(args) -> None:
     for label in ("token", "sequence"):
         if f"test_{label}" in out:
             t = out[f"test_{label}"]
-            verdict = "REJECT unbiasedness" if t["reject"] else "consistent with unbiased"
+            verdict = (f"inconclusive: need about {t['draws_needed']} draws" if t["inconclusive"] else
+                       "REJECT unbiasedness" if t["reject"] else "consistent with unbiased")
             print(f"  vs {label:8s} target: p = {t['p_value']:.3g} at alpha = {args.alpha}: {verdict}")
 
 
