@@ -13,7 +13,7 @@ import time
 from tqdm import tqdm
 
 STUDIES = ["unbiasedness", "test_calibration", "variance_landscape", "baseline_quality", "topk", "sequence_bias",
-           "training_dynamics", "llm_variance", "variance_training", "distill_tiny"]
+           "training_dynamics", "pair_statistics", "llm_variance", "variance_training", "distill_tiny"]
 
 
 def study(name: str):
