@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vopd_analysis import stats, tiny
-from vopd_analysis.distill.loop import DistillConfig, run as distill
+from vopd_analysis import stats
+from vopd_analysis.distill.loop import PRESETS, DistillConfig, run as distill
 
 from . import common
 
@@ -44,10 +44,13 @@ DEFAULTS = {
              "lr": 1e-3, "prompts_per_step": 16},
 }
 REFERENCE = "opd"
+# eval metrics kept in the table: column -> (short name in the summary, axis label)
+METRICS = {"eval_accuracy": ("acc", "held-out greedy accuracy"),
+           "eval_reverse_kl": ("kl", "sequence reverse KL (nats)")}
 
 
 def run_config(config: dict, name: str, params: dict, seed: int, work: str) -> DistillConfig:
-    return DistillConfig(preset="tiny", estimator=name, estimator_params=dict(params), seed=seed,
+    return DistillConfig(preset=config.get("preset", "tiny"), estimator=name, estimator_params=dict(params), seed=seed,
                          steps=config["steps"], eval_every=config["eval_every"], num_eval=config["num_eval"],
                          lr=config["lr"], prompts_per_step=config["prompts_per_step"],
                          rollouts_per_prompt=config["rollouts_per_prompt"], save_every=config.get("save_every", 50),
@@ -63,11 +66,11 @@ def one_run(cfg: DistillConfig) -> list:
     return distill(cfg, resume=(out / "config.json").exists())["rows"]
 
 
-def run_table(rows: list, name: str, seed: int) -> tuple:
+def run_table(rows: list, name: str, seed: int, metrics=tuple(METRICS)) -> tuple:
     """(eval rows tagged with estimator and seed, training wall seconds)."""
     rows = pd.DataFrame(rows)
     train = rows[rows["kind"] == "train"]
-    evals = rows[rows["kind"] == "eval"][["step", "eval_accuracy", "eval_reverse_kl"]]
+    evals = rows[rows["kind"] == "eval"][["step", *metrics]]
     seconds = float((train["time_rollout"] + train["time_teacher"] + train["time_student"]).sum())
     return evals.assign(estimator=name, seed=seed), seconds
 
@@ -88,11 +91,11 @@ def compute(config: dict) -> tuple:
                 results = list(pool.map(one_run, cfgs))
         else:
             results = [one_run(cfg) for cfg in cfgs]
-    frames, seconds = [], {}
+    frames, seconds, metrics = [], {}, config.get("metrics", list(METRICS))
     for ((name, _), seed), rows in zip(plan, results):
-        evals, seconds[f"{name}/seed{seed}"] = run_table(rows, name, seed)
+        evals, seconds[f"{name}/seed{seed}"] = run_table(rows, name, seed, metrics)
         frames.append(evals)
-    table = pd.concat(frames, ignore_index=True)[["estimator", "seed", "step", "eval_accuracy", "eval_reverse_kl"]]
+    table = pd.concat(frames, ignore_index=True)[["estimator", "seed", "step", *metrics]]
     return table, seconds
 
 
@@ -102,18 +105,18 @@ def steps_to_threshold(curve: pd.DataFrame, threshold: float) -> float:
     return float(hit["step"].min()) if len(hit) else float("nan")
 
 
-def summary(df: pd.DataFrame, threshold: float, reference: str = REFERENCE) -> pd.DataFrame:
-    """Per estimator over seeds: start and final accuracy and reverse KL (mean, 95% t-interval), the paired
+def summary(df: pd.DataFrame, threshold: float, reference: str = REFERENCE, metrics: dict = METRICS) -> pd.DataFrame:
+    """Per estimator over seeds: start and final value of each metric (mean, 95% t-interval), the paired
     difference of the final values to ``reference`` (mean, interval, p-value), and steps to ``threshold``."""
+    metrics = {m: v for m, v in metrics.items() if m in df}
     last = df[df["step"] == df["step"].max()].set_index(["estimator", "seed"])
     first = df[df["step"] == 0].set_index(["estimator", "seed"])
     reach = {key: steps_to_threshold(g, threshold) for key, g in df.groupby(["estimator", "seed"])}
     out = []
     for name in dict.fromkeys(df["estimator"]):
         row = {"estimator": name, "seeds": int(len(last.loc[name])),
-               "acc_start": float(first.loc[name, "eval_accuracy"].mean()),
-               "kl_start": float(first.loc[name, "eval_reverse_kl"].mean())}
-        for metric, short in (("eval_accuracy", "acc"), ("eval_reverse_kl", "kl")):
+               **{f"{short}_start": float(first.loc[name, m].mean()) for m, (short, _) in metrics.items()}}
+        for metric, (short, _) in metrics.items():
             mean, low, high = stats.mean_interval(last.loc[name, metric])
             row.update({f"{short}_end": mean, f"{short}_end_low": low, f"{short}_end_high": high})
             if reference in last.index.get_level_values(0) and name != reference:
@@ -129,8 +132,8 @@ def summary(df: pd.DataFrame, threshold: float, reference: str = REFERENCE) -> p
     return pd.DataFrame(out)
 
 
-def report(df: pd.DataFrame, config: dict) -> common.Report:
-    table = summary(df, config["kl_threshold"])
+def report(df: pd.DataFrame, config: dict, metrics: dict = METRICS) -> common.Report:
+    table = summary(df, config["kl_threshold"], metrics=metrics)
     head = (f"{df['seed'].nunique()} paired seeds, {df['step'].max()} steps; differences are estimator - {REFERENCE} "
             f"on the same seeds; steps_to_kl: first evaluation with reverse KL <= {config['kl_threshold']} nats")
     if df["seed"].nunique() < 5:
@@ -139,25 +142,26 @@ def report(df: pd.DataFrame, config: dict) -> common.Report:
     return common.Report(text=text, extra={"summary": table.to_dict(orient="records"), "summary_note": head})
 
 
-def figure(df: pd.DataFrame):
+def figure(df: pd.DataFrame, metrics: dict = METRICS):
+    """Each metric against step: mean over seeds with a 95% bootstrap band."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (col, label) in zip(axes, [("eval_accuracy", "held-out greedy accuracy"),
-                                       ("eval_reverse_kl", "sequence reverse KL (nats)")]):
+    for ax, (col, (_, label)) in zip(axes, metrics.items()):
         sns.lineplot(df, x="step", y=col, hue="estimator", errorbar=("ci", 95), seed=0, n_boot=200, marker="o", ax=ax)
         ax.set_ylabel(label)
         ax.set_title(f"{label} (mean, 95% interval, {df['seed'].nunique()} seeds)")
-    axes[1].set_yscale("log")
+    if "eval_reverse_kl" == list(metrics)[1]:
+        axes[1].set_yscale("log")
     axes[0].get_legend().remove()
     sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     return fig
 
 
-def _with_seconds(table: pd.DataFrame, seconds: dict) -> tuple:
+def _with_seconds(table: pd.DataFrame, seconds: dict, preset: str = "tiny") -> tuple:
     """compute's (table, seconds) as run_study's (table, manifest entries: the models' hashes, the machine)."""
-    student, teacher, _ = tiny.load_or_train_pair(verbose=False)
+    student, teacher, _ = PRESETS[preset].load_pair(DistillConfig.cache_dir, False)
     return table, {"train_seconds": seconds, "machine": common.machine(),
                    "weights": common.weights_sha256({"student": student, "teacher": teacher})}
 

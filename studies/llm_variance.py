@@ -10,13 +10,15 @@ rollouts) and reported as its geometric mean over batches with a 95% interval (t
 of the log ratios, exponentiated) and the p-value of H0: ratio = 1; the per-layer ratios likewise. One batch's ratio is not a result: on the
 tiny pair it moves by a factor of two from batch to batch.
 
-Models: ``--student PATH --teacher PATH`` (hub ids or local directories, with ``--prompts
-FILE.jsonl``, cut into consecutive batches), else the committed tiny addition pair
-(``vopd_analysis.tiny.load_or_train_pair``, checked against its sha256 card), or randomly
-initialised tiny Qwen2 models with ``--random-init`` (a smoke test that needs no training).
+Models: ``--pair tiny`` (default: the committed addition pair, vocabulary 16; outputs
+``llm_variance.*``) or ``--pair small`` (the committed Python-documentation pair, vocabulary
+8,192; outputs ``llm_variance_small.*``, with vopd_topk also at k = 64 and 256), each checked
+against its sha256 card; ``--student PATH --teacher PATH`` (hub ids or local directories, with
+``--prompts FILE.jsonl``, cut into consecutive batches; outputs ``llm_variance_custom.*``); or
+randomly initialised tiny Qwen2 models with ``--random-init`` (a smoke test that needs no training).
 The manifest records the sha256 of the weights, the versions and the CPU that ran it.
 
-    python -m studies.llm_variance [--quick] [--student PATH --teacher PATH] [--prompts FILE] [--random-init]
+    python -m studies.llm_variance [--quick] [--pair small] [--student PATH --teacher PATH] [--prompts FILE]
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import pandas as pd
 
 from tqdm.auto import tqdm
 
-from vopd_analysis import hf, stats, tasks, tiny, variance
+from vopd_analysis import hf, stats, tasks, variance
 from vopd_analysis.batch import InputError
+from vopd_analysis.distill.loop import PRESETS, DistillConfig
 
 from . import common
 
@@ -41,11 +44,20 @@ ESTIMATORS = ["opd", "vopd", "vopd_topk", "full_kl", "topk_kl"]
 PER_BATCH = ["trace_cov", "variance_ratio_to_opd", "snr", "noise_scale_ref", "cosine_to_reference",
              "rel_error_to_reference"]
 DEFAULTS = {
-    "quick": {"num_batches": 8, "num_prompts": 4, "num_rollouts": 8, "max_new_tokens": 8, "estimators": ESTIMATORS,
-              "topk": 4, "num_projections": 0, "seed": 0, "dtype": None, "device": "cpu"},
-    "full": {"num_batches": 16, "num_prompts": 8, "num_rollouts": 16, "max_new_tokens": 8, "estimators": ESTIMATORS,
-             "topk": 4, "num_projections": 0, "seed": 0, "dtype": None, "device": "cpu"},
+    "quick": {"pair": "tiny", "num_batches": 8, "num_prompts": 4, "num_rollouts": 8, "estimators": ESTIMATORS,
+              "num_projections": 0, "seed": 0, "dtype": None, "device": "cpu"},
+    "full": {"pair": "tiny", "num_batches": 16, "num_prompts": 8, "num_rollouts": 16, "estimators": ESTIMATORS,
+             "num_projections": 0, "seed": 0, "dtype": None, "device": "cpu"},
 }
+# per pair: the top-k of vopd_topk and topk_kl, further k for vopd_topk alone, the response length
+PAIRS = {"tiny": {"topk": 4, "topk_extra": [], "max_new_tokens": PRESETS["tiny"].max_new_tokens},
+         "small": {"topk": 16, "topk_extra": [64, 256], "max_new_tokens": PRESETS["small"].max_new_tokens}}
+CUSTOM = {"topk": 16, "topk_extra": [], "max_new_tokens": 32}
+
+
+def output_name(config: dict) -> str:
+    """``llm_variance`` for the tiny pair, ``llm_variance_<pair>`` for another."""
+    return NAME if config["pair"] == "tiny" else f"{NAME}_{config['pair']}"
 
 
 def random_models(reason: str):
@@ -57,20 +69,23 @@ def random_models(reason: str):
     return student, teacher, "random-init tiny Qwen2"
 
 
-def default_models(random_init: bool = False):
-    """(student_path, teacher_path, source): the committed tiny pair, or random tiny Qwen2 models."""
+def default_models(pair: str, random_init: bool = False):
+    """(student_path, teacher_path, source): the committed pair of preset ``pair``, or random tiny Qwen2 models."""
     if random_init:
         return random_models("--random-init given")
-    student, teacher, _ = tiny.load_or_train_pair()
-    return student, teacher, "tiny (committed pair, vopd_analysis/pairs/tiny)"
+    if pair not in PRESETS:
+        raise InputError(f"unknown pair '{pair}'; committed pairs: {', '.join(PRESETS)}")
+    student, teacher, _ = PRESETS[pair].load_pair(DistillConfig.cache_dir, True)
+    return student, teacher, f"{pair} (committed pair, vopd_analysis/pairs/{pair})"
 
 
 def batch_prompts(config: dict, batch: int, records=None) -> list:
     """The prompts of batch ``batch``: consecutive slices of ``records`` (a JSONL file's), or
-    ``num_prompts`` training prompts of the addition task drawn with seed ``1000 seed + batch``."""
+    ``num_prompts`` training prompts of the pair's preset drawn with seed ``1000 seed + batch``."""
     n = config["num_prompts"]
     if records is None:
-        return [r["prompt"] for r in tasks.train_prompts(n, seed=1000 * config["seed"] + batch)]
+        source = PRESETS[config["pair"]].train_prompts if config["pair"] in PRESETS else tasks.train_prompts
+        return [r["prompt"] for r in source(n, seed=1000 * config["seed"] + batch)]
     if len(records) < n * config["num_batches"]:
         raise InputError(f"{config['prompts']} holds {len(records)} prompts; {config['num_batches']} batches of "
                          f"{n} need {n * config['num_batches']} (lower --num-batches or --num-prompts)")
@@ -78,14 +93,28 @@ def batch_prompts(config: dict, batch: int, records=None) -> list:
 
 
 def probe_batch(pair, config: dict, batch: int, records=None):
-    """One independent probe: (per-estimator rows, per-layer rows, mean response length), batch-tagged."""
-    k = min(config["topk"], pair.info.vocab_size)
-    result = variance.probe(pair.student, pair.teacher, pair.tokenizer, batch_prompts(config, batch, records),
-                            config["estimators"], config["num_rollouts"], max_new_tokens=config["max_new_tokens"],
-                            seed=1000 * config["seed"] + batch, vocab_size=pair.info.vocab_size,
-                            num_projections=config["num_projections"],
-                            params={n: {"k": k} for n in config["estimators"] if n in ("vopd_topk", "topk_kl")})
-    rows, layers = result.summary, result.layers
+    """One independent probe: (per-estimator rows, per-layer rows, mean response length), batch-tagged.
+
+    vopd_topk at each further k of ``topk_extra`` is probed on the same rollouts (same seed) and
+    labelled ``vopd_topk(k=K)``."""
+    prompts = batch_prompts(config, batch, records)
+
+    def one(estimators, k):
+        return variance.probe(pair.student, pair.teacher, pair.tokenizer, prompts, estimators,
+                              config["num_rollouts"], max_new_tokens=config["max_new_tokens"],
+                              seed=1000 * config["seed"] + batch, vocab_size=pair.info.vocab_size,
+                              num_projections=config["num_projections"],
+                              params={n: {"k": min(k, pair.info.vocab_size)} for n in estimators
+                                      if n in ("vopd_topk", "topk_kl")})
+
+    result = one(config["estimators"], config["topk"])
+    rows, layers = [result.summary], [result.layers]
+    for k in config.get("topk_extra") or []:
+        extra = one(["vopd_topk"], k)
+        label = f"vopd_topk(k={k})"
+        rows.append(extra.summary.assign(estimator=label))
+        layers.append(extra.layers.assign(estimator=label))
+    rows, layers = pd.concat(rows, ignore_index=True), pd.concat(layers, ignore_index=True)
     opd = rows.set_index("estimator")["trace_cov"].get("opd", float("nan"))
     rows = rows.assign(batch=batch, variance_ratio_to_opd=rows["trace_cov"] / opd)
     opd_layers = layers[layers["estimator"] == "opd"].set_index("group")["trace_cov"]
@@ -193,13 +222,17 @@ def figure(summary: pd.DataFrame, per_batch: pd.DataFrame, layers: pd.DataFrame)
 
 
 def resolve_models(cfg: dict) -> dict:
-    """Fill in the committed tiny pair (or random models) when no --student/--teacher is given."""
-    if not cfg.get("student") or not cfg.get("teacher"):
-        if cfg.get("student") or cfg.get("teacher"):
-            raise SystemExit("give both --student and --teacher, or neither (for the tiny demo pair)")
-        cfg["student"], cfg["teacher"], cfg["model_source"] = default_models(cfg.get("random_init", False))
-        cfg.setdefault("threads", 1)      # tiny models: threading overhead dominates
-    cfg.setdefault("pair", "tiny" if "committed" in cfg.get("model_source", "") else cfg.get("model_source", "custom"))
+    """Fill in the committed pair of ``cfg["pair"]`` (or random models) when no --student/--teacher is given,
+    and the pair's top-k and response length where the config does not set them."""
+    if cfg.get("student") or cfg.get("teacher"):
+        if not (cfg.get("student") and cfg.get("teacher")):
+            raise SystemExit("give both --student and --teacher, or neither (for a committed pair)")
+        cfg["pair"] = "custom"
+    else:
+        cfg["student"], cfg["teacher"], cfg["model_source"] = default_models(cfg["pair"], cfg.get("random_init", False))
+        cfg.setdefault("threads", 1)      # small models: threading overhead dominates
+    for key, value in PAIRS.get(cfg["pair"], CUSTOM).items():
+        cfg.setdefault(key, value)
     return cfg
 
 
@@ -212,13 +245,13 @@ def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot:
     summary.insert(0, "pair", cfg["pair"])
     cols = ["estimator", "ratio_gmean", "ratio_low", "ratio_high", "ratio_p_value", "batches_below_1", "cosine_mean"]
     print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    out = Path(out_dir)
+    out, name = Path(out_dir), output_name(cfg)
     out.mkdir(parents=True, exist_ok=True)
     for suffix, table in (("batches", per_batch), ("layers", layers)):
-        table.to_csv(out / f"{NAME}_{suffix}.csv", index=False, float_format=common.FLOAT_FORMAT)
-        extra[f"{suffix}_csv"] = f"{NAME}_{suffix}.csv"
+        table.to_csv(out / f"{name}_{suffix}.csv", index=False, float_format=common.FLOAT_FORMAT)
+        extra[f"{suffix}_csv"] = f"{name}_{suffix}.csv"
     fig = (lambda df: figure(df, per_batch, layers)) if plot else None
-    common.finish(NAME, summary, cfg, out_dir, quick, started, fig, extra=extra, seed=cfg["seed"])
+    common.finish(name, summary, cfg, out_dir, quick, started, fig, extra=extra, seed=cfg["seed"])
     return summary
 
 
@@ -226,6 +259,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few prompts and rollouts (minutes on a CPU)")
     parser.add_argument("--out", default="figures", help="output folder (default: figures)")
+    parser.add_argument("--pair", help=f"committed pair: {', '.join(PRESETS)} (default tiny)")
     parser.add_argument("--student", help="student hub id or local directory")
     parser.add_argument("--teacher", help="teacher hub id or local directory")
     parser.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} records (default: addition task)")
@@ -243,7 +277,8 @@ def main() -> None:
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("quick", "out")}
     started = time.perf_counter()
     df = run(quick=args.quick, out_dir=args.out, config=overrides)
-    print(f"{len(df)} rows -> {Path(args.out) / NAME}.csv/.json/.png; {time.perf_counter() - started:.1f} s")
+    name = output_name({"pair": "custom" if args.student else (args.pair or "tiny")})
+    print(f"{len(df)} rows -> {Path(args.out) / name}.csv/.json/.png; {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":
