@@ -13,7 +13,8 @@ import time
 from tqdm import tqdm
 
 STUDIES = ["unbiasedness", "test_calibration", "variance_landscape", "baseline_quality", "topk", "sequence_bias",
-           "training_dynamics", "pair_statistics", "llm_variance", "variance_training", "distill_tiny"]
+           "training_dynamics", "pair_statistics", "llm_variance", "llm_variance_small", "vocab_effect",
+           "variance_training", "distill_tiny", "distill_small"]
 
 
 def study(name: str):

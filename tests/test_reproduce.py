@@ -97,3 +97,20 @@ def test_variance_training_probes_each_checkpoint(tmp_path):
     later = df[(df["step"] == 4) & (df["estimator"] == "vopd")]["ratio_gmean"].item()
     assert later != start                                # the checkpoints are other models
     assert (tmp_path / "variance_training.png").stat().st_size > 0
+
+
+def test_vocab_effect_reads_both_pairs_and_names_a_missing_table(tmp_path):
+    from studies import vocab_effect
+    config = {"vocab": [2, 4], "seeds": [0]}
+    with pytest.raises(InputError, match="llm_variance.csv is missing"):
+        vocab_effect.run(quick=True, out_dir=tmp_path, config=config, plot=False)
+    for name in vocab_effect.REAL.values():
+        for suffix in ("", "_batches"):
+            shutil.copy(FIGURES / name.replace(".csv", f"{suffix}.csv"), tmp_path / name.replace(".csv", f"{suffix}.csv"))
+    df = vocab_effect.run(quick=True, out_dir=tmp_path, config=config)
+    tab = df[df["source"] == "tabular (exact)"].set_index(["vocab", "estimator"])["ratio"]
+    assert tab[(2, "vopd")] > 1 > tab[(2, "full_kl")]          # the exact V=2 values of variance_landscape
+    tiny = pd.read_csv(FIGURES / "llm_variance.csv").set_index("estimator")
+    real = df[(df["vocab"] == 16)].set_index("estimator")
+    assert real.loc["vopd", "ratio"] == tiny.loc["vopd", "ratio_gmean"]
+    assert set(df["vocab"]) == {2, 4, 16, 8192}
