@@ -38,7 +38,7 @@ ESTIMATORS = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 4}, "full_kl": {}, "topk
 LOOP = {"lr": 3e-4, "prompts_per_step": 32, "rollouts_per_prompt": 4}
 DEFAULTS = {
     "quick": {"estimators": ESTIMATORS, "seeds": [0, 1], "steps": 100, "eval_every": 25, "num_eval": 100,
-              "kl_threshold": 6.0, "jobs": 1, "work_dir": None, **LOOP},
+              "kl_threshold": 7.5, "jobs": 1, "work_dir": None, **LOOP},
     "full": {"estimators": ESTIMATORS, "seeds": list(range(10)), "steps": 400, "eval_every": 50, "num_eval": 200,
              "kl_threshold": 4.0, "jobs": 2, "work_dir": "runs/distill_tiny_full", **LOOP,
              "lr": 1e-3, "prompts_per_step": 16},

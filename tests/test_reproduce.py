@@ -114,3 +114,11 @@ def test_vocab_effect_reads_both_pairs_and_names_a_missing_table(tmp_path):
     real = df[(df["vocab"] == 16)].set_index("estimator")
     assert real.loc["vopd", "ratio"] == tiny.loc["vopd", "ratio_gmean"]
     assert set(df["vocab"]) == {2, 4, 16, 8192}
+
+
+def test_detectable_difference_closed_form():
+    """(t_{0.975,n-1} + t_{0.8,n-1}) sd / sqrt(n): n = 4, sd = 1 gives (3.1824 + 0.9785) / 2."""
+    from studies import distill_small
+    d = np.array([-1.0, 1.0, -1.0, 1.0]) * np.sqrt(3) / 2          # sample sd exactly 1
+    assert distill_small.detectable_difference(d) == pytest.approx((3.182446 + 0.978472) / 2, rel=1e-5)
+    assert np.isnan(distill_small.detectable_difference([0.3]))
