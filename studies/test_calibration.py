@@ -36,8 +36,8 @@ from scipy import stats  # noqa: E402
 from synthetic.tree import make_tree  # noqa: E402
 from vopd_analysis import estimators as est  # noqa: E402
 from vopd_analysis.exact import exact_moments, target_gradient, tree_quantities  # noqa: E402
-from vopd_analysis.montecarlo import (SIZE_ERROR_SHARE, sample_gradients, sequence_draws,  # noqa: E402
-                                     unbiasedness_test)
+from vopd_analysis.montecarlo import (NOT_REJECTED_SHARE, SIZE_ERROR_SHARE, sample_gradients,  # noqa: E402
+                                     sequence_draws, unbiasedness_test)
 
 from . import common  # noqa: E402
 from .unbiasedness import ENVS as UNBIASEDNESS_ENVS  # noqa: E402
@@ -122,13 +122,16 @@ def clopper_pearson(k: int, n: int) -> tuple:
 
 
 def share_sweep(results: list, alpha: float) -> dict:
-    """Verdicts and rejections had the skewness rule allowed the share r' of alpha instead of SIZE_ERROR_SHARE:
-    N_skew scales as 1/r, so the verdict at r' is n >= N_skew r / r' (and no unresolved coordinates)."""
+    """Verdicts and rejections had the skewness rule used the share r' of alpha for rejections (N_skew scales as
+    1/r: a rejection is a verdict iff n >= N_skew r / r'), with non-rejections at NOT_REJECTED_SHARE as in the
+    test ("split") or at r' too ("same")."""
     out = {}
     for share in SHARES:
-        verdict = [not r.unresolved and r.draws >= r.skewness_draws * SIZE_ERROR_SHARE / share for r in results]
-        out[f"verdicts_r{share:g}"] = sum(verdict)
-        out[f"rejected_r{share:g}"] = sum(v and r.p_value < alpha for v, r in zip(verdict, results))
+        for mode, other in (("split", NOT_REJECTED_SHARE), ("same", share)):
+            verdict = [not r.unresolved and r.draws * (share if r.p_value < alpha else other)
+                       >= r.skewness_draws * SIZE_ERROR_SHARE for r in results]
+            out[f"verdicts_{mode}_r{share:g}"] = sum(verdict)
+            out[f"rejected_{mode}_r{share:g}"] = sum(v and r.p_value < alpha for v, r in zip(verdict, results))
     return out
 
 
@@ -187,14 +190,16 @@ def _cell(row) -> dict:
 
 
 def sweep_table(unbiased: pd.DataFrame, alpha: float) -> pd.DataFrame:
-    """Per share r: cells with verdicts, cells whose interval of P(reject | verdict) lies above alpha, mean verdicts."""
+    """Per share r for rejections and per rule for non-rejections: cells with verdicts, cells whose interval of
+    P(reject | verdict) lies above alpha, the mean verdict rate."""
     rows = []
-    for share in SHARES:
-        k, v = unbiased[f"rejected_r{share:g}"], unbiased[f"verdicts_r{share:g}"]
-        low = np.array([clopper_pearson(int(a), int(b))[0] for a, b in zip(k, v)])
-        rows.append({"share r": share, "cells with verdicts": int((v > 0).sum()),
-                     "cells above alpha": int((low > alpha).sum()),
-                     "verdict rate": round(float((v / unbiased["reps"]).mean()), 3)})
+    for mode, label in (("split", f"r = {NOT_REJECTED_SHARE:g}"), ("same", "the same r")):
+        for share in SHARES:
+            k, v = unbiased[f"rejected_{mode}_r{share:g}"], unbiased[f"verdicts_{mode}_r{share:g}"]
+            low = np.array([clopper_pearson(int(a), int(b))[0] for a, b in zip(k, v)])
+            rows.append({"r for rejections": share, "non-rejections at": label,
+                         "cells with verdicts": int((v > 0).sum()), "cells above alpha": int((low > alpha).sum()),
+                         "verdict rate": round(float((v / unbiased["reps"]).mean()), 3)})
     return pd.DataFrame(rows)
 
 
@@ -257,7 +262,8 @@ def summary_markdown(df: pd.DataFrame, config: dict, summary: dict) -> str:
     table["rel_bias"] = table["rel_bias"].map(lambda x: f"{x:.2g}")
     lines.append("\nPower (reject / inconclusive) against the biased cases:\n\n" + common.markdown_table(table))
     lines.append(f"\nThe share r of alpha the skewness rule lets the t approximation's size error take "
-                 f"(montecarlo.SIZE_ERROR_SHARE = {SIZE_ERROR_SHARE:g}), recomputed from the same runs:\n\n"
+                 f"(montecarlo.SIZE_ERROR_SHARE = {SIZE_ERROR_SHARE:g} for rejections, NOT_REJECTED_SHARE = "
+                 f"{NOT_REJECTED_SHARE:g} for non-rejections), verdicts recomputed from the same runs:\n\n"
                  + common.markdown_table(sweep_table(unbiased, alpha)))
     return "\n".join(lines)
 
