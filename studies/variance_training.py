@@ -28,7 +28,7 @@ from vopd_analysis.distill.loop import DistillConfig, run as distill
 from . import common, llm_variance
 
 NAME = "variance_training"
-PROBE = {"num_prompts": 4, "num_rollouts": 8, "max_new_tokens": 8, "estimators": llm_variance.ESTIMATORS,
+PROBE = {"pair": "tiny", "num_prompts": 4, "num_rollouts": 8, "max_new_tokens": 8, "estimators": llm_variance.ESTIMATORS,
          "topk": 4, "num_projections": 0, "seed": 0}
 LOOP = {"lr": 3e-4, "prompts_per_step": 32, "rollouts_per_prompt": 4}
 DEFAULTS = {
