@@ -52,7 +52,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import pair_card
-from .batch import InputError
+from .batch import InputError, exit_with
 from .tiny import ModelSize
 
 COMMITTED = Path(__file__).resolve().parent / "pairs" / "small"   # the pair every machine uses
@@ -466,9 +466,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-    try:
-        sys.exit(main())
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_with(main)

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import pair_card, tasks
-from .batch import InputError
+from .batch import InputError, exit_with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,9 +256,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-    try:
-        sys.exit(main())
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_with(main)

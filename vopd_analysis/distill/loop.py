@@ -37,7 +37,6 @@ import json
 import os
 import random
 import resource
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -47,7 +46,7 @@ import torch
 
 from .. import estimators as est
 from .. import hf, small, tasks, tiny
-from ..batch import InputError
+from ..batch import InputError, exit_with
 from . import checkpoint as ckpt
 from .evaluate import evaluate_shard, sampled_reverse_kl, sequence_reverse_kl
 
@@ -598,8 +597,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_with(main)
