@@ -119,12 +119,13 @@ def test_false_positive_rate_where_it_gives_a_verdict(tree, name, n):
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [200, 2000])
 def test_false_positive_rate_with_the_real_sampler(n):
-    """As above, with sample_gradients' own draws (400 runs) instead of the tabulated law."""
+    """As above, with sample_gradients' own draws (600 runs) instead of the tabulated law."""
     target = exact.tree_quantities(ZIPF).grad_token.numpy().ravel()
-    results = [mc.unbiasedness_test(mc.sample_gradients(ZIPF, "full_kl", n, seed=s), target) for s in range(400)]
+    results = [mc.unbiasedness_test(mc.sample_gradients(ZIPF, "full_kl", n, seed=s), target) for s in range(600)]
     rejected = sum(r.reject for r in results)
-    assert sum(r.plain_p_value < 0.05 for r in results) > (0.4 * 400 if n == 200 else 0.05 * 400)
-    assert rejected <= _upper_limit(400)
+    if n == 200:                           # the issue's case (at 2,000 the plain rate is 5-7.5%)
+        assert sum(r.plain_p_value < 0.05 for r in results) > 0.4 * 600
+    assert rejected <= _upper_limit(600)
 
 
 @pytest.mark.parametrize("name, target, params, n", [
