@@ -192,12 +192,19 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_out(quick: bool) -> str:
+    """Where a study writes by default: ``figures`` in quick mode, ``figures/full`` in full mode (so a full
+    run never overwrites the committed quick outputs, nor the reverse)."""
+    return "figures" if quick else "figures/full"
+
+
 def main(run: Callable, description: str) -> None:
     """The command line of a study: --quick, --out."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small sweep, minutes on a laptop CPU")
-    parser.add_argument("--out", default="figures", help="output folder (default: figures)")
+    parser.add_argument("--out", help="output folder (default: figures with --quick, figures/full without)")
     args = parser.parse_args()
+    args.out = args.out or default_out(args.quick)
     started = time.perf_counter()
     df = run(quick=args.quick, out_dir=args.out)
     print(f"{len(df)} rows -> {os.path.join(args.out, '')}; {time.perf_counter() - started:.1f} s")

@@ -258,7 +258,7 @@ def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few prompts and rollouts (minutes on a CPU)")
-    parser.add_argument("--out", default="figures", help="output folder (default: figures)")
+    parser.add_argument("--out", help="output folder (default: figures with --quick, figures/full without)")
     parser.add_argument("--pair", help=f"committed pair: {', '.join(PRESETS)} (default tiny)")
     parser.add_argument("--student", help="student hub id or local directory")
     parser.add_argument("--teacher", help="teacher hub id or local directory")
@@ -274,6 +274,7 @@ def main() -> None:
                         help="use random tiny Qwen2 models instead of the trained demo pair (smoke test)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default 1 for the tiny pair)")
     args = parser.parse_args()
+    args.out = args.out or common.default_out(args.quick)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("quick", "out")}
     started = time.perf_counter()
     df = run(quick=args.quick, out_dir=args.out, config=overrides)

@@ -1,4 +1,5 @@
-"""Run every study: ``python -m studies.run_all [--quick] [--out figures] [--only a,b]``.
+"""Run every study: ``python -m studies.run_all [--quick] [--out DIR] [--only a,b]`` (default DIR: figures with
+--quick, figures/full without).
 
 Each study module exposes ``run(quick, out_dir) -> DataFrame``. The LLM studies
 use the committed tiny teacher/student pair (vopd_analysis/pairs/tiny).
@@ -11,6 +12,8 @@ import importlib
 import time
 
 from tqdm import tqdm
+
+from . import common
 
 STUDIES = ["unbiasedness", "test_calibration", "variance_landscape", "baseline_quality", "topk", "sequence_bias",
            "training_dynamics", "pair_statistics", "llm_variance", "llm_variance_small", "vocab_effect",
@@ -27,9 +30,10 @@ def study(name: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="figures")
+    parser.add_argument("--out", help="output folder (default: figures with --quick, figures/full without)")
     parser.add_argument("--only", help="comma-separated study names")
     args = parser.parse_args()
+    args.out = args.out or common.default_out(args.quick)
     names = args.only.split(",") if args.only else STUDIES
     runs = [(name, study(name)) for name in names]
     timings = {}

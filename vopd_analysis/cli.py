@@ -124,7 +124,7 @@ def cmd_study(args) -> None:
         module = importlib.import_module(f"studies.{args.name}")
     except ModuleNotFoundError:
         raise InputError(f"no study named '{args.name}' (see the studies/ folder)") from None
-    module.run(quick=args.quick, out_dir=args.out)
+    module.run(quick=args.quick, out_dir=args.out or ("figures" if args.quick else "figures/full"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="run one study script")
     p.add_argument("name")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="figures", help="folder for the table, manifest and figure")
+    p.add_argument("--out", help="folder for the table, manifest and figure (default: figures with --quick, "
+                   "figures/full without, as python -m studies.NAME)")
     sub.add_parser("distill", help="the distillation loop (vopd distill --help)", add_help=False)
     sub.add_parser("sweep", help="distill runs for estimators x seeds in one folder (vopd sweep --help)",
                    add_help=False)
