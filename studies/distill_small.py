@@ -10,16 +10,16 @@ token, higher is better) in place of accuracy, which text continuation does not 
 Each step costs about 20x a tiny-pair step on a CPU (a 1.5M-parameter student, a 8,192-way
 softmax, 32-token responses), so the comparison is short: the power it gives is reported as
 the smallest paired difference it could detect (the ``mde_*`` columns: (t_{0.975} + t_{0.8})
-sd(d) / sqrt(n), 80% power at the 5% level for the observed spread of the paired differences).
+sd(d) / sqrt(n), ``stats.detectable_difference``: 80% power at the 5% level for the observed spread).
 
     python -m studies.distill_small [--quick]
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
-from scipy import stats as sps
+
+from vopd_analysis import stats
 
 from . import common, distill_tiny
 
@@ -36,16 +36,6 @@ DEFAULTS = {
 }
 
 
-def detectable_difference(d, power: float = 0.8, alpha: float = 0.05) -> float:
-    """(t_{1-alpha/2, n-1} + t_{power, n-1}) sd(d) / sqrt(n): the paired difference a two-sided t-test at level
-    ``alpha`` would detect with probability ``power``, for paired differences spread like ``d``."""
-    d = np.asarray(d, dtype=float)
-    n = d.size
-    if n < 2:
-        return float("nan")
-    return float((sps.t.ppf(1 - alpha / 2, n - 1) + sps.t.ppf(power, n - 1)) * d.std(ddof=1) / np.sqrt(n))
-
-
 def power_columns(df: pd.DataFrame, reference: str = distill_tiny.REFERENCE) -> pd.DataFrame:
     """Per estimator: the detectable paired difference of each final metric to ``reference``."""
     last = df[df["step"] == df["step"].max()].set_index(["estimator", "seed"])
@@ -54,7 +44,7 @@ def power_columns(df: pd.DataFrame, reference: str = distill_tiny.REFERENCE) -> 
         if name == reference:
             continue
         seeds = last.loc[name].index.intersection(last.loc[reference].index)
-        rows.append({"estimator": name, **{f"mde_{short}": detectable_difference(
+        rows.append({"estimator": name, **{f"mde_{short}": stats.detectable_difference(
             last.loc[name].loc[seeds, m] - last.loc[reference].loc[seeds, m]) for m, (short, _) in METRICS.items()}})
     return pd.DataFrame(rows, columns=["estimator", *[f"mde_{s}" for s, _ in METRICS.values()]])
 

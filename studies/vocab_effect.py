@@ -15,6 +15,7 @@ Welch's interval and p-value on the per-batch log ratios.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ def real(out_dir, files: dict) -> pd.DataFrame:
         if not path.is_file():
             raise InputError(f"{path} is missing: run python -m studies.llm_variance --pair {pair} --out {out_dir} first")
         table = pd.read_csv(path)
-        vocab = 16 if pair == "tiny" else 8192
+        vocab = json.loads(path.with_suffix(".json").read_text())["vocab"]["vocab_size"]   # the probe's manifest
         for _, r in table[table["estimator"].isin(RATIOS)].iterrows():
             rows.append({"vocab": vocab, "estimator": r["estimator"], "ratio": r["ratio_gmean"],
                          "ratio_low": r["ratio_low"], "ratio_high": r["ratio_high"],
@@ -70,12 +71,11 @@ def pair_contrast(out_dir, files: dict) -> list:
     for name in RATIOS:
         a, b = (np.log(logs[p].loc[logs[p]["estimator"] == name, "variance_ratio_to_opd"].to_numpy())
                 for p in ("small", "tiny"))
-        va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
-        dof = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
-        diff, se = a.mean() - b.mean(), np.sqrt(va + vb)
-        half = sps.t.ppf(0.975, dof) * se
-        out.append({"estimator": name, "small_over_tiny": float(np.exp(diff)), "low": float(np.exp(diff - half)),
-                    "high": float(np.exp(diff + half)), "p_value": float(2 * sps.t.sf(abs(diff) / se, dof))})
+        welch = sps.ttest_ind(a, b, equal_var=False)
+        interval = welch.confidence_interval(0.95)
+        out.append({"estimator": name, "small_over_tiny": float(np.exp(a.mean() - b.mean())),
+                    "low": float(np.exp(interval.low)), "high": float(np.exp(interval.high)),
+                    "p_value": float(welch.pvalue)})
     return out
 
 

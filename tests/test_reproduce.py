@@ -105,8 +105,8 @@ def test_vocab_effect_reads_both_pairs_and_names_a_missing_table(tmp_path):
     with pytest.raises(InputError, match="llm_variance.csv is missing"):
         vocab_effect.run(quick=True, out_dir=tmp_path, config=config, plot=False)
     for name in vocab_effect.REAL.values():
-        for suffix in ("", "_batches"):
-            shutil.copy(FIGURES / name.replace(".csv", f"{suffix}.csv"), tmp_path / name.replace(".csv", f"{suffix}.csv"))
+        for suffix in (".csv", "_batches.csv", ".json"):
+            shutil.copy(FIGURES / name.replace(".csv", suffix), tmp_path / name.replace(".csv", suffix))
     df = vocab_effect.run(quick=True, out_dir=tmp_path, config=config)
     tab = df[df["source"] == "tabular (exact)"].set_index(["vocab", "estimator"])["ratio"]
     assert tab[(2, "vopd")] > 1 > tab[(2, "full_kl")]          # the exact V=2 values of variance_landscape
@@ -118,7 +118,7 @@ def test_vocab_effect_reads_both_pairs_and_names_a_missing_table(tmp_path):
 
 def test_detectable_difference_closed_form():
     """(t_{0.975,n-1} + t_{0.8,n-1}) sd / sqrt(n): n = 4, sd = 1 gives (3.1824 + 0.9785) / 2."""
-    from studies import distill_small
+    from vopd_analysis import stats
     d = np.array([-1.0, 1.0, -1.0, 1.0]) * np.sqrt(3) / 2          # sample sd exactly 1
-    assert distill_small.detectable_difference(d) == pytest.approx((3.182446 + 0.978472) / 2, rel=1e-5)
-    assert np.isnan(distill_small.detectable_difference([0.3]))
+    assert stats.detectable_difference(d) == pytest.approx((3.182446 + 0.978472) / 2, rel=1e-5)
+    assert np.isnan(stats.detectable_difference([0.3]))

@@ -14,6 +14,11 @@ undefined (NaN bounds), never a spurious zero width.
 Ratios (a variance over opd's on the same rollouts) are multiplicative: their interval is the
 t-interval of log x, exponentiated, around the geometric mean exp(mean log x). It stays
 positive, and a ratio r and its inverse 1/r get mirror-image intervals.
+
+The power of a paired comparison is reported as the smallest difference it would detect: for
+paired differences with sample sd s over n seeds, (t_{1-alpha/2, n-1} + t_{power, n-1}) s / sqrt(n)
+is the true mean difference that a two-sided t-test at level alpha rejects with probability
+``power`` (the usual approximation that ignores the non-central t).
 """
 
 from __future__ import annotations
@@ -68,3 +73,13 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     mean, low, high = mean_interval(d, confidence)
     return {"mean": mean, "low": low, "high": high, "p_value": t_test_p_value(d),
             "n": int(np.isfinite(d).sum())}
+
+
+def detectable_difference(d: Sequence[float], power: float = 0.8, alpha: float = 0.05) -> float:
+    """(t_{1-alpha/2, n-1} + t_{power, n-1}) sd(d) / sqrt(n): the paired difference a two-sided t-test at level
+    ``alpha`` would detect with probability ``power``, for paired differences spread like ``d`` (NaN if n < 2)."""
+    x = np.asarray(d, dtype=np.float64)
+    if x.size < 2:
+        return math.nan
+    return float((stats.t.ppf(1 - alpha / 2, x.size - 1) + stats.t.ppf(power, x.size - 1)) * x.std(ddof=1)
+                 / math.sqrt(x.size))
