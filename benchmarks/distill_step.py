@@ -22,8 +22,9 @@ import time
 
 import torch
 
-from vopd_analysis import estimators as est, hf
+from vopd_analysis import estimators as est
 
+from vopd_analysis.lm import hf
 from .common import paired_ratio, peak_memory, record, synchronize
 
 QWEN_VOCAB = 151_936

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import math
 import statistics
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -45,7 +44,6 @@ import torch
 from vopd_analysis import estimators as E
 from vopd_analysis.batch import TokenBatch
 from vopd_analysis import divergences as dv
-
 from . import common
 
 # (label, registry name, parameters, which batch it reads)

@@ -4,7 +4,7 @@
 
 Measures, in one process:
 1. speed-up of the vectorised enumeration and of the DP over the per-sequence
-   autograd reference (``exact.reference_moments``) on a small tree, every
+   autograd reference (``enumeration.reference_moments``) on a small tree, every
    single-sequence estimator (the reference loop is timed on a fixed subset of
    sequences and scaled by the count: it is one autograd call per sequence);
 2. wall time of all estimators at V=8, H=6 (262,144 sequences), enumeration and DP;
@@ -16,7 +16,6 @@ Measures, in one process:
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import time
@@ -25,8 +24,8 @@ import torch
 
 from synthetic.markov import make_markov
 from synthetic.tree import make_tree
-from vopd_analysis import dp, estimators as est, exact
-
+from vopd_analysis.tabular import dp, analysis, enumeration, targets
+from vopd_analysis import estimators as est
 from .common import record
 
 
@@ -43,7 +42,7 @@ def reference_seconds(tree, specs, subset: int) -> float:
     """Time of the per-sequence reference over all sequences, from a timed subset."""
     sub = make_tree(tree.vocab, tree.horizon)  # same shape; the loop cost does not depend on values
     start = time.perf_counter()
-    tq = exact.tree_quantities(sub)
+    tq = targets.tree_quantities(sub)
     for tokens in sub.sequences(0, subset):
         for spec in specs.values():
             params = {k: v for k, v in spec.items() if k != "name"}
@@ -57,7 +56,7 @@ def reference_seconds(tree, specs, subset: int) -> float:
 def peak_rss_mib(vocab: int, horizon: int) -> float:
     """Peak resident memory (MiB) of a fresh process that runs enumeration of all estimators."""
     code = ("import resource; from synthetic.tree import make_tree; from vopd_analysis import exact; "
-            f"exact.exact_moments(make_tree({vocab}, {horizon}, coupling=1.0), exact.default_specs(4)); "
+            f"enumeration.exact_moments(make_tree({vocab}, {horizon}, coupling=1.0), analysis.default_specs(4)); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip()) / 1024
@@ -70,12 +69,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    specs = exact.default_specs(4)
+    specs = analysis.default_specs(4)
     lines = []
 
     small = make_tree(4, 6, coupling=1.0, seed=0)
     t_ref = reference_seconds(small, specs, subset=64 if args.quick else 256)
-    t_enum = _seconds(lambda: exact.exact_moments(small, specs), 3)
+    t_enum = _seconds(lambda: enumeration.exact_moments(small, specs), 3)
     t_dp = _seconds(lambda: dp.dp_moments(small, specs), 3)
     lines += ["| what (all estimators, V=4, H=6, 4,096 sequences) | seconds | speed-up over the reference |",
               "|---|---|---|",
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
               f"| dynamic programming | {t_dp:.3f} | {t_ref / t_dp:.0f}x |", ""]
 
     big = make_tree(8, 6, coupling=1.0, seed=0)
-    t_enum_big = _seconds(lambda: exact.exact_moments(big, specs))
+    t_enum_big = _seconds(lambda: enumeration.exact_moments(big, specs))
     t_dp_big = _seconds(lambda: dp.dp_moments(big, specs))
     lines += ["| all estimators, V=8, H=6 (262,144 sequences) | seconds |", "|---|---|",
               f"| vectorised enumeration | {t_enum_big:.2f} |",

@@ -23,8 +23,7 @@ import sys
 
 import torch
 
-from vopd_analysis import hf, variance
-
+from vopd_analysis.lm import hf, variance
 from .common import paired_ratio, record, time_interleaved
 
 ESTIMATORS = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 16}, "full_kl": {}, "topk_kl": {"k": 16}}

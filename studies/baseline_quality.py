@@ -20,9 +20,8 @@ import numpy as np
 import pandas as pd
 
 from synthetic.tree import make_tree
-from vopd_analysis.baselines import baseline_quality, optimal_baseline
-from vopd_analysis.exact import tree_quantities
-
+from vopd_analysis.tabular.baseline_quality import baseline_quality, optimal_baseline
+from vopd_analysis.tabular.targets import tree_quantities
 from . import common
 
 NAME = "baseline_quality"

@@ -95,7 +95,7 @@ def machine() -> dict:
 def weights_sha256(models: dict) -> dict:
     """{role: {file: sha256}} of the weight files (``*.safetensors``, ``*.bin``) of each local model
     directory in ``models`` ({role: path}); None for a hub id that is not a local directory."""
-    from vopd_analysis.tiny import file_sha256
+    from vopd_analysis.lm.tiny import file_sha256
     out = {}
     for role, path in models.items():
         root = Path(str(path))

@@ -1,6 +1,6 @@
 """Distilling the small Python-documentation student (vocabulary 8,192) with each estimator, paired seeds.
 
-The small preset (``vopd_analysis.small``): the committed teacher/student pair with a byte-level
+The small preset (``vopd_analysis.lm.small``): the committed teacher/student pair with a byte-level
 BPE vocabulary of 8,192 tokens; prompts are prefixes of held-out documents and the student
 continues them for 32 tokens. Same design as ``distill_tiny`` (seed s gives every estimator the
 same prompts; final values with 95% t-intervals; paired differences to opd with p-values; steps
@@ -20,7 +20,6 @@ from __future__ import annotations
 import pandas as pd
 
 from vopd_analysis import stats
-
 from . import common, distill_tiny
 
 NAME = "distill_small"

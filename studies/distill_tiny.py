@@ -1,6 +1,6 @@
 """Distilling the tiny addition student with each estimator (vopd_analysis.distill), over paired seeds.
 
-The tiny preset: the committed pair (``vopd_analysis.tiny``), a Qwen2 teacher trained
+The tiny preset: the committed pair (``vopd_analysis.lm.tiny``), a Qwen2 teacher trained
 in-project on 3-digit addition with written carries, and a smaller, briefly trained student.
 Each estimator runs the same on-policy loop from the same student; seed s gives every
 estimator the same training prompts and the same evaluation set (seeds are paired across

@@ -1,7 +1,7 @@
 """Gradient variance of OPD estimators on real Hugging Face causal LMs, over independent prompt batches.
 
 For each of ``num_batches`` independent batches (fresh prompts and fresh rollouts, seeded by
-the batch index) the probe (``vopd_analysis.variance.probe``) samples rollouts from the student
+the batch index) the probe (``vopd_analysis.lm.variance.probe``) samples rollouts from the student
 once and measures, for opd, vopd, vopd_topk, full_kl and topk_kl on those same rollouts, the
 trace of the covariance of the single-rollout parameter gradient, its per-layer breakdown, the
 SNR, the gradient noise scale and the cosine of the mean gradient to the full_kl reference.
@@ -33,8 +33,10 @@ import pandas as pd
 
 from tqdm.auto import tqdm
 
-from vopd_analysis import hf, stats, tasks, variance
-from vopd_analysis.batch import InputError
+from vopd_analysis.lm import hf, tasks, variance
+
+from vopd_analysis import stats
+from vopd_analysis.errors import InputError
 from vopd_analysis.distill.loop import PRESETS, DistillConfig
 
 from . import common
@@ -76,7 +78,7 @@ def default_models(pair: str, random_init: bool = False):
     if pair not in PRESETS:
         raise InputError(f"unknown pair '{pair}'; committed pairs: {', '.join(PRESETS)}")
     student, teacher, _ = PRESETS[pair].load_pair(DistillConfig.cache_dir, True)
-    return student, teacher, f"{pair} (committed pair, vopd_analysis/pairs/{pair})"
+    return student, teacher, f"{pair} (committed pair, vopd_analysis/lm/pairs/{pair})"
 
 
 def batch_prompts(config: dict, batch: int, records=None) -> list:

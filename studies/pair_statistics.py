@@ -4,7 +4,7 @@ For each preset's pair (``tiny``: 3-digit addition, 16 tokens; ``small``: Python
 8,192 tokens) and each of ``num_batches`` independent batches (the preset's training prompts drawn
 with seed ``1000 seed + batch``, fresh rollouts with the same seed), the committed student samples
 ``num_rollouts`` responses of the preset's length per prompt, and at every sampled token
-``vopd_analysis.hf.distribution_statistics`` measures, with teacher and student both conditioned
+``vopd_analysis.lm.hf.distribution_statistics`` measures, with teacher and student both conditioned
 on the student's own prefix:
 
 * the teacher's entropy H(pi_T) (nats), beside log V, the entropy of a uniform teacher;
@@ -25,7 +25,9 @@ import math
 
 import pandas as pd
 
-from vopd_analysis import hf, stats
+from vopd_analysis.lm import hf
+
+from vopd_analysis import stats
 from vopd_analysis.distill.loop import PRESETS, DistillConfig
 
 from . import common

@@ -2,7 +2,7 @@
 --quick, figures/full without).
 
 Each study module exposes ``run(quick, out_dir) -> DataFrame``. The LLM studies
-use the committed tiny teacher/student pair (vopd_analysis/pairs/tiny).
+use the committed tiny teacher/student pair (vopd_analysis/lm/pairs/tiny).
 """
 
 from __future__ import annotations

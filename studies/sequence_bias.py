@@ -3,7 +3,7 @@
 Token-level estimators (opd, vopd, full_kl) are unbiased for g_tok, which drops
 the future term g_fut = grad J - g_tok. rtg(gamma) interpolates between opd
 (gamma = 0) and the unbiased reward-to-go (gamma = 1). The MSE of a batch-B mean
-gradient against grad J is |bias|^2 + tr Cov / B (exact.Moments.mse); a biased,
+gradient against grad J is |bias|^2 + tr Cov / B (targets.Moments.mse); a biased,
 low-variance estimator wins below the crossover batch size
 
     B* = (var_unbiased - var_biased) / |bias|^2,
@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from synthetic.tree import make_tree
-from vopd_analysis.exact import bias_report, exact_moments, tree_quantities
-
+from vopd_analysis.tabular.targets import bias_report, tree_quantities
+from vopd_analysis.tabular.enumeration import exact_moments
 from . import common
 
 NAME = "sequence_bias"

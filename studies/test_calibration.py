@@ -35,8 +35,9 @@ from scipy import stats  # noqa: E402
 
 from synthetic.tree import make_tree  # noqa: E402
 from vopd_analysis import estimators as est  # noqa: E402
-from vopd_analysis.exact import exact_moments, target_gradient, tree_quantities  # noqa: E402
-from vopd_analysis.montecarlo import (NOT_REJECTED_SHARE, SIZE_ERROR_SHARE, sample_gradients,  # noqa: E402
+from vopd_analysis.tabular.enumeration import exact_moments  # noqa: E402
+from vopd_analysis.tabular.targets import target_gradient, tree_quantities  # noqa: E402
+from vopd_analysis.tabular.montecarlo import (NOT_REJECTED_SHARE, SIZE_ERROR_SHARE, sample_gradients,  # noqa: E402
                                      sequence_draws, unbiasedness_test)
 
 from . import common  # noqa: E402

@@ -16,8 +16,8 @@ import itertools
 import pandas as pd
 
 from synthetic.tree import make_tree
-from vopd_analysis.exact import bias_report, exact_moments, tree_quantities
-
+from vopd_analysis.tabular.targets import bias_report, tree_quantities
+from vopd_analysis.tabular.enumeration import exact_moments
 from . import common
 
 NAME = "topk"

@@ -1,4 +1,4 @@
-"""Study 6: SGD on a tabular student with each estimator (vopd_analysis.tabular_training).
+"""Study 6: SGD on a tabular student with each estimator (vopd_analysis.tabular.training).
 
 Zipf-teacher tree make_tree(8, 3, zipf, coupling=0.5); theta = the student logit
 table; a fixed number of sampled sequences per step; a grid of learning rates
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from synthetic.tree import make_tree
-from vopd_analysis.tabular_training import train
+from vopd_analysis.tabular.training import train
 
 from . import common
 

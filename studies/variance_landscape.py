@@ -12,8 +12,8 @@ from __future__ import annotations
 import pandas as pd
 
 from synthetic.tree import make_tree
-from vopd_analysis.exact import exact_moments, tree_quantities
-
+from vopd_analysis.tabular.enumeration import exact_moments
+from vopd_analysis.tabular.targets import tree_quantities
 from . import common
 
 NAME = "variance_landscape"

@@ -17,11 +17,10 @@ are wide). Full mode: the runs of opd, vopd and full_kl with distill_tiny's full
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
 import pandas as pd
 
-from vopd_analysis import hf, tiny
+from vopd_analysis.lm import hf, tiny
 from vopd_analysis.distill import checkpoint as ckpt
 from vopd_analysis.distill.loop import DistillConfig, run as distill
 

@@ -22,8 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from vopd_analysis.batch import InputError
-
+from vopd_analysis.errors import InputError
 from . import common, variance_landscape
 
 NAME = "vocab_effect"

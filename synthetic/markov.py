@@ -2,7 +2,7 @@
 
 Where a prefix tree has V^t states at depth t, here there are V (one at t = 0),
 so S = 1 + (H - 1) V states and the exact dynamic programme of
-``vopd_analysis.dp`` costs O(H V^2): horizons of hundreds stay exact. The state
+``vopd_analysis.tabular.dp`` costs O(H V^2): horizons of hundreds stay exact. The state
 of position t >= 1 after token v has index 1 + (t - 1) V + v. Positions of one
 sequence are distinct states (they differ in t), as on a prefix tree.
 """
@@ -14,8 +14,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from vopd_analysis.batch import InputError
-
+from vopd_analysis.errors import InputError
 from .tree import PrefixTree, _base_logits, check_size, level_offset, num_states
 
 

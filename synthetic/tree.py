@@ -22,8 +22,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vopd_analysis.batch import InputError, TokenBatch
+from vopd_analysis.batch import TokenBatch
 
+from vopd_analysis.errors import InputError
 MAX_EXACT_SEQUENCES = 1 << 23   # enumeration (and Monte Carlo tests against exact targets)
 MAX_DP_STATES = 1 << 22         # dynamic programming on a prefix tree
 
@@ -209,4 +210,4 @@ def check_enumerable(vocab: int, horizon: int, limit: int = MAX_EXACT_SEQUENCES)
         raise InputError(
             f"V={vocab}, H={horizon} has V^H = {vocab ** horizon:,} sequences, more than the "
             f"{limit:,} the exact engine enumerates; use the Monte Carlo path "
-            "(vopd_analysis.montecarlo, or `vopd mc`) for this size")
+            "(vopd_analysis.tabular.montecarlo, or `vopd mc`) for this size")

@@ -4,14 +4,13 @@ import numpy as np
 import torch
 
 from synthetic.tree import make_tree
-from vopd_analysis import baselines, exact
-
+from vopd_analysis.tabular import baseline_quality as baselines, enumeration, targets
 TREE = make_tree(3, 3, coupling=1.0, seed=1)
 
 
 def test_closed_form_variance_matches_exact_engine():
-    tq = exact.tree_quantities(TREE)
-    m = exact.exact_moments(TREE, {n: {"name": n} for n in ("opd", "vopd", "opd_bstar")}
+    tq = targets.tree_quantities(TREE)
+    m = enumeration.exact_moments(TREE, {n: {"name": n} for n in ("opd", "vopd", "opd_bstar")}
                             | {"topk": {"name": "vopd_topk", "k": 2}})
     S = TREE.num_states
     assert np.isclose(baselines.baseline_variance(TREE, np.zeros(S)), m["opd"].total_variance, rtol=1e-12)
@@ -23,7 +22,7 @@ def test_closed_form_variance_matches_exact_engine():
 
 
 def test_optimal_baseline_is_optimal_and_gap_is_quadratic():
-    tq = exact.tree_quantities(TREE)
+    tq = targets.tree_quantities(TREE)
     b_star = baselines.optimal_baseline(tq)
     v_star = baselines.baseline_variance(TREE, b_star)
     q = tq.log_q.exp()

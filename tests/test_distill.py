@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vopd_analysis import tiny
-from vopd_analysis.batch import InputError
+from vopd_analysis.lm import tiny
+from vopd_analysis.errors import InputError
 from vopd_analysis.distill import checkpoint as ckpt
 from vopd_analysis.distill import loop
 

@@ -6,16 +6,16 @@ import torch
 
 from synthetic.markov import make_markov
 from synthetic.tree import make_tree
-from vopd_analysis import InputError, dp, estimators as est, exact
-
-SPECS = exact.default_specs(k=2) | {"rtg_half": {"name": "rtg", "gamma": 0.5}}
+from vopd_analysis import InputError
+from vopd_analysis.tabular import dp, analysis, enumeration, targets
+SPECS = analysis.default_specs(k=2) | {"rtg_half": {"name": "rtg", "gamma": 0.5}}
 
 
 @pytest.mark.parametrize("tree", [make_tree(3, 3, coupling=1.0, seed=1),
                                   make_tree(4, 2, teacher_shape="zipf", coupling=0.5, seed=2)],
                          ids=["gaussian", "zipf"])
 def test_dp_equals_enumeration_on_trees(tree):
-    enumerated = exact.exact_moments(tree, SPECS)
+    enumerated = enumeration.exact_moments(tree, SPECS)
     programmed = dp.dp_moments(tree, SPECS, chunk_rows=40)
     for label in SPECS:
         assert torch.allclose(enumerated[label].mean, programmed[label].mean, atol=1e-14), label
@@ -27,9 +27,9 @@ def test_dp_on_markov_chain_equals_its_expanded_tree():
     chain = make_markov(3, 4, coupling=1.0, seed=2)
     tree = chain.to_tree()
     fold = torch.as_tensor(chain.tree_to_markov())
-    enumerated = exact.exact_moments(tree, SPECS)
+    enumerated = enumeration.exact_moments(tree, SPECS)
     programmed = dp.dp_moments(chain, SPECS)
-    tq_chain, tq_tree = exact.tree_quantities(chain), exact.tree_quantities(tree)
+    tq_chain, tq_tree = targets.tree_quantities(chain), targets.tree_quantities(tree)
     assert abs(tq_chain.sequence_kl - tq_tree.sequence_kl) < 1e-13
     assert torch.allclose(torch.zeros_like(tq_chain.grad_sequence).index_add_(0, fold, tq_tree.grad_sequence),
                           tq_chain.grad_sequence, atol=1e-14)
@@ -46,9 +46,9 @@ def test_dp_on_markov_chain_equals_its_expanded_tree():
 def test_long_horizon_markov_targets():
     chain = make_markov(4, 120, coupling=1.0, seed=0)
     moments = dp.dp_moments(chain, {"opd": {"name": "opd"}, "rtg": {"name": "rtg"}, "full_kl": {"name": "full_kl"}})
-    tq = exact.tree_quantities(chain)
-    assert exact.bias_report(moments["opd"].mean, tq.grad_token)["l2"] < 1e-12
-    assert exact.bias_report(moments["rtg"].mean, tq.grad_sequence)["l2"] < 1e-12
+    tq = targets.tree_quantities(chain)
+    assert targets.bias_report(moments["opd"].mean, tq.grad_token)["l2"] < 1e-12
+    assert targets.bias_report(moments["rtg"].mean, tq.grad_sequence)["l2"] < 1e-12
     assert moments["rtg"].total_variance > moments["opd"].total_variance > moments["full_kl"].total_variance
     assert moments["opd"].position_variance.shape == (120,)
 

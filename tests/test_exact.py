@@ -1,12 +1,11 @@
 """Exact engine: targets against autograd references, estimator moments against a per-sequence loop."""
 
-import numpy as np
 import pytest
 import torch
 
 from synthetic.tree import bandit, check_enumerable, make_tree
-from vopd_analysis import InputError, estimators as est, exact
-
+from vopd_analysis import InputError, estimators as est
+from vopd_analysis.tabular import analysis, enumeration, targets
 D = torch.float64
 
 
@@ -21,7 +20,7 @@ def slow_targets(tree):
     lp = log_p[states].gather(-1, tokens[..., None])[..., 0]
     J = (lq.sum(-1).exp() * (lq - lp).sum(-1)).sum()
     (grad_J,) = torch.autograd.grad(J, theta, retain_graph=True)
-    reach = exact.tree_quantities(tree).reach
+    reach = targets.tree_quantities(tree).reach
     q = log_q.exp()
     tok = (reach * (q * (log_q - log_p)).sum(-1)).sum()
     (g_tok,) = torch.autograd.grad(tok, theta, retain_graph=True)
@@ -31,12 +30,12 @@ def slow_targets(tree):
 
 
 TREE = make_tree(3, 3, coupling=1.0, divergence=1.0, seed=1)
-SPECS = exact.default_specs(k=2)
+SPECS = analysis.default_specs(k=2)
 
 
 def test_closed_form_targets_match_autograd():
     J, grad_J, g_tok, g_fwd = slow_targets(TREE)
-    tq = exact.tree_quantities(TREE)
+    tq = targets.tree_quantities(TREE)
     assert abs(tq.sequence_kl - J) < 1e-12
     assert torch.allclose(tq.grad_sequence, grad_J, atol=1e-13)
     assert torch.allclose(tq.grad_token, g_tok, atol=1e-13)
@@ -46,7 +45,7 @@ def test_closed_form_targets_match_autograd():
 
 def test_bandit_closed_form():
     b = bandit(5, seed=3)
-    tq = exact.tree_quantities(b)
+    tq = targets.tree_quantities(b)
     q = torch.softmax(torch.tensor(b.student_logits[0]), -1)
     l = torch.log_softmax(torch.tensor(b.student_logits[0]), -1) - torch.log_softmax(torch.tensor(b.teacher_logits[0]), -1)
     kl = (q * l).sum()
@@ -59,23 +58,23 @@ def test_bandit_closed_form():
 def test_vectorised_engine_matches_slow_reference(label):
     spec = dict(SPECS[label])
     name = spec.pop("name")
-    moments = exact.exact_moments(TREE, {label: {"name": name, **spec}}, chunk_size=7)[label]
-    reference = exact.reference_moments(TREE, name, **spec)
+    moments = enumeration.exact_moments(TREE, {label: {"name": name, **spec}}, chunk_size=7)[label]
+    reference = enumeration.reference_moments(TREE, name, **spec)
     assert torch.allclose(moments.mean, reference.mean, atol=1e-13)
     assert abs(moments.total_variance - reference.total_variance) < 1e-11 * max(1.0, reference.total_variance)
     assert abs(moments.position_variance.sum() - moments.total_variance) < 1e-12
 
 
 def test_every_estimator_hits_its_target_and_biased_ones_miss():
-    tq = exact.tree_quantities(TREE)
-    moments = exact.exact_moments(TREE, SPECS)
+    tq = targets.tree_quantities(TREE)
+    moments = enumeration.exact_moments(TREE, SPECS)
     for label, m in moments.items():
         target = est.get(label).target_for(**{k: v for k, v in SPECS[label].items() if k != "name"})
-        vector = exact.target_gradient(tq, target)
+        vector = targets.target_gradient(tq, target)
         if vector is not None:
-            assert exact.bias_report(m.mean, vector)["l2"] < 1e-13, label
+            assert targets.bias_report(m.mean, vector)["l2"] < 1e-13, label
     # known biases, measured relative to the target's norm
-    rel = lambda label, vec: exact.bias_report(moments[label].mean, vec)["relative"]
+    rel = lambda label, vec: targets.bias_report(moments[label].mean, vec)["relative"]
     assert rel("opd", tq.grad_sequence) > 0.05             # token-level vs sequence target under coupling
     assert rel("topk_kl", tq.grad_token) > 0.05 and rel("topk_kl", tq.grad_sequence) > 0.05
     assert rel("k3", tq.grad_token) > 0.05                   # forward KL, not reverse
@@ -86,35 +85,35 @@ def test_every_estimator_hits_its_target_and_biased_ones_miss():
 
 def test_no_coupling_makes_token_level_unbiased_for_sequence():
     tree = make_tree(3, 3, coupling=0.0, seed=2)
-    tq = exact.tree_quantities(tree)
+    tq = targets.tree_quantities(tree)
     assert torch.linalg.norm(tq.grad_future) < 1e-14
-    m = exact.exact_moments(tree, {"opd": {"name": "opd"}})["opd"]
-    assert exact.bias_report(m.mean, tq.grad_sequence)["l2"] < 1e-13
+    m = enumeration.exact_moments(tree, {"opd": {"name": "opd"}})["opd"]
+    assert targets.bias_report(m.mean, tq.grad_sequence)["l2"] < 1e-13
 
 
 def test_discount_between_zero_and_one_is_biased_for_both():
-    tq = exact.tree_quantities(TREE)
-    m = exact.exact_moments(TREE, {"r": {"name": "rtg", "gamma": 0.5}})["r"]
-    assert exact.bias_report(m.mean, tq.grad_sequence)["relative"] > 0.01
-    assert exact.bias_report(m.mean, tq.grad_token)["relative"] > 0.01
+    tq = targets.tree_quantities(TREE)
+    m = enumeration.exact_moments(TREE, {"r": {"name": "rtg", "gamma": 0.5}})["r"]
+    assert targets.bias_report(m.mean, tq.grad_sequence)["relative"] > 0.01
+    assert targets.bias_report(m.mean, tq.grad_token)["relative"] > 0.01
 
 
 def test_group_estimators_by_tuple_enumeration():
     tree = make_tree(2, 2, coupling=1.0, seed=3)
-    tq = exact.tree_quantities(tree)
-    rloo = exact.exact_group_moments(tree, "seq_rloo", group_size=3)
-    grpo = exact.exact_group_moments(tree, "seq_grpo", group_size=3)
-    grpo_std = exact.exact_group_moments(tree, "seq_grpo", group_size=3, scale_std=True)
-    assert exact.bias_report(rloo.mean, tq.grad_sequence)["l2"] < 1e-14
-    assert exact.bias_report(grpo.mean, tq.grad_sequence * 2 / 3)["l2"] < 1e-14
-    assert exact.bias_report(grpo_std.mean, tq.grad_sequence)["cosine"] < 0.999
+    tq = targets.tree_quantities(tree)
+    rloo = enumeration.exact_group_moments(tree, "seq_rloo", group_size=3)
+    grpo = enumeration.exact_group_moments(tree, "seq_grpo", group_size=3)
+    grpo_std = enumeration.exact_group_moments(tree, "seq_grpo", group_size=3, scale_std=True)
+    assert targets.bias_report(rloo.mean, tq.grad_sequence)["l2"] < 1e-14
+    assert targets.bias_report(grpo.mean, tq.grad_sequence * 2 / 3)["l2"] < 1e-14
+    assert targets.bias_report(grpo_std.mean, tq.grad_sequence)["cosine"] < 0.999
 
 
 def test_analyse_json_shape_and_errors():
-    result = exact.analyse(make_tree(2, 2, seed=0), k=1)
+    result = analysis.analyse(make_tree(2, 2, seed=0), k=1)
     assert set(result) >= {"sequence_kl", "estimators"}
     assert len(result["estimators"]["vopd"]["mean_gradient"]) == 3 * 2
     with pytest.raises(InputError, match="Monte Carlo"):
         check_enumerable(40, 5)
     with pytest.raises(InputError, match="1 <= k <= V"):
-        exact.analyse(make_tree(2, 2, seed=0), k=3)
+        analysis.analyse(make_tree(2, 2, seed=0), k=3)

@@ -1,11 +1,12 @@
-"""vopd_analysis.hf on tiny Qwen2 models saved to and loaded from disk."""
+"""vopd_analysis.lm.hf on tiny Qwen2 models saved to and loaded from disk."""
 
 import pytest
 import torch
 
-from vopd_analysis import hf
+from vopd_analysis.lm import hf
 from vopd_analysis import divergences as dv
-from vopd_analysis.batch import InputError, TokenBatch
+from vopd_analysis.batch import TokenBatch
+from vopd_analysis.errors import InputError
 from vopd_analysis.estimators import surrogate_loss
 
 PROMPTS = ["12+3=", "7+8=", "100+1="]

@@ -9,17 +9,17 @@ import torch
 from scipy import stats
 
 from synthetic.tree import bandit, make_tree
-from vopd_analysis import InputError, cli, exact, montecarlo as mc
-
+from vopd_analysis import InputError, cli
+from vopd_analysis.tabular import enumeration, targets, montecarlo as mc
 TREE = make_tree(3, 3, coupling=1.0, seed=1)
-TQ = exact.tree_quantities(TREE)
+TQ = targets.tree_quantities(TREE)
 # issue 15: the plain t-test rejected the exactly unbiased full_kl here in 65% of runs with 200 draws
 ZIPF = make_tree(vocab=4, horizon=3, coupling=1.0, teacher_shape="zipf", seed=3)
 
 
 def test_sample_mean_and_variance_agree_with_exact():
     draws = mc.sample_gradients(TREE, "vopd", 20000, seed=0)
-    m = exact.exact_moments(TREE, {"v": {"name": "vopd"}})["v"]
+    m = enumeration.exact_moments(TREE, {"v": {"name": "vopd"}})["v"]
     # E |mean - mu|^2 = tr Cov / n
     assert np.linalg.norm(draws.mean(0) - m.mean.numpy().ravel()) < 3 * np.sqrt(m.total_variance / len(draws))
     low, high = mc.trace_covariance_ci(draws[:3000], n_resamples=199)
@@ -32,7 +32,7 @@ def test_sequence_draws_are_the_sampled_draws():
     tokens = TREE.sample(50, torch.Generator().manual_seed(4))
     index = (tokens * TREE.vocab ** torch.arange(TREE.horizon - 1, -1, -1)).sum(1).numpy()
     np.testing.assert_allclose(mc.sample_gradients(TREE, "opd", 50, seed=4), table[index], atol=1e-12)
-    mean = exact.exact_moments(TREE, {"o": {"name": "opd"}})["o"].mean.numpy().ravel()
+    mean = enumeration.exact_moments(TREE, {"o": {"name": "opd"}})["o"].mean.numpy().ravel()
     np.testing.assert_allclose(probs @ table, mean, atol=1e-12)
     with pytest.raises(InputError, match="group"):
         mc.sequence_draws(TREE, "seq_rloo")
@@ -69,7 +69,7 @@ def _calibration(tree, name, n, reps, target="grad_token", alpha=0.05, seed=0, *
     """``reps`` independent tests of n draws of an unbiased estimator: (rejections, verdicts, plain rejections,
     results). A draw is its sequence's row, the sequences multinomial (the law of sample_gradients)."""
     table, probs = mc.sequence_draws(tree, name, **params)
-    g = getattr(exact.tree_quantities(tree), target).numpy().ravel()
+    g = getattr(targets.tree_quantities(tree), target).numpy().ravel()
     results = [mc.unbiasedness_test(table, g, alpha=alpha, counts=c)
                for c in np.random.default_rng([seed, n]).multinomial(n, probs, size=reps)]
     return (sum(r.reject for r in results), sum(not r.inconclusive for r in results),
@@ -120,7 +120,7 @@ def test_false_positive_rate_where_it_gives_a_verdict(tree, name, n):
 @pytest.mark.parametrize("n", [200, 2000])
 def test_false_positive_rate_with_the_real_sampler(n):
     """As above, with sample_gradients' own draws (600 runs) instead of the tabulated law."""
-    target = exact.tree_quantities(ZIPF).grad_token.numpy().ravel()
+    target = targets.tree_quantities(ZIPF).grad_token.numpy().ravel()
     results = [mc.unbiasedness_test(mc.sample_gradients(ZIPF, "full_kl", n, seed=s), target) for s in range(600)]
     rejected = sum(r.reject for r in results)
     if n == 200:                           # the issue's case (at 2,000 the plain rate is 5-7.5%)
@@ -166,7 +166,7 @@ def test_unresolved_coordinates_are_no_evidence():
 
 def test_deterministic_estimator_and_errors():
     b = bandit(4, seed=0)
-    tq = exact.tree_quantities(b)
+    tq = targets.tree_quantities(b)
     draws = mc.sample_gradients(b, "full_kl", 10, seed=0)  # no sampling noise at horizon 1
     ok = mc.unbiasedness_test(draws, tq.grad_token.numpy().ravel())
     assert not ok.reject and not ok.inconclusive and ok.draws_needed is None

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from studies import common, distill_tiny, llm_variance
-from vopd_analysis import InputError, hf, tiny
-
+from vopd_analysis import InputError
+from vopd_analysis.lm import hf, tiny
 RTOL, ATOL = 1e-4, 1e-9
 FIGURES = common.REPO / "figures"
 

@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from vopd_analysis import cli, tiny
-from vopd_analysis.batch import InputError
+from vopd_analysis import cli
+
+from vopd_analysis.lm import tiny
+from vopd_analysis.errors import InputError
 from vopd_analysis.distill import compare, loop, sweep
 
 

@@ -8,7 +8,9 @@ import shutil
 import pytest
 import torch
 
-from vopd_analysis import InputError, hf, pair_card, small, tiny
+from vopd_analysis import InputError
+
+from vopd_analysis.lm import hf, pair_card, small, tiny
 from vopd_analysis.distill import compare, loop
 
 
@@ -41,7 +43,7 @@ def test_tampered_file_names_the_file_and_the_hash(tmp_path):
     with pytest.raises(InputError, match="small pair file .*teacher/model.safetensors is missing .expected sha256"):
         small.verify_pair(pair)
     (pair / small.CARD).unlink()
-    with pytest.raises(InputError, match="small pair card .* is missing.*vopd_analysis.small --retrain"):
+    with pytest.raises(InputError, match="small pair card .* is missing.*vopd_analysis.lm.small --retrain"):
         small.verify_pair(pair)
 
 

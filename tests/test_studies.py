@@ -10,7 +10,7 @@ from studies import baseline_quality, run_all, sequence_bias, topk, training_dyn
 from studies import test_calibration as calibration
 from studies import variance_landscape
 from synthetic.tree import make_tree
-from vopd_analysis.baselines import baseline_quality as quality
+from vopd_analysis.tabular.baseline_quality import baseline_quality as quality
 
 TINY = {
     "unbiasedness": (unbiasedness, {"envs": ["bandit", "tree_coupled"], "mc_samples": 3000},  # 300: too few for a verdict

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from synthetic.tree import make_tree
-from vopd_analysis.batch import InputError
-from vopd_analysis.tabular_training import train
+from vopd_analysis.errors import InputError
+from vopd_analysis.tabular.training import train
 
 
 @pytest.fixture(scope="module")

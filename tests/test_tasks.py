@@ -4,10 +4,8 @@ import json
 
 import pytest
 
-from vopd_analysis import tasks
-from vopd_analysis.batch import InputError
-
-
+from vopd_analysis.lm import tasks
+from vopd_analysis.errors import InputError
 @pytest.fixture(scope="module")
 def tokenizer():
     return tasks.build_tokenizer()

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from synthetic.tree import from_arrays, from_npz, make_tree, num_states
-from vopd_analysis import InputError, exact
-
-
+from vopd_analysis import InputError
+from vopd_analysis.tabular import targets
 def test_state_layout_is_level_by_level_lexicographic():
     tree = make_tree(2, 3, seed=0)
     assert tree.num_states == num_states(2, 3) == 7
@@ -36,12 +35,12 @@ def test_npz_round_trip_and_errors(tmp_path):
 
 
 def test_knobs():
-    flat = exact.tree_quantities(make_tree(3, 3, coupling=0.0, seed=1))
+    flat = targets.tree_quantities(make_tree(3, 3, coupling=0.0, seed=1))
     assert torch.allclose(flat.next_kl_to_go[:4], flat.next_kl_to_go[:4, :1].expand(-1, 3))
     same = make_tree(3, 2, divergence=0.0, seed=1)
-    assert exact.tree_quantities(same).sequence_kl < 1e-15
-    hot = exact.tree_quantities(make_tree(8, 1, teacher_shape="zipf", teacher_temperature=4.0, seed=0))
-    cold = exact.tree_quantities(make_tree(8, 1, teacher_shape="zipf", teacher_temperature=0.5, seed=0))
+    assert targets.tree_quantities(same).sequence_kl < 1e-15
+    hot = targets.tree_quantities(make_tree(8, 1, teacher_shape="zipf", teacher_temperature=4.0, seed=0))
+    cold = targets.tree_quantities(make_tree(8, 1, teacher_shape="zipf", teacher_temperature=0.5, seed=0))
     entropy = lambda tq: float(-(tq.log_p.exp() * tq.log_p).sum())
     assert entropy(hot) > entropy(cold)
     with pytest.raises(InputError, match="teacher shape"):

@@ -1,14 +1,14 @@
-"""vopd_analysis.variance: streaming moments against numpy, known per-sample gradients, the probe."""
+"""vopd_analysis.lm.variance: streaming moments against numpy, known per-sample gradients, the probe."""
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from vopd_analysis import hf, variance
-from vopd_analysis.batch import InputError
+from vopd_analysis.lm import hf, variance
+from vopd_analysis.errors import InputError
 from vopd_analysis.estimators import surrogate_loss
-from vopd_analysis.variance import GradientMoments
+from vopd_analysis.lm.variance import GradientMoments
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -30,20 +30,7 @@ from typing import Optional
 
 import torch
 
-
-class InputError(ValueError):
-    """Bad user input, reported with a message that names the problem."""
-
-
-def exit_with(main) -> None:
-    """``sys.exit(main())`` for a ``python -m`` entry point: an ``InputError`` becomes one line
-    ``error: ...`` on stderr and exit status 2, not a traceback."""
-    import sys
-    try:
-        sys.exit(main())
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+from .errors import InputError
 
 
 @dataclasses.dataclass

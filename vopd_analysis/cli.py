@@ -19,7 +19,7 @@ import importlib
 import json
 import sys
 
-from .batch import InputError
+from .errors import InputError
 
 
 def _add_tree_options(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +69,7 @@ def cmd_estimators(args) -> None:
 
 
 def cmd_exact(args) -> None:
-    from .exact import analyse
+    from .tabular.analysis import analyse
     tree = _tree_from_args(args)
     names = args.estimators.split(",") if args.estimators else None
     if names:
@@ -91,7 +91,7 @@ def cmd_exact(args) -> None:
 
 def cmd_mc(args) -> None:
     from synthetic.tree import MAX_EXACT_SEQUENCES
-    from . import exact, montecarlo as mc
+    from .tabular import montecarlo as mc, targets
     from .estimators import get
     tree = _tree_from_args(args)
     entry = get(args.estimator)
@@ -102,7 +102,7 @@ def cmd_mc(args) -> None:
     draws = mc.sample_gradients(tree, args.estimator, args.samples, args.seed, **params)
     out = {"estimator": args.estimator, "samples": args.samples, "trace_covariance": mc.trace_covariance(draws)}
     if tree.num_sequences <= MAX_EXACT_SEQUENCES:
-        tq = exact.tree_quantities(tree)
+        tq = targets.tree_quantities(tree)
         for label, vector in (("token", tq.grad_token), ("sequence", tq.grad_sequence)):
             test = mc.unbiasedness_test(draws, vector.numpy().ravel(), alpha=args.alpha, seed=args.seed)
             out[f"test_{label}"] = {"reject": test.reject, "inconclusive": test.inconclusive, "p_value": test.p_value,

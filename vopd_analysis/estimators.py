@@ -26,11 +26,12 @@ Targets (``Estimator.target``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 
-from .batch import InputError, TokenBatch
+from .batch import TokenBatch
+from .errors import InputError
 from . import divergences as dv
 
 
@@ -309,7 +310,7 @@ class Estimator:
     analysis_only: bool = False    # needs exact tabular quantities
     credit: Callable[[dict], tuple] = lambda params: (0.0, 0.0, 0.0)
     """(a, c, gamma): beyond its value on a one-token sequence, the estimator's position-t
-    advantage adds a * sum_{t'<t} l_t' + c * sum_{t'>t} gamma^(t'-t) l_t' (used by vopd_analysis.dp)."""
+    advantage adds a * sum_{t'<t} l_t' + c * sum_{t'>t} gamma^(t'-t) l_t' (used by vopd_analysis.tabular.dp)."""
 
     @property
     def description(self) -> str:

@@ -21,7 +21,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from ..batch import InputError
+from ..errors import InputError
 
 
 def rng_state() -> dict:

@@ -29,7 +29,7 @@ from typing import Iterable, List, Optional
 import numpy as np
 import pandas as pd
 
-from ..batch import InputError
+from ..errors import InputError
 from ..stats import mean_interval, paired_difference
 
 __all__ = ["mean_interval", "paired_difference", "run_label", "find_runs", "load_runs", "summary_table",

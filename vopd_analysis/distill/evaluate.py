@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import divergences as dv
-from .. import hf, tasks
+from ..lm import hf, tasks
 
 
 @torch.no_grad()

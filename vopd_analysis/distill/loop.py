@@ -45,8 +45,8 @@ from typing import Callable, Optional
 import torch
 
 from .. import estimators as est
-from .. import hf, small, tasks, tiny
-from ..batch import InputError, exit_with
+from ..errors import InputError, exit_with
+from ..lm import hf, small, tasks, tiny
 from . import checkpoint as ckpt
 from .evaluate import evaluate_shard, sampled_reverse_kl, sequence_reverse_kl
 

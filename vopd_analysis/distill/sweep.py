@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .. import estimators as est
-from ..batch import InputError
+from ..errors import InputError
 from . import compare, loop
 
 

@@ -24,15 +24,14 @@ hundreds, and far faster than enumeration on prefix trees.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict
 
-import numpy as np
 import torch
 
-from . import estimators as est
-from .batch import InputError, TokenBatch
-from .exact import Moments, TreeQuantities, tree_quantities
+from .. import estimators as est
+from ..batch import TokenBatch
+from ..errors import InputError
+from .targets import Moments, TreeQuantities, tree_quantities
 
 DEFAULT_CHUNK_ROWS = 1 << 16
 
@@ -104,7 +103,7 @@ def dp_moments(env, specs: Dict[str, dict], quantities: TreeQuantities = None,
         entry = est.get(spec["name"])
         if entry.group:
             raise InputError(f"'{label}': group estimator '{entry.name}' has no single-sequence DP; "
-                             "use exact.exact_group_moments")
+                             "use enumeration.exact_group_moments")
         params = entry.params(**{k: v for k, v in spec.items() if k != "name"})
         a, c, gamma = entry.credit(params)
         if c and gamma not in futures:

@@ -2,7 +2,7 @@
 
 The tiny addition pair has 16 tokens and a near-deterministic teacher; this pair's
 next-token distributions look like a language model's: thousands of tokens, long tails, a
-teacher that is not sure. It is committed with the package (``vopd_analysis/pairs/small``):
+teacher that is not sure. It is committed with the package (``vopd_analysis/lm/pairs/small``):
 
 * ``corpus/python_docs.jsonl.gz``: the corpus, one ``{"name", "text"}`` document per line:
   the sections of the standard library's ``pydoc_data.topics`` (the language reference
@@ -29,8 +29,8 @@ of a document, cut back to a whole word (``train_prompts``: training documents;
 There is no verifier: the metrics are the reverse KL to the teacher and the teacher's
 log-likelihood of the continuation.
 
-    python -m vopd_analysis.small              # check the committed pair against its card
-    python -m vopd_analysis.small --retrain    # train it again (minutes on 2 cores)
+    python -m vopd_analysis.lm.small              # check the committed pair against its card
+    python -m vopd_analysis.lm.small --retrain    # train it again (minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import pair_card
-from .batch import InputError, exit_with
+from ..errors import InputError, exit_with
 from .tiny import ModelSize
 
 COMMITTED = Path(__file__).resolve().parent / "pairs" / "small"   # the pair every machine uses
 CARD = pair_card.CARD
-PAIR = pair_card.CommittedPair("small", "vopd_analysis.small", COMMITTED, ".cache/vopd_small",
+PAIR = pair_card.CommittedPair("small", "vopd_analysis.lm.small", COMMITTED, ".cache/vopd_small",
                                {"held_out_cross_entropy": "held-out cross-entropy"})
 CORPUS = "corpus/python_docs.jsonl.gz"      # relative to a pair folder
 PROMPT_TOKENS = 24       # a prompt is at most this many tokens of a document, cut back to a whole word
@@ -343,13 +343,13 @@ def train_pair(root, config: SmallConfig = SmallConfig(), num_threads: Optional[
     tokenizer = train_tokenizer([d["text"] for d in train_docs], config.vocab_size)
     stream, held_stream = token_stream(tokenizer, train_docs), token_stream(tokenizer, held_out)
     card = {"config": dataclasses.asdict(config), "key": config.key(),
-            "how": "python -m vopd_analysis.small --retrain (vopd_analysis.small.train_pair)",
+            "how": "python -m vopd_analysis.lm.small --retrain (vopd_analysis.lm.small.train_pair)",
             "corpus": {"file": CORPUS, "documents": len(train_docs) + len(held_out),
                        "held_out_documents": len(held_out),
                        "characters": sum(len(d["text"]) for d in train_docs + held_out),
                        "train_tokens": len(stream), "held_out_tokens": len(held_stream),
-                       "source": "pydoc_data.topics sections and docstrings of vopd_analysis.small.STDLIB_MODULES, "
-                                 f"extracted by vopd_analysis.small.extract_corpus under Python {CORPUS_PYTHON}",
+                       "source": "pydoc_data.topics sections and docstrings of vopd_analysis.lm.small.STDLIB_MODULES, "
+                                 f"extracted by vopd_analysis.lm.small.extract_corpus under Python {CORPUS_PYTHON}",
                        "licence": "Python documentation: PSF License Version 2 (Python Software Foundation)"},
             "tokenizer": {"kind": "byte-level BPE (tokenizers)", "vocab_size": len(tokenizer),
                           "train_seconds": round(time.perf_counter() - start, 1)},
@@ -394,7 +394,7 @@ def load_or_train_pair(cache_dir=".cache/vopd_small", config: SmallConfig = Smal
                        retrain: bool = False) -> Tuple[str, str, object]:
     """(student_path, teacher_path, tokenizer) of the small pair.
 
-    By default the pair committed with the package (``vopd_analysis/pairs/small``), checked file
+    By default the pair committed with the package (``vopd_analysis/lm/pairs/small``), checked file
     by file against the sha256 in its card. ``retrain=True`` (or a ``config`` other than the
     default) trains a pair into ``cache_dir/<config hash>`` instead (cached: a second call loads
     it) and, for the default config, says whether it differs from the committed pair.
@@ -461,7 +461,7 @@ def eval_prompts(n: int, seed: int = 0) -> List[dict]:
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None) -> int:
-    """``python -m vopd_analysis.small [--retrain] [--out DIR]``: check the committed pair, or retrain it."""
+    """``python -m vopd_analysis.lm.small [--retrain] [--out DIR]``: check the committed pair, or retrain it."""
     return PAIR.main(argv, main.__doc__, train_pair, lambda: load_or_train_pair(retrain=True))
 
 

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch.func import functional_call, vjp, vmap
 
-from .batch import InputError
-from . import estimators as est
+from ..errors import InputError
+from .. import estimators as est
 from . import hf
 
 _PROJECTION_BLOCK = 1 << 20

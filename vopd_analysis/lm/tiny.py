@@ -1,13 +1,13 @@
 """A tiny teacher/student pair of Qwen2 models for the built-in addition task.
 
-The pair every machine uses is committed with the package (``vopd_analysis/pairs/tiny``:
+The pair every machine uses is committed with the package (``vopd_analysis/lm/pairs/tiny``:
 ``teacher/``, ``student/``, each a ``save_pretrained`` model with the task tokenizer, and
 ``card.json`` with the sha256 of every file, the accuracies and how it was trained).
 ``load_or_train_pair()`` loads it after checking the hashes: training the same config twice
 on two machines gives different weights (float round-off compounds over 1,500 steps), so a
 retrained pair would change every real-model number downstream.
 
-``train_pair`` (``python -m vopd_analysis.tiny --retrain``) trains the teacher by supervised
+``train_pair`` (``python -m vopd_analysis.lm.tiny --retrain``) trains the teacher by supervised
 next-token training on worked solutions (cross-entropy on the response tokens only) until it
 is near-perfect, and a smaller student on the same data for only a few steps, so that it
 starts clearly worse. No weights are downloaded.
@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import pair_card, tasks
-from .batch import InputError, exit_with
+from ..errors import exit_with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,7 @@ COMMITTED = Path(__file__).resolve().parent / "pairs" / "tiny"   # the pair ever
 CARD = pair_card.CARD
 file_sha256 = pair_card.file_sha256
 pair_files = pair_card.pair_files
-PAIR = pair_card.CommittedPair("tiny", "vopd_analysis.tiny", COMMITTED, ".cache/vopd_tiny",
+PAIR = pair_card.CommittedPair("tiny", "vopd_analysis.lm.tiny", COMMITTED, ".cache/vopd_tiny",
                                {"eval_accuracy": "accuracy"})
 
 
@@ -183,7 +183,7 @@ def train_pair(root, config: TinyConfig = TinyConfig(), num_threads: Optional[in
     task = tasks.Addition(config.digits)
     held_out = task.sample(1000, seed=config.seed + 12345, split="eval")
     card = {"config": dataclasses.asdict(config), "key": config.key(),
-            "how": "python -m vopd_analysis.tiny --retrain (vopd_analysis.tiny.train_pair)",
+            "how": "python -m vopd_analysis.lm.tiny --retrain (vopd_analysis.lm.tiny.train_pair)",
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     probe = task.sample(200, seed=config.seed + 777, split="train")
@@ -221,7 +221,7 @@ def load_or_train_pair(cache_dir=".cache/vopd_tiny", config: TinyConfig = TinyCo
                        retrain: bool = False) -> Tuple[str, str, object]:
     """(student_path, teacher_path, tokenizer) of the tiny pair.
 
-    By default this is the pair committed with the package (``vopd_analysis/pairs/tiny``),
+    By default this is the pair committed with the package (``vopd_analysis/lm/pairs/tiny``),
     checked file by file against the sha256 in its card, so every machine uses the same
     models. ``retrain=True`` (or a ``config`` other than the default) trains a pair into
     ``cache_dir/<config hash>`` instead (cached: a second call loads it) and, for the default
@@ -251,7 +251,7 @@ def save_random_pair(directory, seed: int = 0, student: ModelSize = ModelSize(16
 
 
 def main(argv=None) -> int:
-    """``python -m vopd_analysis.tiny [--retrain] [--out DIR]``: check the committed pair, or retrain it."""
+    """``python -m vopd_analysis.lm.tiny [--retrain] [--out DIR]``: check the committed pair, or retrain it."""
     return PAIR.main(argv, main.__doc__, train_pair, lambda: load_or_train_pair(retrain=True))
 
 

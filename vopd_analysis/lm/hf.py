@@ -32,8 +32,9 @@ from typing import Iterable, List, Optional, Sequence
 
 import torch
 
-from .batch import InputError, TokenBatch
-from . import estimators as est
+from ..batch import TokenBatch
+from ..errors import InputError
+from .. import estimators as est
 
 DEFAULT_CHUNK_TOKENS = 1024
 

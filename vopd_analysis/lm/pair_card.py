@@ -1,12 +1,12 @@
-"""The sha256 card of a committed student/teacher pair (``vopd_analysis/pairs/<preset>``).
+"""The sha256 card of a committed student/teacher pair (``vopd_analysis/lm/pairs/<preset>``).
 
 A pair folder holds the files a preset loads (``teacher/``, ``student/``, anything else it
 was trained from) and ``card.json``: how it was trained, its quality numbers and the sha256
 of every other file. The card is written last, so a folder with a card is complete;
 ``verify_pair`` checks every file it lists before a preset loads the pair, because a
 retrained pair (different float round-off on another machine) changes every real-model
-number downstream. ``CommittedPair`` is what a preset module (``vopd_analysis.tiny``,
-``vopd_analysis.small``) builds its ``load_or_train_pair`` and ``python -m`` command from.
+number downstream. ``CommittedPair`` is what a preset module (``vopd_analysis.lm.tiny``,
+``vopd_analysis.lm.small``) builds its ``load_or_train_pair`` and ``python -m`` command from.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-from .batch import InputError
+from ..errors import InputError
 
 CARD = "card.json"
 
@@ -85,7 +85,7 @@ class CommittedPair:
     """A preset's committed pair: where it lives, how to retrain it, and which card numbers compare two pairs."""
 
     preset: str                 # "tiny"
-    module: str                 # "vopd_analysis.tiny": python -m module --retrain
+    module: str                 # "vopd_analysis.lm.tiny": python -m module --retrain
     committed: Path             # the folder every machine loads
     cache_dir: str              # default parent of retrained pairs
     metrics: Dict[str, str]     # card key of the teacher's and student's quality number -> its name

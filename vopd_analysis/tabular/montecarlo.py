@@ -78,9 +78,9 @@ import torch
 from scipy import special, stats
 
 from synthetic.tree import PrefixTree
-from . import estimators as est
-from .batch import InputError
-from .exact import tree_quantities
+from .. import estimators as est
+from ..errors import InputError
+from .targets import tree_quantities
 
 SIZE_ERROR_SHARE = 0.05   # r: the share of alpha the predicted size error may take for a rejection
 NOT_REJECTED_SHARE = 1.0  # r for a non-rejection, which cannot be a false positive

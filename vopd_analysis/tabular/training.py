@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 
 from synthetic.tree import PrefixTree
-from . import estimators as est
-from .exact import tree_quantities
+from .. import estimators as est
+from .targets import tree_quantities
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ import string
 from pathlib import Path
 from typing import List, Optional
 
-from .batch import InputError
+from ..errors import InputError
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 TASK_CHARS = string.digits + "+=."   # the addition task's alphabet (the tiny preset's vocabulary)

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from synthetic.tree import PrefixTree
-from . import divergences as dv
-from .exact import TreeQuantities, tree_quantities
+from .. import divergences as dv
+from .targets import TreeQuantities, tree_quantities
 
 
 def _weights(tq: TreeQuantities) -> torch.Tensor:
