@@ -26,7 +26,7 @@ Targets (``Estimator.target``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -379,23 +379,41 @@ def per_sequence(name: str, batch: TokenBatch, **params) -> torch.Tensor:
 REDUCTIONS = ("sequence_mean", "token_mean", "sum", "none")
 
 
-def surrogate_loss(name: str, batch: TokenBatch, reduction: str = "sequence_mean", **params) -> torch.Tensor:
+def surrogate_loss(name: str, batch: TokenBatch, reduction: str = "sequence_mean",
+                   num_items_in_batch: Optional[float] = None, **params) -> torch.Tensor:
     """The loss to call ``.backward()`` on.
 
-    ``sequence_mean`` (default): sum over tokens, mean over sequences.
-    ``token_mean``: sum over all tokens divided by the number of unmasked tokens.
+    ``sequence_mean`` (default): (1/N) sum_b sum_t values, N the number of sequences.
+    ``token_mean``: (1/N) sum_b sum_t values, N the number of unmasked tokens.
     ``sum``: sum over tokens and sequences. ``none``: the [B] per-sequence values.
+
+    Args:
+      name: a registered estimator.
+      batch: the TokenBatch.
+      reduction: one of ``REDUCTIONS``.
+      num_items_in_batch: N for the mean reductions when the batch is one shard of a larger
+        one (TRL's convention): the global number of sequences or unmasked tokens over all
+        processes. Each process then divides its local sum by the same N, and summing the
+        gradients over processes gives the gradient of the global mean, whatever share of
+        the tokens each process holds. Default: this batch's own count.
+      **params: the estimator's parameters (registry defaults for the rest).
+    Returns:
+      A scalar (or [B] for ``none``).
     """
+    if reduction not in REDUCTIONS:
+        raise InputError(f"unknown reduction '{reduction}'; choose one of {REDUCTIONS}")
     values = per_sequence(name, batch, **params)
-    if reduction == "sequence_mean":
-        return values.mean()
-    if reduction == "token_mean":
-        return values.sum() / batch.mask.sum().clamp_min(1).to(values.dtype)
-    if reduction == "sum":
-        return values.sum()
     if reduction == "none":
         return values
-    raise InputError(f"unknown reduction '{reduction}'; choose one of {REDUCTIONS}")
+    if reduction == "sum":
+        return values.sum()
+    if num_items_in_batch is None:
+        if reduction == "sequence_mean":
+            return values.mean()
+        num_items_in_batch = batch.mask.sum().clamp_min(1)
+    elif not float(num_items_in_batch) > 0:
+        raise InputError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
+    return values.sum() / torch.as_tensor(num_items_in_batch, dtype=values.dtype, device=values.device)
 
 
 def describe() -> list:
