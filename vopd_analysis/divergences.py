@@ -211,6 +211,46 @@ def renormalised_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: to
     return (log_q.exp() * (log_q - log_p)).sum(-1)
 
 
+def student_topk_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int,
+                            student_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reverse KL on the student's top-k set S_k, both distributions renormalised on S_k, detached:
+
+        KL^k(s) = sum_{v in S_k} q~_v (log q~_v - log p~_v),  q~ = q / q(S_k),  p~ = p / p(S_k).
+
+    Args:
+      student_logits, teacher_logits: [..., V].  k: the support size, 1 <= k <= V.
+      student_lse: logsumexp of the student logits [...], when known (saves a pass over V).
+    Returns:
+      [...] the renormalised reverse KL (the vOPD authors' top-k baseline).
+    """
+    with torch.no_grad():
+        ids = torch.topk(student_logits.detach(), k, dim=-1).indices
+        return renormalised_reverse_kl(logprobs_at(student_logits.detach(), ids, student_lse),
+                                       logprobs_at(teacher_logits.detach(), ids))
+
+
+def logit_score_weights(q: torch.Tensor) -> torch.Tensor:
+    """w_y = q_y |e_y - q|^2 = q_y (1 - 2 q_y + |q|^2): the probability of y times the squared norm
+    of its logit-space score e_y - q. [..., V]"""
+    return q * (1.0 - 2.0 * q + (q * q).sum(-1, keepdim=True))
+
+
+def optimal_scalar_baseline(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """The state baseline that minimises the logit-space trace variance of (l_y - b)(e_y - q):
+
+        b*(s) = sum_y w_y l_y / sum_y w_y,   w_y = q_y |e_y - q|^2 = q_y (1 - 2 q_y + |q|^2),
+
+    with l_y = log q_y - log p_y. vOPD's KL_s = sum_y q_y l_y uses the weights q_y instead.
+
+    Args:
+      student_logprobs, teacher_logprobs: log q and log p over the full vocabulary [..., V].
+    Returns:
+      [...] b*, 0/0 (a one-hot student) read as 0.
+    """
+    w = logit_score_weights(student_logprobs.exp())
+    return (w * (student_logprobs - teacher_logprobs)).sum(-1) / w.sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
+
+
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
     """Generalised JSD of GKD in TRL's convention (q student, p teacher):
 

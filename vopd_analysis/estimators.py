@@ -1,7 +1,7 @@
 """The estimator registry: every OPD gradient estimator as a surrogate loss.
 
-Notation (DESIGN.md section 1): student pi = softmax(z), teacher pi_T, sampled
-token y_t at state s_t, mask m_t, "sg" = stop-gradient (detach),
+Notation: student pi = softmax(z), teacher pi_T, sampled token y_t at state s_t,
+mask m_t, "sg" = stop-gradient (detach),
 
     l_t    = log pi(y_t|s_t) - log pi_T(y_t|s_t)          (reward r_t = -l_t)
     KL_t   = sum_v pi(v|s_t) [log pi(v|s_t) - log pi_T(v|s_t)]
@@ -13,6 +13,18 @@ one surrogate value per sequence, summed over its tokens; the gradient of that
 value is the estimator's single-sequence gradient. ``surrogate_loss`` reduces
 the per-sequence values (mean over sequences by default). Sign conventions,
 normalisation and surrogates live here and nowhere else.
+
+Most estimators are composed (``composed``): a ``Return`` R_t (token log-ratio,
+whole sequence, reward-to-go, future), minus a coefficient times a state
+``Baseline`` b(s_t) (none, KL_t, student-top-k KL, b*, the oracle KL-to-go),
+plus optionally an analytic term:
+
+    sum_t m_t [A_t + sg(R_t - c b(s_t)) log pi(y_t|s_t)].
+
+A baseline that depends on the state only keeps the expectation of the return's
+estimator (E[b(s_t) S_t | s_t] = 0), so the target comes from the return. The
+others (analytic divergences, k1/k2/k3 as losses, group estimators) are plain
+functions.
 
 Targets (``Estimator.target``):
 * ``token``    g_tok = E[sum_t grad KL_t(s_t)], state distribution held fixed;
@@ -26,6 +38,7 @@ Targets (``Estimator.target``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Dict, Optional
 
 import torch
@@ -71,26 +84,22 @@ def _check_k(k: int, vocab: int, name: str) -> int:
 
 
 def topk_reverse_kl_baseline(batch: TokenBatch, k: int, student_lse=None) -> torch.Tensor:
-    """KL on the student's top-k set S_k, both distributions renormalised on S_k (detached). [B, T]
+    """KL_t^k: the reverse KL on the student's top-k set, both renormalised (``dv.student_topk_reverse_kl``),
+    from the full teacher logits or from the batch's teacher log-probs on the student's top-k. [B, T]
 
-    b_k(s) = sum_{v in S_k} q~_v (log q~_v - log p~_v), q~ = q / q(S_k), p~ = p / p(S_k),
-    as in the vOPD authors' trainer. It depends on s_t only, so any k keeps the
-    estimator unbiased.
+    It depends on s_t only, so any k keeps the estimator unbiased.
     """
     _check_k(k, batch.vocab_size, "vopd_topk")
+    if batch.teacher_logits is not None:
+        return dv.student_topk_reverse_kl(batch.student_logits, batch.teacher_logits, k, student_lse)
+    if batch.student_topk_ids is None or batch.student_topk_ids.shape[-1] < k:
+        raise InputError(f"estimator 'vopd_topk' (k={k}) needs the teacher's log-probs on the student's "
+                         "top-k tokens (or full teacher logits), but the batch has neither")
     with torch.no_grad():
         z = batch.student_logits.detach()
-        if batch.teacher_logits is not None:
-            ids = torch.topk(z, k, dim=-1).indices
-            teacher_lp = dv.logprobs_at(batch.teacher_logits.detach(), ids)
-        elif batch.student_topk_ids is not None and batch.student_topk_ids.shape[-1] >= k:
-            ids = batch.student_topk_ids[..., :k]
-            teacher_lp = batch.teacher_logprobs_on_student_topk[..., :k].to(dv.compute_dtype(z))
-        else:
-            raise InputError(f"estimator 'vopd_topk' (k={k}) needs the teacher's log-probs on the student's "
-                             "top-k tokens (or full teacher logits), but the batch has neither")
-        student_lp = dv.logprobs_at(z, ids, student_lse)
-        return dv.renormalised_reverse_kl(student_lp, teacher_lp)
+        ids = batch.student_topk_ids[..., :k]
+        teacher_lp = batch.teacher_logprobs_on_student_topk[..., :k].to(dv.compute_dtype(z))
+        return dv.renormalised_reverse_kl(dv.logprobs_at(z, ids, student_lse), teacher_lp)
 
 
 def teacher_topk(batch: TokenBatch, k: int):
@@ -107,19 +116,13 @@ def teacher_topk(batch: TokenBatch, k: int):
 
 
 def optimal_scalar_baseline(batch: TokenBatch) -> torch.Tensor:
-    """b*(s) = sum_y q_y |e_y - q|^2 l_y / sum_y q_y |e_y - q|^2 (logit space), detached. [B, T]
-
-    The baseline that minimises the logit-space trace variance of (l_y - b) (e_y - q)
-    at each state, using |e_y - q|^2 = 1 - 2 q_y + |q|^2.
-    """
+    """b*(s_t), the logit-space variance-optimal scalar baseline (``dv.optimal_scalar_baseline``),
+    from the full student and teacher logits, detached. [B, T]"""
     t_logits = _require_teacher_logits(batch, "opd_bstar")
     with torch.no_grad():
         dtype = dv.compute_dtype(batch.student_logits)
-        log_q = torch.log_softmax(batch.student_logits.detach().to(dtype), -1)
-        log_p = torch.log_softmax(t_logits.detach().to(dtype), -1)
-        q = log_q.exp()
-        w = q * (1.0 - 2.0 * q + (q * q).sum(-1, keepdim=True))
-        return (w * (log_q - log_p)).sum(-1) / w.sum(-1).clamp_min(torch.finfo(dtype).tiny)
+        return dv.optimal_scalar_baseline(torch.log_softmax(batch.student_logits.detach().to(dtype), -1),
+                                          torch.log_softmax(t_logits.detach().to(dtype), -1))
 
 
 def reward_to_go(l: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -155,78 +158,140 @@ def _require(batch: TokenBatch, field: str, name: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- estimators
 
-def opd(batch: TokenBatch) -> torch.Tensor:
-    """Vanilla OPD: sum_t sg(l_t) log pi(y_t). Gradient sum_t l_t S_t."""
-    lp = student_token_logprobs(batch)
-    return score_surrogate(batch, lp, log_ratio(batch, lp))
+# ----------------------------------------------------------------------------- returns
+#
+# A score-function estimator is  sum_t m_t sg(R_t - c b(s_t)) log pi(y_t|s_t)  (plus, for some, an
+# analytic term), after mc_gradients' control_variates_surrogate_loss: a return R, a baseline b
+# that depends on the state only (so it never adds bias) and a coefficient c.
+
+@dataclasses.dataclass(frozen=True)
+class Return:
+    """The return R_t [B, T] that multiplies the score at position t.
+
+    ``fn(l, **params)`` maps the masked, detached log-ratios l [B, T] to R [B, T].
+    ``credit(params)`` = (a, c, gamma) says how R_t reaches beyond position t, for the
+    dynamic-programming engine (``tabular.dp``): R_t = [R on the one-token sequence]
+    + a sum_{t'<t} l_t' + c sum_{t'>t} gamma^(t'-t) l_t'; None when R_t is no such sum (the DP
+    engine then refuses and enumeration is exact). ``target(params)`` is what the
+    score-function estimator with this return (and any state baseline) is unbiased for.
+    """
+
+    name: str
+    formula: str
+    fn: Callable[..., torch.Tensor]
+    params: Dict[str, object]
+    credit: Callable[[dict], Optional[tuple]]
+    target: Callable[[dict], str]
 
 
-def vopd(batch: TokenBatch) -> torch.Tensor:
-    """vOPD: sum_t sg(l_t - KL_t) log pi(y_t); KL_t(s_t) = -V(s_t) is the closed-form value baseline."""
-    lp, kl = logprobs_and_reverse_kl_baseline(batch, "vopd")
-    return score_surrogate(batch, lp, log_ratio(batch, lp) - kl)
+def _check_gamma(gamma: float) -> float:
+    if not 0.0 <= gamma <= 1.0:
+        raise InputError(f"rtg needs 0 <= gamma <= 1, got gamma={gamma}")
+    return gamma
 
 
-def vopd_topk(batch: TokenBatch, k: int = 16) -> torch.Tensor:
-    """sum_t sg(l_t - KL_t^k) log pi(y_t), KL_t^k the reverse KL on the student's top-k, renormalised."""
+def _rtg_target(p: dict) -> str:
+    return "sequence" if p["gamma"] == 1.0 else ("token" if p["gamma"] == 0.0 else "none")
+
+
+TOKEN_RETURN = Return("token", "l_t", lambda l: l, {}, lambda p: (0.0, 0.0, 0.0), lambda p: "token")
+SEQUENCE_RETURN = Return("sequence", "sum_t' l_t'", lambda l: l.sum(-1, keepdim=True).expand_as(l), {},
+                         lambda p: (1.0, 1.0, 1.0), lambda p: "sequence")
+REWARD_TO_GO = Return("reward_to_go", "sum_{t'>=t} gamma^(t'-t) l_t'",
+                      lambda l, gamma: reward_to_go(l, _check_gamma(gamma)), {"gamma": 1.0},
+                      lambda p: (0.0, 1.0, p["gamma"]), _rtg_target)
+TO_GO_RETURN = Return("to_go", "sum_{t'>=t} l_t'", lambda l: reward_to_go(l, 1.0), {},
+                      lambda p: (0.0, 1.0, 1.0), lambda p: "sequence")
+FUTURE_RETURN = Return("future", "sum_{t'>t} l_t'", lambda l: reward_to_go(l, 1.0) - l, {},
+                       lambda p: (0.0, 1.0, 1.0), lambda p: "none")
+
+
+# ----------------------------------------------------------------------------- baselines
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """A state baseline b(s_t) [B, T], detached.
+
+    ``fn(batch, name, **params)`` returns (log pi(y_t|s_t) with its gradient, b or None), so a
+    baseline that reads the student logits computes the sampled log-prob in the same pass.
+    ``teacher_signal`` is what it needs from the teacher ("sampled" < "topk" < "full" < "oracle").
+    """
+
+    name: str
+    formula: str
+    fn: Callable[..., tuple]
+    params: Dict[str, object]
+    teacher_signal: str
+
+
+def _no_baseline(batch: TokenBatch, name: str) -> tuple:
+    return student_token_logprobs(batch), None
+
+
+def _kl_baseline(batch: TokenBatch, name: str) -> tuple:
+    return logprobs_and_reverse_kl_baseline(batch, name)
+
+
+def _student_topk_kl_baseline(batch: TokenBatch, name: str, k: int) -> tuple:
     lp, lse = dv.token_logprobs_and_lse(batch.student_logits, batch.tokens)
-    return score_surrogate(batch, lp, log_ratio(batch, lp) - topk_reverse_kl_baseline(batch, k, lse))
+    return lp, topk_reverse_kl_baseline(batch, k, lse)
 
 
-def opd_bstar(batch: TokenBatch) -> torch.Tensor:
-    """sum_t sg(l_t - b*(s_t)) log pi(y_t) with the variance-optimal scalar baseline (analysis)."""
+def _bstar_baseline(batch: TokenBatch, name: str) -> tuple:
+    return student_token_logprobs(batch), optimal_scalar_baseline(batch)
+
+
+def _kl_to_go_baseline(batch: TokenBatch, name: str) -> tuple:
     lp = student_token_logprobs(batch)
-    return score_surrogate(batch, lp, log_ratio(batch, lp) - optimal_scalar_baseline(batch))
+    return lp, _require(batch, "kl_to_go", name).to(lp.dtype)
 
 
-def full_kl(batch: TokenBatch) -> torch.Tensor:
-    """sum_t KL_t(s_t), analytic over the vocabulary (teacher detached): the Rao-Blackwellised opd."""
-    t = _require_teacher_logits(batch, "full_kl")
+NO_BASELINE = Baseline("none", "0", _no_baseline, {}, "sampled")
+KL_BASELINE = Baseline("kl", "KL_t", _kl_baseline, {}, "full")
+STUDENT_TOPK_KL_BASELINE = Baseline("student_topk_kl", "KL_t^k", _student_topk_kl_baseline, {"k": 16}, "topk")
+BSTAR_BASELINE = Baseline("bstar", "b*(s_t)", _bstar_baseline, {}, "full")
+KL_TO_GO_BASELINE = Baseline("kl_to_go", "W_t(s_t)", _kl_to_go_baseline, {}, "oracle")
+
+_SIGNALS = ("sampled", "topk", "full", "oracle")
+
+
+# ----------------------------------------------------------------------------- analytic terms
+
+def reverse_kl_term(batch: TokenBatch, name: str = "full_kl") -> torch.Tensor:
+    """sum_t m_t KL_t(s_t), analytic over the vocabulary, teacher detached. [B]"""
+    t = _require_teacher_logits(batch, name)
     return masked_sum(batch, dv.reverse_kl_to_fixed_teacher(batch.student_logits, t, batch.teacher_logsumexp))
 
+
+def score_function_estimator(batch: TokenBatch, *, name: str, ret: Return, baseline: Baseline,
+                             coefficient=1.0, analytic: Optional[Callable] = None, **params) -> torch.Tensor:
+    """sum_t m_t [A_t + sg(R_t - c b(s_t)) log pi(y_t|s_t)], one value per sequence. [B]
+
+    Args:
+      batch: the TokenBatch.
+      name: the estimator's registry name (for error messages).
+      ret: the Return R; baseline: the Baseline b; coefficient: c, a number or the name of
+        the parameter that holds it; analytic: optional (batch, name) -> [B] term sum_t m_t A_t.
+      **params: the parameters of ret, baseline and coefficient.
+    Returns:
+      [B] surrogate values; the gradient of their sum is the estimator's gradient.
+    """
+    lp, b = baseline.fn(batch, name, **{p: params[p] for p in baseline.params})
+    advantage = ret.fn(log_ratio(batch, lp), **{p: params[p] for p in ret.params})
+    if b is not None:
+        c = params[coefficient] if isinstance(coefficient, str) else coefficient
+        advantage = advantage - (b if c == 1.0 else c * b)
+    value = score_surrogate(batch, lp, advantage)
+    return value if analytic is None else analytic(batch, name) + value
+
+
+# ----------------------------------------------------------------------------- other estimators
 
 def topk_kl(batch: TokenBatch, k: int = 16) -> torch.Tensor:
     """sum_t KL(q~ || p~) on the teacher's top-k support S, both renormalised on S (biased)."""
     ids, teacher_lp = teacher_topk(batch, k)
     student_lp = dv.logprobs_at(batch.student_logits, ids)
     return masked_sum(batch, dv.renormalised_reverse_kl(student_lp, teacher_lp.detach().to(student_lp.dtype)))
-
-
-def seq_reinforce(batch: TokenBatch) -> torch.Tensor:
-    """sum_t sg(sum_t' l_t') log pi(y_t): REINFORCE with the whole-sequence return."""
-    lp = student_token_logprobs(batch)
-    total = log_ratio(batch, lp).sum(-1, keepdim=True)
-    return score_surrogate(batch, lp, total.expand_as(lp))
-
-
-def rtg(batch: TokenBatch, gamma: float = 1.0) -> torch.Tensor:
-    """sum_t sg(sum_{t'>=t} gamma^(t'-t) l_t') log pi(y_t); gamma=0 is opd, gamma=1 unbiased for grad J."""
-    if not 0.0 <= gamma <= 1.0:
-        raise InputError(f"rtg needs 0 <= gamma <= 1, got gamma={gamma}")
-    lp = student_token_logprobs(batch)
-    return score_surrogate(batch, lp, reward_to_go(log_ratio(batch, lp), gamma))
-
-
-def rtg_vopd(batch: TokenBatch) -> torch.Tensor:
-    """sum_t sg(G_t - KL_t) log pi(y_t): reward-to-go minus the per-token KL baseline."""
-    lp, kl = logprobs_and_reverse_kl_baseline(batch, "rtg_vopd")
-    return score_surrogate(batch, lp, reward_to_go(log_ratio(batch, lp), 1.0) - kl)
-
-
-def rtg_oracle(batch: TokenBatch) -> torch.Tensor:
-    """sum_t sg(G_t - W_t(s_t)) log pi(y_t), W_t the exact KL-to-go (tabular oracle)."""
-    lp = student_token_logprobs(batch)
-    w = _require(batch, "kl_to_go", "rtg_oracle").to(lp.dtype)
-    return score_surrogate(batch, lp, reward_to_go(log_ratio(batch, lp), 1.0) - w)
-
-
-def rb_seq(batch: TokenBatch) -> torch.Tensor:
-    """sum_t [KL_t(s_t) + sg(sum_{t'>t} l_t') log pi(y_t)]: current token exact, future sampled."""
-    lp = student_token_logprobs(batch)
-    future = reward_to_go(log_ratio(batch, lp), 1.0) - log_ratio(batch, lp)
-    t = _require_teacher_logits(batch, "rb_seq")
-    kl = dv.reverse_kl_to_fixed_teacher(batch.student_logits, t, batch.teacher_logsumexp)
-    return masked_sum(batch, kl) + score_surrogate(batch, lp, future)
 
 
 def rb_seq_oracle(batch: TokenBatch) -> torch.Tensor:
@@ -301,20 +366,31 @@ def seq_grpo(batch: TokenBatch, group_size: int = 4, scale_std: bool = False) ->
 
 @dataclasses.dataclass(frozen=True)
 class Estimator:
+    """A registered estimator: ``fn(batch, **params) -> [B]`` surrogate values, and what it is.
+
+    ``target(params)`` names what its expectation equals (module docstring); ``ret`` is the
+    Return of a composed score-function estimator (None for the others, whose gradient at
+    position t depends on (s_t, y_t) only, and for group estimators).
+    """
+
     name: str
     fn: Callable[..., torch.Tensor]
     target: Callable[[dict], str]
     teacher_signal: str            # "sampled" | "topk" | "full" | "oracle"
     defaults: Dict[str, object]
     group: bool = False            # needs several rollouts per prompt
-    analysis_only: bool = False    # needs exact tabular quantities
-    credit: Callable[[dict], tuple] = lambda params: (0.0, 0.0, 0.0)
-    """(a, c, gamma): beyond its value on a one-token sequence, the estimator's position-t
-    advantage adds a * sum_{t'<t} l_t' + c * sum_{t'>t} gamma^(t'-t) l_t' (used by vopd_analysis.tabular.dp)."""
+    ret: Optional[Return] = None
+    summary: str = ""              # one line; default: the first line of fn's docstring
+    reference: str = ""            # the paper it comes from (arXiv id)
+
+    @property
+    def analysis_only(self) -> bool:
+        """Needs exact tabular quantities (an oracle), so it cannot train a real model."""
+        return self.teacher_signal == "oracle"
 
     @property
     def description(self) -> str:
-        return (self.fn.__doc__ or "").strip().splitlines()[0]
+        return self.summary or (self.fn.__doc__ or "").strip().splitlines()[0]
 
     def params(self, **overrides) -> dict:
         unknown = set(overrides) - set(self.defaults)
@@ -326,39 +402,64 @@ class Estimator:
     def target_for(self, **overrides) -> str:
         return self.target(self.params(**overrides))
 
-    def credit_for(self, **overrides) -> tuple:
-        return self.credit(self.params(**overrides))
+    def credit_for(self, **overrides) -> Optional[tuple]:
+        """(a, c, gamma) for ``tabular.dp`` (see ``Return``), derived from the return; (0, 0, 0)
+        for the estimators without one; None where no DP applies (group estimators, returns
+        that are not sums of log-ratios)."""
+        if self.group:
+            return None
+        return (0.0, 0.0, 0.0) if self.ret is None else self.ret.credit(self.params(**overrides))
 
 
 def _const(value: str) -> Callable[[dict], str]:
     return lambda params: value
 
 
-_WHOLE = _const((1.0, 1.0, 1.0))   # past and undiscounted future: the whole-sequence return
-_TO_GO = _const((0.0, 1.0, 1.0))   # undiscounted future: the reward-to-go
+def composed(name: str, ret: Return, baseline: Baseline = NO_BASELINE, coefficient=1.0,
+             analytic: Optional[Callable] = None, defaults: Optional[dict] = None,
+             target: Optional[Callable[[dict], str]] = None, reference: str = "") -> Estimator:
+    """A registry row for sum_t m_t [A_t + sg(R_t - c b(s_t)) log pi(y_t)] built from its parts.
+
+    Its parameters are those of the return, the baseline and a named coefficient (values in
+    ``defaults``); its target is the return's unless given; its teacher signal is the larger
+    of the baseline's and (for an analytic term) "full".
+    """
+    params = {**ret.params, **baseline.params, **(defaults or {})}
+    if isinstance(coefficient, str) and coefficient not in params:
+        raise ValueError(f"{name}: coefficient parameter '{coefficient}' needs a default")
+    signal = max(baseline.teacher_signal, "full" if analytic else "sampled", key=_SIGNALS.index)
+    c = "" if coefficient == 1.0 else f"{coefficient} "
+    score = f"sg({ret.formula})" if baseline is NO_BASELINE else f"sg({ret.formula} - {c}{baseline.formula})"
+    summary = f"sum_t [KL_t + {score} log pi(y_t)]" if analytic else f"sum_t {score} log pi(y_t)"
+    fn = functools.partial(score_function_estimator, name=name, ret=ret, baseline=baseline,
+                           coefficient=coefficient, analytic=analytic)
+    return Estimator(name, fn, target or ret.target, signal, params, ret=ret, summary=summary, reference=reference)
 
 
 REGISTRY: Dict[str, Estimator] = {e.name: e for e in [
-    Estimator("opd", opd, _const("token"), "sampled", {}),
-    Estimator("vopd", vopd, _const("token"), "full", {}),
-    Estimator("vopd_topk", vopd_topk, _const("token"), "topk", {"k": 16}),
-    Estimator("opd_bstar", opd_bstar, _const("token"), "full", {}, analysis_only=True),
-    Estimator("full_kl", full_kl, _const("token"), "full", {}),
+    composed("opd", TOKEN_RETURN, reference="arXiv 2306.13649"),
+    composed("vopd", TOKEN_RETURN, KL_BASELINE, reference="arXiv 2605.07865"),
+    composed("vopd_topk", TOKEN_RETURN, STUDENT_TOPK_KL_BASELINE, reference="arXiv 2605.07865"),
+    composed("opd_bstar", TOKEN_RETURN, BSTAR_BASELINE),
+    Estimator("full_kl", reverse_kl_term, _const("token"), "full", {},
+              summary="sum_t KL_t(s_t), analytic over the vocabulary: the Rao-Blackwellised opd",
+              reference="arXiv 2306.13649"),
     Estimator("topk_kl", topk_kl, _const("none"), "topk", {"k": 16}),
-    Estimator("seq_reinforce", seq_reinforce, _const("sequence"), "sampled", {}, credit=_WHOLE),
-    Estimator("rtg", rtg, lambda p: "sequence" if p["gamma"] == 1.0 else ("token" if p["gamma"] == 0.0 else "none"),
-              "sampled", {"gamma": 1.0}, credit=lambda p: (0.0, 1.0, p["gamma"])),
-    Estimator("rtg_vopd", rtg_vopd, _const("sequence"), "full", {}, credit=_TO_GO),
-    Estimator("rtg_oracle", rtg_oracle, _const("sequence"), "oracle", {}, analysis_only=True, credit=_TO_GO),
-    Estimator("rb_seq", rb_seq, _const("sequence"), "full", {}, credit=_TO_GO),
-    Estimator("rb_seq_oracle", rb_seq_oracle, _const("sequence"), "oracle", {}, analysis_only=True),
+    composed("seq_reinforce", SEQUENCE_RETURN),
+    composed("rtg", REWARD_TO_GO),
+    composed("rtg_vopd", TO_GO_RETURN, KL_BASELINE),
+    composed("rtg_oracle", TO_GO_RETURN, KL_TO_GO_BASELINE),
+    composed("rb_seq", FUTURE_RETURN, analytic=reverse_kl_term, target=_const("sequence")),
+    Estimator("rb_seq_oracle", rb_seq_oracle, _const("sequence"), "oracle", {}),
     Estimator("k1", k1, _const("zero"), "sampled", {}),
     Estimator("k2", k2, _const("token"), "sampled", {}),
     Estimator("k3", k3, _const("forward_token"), "sampled", {}),
-    Estimator("gkd_jsd", gkd_jsd, lambda p: "token" if p["beta"] == 1.0 else "none", "full", {"beta": 0.5}),
-    Estimator("seq_rloo", seq_rloo, _const("sequence"), "sampled", {"group_size": 4}, group=True),
+    Estimator("gkd_jsd", gkd_jsd, lambda p: "token" if p["beta"] == 1.0 else "none", "full", {"beta": 0.5},
+              reference="arXiv 2306.13649"),
+    Estimator("seq_rloo", seq_rloo, _const("sequence"), "sampled", {"group_size": 4}, group=True,
+              reference="arXiv 2402.14740"),
     Estimator("seq_grpo", seq_grpo, lambda p: "none" if p["scale_std"] else "scaled_sequence", "sampled",
-              {"group_size": 4, "scale_std": False}, group=True),
+              {"group_size": 4, "scale_std": False}, group=True, reference="arXiv 2402.03300"),
 ]}
 
 
@@ -420,4 +521,4 @@ def describe() -> list:
     """One dict per registered estimator: name, target, teacher signal, parameters, description."""
     return [{"name": e.name, "unbiased_for": e.target(e.defaults), "teacher_signal": e.teacher_signal,
              "params": dict(e.defaults), "group": e.group, "analysis_only": e.analysis_only,
-             "description": e.description} for e in REGISTRY.values()]
+             "description": e.description, "reference": e.reference} for e in REGISTRY.values()]

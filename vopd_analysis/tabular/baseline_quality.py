@@ -28,23 +28,19 @@ from .targets import TreeQuantities, tree_quantities
 
 
 def _weights(tq: TreeQuantities) -> torch.Tensor:
-    """q_y w_y = q_y |e_y - q|^2 per state and token. [S, V]"""
-    q = tq.log_q.exp()
-    return q * (1.0 - 2.0 * q + (q * q).sum(-1, keepdim=True))
+    """q_y |e_y - q|^2 per state and token (``divergences.logit_score_weights``). [S, V]"""
+    return dv.logit_score_weights(tq.log_q.exp())
 
 
 def optimal_baseline(tq: TreeQuantities) -> torch.Tensor:
-    """b*(s), the variance-optimal scalar baseline of each state. [S]"""
-    w = _weights(tq)
-    return (w * (tq.log_q - tq.log_p)).sum(-1) / w.sum(-1)
+    """b*(s), the variance-optimal scalar baseline of each state (``divergences.optimal_scalar_baseline``). [S]"""
+    return dv.optimal_scalar_baseline(tq.log_q, tq.log_p)
 
 
 def topk_baseline(tree: PrefixTree, k: int) -> torch.Tensor:
     """The vopd_topk baseline per state: reverse KL on the student's top-k, renormalised. [S]"""
-    z = torch.as_tensor(tree.student_logits, dtype=torch.float64)
-    t = torch.as_tensor(tree.teacher_logits, dtype=torch.float64)
-    ids = torch.topk(z, k, dim=-1).indices
-    return dv.renormalised_reverse_kl(dv.logprobs_at(z, ids), dv.logprobs_at(t, ids))
+    return dv.student_topk_reverse_kl(torch.as_tensor(tree.student_logits, dtype=torch.float64),
+                                      torch.as_tensor(tree.teacher_logits, dtype=torch.float64), k)
 
 
 def baseline_variance(tree: PrefixTree, baseline, quantities: Optional[TreeQuantities] = None) -> float:

@@ -105,7 +105,11 @@ def dp_moments(env, specs: Dict[str, dict], quantities: TreeQuantities = None,
             raise InputError(f"'{label}': group estimator '{entry.name}' has no single-sequence DP; "
                              "use enumeration.exact_group_moments")
         params = entry.params(**{k: v for k, v in spec.items() if k != "name"})
-        a, c, gamma = entry.credit(params)
+        credit = entry.credit_for(**params)
+        if credit is None:
+            raise InputError(f"'{label}': estimator '{entry.name}' has a return that is not a sum of log-ratios "
+                             "(its weights depend on the whole sequence): no DP; use tabular.enumeration")
+        a, c, gamma = credit
         if c and gamma not in futures:
             futures[gamma] = future_moments(env, tq, gamma)
         mean = torch.zeros(S, V, dtype=torch.float64)
