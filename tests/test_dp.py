@@ -6,9 +6,13 @@ import torch
 
 from synthetic.markov import make_markov
 from synthetic.tree import make_tree
-from vopd_analysis import InputError
+from vopd_analysis import InputError, estimators as est
 from vopd_analysis.tabular import dp, analysis, enumeration, targets
-SPECS = analysis.default_specs(k=2) | {"rtg_half": {"name": "rtg", "gamma": 0.5}}
+
+# every registered estimator with a DP (its credit is defined), plus non-default parameters
+SPECS = {label: spec for label, spec in (analysis.default_specs(k=2) | {
+    "rtg_half": {"name": "rtg", "gamma": 0.5}, "vopd_scaled_half": {"name": "vopd_scaled", "alpha": 0.5}}).items()
+    if est.get(spec["name"]).credit_for(**{k: v for k, v in spec.items() if k != "name"}) is not None}
 
 
 @pytest.mark.parametrize("tree", [make_tree(3, 3, coupling=1.0, seed=1),
@@ -51,6 +55,18 @@ def test_long_horizon_markov_targets():
     assert targets.bias_report(moments["rtg"].mean, tq.grad_sequence)["l2"] < 1e-12
     assert moments["rtg"].total_variance > moments["opd"].total_variance > moments["full_kl"].total_variance
     assert moments["opd"].position_variance.shape == (120,)
+
+
+def test_dp_covers_every_registered_estimator_that_has_a_credit():
+    names = {spec["name"] for spec in SPECS.values()}
+    assert names == {e.name for e in est.REGISTRY.values() if e.credit_for() is not None}
+    assert {"opd", "vopd", "opd_bstar", "opd_bstar_topk", "vopd_scaled", "rtg_vopd", "rb_seq", "k3_clamped"} <= names
+
+
+@pytest.mark.parametrize("spec", [{"name": "iw_opd"}, {"name": "opd", "rho": 0.5}])
+def test_sequence_dependent_weights_and_masks_are_refused(spec):
+    with pytest.raises(InputError, match="no DP; use tabular.enumeration"):
+        dp.dp_moments(make_tree(2, 2), {"x": spec})
 
 
 def test_group_estimators_are_refused():

@@ -43,6 +43,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         lse_n = logsumexp(z_n) = m_n + log Z_n,  e = exp(z_n - m_n), Z_n = sum_v e_v, m_n = max_v z_{n,v}
         lp_nj = z_{n,y_nj} - lse_n
         kl_n  = KL(softmax(z_n) || softmax(t_n)) = sum_v e_v (z_v - t_v) / Z_n - lse_n + logsumexp(t_n)
+        b*_n  = sum_v w_v l_v / sum_v w_v,  w_v = q_v (1 - 2 q_v + |q|^2),  l_v = log q_v - log p_v
+                (only when asked: ``optimal_scalar_baseline`` from the same chunk e)
 
     kl reuses the chunk e that the logsumexp needs, so the vOPD baseline costs one extra read
     of t and no extra exponential of z. The backward is written by hand (q = softmax(z_n),
@@ -57,11 +59,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, y, t, t_lse):
+    def forward(ctx, z, y, t, t_lse, want_bstar=False):
         N, V = z.shape
         dtype = compute_dtype(z)
         lse = torch.empty(N, dtype=dtype, device=z.device)
         kl, compute_t_lse = lse.new_empty(0), t is not None and t_lse is None
+        bstar = torch.empty_like(lse) if want_bstar else lse.new_empty(0)
         if t is not None:
             kl = torch.empty_like(lse)
             t_lse = torch.empty_like(lse) if compute_t_lse else t_lse
@@ -77,20 +80,25 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 if compute_t_lse:
                     t_lse[a:a + rows] = torch.logsumexp(tc, -1)
                 kl[a:a + rows] = t_lse[a:a + rows] - lse[a:a + rows] + torch.sub(zc, tc).mul_(e).sum(-1) / Z
+                if want_bstar:
+                    q = e.div_(Z.unsqueeze(-1))                       # e is not needed again
+                    l = torch.sub(zc, tc).sub_((lse[a:a + rows] - t_lse[a:a + rows]).unsqueeze(-1))
+                    w = logit_score_weights(q)
+                    bstar[a:a + rows] = (w * l).sum(-1) / w.sum(-1).clamp_min(torch.finfo(dtype).tiny)
         lp = lse.new_empty(0) if y is None else z.gather(1, y).to(dtype) - lse.unsqueeze(1)
         ctx.save_for_backward(z, y, lse, t, t_lse, kl if t is not None else None)
-        ctx.mark_non_differentiable(lse)
+        ctx.mark_non_differentiable(lse, bstar)
         ctx.set_materialize_grads(False)
-        return lp, lse, kl
+        return lp, lse, kl, bstar
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_lp, g_lse, g_kl):
+    def backward(ctx, g_lp, g_lse, g_kl, g_bstar):
         z, y, lse, t, t_lse, kl = ctx.saved_tensors
         g_lp = None if y is None or g_lp is None else g_lp.to(lse.dtype)          # [N, k]
         g_kl = None if t is None or g_kl is None else g_kl.reshape(-1, 1).to(lse.dtype)
         if g_lp is None and g_kl is None:
-            return None, None, None, None
+            return None, None, None, None, None
         dtype = lse.dtype
         if g_kl is not None:
             shift = (lse - t_lse + kl).unsqueeze(1)       # log q - log p - kl = z - t - shift
@@ -111,13 +119,13 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 q.scatter_add_(1, y[a:a + rows], g_lp[a:a + rows])   # + sum_j g_nj e_{y_nj}
             if out is None:
                 grad[a:a + rows] = q
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def _chunked_token_logprobs(logits: torch.Tensor, tokens: Optional[torch.Tensor] = None,
                             teacher_logits: Optional[torch.Tensor] = None,
-                            teacher_lse: Optional[torch.Tensor] = None) -> tuple:
-    """(lp or None, detached lse, KL or None) per token, by ``_ChunkedTokenLogprobs``; the
+                            teacher_lse: Optional[torch.Tensor] = None, want_bstar: bool = False) -> tuple:
+    """(lp or None, detached lse, KL or None[, detached b*]) per token, by ``_ChunkedTokenLogprobs``; the
     teacher is held fixed (no gradient reaches it). ``tokens`` is [...] (lp [...]) or, for
     several ids per position, [..., k] (lp [..., k]).
 
@@ -134,14 +142,21 @@ def _chunked_token_logprobs(logits: torch.Tensor, tokens: Optional[torch.Tensor]
         ids = None if tokens is None else tokens.reshape(*shape, -1)
         lp = None if tokens is None else (logits.gather(-1, ids) - lse.unsqueeze(-1)).reshape(tokens.shape)
         kl = None if teacher_logits is None else reverse_kl(logits, teacher_logits.detach())
+        if want_bstar:
+            log_q = torch.log_softmax(logits.detach(), -1)
+            bstar = optimal_scalar_baseline(log_q, torch.log_softmax(teacher_logits.detach().to(log_q.dtype), -1))
+            return lp, lse.detach(), kl, bstar
         return lp, lse.detach(), kl
     V = logits.shape[-1]
     y = None if tokens is None else tokens.reshape(shape.numel(), -1)
     t = None if teacher_logits is None else teacher_logits.detach().reshape(-1, V)
     t_lse = None if t is None or teacher_lse is None else teacher_lse.detach().reshape(-1).to(compute_dtype(logits))
-    lp, lse, kl = _ChunkedTokenLogprobs.apply(logits.reshape(-1, V), y, t, t_lse)
-    return (None if y is None else lp.reshape(tokens.shape), lse.reshape(shape),
-            None if t is None else kl.reshape(shape))
+    if want_bstar and t is None:
+        raise ValueError("b* needs the teacher logits")
+    lp, lse, kl, bstar = _ChunkedTokenLogprobs.apply(logits.reshape(-1, V), y, t, t_lse, want_bstar)
+    out = (None if y is None else lp.reshape(tokens.shape), lse.reshape(shape),
+           None if t is None else kl.reshape(shape))
+    return out + (bstar.reshape(shape),) if want_bstar else out
 
 
 def token_logprobs_and_lse(logits: torch.Tensor, tokens: torch.Tensor) -> tuple:
@@ -166,6 +181,23 @@ def token_logprobs_and_reverse_kl(student_logits: torch.Tensor, tokens: torch.Te
     """
     lp, _, kl = _chunked_token_logprobs(student_logits, tokens, teacher_logits, teacher_lse)
     return lp, kl.detach()
+
+
+def token_logprobs_and_optimal_baseline(student_logits: torch.Tensor, tokens: torch.Tensor,
+                                        teacher_logits: torch.Tensor,
+                                        teacher_lse: Optional[torch.Tensor] = None) -> tuple:
+    """(log softmax(z)[y] with its gradient, detached b*(s)) per token, in one chunked pass over the
+    student logits, as ``token_logprobs_and_reverse_kl`` gives vOPD's baseline: b* is
+    ``optimal_scalar_baseline`` computed from the chunk the logsumexp already exponentiated.
+
+    Args:
+      student_logits, teacher_logits: [..., V].  tokens: [...] sampled ids.
+      teacher_lse: logsumexp(teacher_logits) [...], when known.
+    Returns:
+      (lp [...], b* [...]).
+    """
+    lp, _, _, bstar = _chunked_token_logprobs(student_logits, tokens, teacher_logits, teacher_lse, want_bstar=True)
+    return lp, bstar
 
 
 def reverse_kl_to_fixed_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -211,22 +243,19 @@ def renormalised_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: to
     return (log_q.exp() * (log_q - log_p)).sum(-1)
 
 
-def student_topk_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int,
-                            student_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reverse KL on the student's top-k set S_k, both distributions renormalised on S_k, detached:
-
-        KL^k(s) = sum_{v in S_k} q~_v (log q~_v - log p~_v),  q~ = q / q(S_k),  p~ = p / p(S_k).
+def student_topk_logprobs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int,
+                          student_lse: Optional[torch.Tensor] = None) -> tuple:
+    """Full-vocabulary log-probs of both models on the student's top-k set S_k, detached.
 
     Args:
       student_logits, teacher_logits: [..., V].  k: the support size, 1 <= k <= V.
       student_lse: logsumexp of the student logits [...], when known (saves a pass over V).
     Returns:
-      [...] the renormalised reverse KL (the vOPD authors' top-k baseline).
+      (log q on S_k [..., k], log p on S_k [..., k]), S_k ordered by student logit.
     """
     with torch.no_grad():
         ids = torch.topk(student_logits.detach(), k, dim=-1).indices
-        return renormalised_reverse_kl(logprobs_at(student_logits.detach(), ids, student_lse),
-                                       logprobs_at(teacher_logits.detach(), ids))
+        return logprobs_at(student_logits.detach(), ids, student_lse), logprobs_at(teacher_logits.detach(), ids)
 
 
 def logit_score_weights(q: torch.Tensor) -> torch.Tensor:
@@ -249,6 +278,62 @@ def optimal_scalar_baseline(student_logprobs: torch.Tensor, teacher_logprobs: to
     """
     w = logit_score_weights(student_logprobs.exp())
     return (w * (student_logprobs - teacher_logprobs)).sum(-1) / w.sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
+
+
+def student_topk_optimal_baseline(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """b* on a support S (the last axis), both distributions renormalised on S:
+
+        b*_k(s) = sum_{v in S} w~_v l~_v / sum_{v in S} w~_v,  w~_v = q~_v (1 - 2 q~_v + |q~|^2),
+        l~_v = log q~_v - log p~_v,  q~ = q / q(S),  p~ = p / p(S)
+
+    (``optimal_scalar_baseline`` of the renormalised pair; S = the student's top-k gives the
+    support of vOPD's top-k baseline).
+
+    Args:
+      student_logprobs, teacher_logprobs: full-vocabulary log-probs on S [..., k].
+    Returns:
+      [...] b*_k.
+    """
+    log_q = student_logprobs - torch.logsumexp(student_logprobs, dim=-1, keepdim=True)
+    log_p = teacher_logprobs - torch.logsumexp(teacher_logprobs, dim=-1, keepdim=True)
+    return optimal_scalar_baseline(log_q, log_p)
+
+
+def log_tail_mass(logprobs: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum_{v in S} exp(logprobs_v)) over the last axis: the log-mass outside S, computed as
+    log(-expm1(logsumexp)) and floored at log(tiny) where S holds (up to round-off) all the mass. [...]"""
+    inside = torch.logsumexp(logprobs, dim=-1).clamp_max(0.0)
+    return torch.log((-torch.expm1(inside)).clamp_min(torch.finfo(logprobs.dtype).tiny))
+
+
+def tail_bucket_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Reverse KL over the k buckets of a support S plus one tail bucket, no renormalisation (TRL 1.16's
+    sparse top-k loss with ``_add_tail_bucket``):
+
+        sum_{v in S} q_v (log q_v - log p_v) + q_tail (log q_tail - log p_tail),  q_tail = 1 - q(S).
+
+    Args:
+      student_logprobs, teacher_logprobs: full-vocabulary log-probs on S [..., k].
+    Returns:
+      [...]; equals KL(q || p) when S is the whole vocabulary (the tail then has mass ~0).
+    """
+    log_q = torch.cat([student_logprobs, log_tail_mass(student_logprobs).unsqueeze(-1)], -1)
+    log_p = torch.cat([teacher_logprobs, log_tail_mass(teacher_logprobs).unsqueeze(-1)], -1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H(softmax(z)) = logsumexp(z) - sum_v q_v z_v per token, detached, in chunks of rows. [...]"""
+    with torch.no_grad():
+        shape, V = logits.shape[:-1], logits.shape[-1]
+        z = logits.detach().reshape(-1, V)
+        dtype = compute_dtype(z)
+        out = torch.empty(z.shape[0], dtype=dtype, device=z.device)
+        rows = _chunk_rows(V, z.shape[0])
+        for a in range(0, z.shape[0], rows):
+            log_q = torch.log_softmax(z[a:a + rows].to(dtype), -1)
+            out[a:a + rows] = -(log_q.exp() * log_q).sum(-1)
+        return out.reshape(shape)
 
 
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:

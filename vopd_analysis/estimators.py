@@ -83,23 +83,40 @@ def _check_k(k: int, vocab: int, name: str) -> int:
     return k
 
 
-def topk_reverse_kl_baseline(batch: TokenBatch, k: int, student_lse=None) -> torch.Tensor:
-    """KL_t^k: the reverse KL on the student's top-k set, both renormalised (``dv.student_topk_reverse_kl``),
-    from the full teacher logits or from the batch's teacher log-probs on the student's top-k. [B, T]
+def student_topk_support(batch: TokenBatch, k: int, name: str, student_lse=None) -> tuple:
+    """(ids, log pi_T on S_k), S_k the student's top-k tokens at each state, from the full teacher
+    logits or from the batch's precomputed ``teacher_logprobs_on_student_topk``. [B, T, k] each, detached"""
+    _check_k(k, batch.vocab_size, name)
+    with torch.no_grad():
+        z = batch.student_logits.detach()
+        if batch.teacher_logits is not None:
+            ids = torch.topk(z, k, dim=-1).indices
+            return ids, dv.logprobs_at(batch.teacher_logits.detach(), ids)
+        if batch.student_topk_ids is None or batch.student_topk_ids.shape[-1] < k:
+            raise InputError(f"estimator '{name}' (k={k}) needs the teacher's log-probs on the student's "
+                             "top-k tokens (or full teacher logits), but the batch has neither")
+        return (batch.student_topk_ids[..., :k],
+                batch.teacher_logprobs_on_student_topk[..., :k].to(dv.compute_dtype(z)))
+
+
+def topk_reverse_kl_baseline(batch: TokenBatch, k: int, student_lse=None, name: str = "vopd_topk") -> torch.Tensor:
+    """KL_t^k = sum_{v in S_k} q~_v (log q~_v - log p~_v), the reverse KL on the student's top-k set S_k
+    with both distributions renormalised on S_k (the vOPD authors' top-k baseline), detached. [B, T]
 
     It depends on s_t only, so any k keeps the estimator unbiased.
     """
-    _check_k(k, batch.vocab_size, "vopd_topk")
-    if batch.teacher_logits is not None:
-        return dv.student_topk_reverse_kl(batch.student_logits, batch.teacher_logits, k, student_lse)
-    if batch.student_topk_ids is None or batch.student_topk_ids.shape[-1] < k:
-        raise InputError(f"estimator 'vopd_topk' (k={k}) needs the teacher's log-probs on the student's "
-                         "top-k tokens (or full teacher logits), but the batch has neither")
+    ids, teacher_lp = student_topk_support(batch, k, name)
     with torch.no_grad():
-        z = batch.student_logits.detach()
-        ids = batch.student_topk_ids[..., :k]
-        teacher_lp = batch.teacher_logprobs_on_student_topk[..., :k].to(dv.compute_dtype(z))
-        return dv.renormalised_reverse_kl(dv.logprobs_at(z, ids, student_lse), teacher_lp)
+        return dv.renormalised_reverse_kl(dv.logprobs_at(batch.student_logits.detach(), ids, student_lse), teacher_lp)
+
+
+def topk_optimal_baseline(batch: TokenBatch, k: int, student_lse=None, name: str = "opd_bstar_topk") -> torch.Tensor:
+    """b*_k(s_t): b* of the student and teacher both renormalised on the student's top-k set
+    (``dv.student_topk_optimal_baseline``), detached. [B, T]"""
+    ids, teacher_lp = student_topk_support(batch, k, name)
+    with torch.no_grad():
+        return dv.student_topk_optimal_baseline(dv.logprobs_at(batch.student_logits.detach(), ids, student_lse),
+                                                teacher_lp)
 
 
 def teacher_topk(batch: TokenBatch, k: int):
@@ -113,16 +130,6 @@ def teacher_topk(batch: TokenBatch, k: int):
         return batch.teacher_topk_ids[..., :k], batch.teacher_topk_logprobs[..., :k]
     raise InputError(f"estimator 'topk_kl' (k={k}) needs the teacher's top-{k} log-probs "
                      "(or full teacher logits), but the batch has neither")
-
-
-def optimal_scalar_baseline(batch: TokenBatch) -> torch.Tensor:
-    """b*(s_t), the logit-space variance-optimal scalar baseline (``dv.optimal_scalar_baseline``),
-    from the full student and teacher logits, detached. [B, T]"""
-    t_logits = _require_teacher_logits(batch, "opd_bstar")
-    with torch.no_grad():
-        dtype = dv.compute_dtype(batch.student_logits)
-        return dv.optimal_scalar_baseline(torch.log_softmax(batch.student_logits.detach().to(dtype), -1),
-                                          torch.log_softmax(t_logits.detach().to(dtype), -1))
 
 
 def reward_to_go(l: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -202,6 +209,22 @@ REWARD_TO_GO = Return("reward_to_go", "sum_{t'>=t} gamma^(t'-t) l_t'",
                       lambda p: (0.0, 1.0, p["gamma"]), _rtg_target)
 TO_GO_RETURN = Return("to_go", "sum_{t'>=t} l_t'", lambda l: reward_to_go(l, 1.0), {},
                       lambda p: (0.0, 1.0, 1.0), lambda p: "sequence")
+def position_weights(l: torch.Tensor, gamma: float) -> torch.Tensor:
+    """IW-OPD's weights w_t = 1 + gamma (1 - sum_{t'<t} |l_t'| / max(sum_t' |l_t'|, 1e-8)). [B, T]
+
+    They fall from 1 + gamma at the first token to about 1 at the last, by the share of the
+    sequence's total |log-ratio| already spent (arXiv 2606.22600, as TRL 1.16's IWOPDTrainer).
+    """
+    if not (isinstance(gamma, (int, float)) and gamma >= 0.0 and gamma == gamma and gamma != float("inf")):
+        raise InputError(f"iw_opd needs a finite gamma >= 0, got gamma={gamma!r}")
+    a = l.abs()
+    prefix = a.cumsum(-1) - a
+    return 1.0 + gamma * (1.0 - prefix / a.sum(-1, keepdim=True).clamp_min(1e-8))
+
+
+POSITION_WEIGHTED_RETURN = Return("position_weighted", "w_t l_t", lambda l, gamma: position_weights(l, gamma) * l,
+                                  {"gamma": 0.5}, lambda p: None,
+                                  lambda p: "token" if p["gamma"] == 0.0 else "none")
 FUTURE_RETURN = Return("future", "sum_{t'>t} l_t'", lambda l: reward_to_go(l, 1.0) - l, {},
                        lambda p: (0.0, 1.0, 1.0), lambda p: "none")
 
@@ -234,11 +257,17 @@ def _kl_baseline(batch: TokenBatch, name: str) -> tuple:
 
 def _student_topk_kl_baseline(batch: TokenBatch, name: str, k: int) -> tuple:
     lp, lse = dv.token_logprobs_and_lse(batch.student_logits, batch.tokens)
-    return lp, topk_reverse_kl_baseline(batch, k, lse)
+    return lp, topk_reverse_kl_baseline(batch, k, lse, name)
 
 
 def _bstar_baseline(batch: TokenBatch, name: str) -> tuple:
-    return student_token_logprobs(batch), optimal_scalar_baseline(batch)
+    return dv.token_logprobs_and_optimal_baseline(batch.student_logits, batch.tokens,
+                                                  _require_teacher_logits(batch, name), batch.teacher_logsumexp)
+
+
+def _student_topk_bstar_baseline(batch: TokenBatch, name: str, k: int) -> tuple:
+    lp, lse = dv.token_logprobs_and_lse(batch.student_logits, batch.tokens)
+    return lp, topk_optimal_baseline(batch, k, lse, name)
 
 
 def _kl_to_go_baseline(batch: TokenBatch, name: str) -> tuple:
@@ -250,6 +279,8 @@ NO_BASELINE = Baseline("none", "0", _no_baseline, {}, "sampled")
 KL_BASELINE = Baseline("kl", "KL_t", _kl_baseline, {}, "full")
 STUDENT_TOPK_KL_BASELINE = Baseline("student_topk_kl", "KL_t^k", _student_topk_kl_baseline, {"k": 16}, "topk")
 BSTAR_BASELINE = Baseline("bstar", "b*(s_t)", _bstar_baseline, {}, "full")
+STUDENT_TOPK_BSTAR_BASELINE = Baseline("student_topk_bstar", "b*_k(s_t)", _student_topk_bstar_baseline, {"k": 16},
+                                       "topk")
 KL_TO_GO_BASELINE = Baseline("kl_to_go", "W_t(s_t)", _kl_to_go_baseline, {}, "oracle")
 
 _SIGNALS = ("sampled", "topk", "full", "oracle")
@@ -292,6 +323,38 @@ def topk_kl(batch: TokenBatch, k: int = 16) -> torch.Tensor:
     ids, teacher_lp = teacher_topk(batch, k)
     student_lp = dv.logprobs_at(batch.student_logits, ids)
     return masked_sum(batch, dv.renormalised_reverse_kl(student_lp, teacher_lp.detach().to(student_lp.dtype)))
+
+
+def student_topk_kl(batch: TokenBatch, k: int = 100) -> torch.Tensor:
+    """sum_t KL(q~ || p~) on the student's top-k support, both renormalised, as a loss (biased unless k = V).
+
+    The vOPD authors' ``opd_top_k`` loss: the support is chosen without gradient, the KL is
+    differentiated through the student's probabilities on it.
+    """
+    ids, teacher_lp = student_topk_support(batch, k, "student_topk_kl")
+    student_lp = dv.logprobs_at(batch.student_logits, ids)
+    return masked_sum(batch, dv.renormalised_reverse_kl(student_lp, teacher_lp.to(student_lp.dtype)))
+
+
+def topk_tail_kl(batch: TokenBatch, k: int = 16) -> torch.Tensor:
+    """sum_t [sum_{v in S} q_v log(q_v/p_v) + q_tail log(q_tail/p_tail)]: reverse KL over the student's
+    top-k tokens plus one tail bucket, full-vocabulary probabilities, no renormalisation (TRL 1.16's
+    sparse top-k loss). Biased unless k = V."""
+    ids, teacher_lp = student_topk_support(batch, k, "topk_tail_kl")
+    student_lp = dv.logprobs_at(batch.student_logits, ids)
+    return masked_sum(batch, dv.tail_bucket_reverse_kl(student_lp, teacher_lp.to(student_lp.dtype)))
+
+
+def k3_clamped(batch: TokenBatch) -> torch.Tensor:
+    """verl's low_var_kl as a loss: x = clamp(log rho_t, -20, 20), sum_t clamp(e^x - x - 1, -10, 10).
+
+    k3 with two clamps; where a clamp binds its gradient is zero, which biases the estimate
+    of k3's forward-KL gradient.
+    """
+    lp = student_token_logprobs(batch)
+    log_rho = torch.where(batch.mask.bool(), batch.teacher_token_logprobs.to(lp.dtype) - lp, torch.zeros_like(lp))
+    x = log_rho.clamp(-20.0, 20.0)
+    return masked_sum(batch, (torch.exp(x) - x - 1.0).clamp(-10.0, 10.0))
 
 
 def rb_seq_oracle(batch: TokenBatch) -> torch.Tensor:
@@ -362,6 +425,26 @@ def seq_grpo(batch: TokenBatch, group_size: int = 4, scale_std: bool = False) ->
     return score_surrogate(batch, lp, adv.reshape(-1, 1).expand_as(lp))
 
 
+# ----------------------------------------------------------------------------- token selection
+
+def high_entropy_mask(batch: TokenBatch, rho: float) -> torch.Tensor:
+    """Keep, in each sequence, the ceil(rho n) unmasked positions of highest student entropy H(pi(.|s_t))
+    (n = its unmasked positions; ties to the earlier position). [B, T] mask
+
+    Revisiting OPD trains on the top 20% (rho = 0.2); TIP (arXiv 2604.14084) selects tokens by
+    entropy too. The selection depends on every position's state, so a token-level estimator
+    under it is in general unbiased for nothing.
+    """
+    if not (isinstance(rho, (int, float)) and 0.0 < rho <= 1.0):
+        raise InputError(f"token selection needs 0 < rho <= 1, got rho={rho!r}")
+    m = batch.mask.bool()
+    H = torch.where(m, dv.entropy(batch.student_logits), torch.full_like(m, float("-inf"), dtype=torch.float64))
+    keep = torch.ceil(rho * m.sum(-1).double() - 1e-9).long()
+    order = torch.argsort(-H, dim=-1, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(H.shape[-1], device=H.device).expand_as(order))
+    return (m & (rank < keep.unsqueeze(-1))).to(batch.mask.dtype)
+
+
 # ----------------------------------------------------------------------------- registry
 
 @dataclasses.dataclass(frozen=True)
@@ -400,15 +483,34 @@ class Estimator:
         return {**self.defaults, **overrides}
 
     def target_for(self, **overrides) -> str:
-        return self.target(self.params(**overrides))
+        params = self.params(**overrides)
+        return "none" if params.get("rho", 1.0) < 1.0 else self.target(params)
 
     def credit_for(self, **overrides) -> Optional[tuple]:
         """(a, c, gamma) for ``tabular.dp`` (see ``Return``), derived from the return; (0, 0, 0)
         for the estimators without one; None where no DP applies (group estimators, returns
-        that are not sums of log-ratios)."""
-        if self.group:
+        that are not sums of log-ratios, token selection)."""
+        params = self.params(**overrides)
+        if self.group or params.get("rho", 1.0) < 1.0:
             return None
-        return (0.0, 0.0, 0.0) if self.ret is None else self.ret.credit(self.params(**overrides))
+        return (0.0, 0.0, 0.0) if self.ret is None else self.ret.credit(params)
+
+    def __call__(self, batch: TokenBatch, **params) -> torch.Tensor:
+        """[B] surrogate values with ``params`` over the defaults; ``rho`` < 1 first applies
+        ``high_entropy_mask``."""
+        params = self.params(**params)
+        rho = params.pop("rho", 1.0)
+        if rho != 1.0:
+            batch = dataclasses.replace(batch, mask=high_entropy_mask(batch, rho))
+        return self.fn(batch, **params)
+
+
+def token_selectable(e: Estimator) -> Estimator:
+    """``e`` with the token-selection parameter rho (default 1.0: every token), for token-level
+    estimators (no return or the token log-ratio, not aimed at grad J, not group estimators)."""
+    if e.group or e.ret not in (None, TOKEN_RETURN) or e.target(e.defaults) == "sequence":
+        return e
+    return dataclasses.replace(e, defaults={**e.defaults, "rho": 1.0})
 
 
 def _const(value: str) -> Callable[[dict], str]:
@@ -436,15 +538,20 @@ def composed(name: str, ret: Return, baseline: Baseline = NO_BASELINE, coefficie
     return Estimator(name, fn, target or ret.target, signal, params, ret=ret, summary=summary, reference=reference)
 
 
-REGISTRY: Dict[str, Estimator] = {e.name: e for e in [
+REGISTRY: Dict[str, Estimator] = {e.name: token_selectable(e) for e in [
     composed("opd", TOKEN_RETURN, reference="arXiv 2306.13649"),
     composed("vopd", TOKEN_RETURN, KL_BASELINE, reference="arXiv 2605.07865"),
     composed("vopd_topk", TOKEN_RETURN, STUDENT_TOPK_KL_BASELINE, reference="arXiv 2605.07865"),
+    composed("vopd_scaled", TOKEN_RETURN, KL_BASELINE, coefficient="alpha", defaults={"alpha": 1.0}),
     composed("opd_bstar", TOKEN_RETURN, BSTAR_BASELINE),
+    composed("opd_bstar_topk", TOKEN_RETURN, STUDENT_TOPK_BSTAR_BASELINE),
+    composed("iw_opd", POSITION_WEIGHTED_RETURN, reference="arXiv 2606.22600"),
     Estimator("full_kl", reverse_kl_term, _const("token"), "full", {},
               summary="sum_t KL_t(s_t), analytic over the vocabulary: the Rao-Blackwellised opd",
               reference="arXiv 2306.13649"),
     Estimator("topk_kl", topk_kl, _const("none"), "topk", {"k": 16}),
+    Estimator("student_topk_kl", student_topk_kl, _const("none"), "topk", {"k": 100}, reference="arXiv 2605.07865"),
+    Estimator("topk_tail_kl", topk_tail_kl, _const("none"), "topk", {"k": 16}),
     composed("seq_reinforce", SEQUENCE_RETURN),
     composed("rtg", REWARD_TO_GO),
     composed("rtg_vopd", TO_GO_RETURN, KL_BASELINE),
@@ -454,6 +561,7 @@ REGISTRY: Dict[str, Estimator] = {e.name: e for e in [
     Estimator("k1", k1, _const("zero"), "sampled", {}),
     Estimator("k2", k2, _const("token"), "sampled", {}),
     Estimator("k3", k3, _const("forward_token"), "sampled", {}),
+    Estimator("k3_clamped", k3_clamped, _const("none"), "sampled", {}),
     Estimator("gkd_jsd", gkd_jsd, lambda p: "token" if p["beta"] == 1.0 else "none", "full", {"beta": 0.5},
               reference="arXiv 2306.13649"),
     Estimator("seq_rloo", seq_rloo, _const("sequence"), "sampled", {"group_size": 4}, group=True,
@@ -473,8 +581,7 @@ def get(name: str) -> Estimator:
 
 def per_sequence(name: str, batch: TokenBatch, **params) -> torch.Tensor:
     """Per-sequence surrogate values [B] of estimator ``name`` (token sums, no reduction)."""
-    spec = get(name)
-    return spec.fn(batch, **spec.params(**params))
+    return get(name)(batch, **params)
 
 
 REDUCTIONS = ("sequence_mean", "token_mean", "sum", "none")

@@ -39,8 +39,9 @@ def optimal_baseline(tq: TreeQuantities) -> torch.Tensor:
 
 def topk_baseline(tree: PrefixTree, k: int) -> torch.Tensor:
     """The vopd_topk baseline per state: reverse KL on the student's top-k, renormalised. [S]"""
-    return dv.student_topk_reverse_kl(torch.as_tensor(tree.student_logits, dtype=torch.float64),
-                                      torch.as_tensor(tree.teacher_logits, dtype=torch.float64), k)
+    return dv.renormalised_reverse_kl(*dv.student_topk_logprobs(
+        torch.as_tensor(tree.student_logits, dtype=torch.float64),
+        torch.as_tensor(tree.teacher_logits, dtype=torch.float64), k))
 
 
 def baseline_variance(tree: PrefixTree, baseline, quantities: Optional[TreeQuantities] = None) -> float:

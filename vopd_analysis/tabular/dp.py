@@ -107,8 +107,8 @@ def dp_moments(env, specs: Dict[str, dict], quantities: TreeQuantities = None,
         params = entry.params(**{k: v for k, v in spec.items() if k != "name"})
         credit = entry.credit_for(**params)
         if credit is None:
-            raise InputError(f"'{label}': estimator '{entry.name}' has a return that is not a sum of log-ratios "
-                             "(its weights depend on the whole sequence): no DP; use tabular.enumeration")
+            raise InputError(f"'{label}': estimator '{entry.name}' has a position-t gradient that depends on "
+                             "the whole sequence (position weights or token selection): no DP; use tabular.enumeration")
         a, c, gamma = credit
         if c and gamma not in futures:
             futures[gamma] = future_moments(env, tq, gamma)
