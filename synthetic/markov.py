@@ -19,12 +19,27 @@ from .tree import PrefixTree, _base_logits, check_size, level_offset, num_states
 
 
 def markov_num_states(vocab: int, horizon: int) -> int:
+    """S = 1 + (H - 1) V: the root (t = 0) and one state per (t, previous token) for t = 1..H-1."""
     return 1 + (horizon - 1) * vocab
 
 
 @dataclasses.dataclass(frozen=True)
 class MarkovChain:
-    """Student and teacher logit tables [S, V] on the states (t, previous token)."""
+    """Student and teacher logit tables on the states (t, previous token) of a Markov chain.
+
+    Exposes the layered-environment interface of ``vopd_analysis.tabular.targets.tree_quantities``
+    and ``vopd_analysis.tabular.dp.dp_moments`` (``vocab``, ``horizon``, ``num_states``, the
+    tables, ``level(t)``, ``children(t)``); the engines that sample or enumerate sequences
+    take a ``PrefixTree``, which ``to_tree`` writes out. Construction raises ``InputError``
+    unless both tables are finite [S, V] numpy arrays.
+
+    Attributes:
+      vocab: V >= 2.
+      horizon: H >= 1.
+      student_logits: student logits, [1 + (H - 1) V, V]; row 0 is the root, row
+        1 + (t - 1) V + v the state of position t after token v.
+      teacher_logits: teacher logits, same shape and order.
+    """
 
     vocab: int
     horizon: int
@@ -44,23 +59,41 @@ class MarkovChain:
 
     @property
     def num_states(self) -> int:
+        """S = 1 + (H - 1) V."""
         return markov_num_states(self.vocab, self.horizon)
 
     def level(self, t: int) -> slice:
+        """The states of position t: [0, 1) for t = 0, else [1 + (t - 1) V, 1 + t V)."""
         return slice(0, 1) if t == 0 else slice(1 + (t - 1) * self.vocab, 1 + t * self.vocab)
 
     def children(self, t: int) -> torch.Tensor:
-        """children[i, v] = 1 + t V + v: the next state depends on the token only. [n_t, V]"""
+        """Next states: children[i, v] = 1 + t V + v, the same for every state i of position t.
+
+        Args:
+          t: the position, 0 <= t < H - 1.
+
+        Returns:
+          [n_t, V] long tensor, n_t = 1 at t = 0 and V after.
+        """
         n = 1 if t == 0 else self.vocab
         return (1 + t * self.vocab + torch.arange(self.vocab)).expand(n, self.vocab).clone()
 
     def to_tree(self) -> PrefixTree:
-        """The same distributions written out as a prefix tree (for checking against enumeration)."""
+        """The same distributions written out as a ``PrefixTree`` (V^t copies of each row of position t).
+
+        For checking the DP against enumeration, and for the engines that need a tree; it has
+        (V^H - 1) / (V - 1) states, so only for small V^H.
+        """
         return PrefixTree(self.vocab, self.horizon, self.student_logits[self.tree_to_markov()],
                           self.teacher_logits[self.tree_to_markov()])
 
     def tree_to_markov(self) -> np.ndarray:
-        """Markov state of every prefix-tree state: (t, last token of the prefix). [num_states(V, H)]"""
+        """The Markov state of every prefix-tree state: (t, last token of the prefix).
+
+        Returns:
+          [(V^H - 1) / (V - 1)] int64 numpy array: 0 for the root, 1 + (t - 1) V + (last token)
+          for a prefix of length t >= 1, in prefix-tree order.
+        """
         V = self.vocab
         index = [np.zeros(1, dtype=np.int64)]
         for t in range(1, self.horizon):
@@ -78,6 +111,16 @@ def make_markov(vocab: int = 4, horizon: int = 50, *, teacher_temperature: float
     Teacher logits at (t, v): (u_t + kappa c_t(v)) / temperature; student: teacher
     + delta (n_t + kappa c'_t(v)). kappa couples each distribution to the previous
     token; at kappa = 0 the future does not depend on the sampled token.
+
+    Args:
+      vocab: V >= 2.
+      horizon: H >= 1 (hundreds are fine for the DP).
+      teacher_temperature, teacher_shape, zipf_exponent, divergence: as in ``make_tree``.
+      coupling: kappa (default 1.0, unlike ``make_tree``'s 0.0).
+      seed: seed of the numpy generator that draws every random term.
+
+    Returns:
+      The ``MarkovChain`` (float64 tables, [1 + (H - 1) V, V] each).
     """
     check_size(vocab, horizon)
     if teacher_temperature <= 0:

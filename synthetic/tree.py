@@ -30,18 +30,44 @@ MAX_DP_STATES = 1 << 22         # dynamic programming on a prefix tree
 
 
 def num_states(vocab: int, horizon: int) -> int:
-    """S = (V^H - 1) / (V - 1)."""
+    """Number of states of a prefix tree: S = sum_{t<H} V^t = (V^H - 1) / (V - 1).
+
+    Args:
+      vocab: V >= 2.
+      horizon: H >= 1.
+
+    Returns:
+      S, the number of prefixes of length 0..H-1.
+    """
     return (vocab ** horizon - 1) // (vocab - 1)
 
 
 def level_offset(vocab: int, t: int) -> int:
-    """Index of the first state of level t (prefixes of length t)."""
+    """Global index of the first state of level t (prefixes of length t): (V^t - 1) / (V - 1).
+
+    Args:
+      vocab: V >= 2.
+      t: the level, 0 <= t <= H (t = H gives S, one past the last state).
+
+    Returns:
+      The offset as an int.
+    """
     return (vocab ** t - 1) // (vocab - 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefixTree:
-    """Student and teacher logit tables [S, V] (float64) on a prefix tree."""
+    """Student and teacher logit tables on a prefix tree, states ordered as in the module docstring.
+
+    Construction checks both tables (``check_tables``) and raises ``InputError`` if they are
+    not finite [S, V] arrays. The student parameters theta are ``student_logits`` itself.
+
+    Attributes:
+      vocab: V >= 2.
+      horizon: H >= 1 (a bandit has H = 1).
+      student_logits: student logits, [S, V] float64 numpy array.
+      teacher_logits: teacher logits, [S, V] float64 numpy array.
+    """
 
     vocab: int
     horizon: int
@@ -53,26 +79,44 @@ class PrefixTree:
 
     @property
     def num_states(self) -> int:
+        """S = (V^H - 1) / (V - 1)."""
         return num_states(self.vocab, self.horizon)
 
     @property
     def num_sequences(self) -> int:
+        """V^H, the number of complete sequences."""
         return self.vocab ** self.horizon
 
     def level(self, t: int) -> slice:
-        """The states of level t (prefixes of length t)."""
+        """The global indices of the V^t states of level t (prefixes of length t), 0 <= t < H."""
         return slice(level_offset(self.vocab, t), level_offset(self.vocab, t + 1))
 
     def children(self, t: int) -> torch.Tensor:
-        """children[i, v] = global index of (state i of level t) + v, for t < H - 1. [V^t, V]"""
+        """Next states: children[i, v] = global index of (state i of level t) + v, for t < H - 1.
+
+        Args:
+          t: the level, 0 <= t < H - 1.
+
+        Returns:
+          [V^t, V] long tensor; row i is the i-th state of ``level(t)``, and
+          children[i, v] = level_offset(V, t + 1) + i V + v.
+        """
         n = self.vocab ** t
         return level_offset(self.vocab, t + 1) + torch.arange(n * self.vocab).reshape(n, self.vocab)
 
     def with_student(self, student_logits: np.ndarray) -> "PrefixTree":
+        """The same tree with the student table replaced by ``student_logits`` [S, V] (as float64, checked)."""
         return dataclasses.replace(self, student_logits=np.asarray(student_logits, dtype=np.float64))
 
     def state_ids(self, tokens: torch.Tensor) -> torch.Tensor:
-        """State index of each position: s_t = prefix y_<t. tokens [N, H] -> [N, H]."""
+        """Global state index of every position, s_t = the prefix y_<t.
+
+        Args:
+          tokens: sequences, [N, H] long, ids in [0, V).
+
+        Returns:
+          [N, H] long: ids[n, t] = level_offset(V, t) + (y_1..y_t read as a base-V number).
+        """
         V = self.vocab
         N, H = tokens.shape
         within = torch.zeros(N, dtype=torch.long)
@@ -83,14 +127,30 @@ class PrefixTree:
         return ids
 
     def sequences(self, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        """Sequences number start..stop-1 in lexicographic order, as tokens [n, H]."""
+        """The sequences numbered start..stop-1 in lexicographic order (sequence i = i in base V, y_1 first).
+
+        Args:
+          start: first sequence number, >= 0.
+          stop: one past the last (default V^H).
+
+        Returns:
+          tokens, [stop - start, H] long.
+        """
         stop = self.num_sequences if stop is None else stop
         index = torch.arange(start, stop, dtype=torch.long)
         digits = [(index // self.vocab ** (self.horizon - 1 - t)) % self.vocab for t in range(self.horizon)]
         return torch.stack(digits, dim=1)
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """n sequences y ~ pi_theta by ancestral sampling. [n, H]"""
+        """Draw n sequences y ~ pi_theta from the student by ancestral sampling.
+
+        Args:
+          n: number of sequences.
+          generator: the torch generator the draws come from (the same seed gives the same draws).
+
+        Returns:
+          tokens, [n, H] long.
+        """
         probs = torch.softmax(torch.as_tensor(self.student_logits), -1)
         tokens = torch.zeros(n, self.horizon, dtype=torch.long)
         within = torch.zeros(n, dtype=torch.long)
@@ -103,11 +163,19 @@ class PrefixTree:
     def token_batch(self, tokens: torch.Tensor, student_logits: torch.Tensor,
                     kl_to_go: Optional[torch.Tensor] = None,
                     next_kl_to_go: Optional[torch.Tensor] = None) -> TokenBatch:
-        """The TokenBatch of sequences ``tokens`` [N, H].
+        """The TokenBatch of the sequences ``tokens``, with the full teacher logits and an all-ones mask.
 
-        ``student_logits`` [N, H, V] are the student logits at the visited states
-        (a leaf the caller differentiates); ``kl_to_go`` [S] and ``next_kl_to_go``
-        [S, V] are optional oracle tables (W_t(s) and W_{t+1}(s + v)).
+        Args:
+          tokens: sequences, [N, H] long.
+          student_logits: the student logits at the visited states, [N, H, V] (a leaf the caller
+            differentiates, e.g. theta[tree.state_ids(tokens)]).
+          kl_to_go: optional oracle table W(s), [S]; gathered at the visited states.
+          next_kl_to_go: optional oracle table W(s + v), [S, V]; gathered at the visited states.
+
+        Returns:
+          A ``TokenBatch`` with B = N, T = H: ``teacher_logits`` [N, H, V] and
+          ``teacher_token_logprobs`` [N, H] (log-softmax of the teacher table), mask of ones
+          (float64), and ``kl_to_go`` [N, H] / ``next_kl_to_go`` [N, H, V] when given.
         """
         states = self.state_ids(tokens)
         teacher = torch.as_tensor(self.teacher_logits)[states]
@@ -120,6 +188,7 @@ class PrefixTree:
 
 
 def check_size(vocab: int, horizon: int) -> None:
+    """Raise ``InputError`` unless V >= 2 and H >= 1."""
     if vocab < 2:
         raise InputError(f"the vocabulary needs at least 2 tokens, got V={vocab}")
     if horizon < 1:
@@ -127,7 +196,14 @@ def check_size(vocab: int, horizon: int) -> None:
 
 
 def check_tables(student_logits: np.ndarray, teacher_logits: np.ndarray, vocab: int, horizon: int) -> None:
-    """Raise InputError unless both tables are finite [S, V] arrays for this V and H."""
+    """Raise ``InputError`` unless both tables are finite numpy arrays of shape [S, V] for this V and H.
+
+    Args:
+      student_logits: the student table, [S, V].
+      teacher_logits: the teacher table, [S, V].
+      vocab: V >= 2.
+      horizon: H >= 1; S = (V^H - 1) / (V - 1).
+    """
     check_size(vocab, horizon)
     S = num_states(vocab, horizon)
     for name, table in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
@@ -140,7 +216,16 @@ def check_tables(student_logits: np.ndarray, teacher_logits: np.ndarray, vocab: 
 
 
 def from_arrays(student_logits, teacher_logits, horizon: int) -> PrefixTree:
-    """A tree from explicit [S, V] tables; V is read from the second axis."""
+    """A tree from explicit logit tables, converted to float64.
+
+    Args:
+      student_logits: array-like [S, V]; V is read from its second axis.
+      teacher_logits: array-like [S, V].
+      horizon: H; the tables must have S = (V^H - 1) / (V - 1) rows in tree order.
+
+    Returns:
+      The ``PrefixTree``; a wrong shape or a non-finite entry raises ``InputError``.
+    """
     student = np.asarray(student_logits, dtype=np.float64)
     teacher = np.asarray(teacher_logits, dtype=np.float64)
     if student.ndim != 2:
@@ -149,7 +234,16 @@ def from_arrays(student_logits, teacher_logits, horizon: int) -> PrefixTree:
 
 
 def from_npz(path: str, horizon: int) -> PrefixTree:
-    """A tree from a NumPy .npz holding ``student_logits`` and ``teacher_logits`` [S, V]."""
+    """A tree from a NumPy .npz holding ``student_logits`` and ``teacher_logits`` [S, V] (``vopd exact --tables``).
+
+    Args:
+      path: the .npz file.
+      horizon: H.
+
+    Returns:
+      The ``PrefixTree``; a missing or unreadable file, a missing array or bad tables raise
+      ``InputError``.
+    """
     try:
         data = np.load(path)
     except FileNotFoundError:
@@ -185,6 +279,21 @@ def make_tree(vocab: int = 4, horizon: int = 3, *, teacher_temperature: float = 
     KL-to-go W_{t+1}(s + v) does not depend on v, and token-level OPD is
     unbiased for the sequence gradient. delta (``divergence``) sets the
     student-teacher gap; the temperature sets the teacher's entropy.
+
+    Args:
+      vocab: V >= 2.
+      horizon: H >= 1.
+      teacher_temperature: > 0 (else ``InputError``); divides the teacher logits (below 1: sharper).
+      teacher_shape: ``"gaussian"`` (u_t ~ N(0, I)) or ``"zipf"`` (u_t[v] = -a log(1 + r_v),
+        r a random permutation of 0..V-1, so the teacher's probabilities fall as 1/rank^a
+        at kappa = 0 and temperature 1).
+      zipf_exponent: a, for ``teacher_shape="zipf"``.
+      divergence: delta, the scale of the student's deviation from the teacher.
+      coupling: kappa, the scale of the per-state terms (0: no dependence on earlier tokens).
+      seed: seed of the numpy generator that draws every random term.
+
+    Returns:
+      The ``PrefixTree`` (float64 tables, [S, V] each).
     """
     if teacher_temperature <= 0:
         raise InputError(f"teacher_temperature must be positive, got {teacher_temperature}")
@@ -200,12 +309,18 @@ def make_tree(vocab: int = 4, horizon: int = 3, *, teacher_temperature: float = 
 
 
 def bandit(vocab: int = 4, **knobs) -> PrefixTree:
-    """A single categorical decision (horizon 1)."""
+    """A single categorical decision: ``make_tree(vocab, 1, **knobs)``, tables [1, V]."""
     return make_tree(vocab, 1, **knobs)
 
 
 def check_enumerable(vocab: int, horizon: int, limit: int = MAX_EXACT_SEQUENCES) -> None:
-    """Refuse trees too large to enumerate, pointing to the Monte Carlo path (call before building one)."""
+    """Raise ``InputError`` if V^H > ``limit``, pointing to the Monte Carlo path (call before building the tree).
+
+    Args:
+      vocab: V.
+      horizon: H.
+      limit: the most sequences enumeration accepts (default ``MAX_EXACT_SEQUENCES`` = 2^23).
+    """
     if vocab ** horizon > limit:
         raise InputError(
             f"V={vocab}, H={horizon} has V^H = {vocab ** horizon:,} sequences, more than the "

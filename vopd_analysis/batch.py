@@ -35,6 +35,26 @@ from .errors import InputError
 
 @dataclasses.dataclass
 class TokenBatch:
+    """B sampled responses of T positions, with what the estimators read of student and teacher.
+
+    Only the first four fields are required; an estimator that needs a missing optional one
+    raises ``InputError`` naming it. ``validate`` checks the shapes below.
+
+    Attributes:
+      tokens: sampled tokens y_t, [B, T] long.
+      mask: 1 where y_t counts in the loss, 0 elsewhere (padding), [B, T].
+      student_logits: student logits at s_t, the tensor the gradient flows through, [B, T, V].
+      teacher_token_logprobs: log pi_T(y_t | s_t), [B, T].
+      teacher_logits: full teacher logits, [B, T, V], or None.
+      teacher_logsumexp: logsumexp of ``teacher_logits`` over V, [B, T], or None.
+      teacher_topk_ids, teacher_topk_logprobs: the teacher's top-k ids and their
+        full-vocabulary teacher log-probs, [B, T, k] each, or None.
+      student_topk_ids, teacher_logprobs_on_student_topk: the student's top-k ids (by
+        logit) and the teacher's log-probs there, [B, T, k] each, or None.
+      kl_to_go: exact W_t(s_t), [B, T], or None (tabular oracle).
+      next_kl_to_go: exact W_{t+1}(s_t + v) for every v, [B, T, V], or None (tabular oracle).
+    """
+
     tokens: torch.Tensor
     mask: torch.Tensor
     student_logits: torch.Tensor
@@ -50,14 +70,26 @@ class TokenBatch:
 
     @property
     def vocab_size(self) -> int:
+        """V, the last axis of ``student_logits``."""
         return self.student_logits.shape[-1]
 
     @property
     def num_sequences(self) -> int:
+        """B, the first axis of ``tokens``."""
         return self.tokens.shape[0]
 
     def validate(self) -> "TokenBatch":
-        """Check shapes and values; raise ``InputError`` naming the problem."""
+        """Check shapes and values; raise ``InputError`` naming the first problem found.
+
+        Checks: ``tokens`` is [B, T] with ids in [0, V); every [B, T] and [B, T, V] field
+        present has that shape (one V for student and teacher); each top-k id tensor comes
+        with its log-probs, both [B, T, k]; the mask is not all zero; ``teacher_logsumexp``
+        only with ``teacher_logits``; ``student_logits``, ``teacher_logits``,
+        ``teacher_token_logprobs`` and ``teacher_logsumexp`` hold no NaN or inf.
+
+        Returns:
+          The batch itself, so that ``TokenBatch(...).validate()`` can be passed on.
+        """
         if self.tokens.dim() != 2:
             raise InputError(f"tokens must be [B, T], got shape {tuple(self.tokens.shape)}")
         B, T = self.tokens.shape

@@ -31,7 +31,19 @@ from scipy import stats
 
 
 def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Tuple[float, float, float]:
-    """(mean, low, high): the Student-t interval of the mean of independent ``values``."""
+    """Student-t confidence interval of the mean of independent values.
+
+    mean -+ t_{(1+c)/2, n-1} s / sqrt(n), with s the sample standard deviation (ddof 1)
+    of the n finite values (NaN and inf are dropped first).
+
+    Args:
+      values: independent values x_1..x_n (one per seed or prompt batch), [n].
+      confidence: the confidence level c, in (0, 1).
+
+    Returns:
+      (mean, low, high) as floats; low and high are NaN with fewer than 2 finite values,
+      all three NaN with none.
+    """
     x = np.asarray(values, dtype=np.float64)
     x = x[np.isfinite(x)]
     if x.size == 0:
@@ -44,7 +56,18 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Tuple[fl
 
 
 def ratio_interval(ratios: Sequence[float], confidence: float = 0.95) -> Tuple[float, float, float]:
-    """(geometric mean, low, high) of positive ``ratios``: ``mean_interval`` of their logs, exponentiated."""
+    """Confidence interval of a multiplicative quantity (a variance ratio) around its geometric mean.
+
+    ``mean_interval`` of log x, exponentiated: the centre is exp(mean log x), the bounds stay
+    positive, and 1/x gets the mirror-image interval.
+
+    Args:
+      ratios: positive values x_1..x_n, [n]; a value <= 0 raises ``ValueError``.
+      confidence: the confidence level c, in (0, 1).
+
+    Returns:
+      (geometric mean, low, high) as floats (NaN bounds with fewer than 2 finite values).
+    """
     x = np.asarray(ratios, dtype=np.float64)
     if np.any(x <= 0):
         raise ValueError(f"ratios must be positive, got {x[x <= 0][:3].tolist()}")
@@ -52,8 +75,19 @@ def ratio_interval(ratios: Sequence[float], confidence: float = 0.95) -> Tuple[f
 
 
 def t_test_p_value(values: Sequence[float], null: float = 0.0) -> float:
-    """Two-sided p-value of the one-sample t-test of H0: E x = ``null`` (NaN with fewer than 2 values;
-    0 or 1 when the values do not vary)."""
+    """Two-sided p-value of the one-sample t-test of H0: E x = ``null``.
+
+    p = 2 P(T_{n-1} > |mean(x) - null| / (s / sqrt(n))), s the sample standard deviation
+    of the n finite values (NaN and inf are dropped first).
+
+    Args:
+      values: independent values x_1..x_n, [n].
+      null: the mean under H0.
+
+    Returns:
+      The p-value as a float: NaN with fewer than 2 finite values; when they do not vary
+      (s = 0), 1.0 if all equal ``null`` and 0.0 otherwise.
+    """
     x = np.asarray(values, dtype=np.float64)
     x = x[np.isfinite(x)] - null
     if x.size < 2:
@@ -65,7 +99,20 @@ def t_test_p_value(values: Sequence[float], null: float = 0.0) -> float:
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
-    """mean(a - b) with its t-interval and the paired t-test p-value; ``a`` and ``b`` aligned by seed."""
+    """Paired comparison of two estimators run on the same seeds (or batches).
+
+    On the differences d_i = a_i - b_i: ``mean_interval(d)`` and the paired t-test of
+    H0: E d = 0, p = 2 P(T_{n-1} > |mean(d)| / (sd(d) / sqrt(n))).
+
+    Args:
+      a: values of the first estimator, [n], aligned by seed with ``b``.
+      b: values of the second estimator, [n]; another shape raises ``ValueError``.
+      confidence: the confidence level of the interval, in (0, 1).
+
+    Returns:
+      {"mean", "low", "high", "p_value", "n"}: mean(d) with its interval, the p-value, and n,
+      the number of finite differences used (non-finite ones are dropped).
+    """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired values need equal lengths, got {a.shape} and {b.shape}")
@@ -76,8 +123,20 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
 
 
 def detectable_difference(d: Sequence[float], power: float = 0.8, alpha: float = 0.05) -> float:
-    """(t_{1-alpha/2, n-1} + t_{power, n-1}) sd(d) / sqrt(n): the paired difference a two-sided t-test at level
-    ``alpha`` would detect with probability ``power``, for paired differences spread like ``d`` (NaN if n < 2)."""
+    """Minimum detectable difference of a paired t-test.
+
+    (t_{1-alpha/2, n-1} + t_{power, n-1}) sd(d) / sqrt(n): the true mean difference that a
+    two-sided t-test at level ``alpha`` rejects with probability ``power``, for paired
+    differences spread like ``d`` (the usual approximation that ignores the non-central t).
+
+    Args:
+      d: observed paired differences, [n] (not filtered: a NaN makes the result NaN).
+      power: the probability of rejecting, in (0, 1).
+      alpha: the test's level, in (0, 1).
+
+    Returns:
+      The difference as a float, in the units of ``d`` (NaN if n < 2).
+    """
     x = np.asarray(d, dtype=np.float64)
     if x.size < 2:
         return math.nan

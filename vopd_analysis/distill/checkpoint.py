@@ -25,6 +25,7 @@ from ..errors import InputError
 
 
 def rng_state() -> dict:
+    """This process's RNG states: {"torch", "numpy", "python"} and, when CUDA is available, "cuda" (all devices)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -32,6 +33,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the RNG states saved by ``rng_state`` (the CUDA ones only if saved and CUDA is available)."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -40,7 +42,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def checkpoint_dirs(out_dir) -> List[Path]:
-    """Complete checkpoints, oldest first."""
+    """The complete checkpoints of a run, oldest first.
+
+    Args:
+      out_dir: the run folder.
+
+    Returns:
+      The ``<out_dir>/checkpoints/step-*`` folders that hold ``state.pt`` and are not ``.tmp``,
+      sorted by name (zero-padded step, so by step); [] if there are none.
+    """
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -49,13 +59,33 @@ def checkpoint_dirs(out_dir) -> List[Path]:
 
 
 def latest(out_dir) -> Optional[Path]:
+    """The newest complete checkpoint of the run in ``out_dir``, or None."""
     dirs = checkpoint_dirs(out_dir)
     return dirs[-1] if dirs else None
 
 
 def save(accelerator, out_dir, step: int, model, tokenizer, optimizer, scheduler, rows: list,
          keep: int = 2) -> Path:
-    """Write checkpoint ``step`` (all processes must call this); keep the newest ``keep``."""
+    """Write checkpoint ``step``; every process must call this (it waits for the others).
+
+    Each process writes its own ``rng-rank{r}.pt``; the main process writes ``model/`` and
+    ``state.pt`` (step, optimizer and scheduler state, ``rows``, world size) into
+    ``step-XXXXXXXX.tmp``, renames it when complete and deletes all but the newest ``keep``.
+
+    Args:
+      accelerator: the ``accelerate.Accelerator`` of the run.
+      out_dir: the run folder.
+      step: the number of optimizer steps done.
+      model: the student, saved with ``save_pretrained``; a non-finite parameter
+        raises ``RuntimeError`` before anything is written.
+      tokenizer: saved next to the model.
+      optimizer, scheduler: their ``state_dict`` is saved.
+      rows: every metrics row written so far.
+      keep: how many checkpoints to keep (<= 0: keep all).
+
+    Returns:
+      The checkpoint folder ``<out_dir>/checkpoints/step-XXXXXXXX``.
+    """
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise RuntimeError(f"refusing to checkpoint step {step}: the student has non-finite parameters")
     final = Path(out_dir) / "checkpoints" / f"step-{step:08d}"
@@ -81,7 +111,19 @@ def save(accelerator, out_dir, step: int, model, tokenizer, optimizer, scheduler
 
 
 def load_state(accelerator, path: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and this process's RNG; return the state (step, rows)."""
+    """Restore optimizer, scheduler and this process's RNG from checkpoint ``path``.
+
+    The model weights are not loaded here (the caller loads ``path/model``).
+
+    Args:
+      accelerator: the ``accelerate.Accelerator``; its number of processes must equal the one
+        that wrote the checkpoint (else ``InputError``).
+      path: a checkpoint folder from ``checkpoint_dirs``.
+      optimizer, scheduler: loaded in place.
+
+    Returns:
+      The saved state dict: ``step``, ``rows``, ``optimizer``, ``scheduler``, ``world_size``.
+    """
     state = torch.load(Path(path) / "state.pt", weights_only=False)
     if state["world_size"] != accelerator.num_processes:
         raise InputError(f"checkpoint {path} was written by {state['world_size']} processes; resume it with "

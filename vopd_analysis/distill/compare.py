@@ -45,12 +45,21 @@ _BOOKKEEPING = {"estimator", "estimator_params", "seed", "out_dir", "num_threads
 
 
 def present(columns) -> dict:
-    """The entries of ``METRICS`` among ``columns`` (a table built by hand may lack some)."""
+    """The entries of ``METRICS`` among ``columns`` (a table built by hand may lack some): {name: title}."""
     return {m: title for m, title in METRICS.items() if m in columns}
 
 
 def run_label(estimator: str, params: Optional[dict] = None) -> str:
-    """``vopd_topk`` with ``{"k": 4}`` -> ``vopd_topk-k4``: the estimator and the parameters it was given."""
+    """The label of a run: the estimator and the parameters it was given, ``vopd_topk`` + {"k": 4} -> ``vopd_topk-k4``.
+
+    Args:
+      estimator: the estimator name.
+      params: the parameters given on the command line (None or {}: none), joined as
+        ``-<name><value>`` in sorted name order.
+
+    Returns:
+      The label; runs that share one differ by seed only.
+    """
     return "-".join([estimator] + [f"{k}{v}" for k, v in sorted((params or {}).items())])
 
 
@@ -61,7 +70,17 @@ def _is_run(path: Path) -> bool:
 
 
 def find_runs(paths: Iterable) -> List[Path]:
-    """The run folders among ``paths``, a folder holding runs standing for the runs inside it."""
+    """The run folders among ``paths``; a folder holding runs stands for the runs directly inside it.
+
+    A run is a folder with ``metrics.jsonl`` and ``config.json``.
+
+    Args:
+      paths: run folders, or folders of runs (a sweep).
+
+    Returns:
+      The run folders, each once, in the order found (runs inside a folder sorted by name).
+      A missing path, or one that is neither a run nor holds any, raises ``InputError``.
+    """
     runs, bad = [], []
     for path in map(Path, paths):
         if not path.exists():
@@ -98,7 +117,15 @@ def load_runs(paths: Iterable) -> pd.DataFrame:
     """Every eval row of the runs in ``paths``: columns estimator, label, seed, step, eval_accuracy,
     eval_reverse_kl, eval_teacher_logprob, run (the run folder); a metric a run did not record (no
     verifier, or a run from before the metric existed) is NaN. Two runs with the same label and seed
-    are refused."""
+    are refused.
+
+    Args:
+      paths: as for ``find_runs``.
+
+    Returns:
+      A DataFrame with one row per eval row of each run (``step`` and ``seed`` int, metrics float);
+      ``InputError`` if no run has an eval row.
+    """
     frames, seen = [], {}
     for path in find_runs(paths):
         config = json.loads((path / "config.json").read_text())
@@ -120,7 +147,14 @@ def load_runs(paths: Iterable) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- the table
 
 def final_evals(df: pd.DataFrame) -> pd.DataFrame:
-    """Each run's last eval row."""
+    """Each run's last eval row (the one with the largest ``step`` per (label, seed)).
+
+    Args:
+      df: the table of ``load_runs``.
+
+    Returns:
+      The subset of ``df``, one row per run.
+    """
     return df.sort_values("step", kind="stable").groupby(["label", "seed"], sort=False).tail(1)
 
 
@@ -141,7 +175,21 @@ def summary_table(df: pd.DataFrame, reference: Optional[str] = None, confidence:
     final evals with its t-interval (``m_mean``, ``m_low``, ``m_high``) and the paired difference to the
     reference (``m_diff``, ``m_diff_low``, ``m_diff_high``, ``m_p``, ``m_pairs``; NaN for the reference
     itself or without one). ``reference``: a label or an estimator name; default ``opd`` if present.
-    The resolved reference is in ``table.attrs["reference"]``."""
+    The resolved reference is in ``table.attrs["reference"]``.
+
+    Per label, with x_i the final value of seed i and n seeds: mean m with the t-interval
+    m -+ t_{(1+c)/2, n-1} s / sqrt(n); the differences d_i = x_i - r_i to the reference on the
+    seeds both have, with the same interval for mean(d) and the paired t-test p-value
+    2 P(T_{n-1} > |mean(d)| / (sd(d) / sqrt(n))). See ``vopd_analysis.stats``.
+
+    Args:
+      df: the table of ``load_runs``.
+      reference: a label, or an estimator name with exactly one label (else ``InputError``).
+      confidence: c, the intervals' confidence level.
+
+    Returns:
+      A DataFrame with columns label, estimator, seeds, step and the per-metric columns above.
+    """
     final = final_evals(df)
     labels = list(dict.fromkeys(df["label"]))
     ref = _reference(labels, df, reference)
@@ -173,7 +221,15 @@ def _num(x: float, fmt: str) -> str:
 
 
 def format_table(table: pd.DataFrame, confidence: float = 0.95) -> str:
-    """The table as text: one block per metric."""
+    """The table as text: one block per metric (a metric with no finite value gets one line saying so).
+
+    Args:
+      table: from ``summary_table``.
+      confidence: only for the column headers.
+
+    Returns:
+      The text, blocks separated by a blank line.
+    """
     ref = table.attrs.get("reference")
     pct = f"{confidence:.0%}"
     width = max(len("estimator"), *table["label"].str.len())
@@ -202,7 +258,16 @@ def format_table(table: pd.DataFrame, confidence: float = 0.95) -> str:
 
 def notes(paths: Iterable, df: pd.DataFrame) -> List[str]:
     """What a reader of the table should know: unfinished runs, runs without evals, runs whose
-    last eval is at another step than the others', and config fields in which the runs differ."""
+    last eval is at another step than the others', and config fields in which the runs differ
+    (bookkeeping fields such as seed, out_dir and estimator left out).
+
+    Args:
+      paths: as for ``find_runs``.
+      df: the table of ``load_runs`` on the same paths.
+
+    Returns:
+      One string per note.
+    """
     runs = find_runs(paths)
     out = [f"{p} is unfinished (no summary.json)" for p in runs if not (p / "summary.json").is_file()]
     evaluated = set(df["run"])
@@ -250,7 +315,16 @@ def _no_values(ax, key: str) -> None:
 
 def plot_curves(df: pd.DataFrame, path, confidence: float = 0.95) -> Path:
     """Eval accuracy, reverse KL and teacher log-prob against step: per label the mean over seeds with its
-    t-interval band."""
+    t-interval band (``mean_interval`` at each step; no band where fewer than 2 seeds).
+
+    Args:
+      df: the table of ``load_runs``.
+      path: the image file (parent folders are created).
+      confidence: the band's confidence level.
+
+    Returns:
+      ``path`` as a ``Path``.
+    """
     from matplotlib.figure import Figure
     fig = Figure(figsize=(16, 4))
     metrics = present(df.columns)
@@ -274,7 +348,17 @@ def plot_curves(df: pd.DataFrame, path, confidence: float = 0.95) -> Path:
 
 def plot_run(rows: list, path, title: str = "") -> Path:
     """One run's curves: eval accuracy, eval reverse KL, eval teacher log-prob and the training reverse
-    KL against step."""
+    KL against step.
+
+    Args:
+      rows: the run's metrics rows (dicts with ``kind`` "eval" or "train" and ``step``; train rows
+        need ``reverse_kl_sampled`` and ``reverse_kl``).
+      path: the image file (parent folders are created).
+      title: the figure's title.
+
+    Returns:
+      ``path`` as a ``Path``.
+    """
     from matplotlib.figure import Figure
     evals = [r for r in rows if r["kind"] == "eval"]
     train = [r for r in rows if r["kind"] == "train"]
@@ -304,7 +388,20 @@ def plot_run(rows: list, path, title: str = "") -> Path:
 
 def report(paths: list, reference: Optional[str] = None, plot=None, csv=None, as_json: bool = False,
            confidence: float = 0.95) -> pd.DataFrame:
-    """Print the table (or one JSON object), write the figure (and the CSV); return the table."""
+    """``vopd compare``: print the table (or one JSON object), write the figure (and the CSV).
+
+    Args:
+      paths: as for ``find_runs``.
+      reference: as for ``summary_table``.
+      plot: the figure's path (None: ``<folder>/compare.png`` for one folder of runs, else
+        ``./compare.png``).
+      csv: also write the table there (None: do not).
+      as_json: print {"reference", "confidence", "plot", "csv", "notes", "rows"} instead of text.
+      confidence: the intervals' confidence level.
+
+    Returns:
+      The table of ``summary_table``.
+    """
     df = load_runs(paths)
     table = summary_table(df, reference, confidence)
     if plot is None:
@@ -331,6 +428,7 @@ def report(paths: list, reference: Optional[str] = None, plot=None, csv=None, as
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``vopd compare`` argument parser."""
     p = argparse.ArgumentParser(prog="vopd compare", description="The final evaluations of vopd distill runs "
                                 "per estimator over seeds: mean with t-interval, paired difference to a reference "
                                 "with its p-value, and the eval curves.")
@@ -346,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """``vopd compare RUN_DIR... [options]``; returns 0 (bad input raises ``InputError``)."""
     args = build_parser().parse_args(argv)
     if not 0 < args.confidence < 1:
         raise InputError(f"--confidence must be in (0, 1), got {args.confidence}")

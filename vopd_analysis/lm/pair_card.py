@@ -23,7 +23,14 @@ CARD = "card.json"
 
 
 def file_sha256(path) -> str:
-    """Hex sha256 of a file's bytes."""
+    """The sha256 of a file's bytes, read in 1 MiB blocks.
+
+    Args:
+      path: the file.
+
+    Returns:
+      The digest as 64 lowercase hex characters.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -32,14 +39,31 @@ def file_sha256(path) -> str:
 
 
 def pair_files(root) -> dict:
-    """{relative path: sha256} of every file of the pair under ``root`` except the card."""
+    """The sha256 of every file under ``root`` (recursively) except any named ``card.json``.
+
+    Args:
+      root: the pair folder.
+
+    Returns:
+      {path relative to ``root`` with ``/`` separators: hex sha256}, sorted by path.
+    """
     root = Path(root)
     return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != CARD}
 
 
 def write_card(root, card: dict) -> dict:
-    """Add the sha256 of every file under ``root`` to ``card`` and write it as ``root/card.json``."""
+    """Write ``root/card.json``: ``card`` with ``card["files"] = pair_files(root)``.
+
+    Call it after every other file of the pair is written: a folder with a card is complete.
+
+    Args:
+      root: the pair folder.
+      card: JSON-serialisable description of the pair; updated in place.
+
+    Returns:
+      The same ``card``, with its ``"files"`` entry.
+    """
     card["files"] = pair_files(root)
     (Path(root) / CARD).write_text(json.dumps(card, indent=2) + "\n")
     return card
@@ -50,7 +74,16 @@ def verify_pair(root, preset: str, module: str) -> dict:
 
     A missing card, a missing file or a file whose bytes changed raises ``InputError``
     naming the file and the hash the card expects; ``module`` (``python -m module --retrain``)
-    is how the message says to retrain.
+    is how the message says to retrain. Files under ``root`` that the card does not list
+    are not checked.
+
+    Args:
+      root: the pair folder.
+      preset: the preset's name, for messages (``"tiny"``).
+      module: the preset module, for messages (``"vopd_analysis.lm.tiny"``).
+
+    Returns:
+      The parsed ``card.json`` (a dict).
     """
     root = Path(root)
     card_path = root / CARD
@@ -71,8 +104,18 @@ def verify_pair(root, preset: str, module: str) -> dict:
 
 
 def differences(card: dict, reference: dict, metrics: Dict[str, str]) -> list:
-    """What differs between two pair cards: the teacher's and student's ``metrics`` ({card key: what
-    to call it}) and the file hashes (empty when identical)."""
+    """What differs between two pair cards, as human-readable lines.
+
+    Args:
+      card: a card (e.g. of a retrained pair).
+      reference: the card to compare with (e.g. the committed one).
+      metrics: {key in card["teacher"] and card["student"]: its name in the message}.
+
+    Returns:
+      One line per differing metric (``"teacher held-out cross-entropy 5.22 vs 5.23"``) and per
+      file of ``card`` whose hash differs from or is missing in ``reference``; empty when
+      identical.
+    """
     out = [f"{role} {name} {card[role][key]} vs {reference[role][key]}"
            for key, name in metrics.items() for role in ("teacher", "student")
            if card[role][key] != reference[role][key]]
@@ -82,7 +125,15 @@ def differences(card: dict, reference: dict, metrics: Dict[str, str]) -> list:
 
 @dataclasses.dataclass(frozen=True)
 class CommittedPair:
-    """A preset's committed pair: where it lives, how to retrain it, and which card numbers compare two pairs."""
+    """A preset's committed pair: where it lives, how to retrain it, and which card numbers compare two pairs.
+
+    Attributes:
+      preset: the preset's name (``"tiny"``).
+      module: the preset module (``python -m module --retrain``).
+      committed: the folder every machine loads (``vopd_analysis/lm/pairs/<preset>``).
+      cache_dir: default parent folder of retrained pairs.
+      metrics: {card key of the teacher's and student's quality number: its name}.
+    """
 
     preset: str                 # "tiny"
     module: str                 # "vopd_analysis.lm.tiny": python -m module --retrain
@@ -91,16 +142,28 @@ class CommittedPair:
     metrics: Dict[str, str]     # card key of the teacher's and student's quality number -> its name
 
     def verify(self, root=None) -> dict:
+        """``verify_pair`` on ``root`` (default: the committed folder); returns the card."""
         return verify_pair(self.committed if root is None else root, self.preset, self.module)
 
     def differences(self, card: dict, reference: dict) -> list:
+        """``differences`` of two cards on this preset's ``metrics`` and file hashes."""
         return differences(card, reference, self.metrics)
 
     def load_or_train(self, root, train: Callable[[Path], dict], default: bool, retrain: bool,
                       verbose: bool) -> Tuple[Path, dict]:
-        """(folder, card): the committed pair (checked) if neither ``retrain`` nor a config other than the
-        ``default``; else the pair in ``root``, trained by ``train(root)`` unless it already has a card. A
-        retrained default pair is compared with the committed one (printed if ``verbose``)."""
+        """The pair a preset loads: the committed one, or one trained (once) into ``root``.
+
+        Args:
+          root: where a retrained or non-default pair lives; a folder that already has a card is
+            loaded (after ``verify``) instead of trained again.
+          train: ``train(root) -> card``, writing the pair into ``root``.
+          default: whether the preset's config is the default one (the committed pair's).
+          retrain: train even for the default config.
+          verbose: print whether a freshly retrained default pair differs from the committed one.
+
+        Returns:
+          (folder, card): the committed folder if ``default`` and not ``retrain``, else ``root``.
+        """
         if not retrain and default:
             return self.committed, self.verify()
         root = Path(root)
@@ -115,8 +178,22 @@ class CommittedPair:
 
     def main(self, argv: Optional[list], description: str, train: Callable[[Path], dict],
              retrain_default: Callable[[], object]) -> int:
-        """``python -m module [--retrain] [--out DIR]``: check the committed pair, or retrain it (into
-        ``--out`` with ``train``, else into the cache with ``retrain_default``)."""
+        """``python -m module [--retrain] [--out DIR]``: check the committed pair, or retrain it.
+
+        Without ``--retrain``: ``verify`` the committed pair and print how many files match. With
+        ``--retrain --out DIR``: ``train(DIR)`` (refused if DIR already holds a card), then print
+        whether the result differs from the committed pair. With ``--retrain`` alone:
+        ``retrain_default()`` (into the cache).
+
+        Args:
+          argv: the arguments (None: ``sys.argv[1:]``).
+          description: the ``--help`` text.
+          train: ``train(folder) -> card``.
+          retrain_default: retrains the default pair into the cache.
+
+        Returns:
+          0 (bad input raises ``InputError``).
+        """
         import argparse
         parser = argparse.ArgumentParser(description=description)
         parser.add_argument("--retrain", action="store_true", help="train the pair from scratch (minutes on 2 cores)")

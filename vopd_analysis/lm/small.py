@@ -112,6 +112,13 @@ def extract_corpus(modules: Sequence[str] = STDLIB_MODULES) -> List[dict]:
     ``inspect.getdoc`` of each module, of its public classes and functions defined in it, and of
     the classes' public methods (and ``__init__``), if at least ``MIN_DOC_CHARS`` long. A text
     already taken under another name (inherited or shared docstrings) is left out.
+
+    Args:
+      modules: the standard-library modules whose docstrings are taken.
+
+    Returns:
+      [{"name": str, "text": str}], sorted by name. The result depends on the Python version;
+      the committed corpus was made under ``CORPUS_PYTHON``.
     """
     import importlib
     import inspect
@@ -150,7 +157,15 @@ def extract_corpus(modules: Sequence[str] = STDLIB_MODULES) -> List[dict]:
 
 
 def write_corpus(docs: Sequence[dict], path) -> Path:
-    """The documents as gzipped JSON lines, byte-identical for identical documents (no timestamp)."""
+    """Write the documents as gzipped JSON lines, byte-identical for identical documents (no timestamp).
+
+    Args:
+      docs: [{"name", "text"}]; other keys are not written.
+      path: the ``.jsonl.gz`` file (parent folders are created).
+
+    Returns:
+      ``path`` as a ``Path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = "".join(json.dumps({"name": d["name"], "text": d["text"]}, ensure_ascii=False) + "\n" for d in docs)
@@ -162,7 +177,15 @@ def write_corpus(docs: Sequence[dict], path) -> Path:
 
 
 def read_corpus(path=None) -> List[dict]:
-    """The documents of a corpus file (default: the committed one)."""
+    """The documents of a corpus file.
+
+    Args:
+      path: a ``.jsonl.gz`` written by ``write_corpus`` (default: the committed corpus); a
+        missing file raises ``InputError``.
+
+    Returns:
+      [{"name", "text"}] in file order.
+    """
     path = Path(path) if path is not None else COMMITTED / CORPUS
     if not path.is_file():
         raise InputError(f"small pair corpus {path} is missing; restore it with git checkout")
@@ -171,12 +194,26 @@ def read_corpus(path=None) -> List[dict]:
 
 
 def is_held_out(name: str) -> bool:
-    """Whether a document is in the evaluation split: sha256(name) = 0 mod 10 (about 10%)."""
+    """Whether a document is in the evaluation split: int(sha256(name), 16) mod 10 == 0 (about 10%).
+
+    Args:
+      name: the document's name.
+
+    Returns:
+      True for a held-out document.
+    """
     return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10 == 0
 
 
 def split_documents(docs: Sequence[dict]) -> Tuple[List[dict], List[dict]]:
-    """(training documents, held-out documents)."""
+    """Split documents by ``is_held_out`` of their name, keeping their order.
+
+    Args:
+      docs: [{"name", "text", ...}].
+
+    Returns:
+      (training documents, held-out documents).
+    """
     return [d for d in docs if not is_held_out(d["name"])], [d for d in docs if is_held_out(d["name"])]
 
 
@@ -192,7 +229,16 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 8192):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``, Qwen2's normalizer (NFC) and
     pre-tokenizer, ``vocab_size`` ids of which ``<pad>`` = 0, ``<eos>`` = 1 and ``<unk>`` = 2 are special
     (the latter two never occur in encoded text), left padding, no prefix space: decoding the ids of
-    an NFC text gives the text back. Training is deterministic (same texts, same tokenizer.json)."""
+    an NFC text gives the text back. Training is deterministic (same texts, same tokenizer.json).
+
+    Args:
+      texts: the training texts.
+      vocab_size: the number of ids, special ones included (BPE merges need ``min_frequency`` 2,
+        so a small corpus can give fewer).
+
+    Returns:
+      A ``transformers.PreTrainedTokenizerFast``.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -217,7 +263,19 @@ STUDENT = ModelSize(hidden=128, layers=2, heads=4, intermediate=384)
 
 @dataclasses.dataclass(frozen=True)
 class SmallConfig:
-    """Everything that determines a trained pair (its hash names the cache directory)."""
+    """Everything that determines a trained pair; ``key()`` (its hash) names the cache directory.
+
+    Attributes:
+      vocab_size: the tokenizer's vocabulary.
+      teacher, student: the two ``ModelSize``s (hidden, layers, heads, intermediate).
+      max_positions: the models' context length.
+      seq_len: tokens per training window.
+      batch_size: windows per training step.
+      teacher_steps, student_steps: training steps of each model.
+      lr, weight_decay: AdamW's peak learning rate and weight decay (see ``train_lm``).
+      eval_windows: held-out cross-entropy over the first this many windows (None: all).
+      seed: the teacher's init seed (the student's is seed + 1; the windows', seed + 1000 and + 1001).
+    """
 
     vocab_size: int = 8192
     teacher: ModelSize = TEACHER
@@ -233,12 +291,23 @@ class SmallConfig:
     seed: int = 0
 
     def key(self) -> str:
+        """The first 12 hex digits of the sha256 of the config as sorted JSON (plus a version tag)."""
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|small-v1"
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def random_model(size: ModelSize, tokenizer, max_positions: int = 128, seed: int = 0):
-    """A randomly initialised Qwen2 causal LM with tied embeddings over ``tokenizer``'s vocabulary."""
+    """A randomly initialised Qwen2 causal LM with tied embeddings over ``tokenizer``'s vocabulary.
+
+    Args:
+      size: hidden size, layers, heads and MLP width.
+      tokenizer: gives the vocabulary size and the pad and eos ids (also set in its generation config).
+      max_positions: the context length.
+      seed: ``torch.manual_seed`` before initialisation (this sets the global torch RNG).
+
+    Returns:
+      A ``transformers.Qwen2ForCausalLM`` (float32).
+    """
     from transformers import Qwen2ForCausalLM
     from .tiny import qwen2_config
     torch.manual_seed(seed)
@@ -249,7 +318,15 @@ def random_model(size: ModelSize, tokenizer, max_positions: int = 128, seed: int
 
 
 def token_stream(tokenizer, docs: Sequence[dict]) -> torch.Tensor:
-    """The documents' token ids, concatenated with the ids of a blank line between them. [N] long"""
+    """The documents' token ids, each followed by the ids of a blank line ("\\n\\n").
+
+    Args:
+      tokenizer: the pair's tokenizer.
+      docs: [{"text", ...}].
+
+    Returns:
+      [N] long tensor.
+    """
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     ids: List[int] = []
     for enc in tokenizer([d["text"] for d in docs], add_special_tokens=False)["input_ids"]:
@@ -258,7 +335,17 @@ def token_stream(tokenizer, docs: Sequence[dict]) -> torch.Tensor:
 
 
 def random_windows(stream: torch.Tensor, n: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` windows of ``length`` consecutive tokens at uniformly drawn starts. [n, length]"""
+    """``n`` windows of ``length`` consecutive tokens at uniformly drawn starts.
+
+    Args:
+      stream: token ids, [N] with N >= length.
+      n: number of windows.
+      length: tokens per window.
+      generator: the torch generator the starts come from.
+
+    Returns:
+      [n, length] long tensor.
+    """
     starts = torch.randint(0, len(stream) - length + 1, (n,), generator=generator)
     return torch.stack([stream[s:s + length] for s in starts.tolist()])
 
@@ -266,8 +353,28 @@ def random_windows(stream: torch.Tensor, n: int, length: int, generator: torch.G
 def train_lm(model, stream: torch.Tensor, steps: int, batch_size: int, seq_len: int, lr: float,
              weight_decay: float, seed: int, desc: str = "train", block: int = 50) -> List[float]:
     """Next-token training on random windows of ``stream``: AdamW, linear warm-up over the first 5%
-    of the steps, cosine decay to 0, gradients clipped at norm 1. Returns the mean training loss of
-    each run of ``block`` steps (the last one possibly shorter)."""
+    of the steps, cosine decay to 0, gradients clipped at norm 1.
+
+    The learning rate at step s is lr min(1, (s + 1) / w) (1 + cos(pi s / steps)) / 2, with
+    w = max(1, steps // 20); weight decay applies to the parameters of dimension >= 2 only;
+    AdamW betas (0.9, 0.98). The loss is the mean cross-entropy of tokens 2..length of each window.
+
+    Args:
+      model: a causal LM (trained in place, left in eval mode).
+      stream: token ids, [N].
+      steps: optimisation steps.
+      batch_size: windows per step.
+      seq_len: tokens per window.
+      lr: peak learning rate.
+      weight_decay: AdamW weight decay.
+      seed: seed of the generator that draws the windows.
+      desc: the progress bar's label.
+      block: steps per reported loss.
+
+    Returns:
+      The mean training loss (nats per token) of each run of ``block`` steps, rounded to 4
+      decimals (the last run possibly shorter).
+    """
     from tqdm.auto import tqdm
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -302,8 +409,21 @@ def train_lm(model, stream: torch.Tensor, steps: int, batch_size: int, seq_len: 
 @torch.no_grad()
 def cross_entropy(model, stream: torch.Tensor, seq_len: int, max_windows: Optional[int] = None,
                   batch_size: int = 16) -> float:
-    """Mean next-token cross-entropy (nats) over consecutive non-overlapping windows of ``stream``
-    (the first ``max_windows``); each window's first token is context only."""
+    """Mean next-token cross-entropy (nats per token) over consecutive non-overlapping windows of ``stream``.
+
+    The windows are stream[i L : (i + 1) L] for the first n = min(max_windows, N // L) of them;
+    each window's first token is context only, so the mean is over n (L - 1) predictions.
+
+    Args:
+      model: a causal LM (set to eval mode).
+      stream: token ids, [N].
+      seq_len: L, tokens per window.
+      max_windows: n at most (None: every whole window).
+      batch_size: windows per forward pass.
+
+    Returns:
+      The cross-entropy as a float; exp of it is the perplexity.
+    """
     model.eval()
     n = len(stream) // seq_len if max_windows is None else min(max_windows, len(stream) // seq_len)
     windows = stream[:n * seq_len].view(n, seq_len)
@@ -327,6 +447,16 @@ def train_pair(root, config: SmallConfig = SmallConfig(), num_threads: Optional[
     marks the pair complete), holds the config, its hash, the per-token cross-entropy (nats) and
     perplexity of both models on the held-out documents, training steps, losses and times, the
     package and Python versions and the sha256 of every file.
+
+    Args:
+      root: the new pair's folder.
+      config: what to train.
+      num_threads: torch CPU threads (None: 1; set for the rest of the process).
+      verbose: print each model's numbers.
+      corpus: a corpus ``.jsonl.gz`` (None: the committed one).
+
+    Returns:
+      The card (as written to ``root/card.json``).
     """
     import platform
 
@@ -380,12 +510,24 @@ def train_pair(root, config: SmallConfig = SmallConfig(), num_threads: Optional[
 
 
 def verify_pair(root=COMMITTED) -> dict:
-    """The pair's card, after checking every file it lists (corpus included) against its sha256."""
+    """The pair's card, after checking every file it lists (corpus included) against its sha256.
+
+    Args:
+      root: the pair folder (default: the committed one); a missing or changed file raises
+        ``InputError`` naming it.
+
+    Returns:
+      The card (a dict).
+    """
     return PAIR.verify(root)
 
 
 def differences(card: dict, reference: dict) -> list:
-    """What differs between two pair cards: held-out cross-entropies and file hashes (empty when identical)."""
+    """What differs between two pair cards: held-out cross-entropies and file hashes.
+
+    Returns:
+      Human-readable lines, empty when identical (``pair_card.differences``).
+    """
     return PAIR.differences(card, reference)
 
 
@@ -398,6 +540,16 @@ def load_or_train_pair(cache_dir=".cache/vopd_small", config: SmallConfig = Smal
     by file against the sha256 in its card. ``retrain=True`` (or a ``config`` other than the
     default) trains a pair into ``cache_dir/<config hash>`` instead (cached: a second call loads
     it) and, for the default config, says whether it differs from the committed pair.
+
+    Args:
+      cache_dir: parent folder of trained pairs.
+      config: the pair's config.
+      num_threads: torch threads while training.
+      verbose: print the pair's folder and cross-entropies.
+      retrain: train even for the default config.
+
+    Returns:
+      (student folder, teacher folder, tokenizer loaded from the teacher folder).
     """
     from transformers import AutoTokenizer
     root, card = PAIR.load_or_train(Path(cache_dir) / config.key(),
@@ -418,8 +570,21 @@ def _prompt_tokenizer():
 
 
 def document_prompt(text: str, start: int, tokenizer, max_tokens: int = PROMPT_TOKENS) -> Optional[str]:
-    """The first ``max_tokens`` tokens of ``text[start:]``, cut back to the end of its last whole word
-    (None if that leaves no word)."""
+    """A prompt: the first ``max_tokens`` tokens of ``text[start:]``, cut back to the end of its last whole word.
+
+    Only the first 16 ``max_tokens`` characters are tokenized. If the decoded tokens do not reach
+    the end of the text, the prefix is cut at its last whitespace (the last word may be partial);
+    trailing whitespace is stripped.
+
+    Args:
+      text: the document.
+      start: character offset of the prompt's start.
+      tokenizer: the pair's tokenizer.
+      max_tokens: tokens at most.
+
+    Returns:
+      The prompt, or None if it holds no word character.
+    """
     ids = tokenizer(text[start:start + 16 * max_tokens], add_special_tokens=False)["input_ids"][:max_tokens]
     prefix = tokenizer.decode(ids)
     if len(prefix) < len(text) - start:          # the window ends inside the text: drop its last partial word
@@ -429,13 +594,31 @@ def document_prompt(text: str, start: int, tokenizer, max_tokens: int = PROMPT_T
 
 
 def word_starts(text: str) -> List[int]:
-    """Character offsets where a word starts after whitespace (the first character counts too)."""
+    """Character offsets where a word starts after whitespace, with 0 first (even if text starts with a space).
+
+    Args:
+      text: the document.
+
+    Returns:
+      [0, offsets of every non-space character that follows a run of whitespace].
+    """
     return [0] + [m.end() for m in re.finditer(r"\s+(?=\S)", text)]
 
 
 def sample_prompts(docs: Sequence[dict], n: int, seed: int, tag: str, tokenizer=None) -> List[dict]:
-    """``n`` records {"prompt", "document"}: a document drawn with probability proportional to its length,
-    a word start drawn uniformly in it, and the ``document_prompt`` there."""
+    """``n`` prompts: a document drawn with probability proportional to its length, a word start drawn
+    uniformly in it, and the ``document_prompt`` there; draws giving None or fewer than 20
+    characters are redrawn.
+
+    Args:
+      docs: the documents to draw from.
+      n: number of prompts.
+      seed, tag: seed the draws (``random.Random(f"small-{tag}-{seed}")``): deterministic in both.
+      tokenizer: the pair's tokenizer (default: the committed teacher's).
+
+    Returns:
+      [{"prompt": str, "document": its name}] of length ``n`` (documents may repeat).
+    """
     tokenizer = tokenizer or _prompt_tokenizer()
     rng = random.Random(f"small-{tag}-{seed}")
     weights = [len(d["text"]) for d in docs]
@@ -449,12 +632,20 @@ def sample_prompts(docs: Sequence[dict], n: int, seed: int, tag: str, tokenizer=
 
 
 def train_prompts(n: int, seed: int = 0) -> List[dict]:
-    """``n`` prompts from the training documents (deterministic in ``seed``)."""
+    """``n`` prompts from the committed corpus's training documents (``sample_prompts``, deterministic in ``seed``).
+
+    Returns:
+      [{"prompt", "document"}].
+    """
     return sample_prompts(_committed_split("train"), n, seed, "train")
 
 
 def eval_prompts(n: int, seed: int = 0) -> List[dict]:
-    """``n`` prompts from the held-out documents (deterministic in ``seed``)."""
+    """``n`` prompts from the committed corpus's held-out documents (``sample_prompts``, deterministic in ``seed``).
+
+    Returns:
+      [{"prompt", "document"}].
+    """
     return sample_prompts(_committed_split("eval"), n, seed, "eval")
 
 

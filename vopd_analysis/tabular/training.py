@@ -28,6 +28,17 @@ from .targets import tree_quantities
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
+    """The outcome of one ``train`` run.
+
+    Attributes:
+      curve: columns ``step`` and ``J``: J0 at step 0, then every ``eval_every`` steps and at
+        the last step; after a divergence the remaining evaluation steps are NaN.
+      stable: no divergence and final J < J0.
+      initial_J: J0, the exact sequence reverse KL of the initial student.
+      final_J: the last J if stable, else NaN.
+      diverged_at: the step at which J became non-finite or exceeded ``diverge_factor`` J0, or None.
+    """
+
     curve: pd.DataFrame      # columns: step, J (NaN after a divergence)
     stable: bool
     initial_J: float
@@ -36,12 +47,41 @@ class TrainResult:
 
 
 def exact_J(tree: PrefixTree, theta: torch.Tensor) -> float:
+    """J(theta) = E_{y ~ pi_theta}[sum_t log pi_theta(y_t|s_t) - log pi_T(y_t|s_t)], exactly.
+
+    Args:
+      tree: gives the teacher table and the layout.
+      theta: the student logit table, [S, V].
+
+    Returns:
+      The sequence-level reverse KL in nats (``tree_quantities(...).sequence_kl``).
+    """
     return tree_quantities(tree.with_student(theta.detach().numpy())).sequence_kl
 
 
 def train(tree: PrefixTree, estimator: str, lr: float, steps: int, batch_size: int, seed: int,
           eval_every: int = 1, diverge_factor: float = 1.5, **params) -> TrainResult:
-    """Train the student logit table of ``tree`` with ``estimator`` and return exact J over steps."""
+    """Train the student logit table of ``tree`` by plain SGD with ``estimator``, recording the exact J.
+
+    Each step draws ``batch_size`` sequences from the current student and updates
+    theta <- theta - lr grad_theta L, L = ``surrogate_loss(estimator, batch, **params)``
+    (sum over tokens, mean over sequences). It stops early when J is non-finite or exceeds
+    ``diverge_factor`` J0.
+
+    Args:
+      tree: the environment; its student table is the initial theta.
+      estimator: a registered estimator name.
+      lr: the learning rate.
+      steps: the number of SGD steps.
+      batch_size: sequences per step.
+      seed: seed of the torch generator that draws the sequences.
+      eval_every: steps between evaluations of the exact J (the last step is always evaluated).
+      diverge_factor: J > diverge_factor J0 counts as a divergence.
+      **params: the estimator's parameters (``k``, ``gamma``, ...; registry defaults for the rest).
+
+    Returns:
+      A ``TrainResult``.
+    """
     params = est.get(estimator).params(**params)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
