@@ -18,6 +18,7 @@ import torch
 from synthetic.tree import bandit, make_tree
 from vopd_analysis import estimators as est
 from vopd_analysis.errors import InputError
+from vopd_analysis.tabular.analysis import estimator_specs
 from vopd_analysis.tabular.targets import bias_report, target_gradient, tree_quantities
 from vopd_analysis.tabular.enumeration import exact_moments
 from vopd_analysis.tabular.montecarlo import sample_gradients, unbiasedness_test
@@ -39,21 +40,13 @@ DEFAULTS = {
 }
 
 
-def specs(k: int, extra: dict) -> dict:
-    out = {}
-    for entry in est.REGISTRY.values():
-        if not entry.group:
-            out[entry.name] = {"name": entry.name, **({"k": k} if "k" in entry.defaults else {})}
-    out.update(extra)
-    return out
-
-
 def compute(config: dict) -> pd.DataFrame:
     rows = []
     for env in config["envs"]:
         tree = ENVS[env](config["seed"])
         tq = tree_quantities(tree)
-        spec = specs(config["k"], config["extra"])
+        # every single-sequence estimator as vopd exact builds it, top-k ones with config["k"], then the extras
+        spec = {**estimator_specs({"k": config["k"]}, vocab=tree.vocab)[0], **config["extra"]}
         moments = exact_moments(tree, spec, quantities=tq)
         norm_tok = float(torch.linalg.norm(tq.grad_token))
         for label, s in spec.items():

@@ -49,3 +49,77 @@ def test_errors_are_one_line(capsys, tmp_path):
                          (("study", "bogus"), "no study")]:
         code, _, err = run(capsys, *argv)
         assert code == 2 and err.startswith("error:") and needle in err, (argv, err)
+
+
+def test_exact_parameters_registry_defaults_capped_and_shown(capsys):
+    from vopd_analysis import estimators as est
+    default_k = est.get("vopd_topk").defaults["k"]
+    assert default_k > 3
+    code, out, _ = run(capsys, "exact", "--vocab", "3", "--horizon", "2", "--estimators", "opd,vopd_topk", "--json")
+    result = json.loads(out)
+    assert code == 0 and list(result["estimators"]) == ["opd", "vopd_topk"]
+    assert result["params"] == {}
+    assert result["estimators"]["vopd_topk"]["params"] == {**est.get("vopd_topk").defaults, "k": 3}
+    assert result["estimators"]["opd"]["params"] == est.get("opd").defaults
+    assert result["capped"] == [{"estimator": "vopd_topk", "param": "k", "default": default_k, "used": 3}]
+    code, out, _ = run(capsys, "exact", "--vocab", "3", "--horizon", "2", "--estimators", "opd,vopd_topk")
+    assert code == 0 and f"capped at V=3: vopd_topk (k={default_k})" in out
+    assert "k=3" in next(line for line in out.splitlines() if line.startswith("vopd_topk "))
+
+
+def test_exact_param_and_k_shorthand_agree(capsys):
+    runs = []
+    for extra in (("--k", "2"), ("--param", "k=2")):
+        code, out, _ = run(capsys, "exact", "--vocab", "3", "--horizon", "2", "--estimators", "vopd_topk,topk_kl",
+                           "--json", *extra)
+        assert code == 0
+        runs.append(json.loads(out))
+    assert runs[0] == runs[1]
+    assert runs[0]["capped"] == [] and runs[0]["params"] == {"k": 2}
+    assert [row["params"]["k"] for row in runs[0]["estimators"].values()] == [2, 2]
+    # k=2 and k=3 (the whole vocabulary) give different top-k baselines
+    code, out, _ = run(capsys, "exact", "--vocab", "3", "--horizon", "2", "--estimators", "vopd_topk", "--json")
+    assert json.loads(out)["estimators"]["vopd_topk"]["total_variance"] != \
+        runs[0]["estimators"]["vopd_topk"]["total_variance"]
+
+
+def test_mc_parameters_and_group_estimators(capsys):
+    code, out, _ = run(capsys, "mc", "--vocab", "3", "--horizon", "2", "--estimator", "seq_rloo", "--param",
+                       "group_size=2", "--samples", "50", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["params"]["group_size"] == 2 and result["sequences_per_draw"] == 2
+    code, out, _ = run(capsys, "mc", "--vocab", "3", "--horizon", "2", "--estimator", "vopd_topk", "--samples", "50")
+    assert code == 0 and "vopd_topk (k=3" in out and "capped at V=3" in out
+
+
+def test_parameter_errors_are_one_line(capsys):
+    base = ("--vocab", "3", "--horizon", "2")
+    for argv, needle in [(("exact", *base, "--estimators", "seq_rloo"), "'seq_rloo' is a group estimator"),
+                         (("exact", *base, "--estimators", "opd,vopd_topk", "--param", "nonexistent=1"),
+                          "no selected estimator takes parameter nonexistent"),
+                         (("exact", *base, "--param", "k=2.5"), "parameter k must be an integer"),
+                         (("exact", *base, "--param", "k"), "--param expects NAME=VALUE, got 'k'"),
+                         (("exact", *base, "--k", "2", "--param", "k=3"), "--k 2 contradicts --param k=3"),
+                         (("mc", *base, "--estimator", "vopd_topk", "--k", "4"), "1 <= k <= V = 3, got k=4"),
+                         (("mc", *base, "--estimator", "seq_grpo", "--param", "scale_std=1"),
+                          "parameter scale_std must be true or false"),
+                         (("mc", *base, "--estimator", "vopd_topk", "--param", "nonexistent=1"), "unknown")]:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err.startswith("error:") and needle in err and err.count("\n") == 1, (argv, err)
+
+
+def test_exact_dp_leaves_out_only_what_it_cannot_compute(capsys):
+    from vopd_analysis import estimators as est
+    results = {}
+    for method in ("dp", "enumerate"):
+        code, out, _ = run(capsys, "exact", "--vocab", "3", "--horizon", "2", "--method", method, "--json")
+        assert code == 0
+        results[method] = json.loads(out)
+    dp, en = results["dp"], results["enumerate"]
+    assert en["skipped"] == {} and list(en["estimators"]) == [e.name for e in est.REGISTRY.values() if not e.group]
+    assert set(dp["estimators"]) | set(dp["skipped"]) == set(en["estimators"])
+    for name in dp["skipped"]:
+        assert est.get(name).credit_for(**en["estimators"][name]["params"]) is None, name
+    for name, row in dp["estimators"].items():
+        assert row["params"] == en["estimators"][name]["params"]
+        assert np.allclose(row["mean_gradient"], en["estimators"][name]["mean_gradient"], atol=1e-13), name

@@ -93,9 +93,9 @@ def test_bad_configs_are_refused(pair, tmp_path):
 def test_nan_loss_step_is_skipped_without_a_checkpoint(pair, tmp_path, monkeypatch):
     real, calls = loop.estimator_loss, []
 
-    def nan_on_second_step(cfg, batch, params):
+    def nan_on_second_step(cfg, batch, params, **kwargs):
         calls.append(1)
-        loss = real(cfg, batch, params)
+        loss = real(cfg, batch, params, **kwargs)
         return loss * float("nan") if len(calls) == 2 else loss
 
     monkeypatch.setattr(loop, "estimator_loss", nan_on_second_step)
@@ -154,3 +154,67 @@ def test_accelerate_launch_two_cpu_processes(pair, tmp_path):
     assert train[0]["response_tokens"] > 0 and rows(out, "eval")[-1]["step"] == 2
     assert steps_saved(out) == [2]
     assert {p.name for p in ckpt.checkpoint_dirs(out)[0].iterdir()} >= {"rng-rank0.pt", "rng-rank1.pt", "state.pt"}
+
+
+# one non-default value per DistillConfig field: (options, expected field value)
+EVERY_OPTION = {
+    "student": (["--student", "s/dir"], "s/dir"),
+    "teacher": (["--teacher", "t/dir"], "t/dir"),
+    "preset": (["--preset", "small"], "small"),
+    "prompts": (["--prompts", "p.jsonl"], "p.jsonl"),
+    "eval_prompts": (["--eval-prompts", "e.jsonl"], "e.jsonl"),
+    "num_eval": (["--num-eval", "7"], 7),
+    "estimator": (["--estimator", "vopd_topk"], "vopd_topk"),
+    "reduction": (["--reduction", "token_mean"], "token_mean"),
+    "steps": (["--steps", "11"], 11),
+    "prompts_per_step": (["--prompts-per-step", "6"], 6),
+    "rollouts_per_prompt": (["--rollouts-per-prompt", "3"], 3),
+    "max_new_tokens": (["--max-new-tokens", "9"], 9),
+    "temperature": (["--temperature", "0.7"], 0.7),
+    "top_p": (["--top-p", "0.9"], 0.9),
+    "lr": (["--lr", "0.002"], 0.002),
+    "weight_decay": (["--weight-decay", "0.1"], 0.1),
+    "warmup_steps": (["--warmup-steps", "5"], 5),
+    "grad_clip": (["--grad-clip", "0"], 0.0),
+    "bf16": (["--no-bf16"], False),
+    "seed": (["--seed", "3"], 3),
+    "eval_every": (["--eval-every", "0"], 0),
+    "save_every": (["--save-every", "4"], 4),
+    "keep_checkpoints": (["--keep-checkpoints", "1"], 1),
+    "out_dir": (["--out", "runs/x"], "runs/x"),
+    "cache_dir": (["--cache-dir", "c"], "c"),
+    "num_threads": (["--num-threads", "2"], 2),
+}
+
+
+def test_every_config_field_has_one_option_and_round_trips():
+    import dataclasses
+    fields = {f.name: f for f in dataclasses.fields(loop.DistillConfig)}
+    assert set(EVERY_OPTION) == set(fields) - {"estimator_params"}
+    parser = loop.build_parser()
+    dests = [a.dest for a in parser._actions]
+    for name in fields:
+        assert dests.count(name) == (0 if name == "estimator_params" else 1), name
+    assert set(dests) - set(fields) == {"help", "k", "param", "resume"}
+    for name, (argv, value) in EVERY_OPTION.items():   # each option alone: that field set, the rest defaults
+        cfg = loop.config_from_args(parser.parse_args(argv))
+        assert getattr(cfg, name) == value != fields[name].default, name
+        others = {f for f in fields if f != name and not (name == "prompts" and f == "preset")}
+        assert all(getattr(cfg, f) == getattr(loop.DistillConfig(), f) for f in others), name
+    everything = [x for argv, _ in EVERY_OPTION.values() for x in argv] + ["--k", "4", "--param", "alpha=0.5"]
+    cfg = loop.config_from_args(parser.parse_args(everything))
+    assert {name: getattr(cfg, name) for name in EVERY_OPTION} == {n: v for n, (_, v) in EVERY_OPTION.items()}
+    assert cfg.estimator_params == {"k": 4, "alpha": 0.5}
+
+
+def test_prompts_without_preset_and_param_shorthand():
+    parser = loop.build_parser()
+    assert loop.config_from_args(parser.parse_args(["--prompts", "p.jsonl"])).preset is None
+    assert loop.config_from_args(parser.parse_args(["--param", "k=4"])).estimator_params == {"k": 4}
+    with pytest.raises(InputError, match="contradicts"):
+        loop.config_from_args(parser.parse_args(["--param", "k=4", "--k", "8"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--reduction", "sum"])      # choices from the field's metadata
+    with pytest.raises(InputError, match="must be an integer.*2.5"):
+        loop.check_config(loop.DistillConfig(estimator="vopd_topk", estimator_params={"k": 2.5}), world=1)
+    assert loop.check_config(loop.DistillConfig(estimator="seq_rloo", rollouts_per_prompt=3), 1) == {"group_size": 3}

@@ -1,13 +1,19 @@
 """The ``vopd`` command.
 
     vopd estimators [--json]                      the registry with its metadata
-    vopd exact --tables F.npz --horizon H [--k K] [--json]
-    vopd exact --vocab V --horizon H [--coupling ...] [--markov] [--method dp|enumerate] [--k K] [--json]
-    vopd mc --vocab V --horizon H --estimator NAME [--samples N] [--alpha A] [--json]
+    vopd exact --tables F.npz --horizon H [--param NAME=VALUE ...] [--k K] [--json]
+    vopd exact --vocab V --horizon H [--coupling ...] [--markov] [--method dp|enumerate]
+               [--estimators a,b] [--param NAME=VALUE ...] [--json]
+    vopd mc --vocab V --horizon H --estimator NAME [--param NAME=VALUE ...] [--samples N] [--alpha A] [--json]
     vopd study NAME [--quick] [--out DIR]         one study script (python -m studies.NAME)
     vopd distill ...                              the distillation loop (vopd distill --help)
     vopd sweep --estimators opd,vopd --seeds 0,1 --out DIR ...   distill runs, estimators x seeds
     vopd compare RUN_DIR... [--reference NAME]    final evals over seeds, paired differences, curves
+
+Estimator parameters (``vopd_analysis.params``): ``--param NAME=VALUE`` (repeatable, value read
+as JSON), ``--k K`` short for ``--param k=K``; unset ones take the registry's defaults, a default
+top-k size above the vocabulary V is capped at V (and the output says so). ``vopd exact`` gives
+each parameter to every selected estimator that takes it, and refuses one that none takes.
 
 Bad input prints one line ``error: ...`` naming the problem and exits with status 2.
 """
@@ -36,6 +42,13 @@ def _add_tree_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _add_param_options(parser: argparse.ArgumentParser, who: str) -> None:
+    parser.add_argument("--param", action="append", metavar="NAME=VALUE",
+                        help=f"estimator parameter for {who}, value read as JSON (repeatable; default: the "
+                             "registry's, a top-k size above V capped at V)")
+    parser.add_argument("--k", type=int, help="shorthand for --param k=K (the top-k size)")
+
+
 def _tree_from_args(args):
     from synthetic import markov, tree as tr
     if args.tables:
@@ -62,30 +75,45 @@ def cmd_estimators(args) -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'name':14s} {'unbiased for':14s} {'teacher':8s} {'params':28s} description")
+    wn = max(len(r["name"]) for r in rows)
+    print(f"{'name':{wn}s} {'unbiased for':14s} {'teacher':8s} {'params':28s} description")
     for r in rows:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
-        print(f"{r['name']:14s} {r['unbiased_for']:14s} {r['teacher_signal']:8s} {params:28s} {r['description']}")
+        print(f"{r['name']:{wn}s} {r['unbiased_for']:14s} {r['teacher_signal']:8s} {params:28s} {r['description']}")
+
+
+def _given_params(args) -> dict:
+    """The ``--param NAME=VALUE`` assignments with the ``--k K`` shorthand folded in."""
+    from .params import parse_assignments, with_shorthand
+    return with_shorthand(parse_assignments(args.param), args.k)
 
 
 def cmd_exact(args) -> None:
+    from .params import describe
     from .tabular.analysis import analyse
     tree = _tree_from_args(args)
-    names = args.estimators.split(",") if args.estimators else None
-    if names:
-        from .estimators import get
-        for name in names:
-            get(name)
-    result = analyse(tree, k=args.k, names=names, method=args.method)
+    names = [n.strip() for n in args.estimators.split(",") if n.strip()] if args.estimators else None
+    if names is not None and not names:
+        raise InputError("--estimators is empty")
+    result = analyse(tree, _given_params(args), names=names, method=args.method)
     if args.json:
         json.dump(result, sys.stdout)
         print()
         return
-    print(f"V={tree.vocab} H={tree.horizon} k={args.k}  sequence reverse KL J = {result['sequence_kl']:.6g}  "
+    print(f"V={tree.vocab} H={tree.horizon}  sequence reverse KL J = {result['sequence_kl']:.6g}  "
           f"|grad J| = {result['grad_sequence_norm']:.4g}  |g_tok| = {result['grad_token_norm']:.4g}")
-    print(f"{'estimator':14s} {'unbiased for':14s} {'tr Cov':>12s} {'|bias| tok':>12s} {'|bias| seq':>12s}")
-    for name, row in result["estimators"].items():
-        print(f"{name:14s} {row['unbiased_for']:14s} {row['total_variance']:12.5g} "
+    if result["capped"]:
+        print(f"note: registry default k above V capped at V={tree.vocab}: "
+              + ", ".join(f"{c['estimator']} ({c['param']}={c['default']})" for c in result["capped"]))
+    for name, why in result["skipped"].items():
+        print(f"note: {name} left out: {why}")
+    rows = [(name, describe(row["params"]), row) for name, row in result["estimators"].items()]
+    wn = max([len("estimator")] + [len(n) for n, _, _ in rows])
+    wp = max([len("params")] + [len(p) for _, p, _ in rows])
+    print(f"{'estimator':{wn}s} {'params':{wp}s} {'unbiased for':14s} {'tr Cov':>12s} {'|bias| tok':>12s} "
+          f"{'|bias| seq':>12s}")
+    for name, params, row in rows:
+        print(f"{name:{wn}s} {params:{wp}s} {row['unbiased_for']:14s} {row['total_variance']:12.5g} "
               f"{row['bias_token']:12.3g} {row['bias_sequence']:12.3g}")
 
 
@@ -93,14 +121,19 @@ def cmd_mc(args) -> None:
     from synthetic.tree import MAX_EXACT_SEQUENCES
     from .tabular import montecarlo as mc, targets
     from .estimators import get
-    tree = _tree_from_args(args)
+    from .params import cap_to_vocab, describe, resolve
     entry = get(args.estimator)
-    params = {"k": args.k} if "k" in entry.defaults else {}
+    given = _given_params(args)
+    full = resolve(entry.name, given)
+    tree = _tree_from_args(args)
+    params, capped = cap_to_vocab(entry.name, full, given, tree.vocab)
     if tree.num_states * tree.vocab * args.samples > 2e8:
         raise InputError(f"{args.samples} draws of {tree.num_states * tree.vocab:,} parameters do not fit in "
                          "memory; lower --samples or the tree size")
     draws = mc.sample_gradients(tree, args.estimator, args.samples, args.seed, **params)
-    out = {"estimator": args.estimator, "samples": args.samples, "trace_covariance": mc.trace_covariance(draws)}
+    group = params["group_size"] if entry.group else 1
+    out = {"estimator": args.estimator, "params": params, "capped": capped, "samples": args.samples,
+           "sequences_per_draw": group, "trace_covariance": mc.trace_covariance(draws)}
     if tree.num_sequences <= MAX_EXACT_SEQUENCES:
         tq = targets.tree_quantities(tree)
         for label, vector in (("token", tq.grad_token), ("sequence", tq.grad_sequence)):
@@ -110,7 +143,11 @@ def cmd_mc(args) -> None:
     if args.json:
         print(json.dumps(out))
         return
-    print(f"{args.estimator}: {args.samples} draws, tr Cov ~ {out['trace_covariance']:.5g}")
+    per_draw = f" (each a group of {group} sequences)" if entry.group else ""
+    print(f"{args.estimator} ({describe(params)}): {args.samples} draws{per_draw}, "
+          f"tr Cov ~ {out['trace_covariance']:.5g}")
+    for c in capped:
+        print(f"  note: {c['param']}={c['used']} (registry default {c['default']} capped at V={tree.vocab})")
     for label in ("token", "sequence"):
         if f"test_{label}" in out:
             t = out[f"test_{label}"]
@@ -134,14 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("exact", help="exact bias and variance of every estimator on a prefix tree")
     _add_tree_options(p)
-    p.add_argument("--k", type=int, default=2, help="k for the top-k estimators")
-    p.add_argument("--estimators", help="comma-separated subset of estimators")
+    _add_param_options(p, "every selected estimator that takes it")
+    p.add_argument("--estimators", help="comma-separated subset of estimators (default: every single-sequence one)")
     p.add_argument("--method", choices=["dp", "enumerate"], default="dp",
                    help="dynamic programming (default; any size that fits in memory) or enumerating all V^H sequences")
     p = sub.add_parser("mc", help="Monte Carlo draws of one estimator and the unbiasedness test")
     _add_tree_options(p)
     p.add_argument("--estimator", required=True)
-    p.add_argument("--k", type=int, default=2)
+    _add_param_options(p, "the estimator")
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--alpha", type=float, default=0.01)
     p = sub.add_parser("study", help="run one study script")

@@ -6,7 +6,7 @@ Each step, on every process (``accelerate launch`` gives each its share of the p
 2. teacher    one forward of the teacher over the rollouts (``hf.score``), keeping only the
               teacher signal the estimator needs (sampled log-probs, top-k or full logits);
 3. student    the registered estimator's surrogate loss (``estimators.surrogate_loss``),
-              backward, gradients averaged over processes, clipped, one AdamW step.
+              backward, gradients summed over processes, clipped, one AdamW step.
 
 A non-finite loss or gradient norm skips the update (on every process) with a warning, and
 no checkpoint is written at a skipped step. Evaluation on held-out prompts reports greedy
@@ -24,9 +24,23 @@ run writes ``summary.json`` (config, first and last evaluation, wall time, paths
         -m vopd_analysis.distill.loop --preset tiny ...                # 2 CPU processes (gloo)
     accelerate launch --num_processes 8 -m vopd_analysis.distill.loop ...   # 8 GPUs
 
-Gradients are averaged over processes with one all-reduce per step (the DDP result,
-without overlapping communication); models that do not fit on one device (FSDP) are
-not supported yet.
+Normalisation over processes follows TRL's ``num_items_in_batch``: the loss is the mean over
+all processes' items, N = the global number of unmasked tokens (``--reduction token_mean``) or of
+sequences (``sequence_mean``). Each process all-reduces its local count to that N
+(``global_num_items``), divides its local sum by it (``surrogate_loss(num_items_in_batch=N)``),
+and the gradients are summed over processes with one all-reduce (``sum_gradients``, the DDP
+result without overlapping communication, and without DDP's division by the world size):
+
+    grad (1/N) sum_p sum_{b,t in p} values = sum_p grad [(1/N) sum_{b,t in p} values].
+
+Averaging per-process means instead would weight a token by 1/(world * N_p), wrong whenever
+processes hold different token counts. With one process N is left to the batch (the code path,
+and the numbers, of a single-process run are unchanged). Models that do not fit on one device
+(FSDP) are not supported yet.
+
+Estimator parameters come from ``--param NAME=VALUE`` (repeatable) and ``--k K`` (short for
+``--param k=K``), resolved against the registry by ``vopd_analysis.params``. The options are
+made from ``DistillConfig``'s fields (``option``: help, flag, choices in each field's metadata).
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import os
 import random
 import resource
 import time
+import typing
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -45,45 +60,11 @@ from typing import Callable, Optional
 import torch
 
 from .. import estimators as est
+from .. import params as prm
 from ..errors import InputError, exit_with
 from ..lm import hf, small, tasks, tiny
 from . import checkpoint as ckpt
 from .evaluate import evaluate_shard, sampled_reverse_kl, sequence_reverse_kl
-
-
-@dataclasses.dataclass
-class DistillConfig:
-    student: Optional[str] = None          # path or hub id; the preset's student if None
-    teacher: Optional[str] = None
-    preset: Optional[str] = "tiny"         # a built-in task with its models (PRESETS), or None with prompts
-    prompts: Optional[str] = None          # JSONL {"prompt", "answer"?}, replaces the preset's prompts
-    eval_prompts: Optional[str] = None     # JSONL; default: the preset's eval split or a held-out slice
-    num_eval: int = 200
-    estimator: str = "vopd"
-    estimator_params: dict = dataclasses.field(default_factory=dict)
-    reduction: str = "sequence_mean"
-    steps: int = 500
-    prompts_per_step: int = 32             # over all processes
-    rollouts_per_prompt: int = 4
-    max_new_tokens: Optional[int] = None   # default: the preset's response length, else 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    bf16: bool = True                      # bf16 autocast and a bf16 teacher, on GPU only
-    seed: int = 0
-    eval_every: int = 100
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    out_dir: str = "runs/distill"
-    cache_dir: str = ".cache/vopd_tiny"
-    num_threads: Optional[int] = None      # torch threads per process (CPU); default 1 per process
-
-
-# fields that may differ when a run is resumed
-RESUMABLE = {"steps", "eval_every", "save_every", "keep_checkpoints", "out_dir", "num_threads", "num_eval"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +89,71 @@ PRESETS = {
 }
 
 
+def option(default=dataclasses.MISSING, help: str = "", **cli):
+    """A ``DistillConfig`` field and its command-line option, declared together.
+
+    ``build_parser`` makes one option per field from its metadata: ``help``; ``flag`` (default
+    ``--`` + the name with ``-`` for ``_``); ``choices``; ``action`` (``store_false`` for a
+    ``--no-X`` flag); ``cli=False`` for a field without an option of its own. The option's type is
+    the field's annotation (``Optional[int]`` -> int).
+
+    Args:
+      default: the field's default (a dict default becomes a ``default_factory``).
+      help: the option's help text.
+      **cli: the other metadata entries above.
+    Returns:
+      A ``dataclasses.field``.
+    """
+    metadata = {"help": help, **cli}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Everything a ``vopd distill`` run depends on (saved as ``config.json``); each field is one
+    command-line option (``build_parser``), except ``estimator_params`` (``--param``, ``--k``)."""
+
+    student: Optional[str] = option(None, "student model directory or hub id (default: the preset's)")
+    teacher: Optional[str] = option(None, "teacher model directory or hub id (default: the preset's)")
+    preset: Optional[str] = option("tiny", "built-in task with its committed pair (no preset with --prompts "
+                                   "alone): " + "; ".join(f"{name}: {p.help}" for name, p in PRESETS.items()),
+                                   choices=tuple(PRESETS))
+    prompts: Optional[str] = option(None, "JSONL of {\"prompt\": ..., \"answer\": ...} (answer optional); replaces "
+                                    "the preset's prompts")
+    eval_prompts: Optional[str] = option(None, "held-out JSONL for evaluation (default: the preset's eval split, "
+                                         "or a held-out slice of --prompts)")
+    num_eval: int = option(200, "held-out prompts evaluated")
+    estimator: str = option("vopd", "registered estimator (vopd estimators)")
+    estimator_params: dict = option({}, "the estimator's parameters, from --param NAME=VALUE and --k", cli=False)
+    reduction: str = option("sequence_mean", "the loss's mean: over sequences or over unmasked tokens, "
+                            "over all processes", choices=("sequence_mean", "token_mean"))
+    steps: int = option(500, "optimizer steps")
+    prompts_per_step: int = option(32, "prompts per step, over all processes")
+    rollouts_per_prompt: int = option(4, "student samples per prompt")
+    max_new_tokens: Optional[int] = option(None, "response length (default: the preset's, else 256)")
+    temperature: float = option(1.0, "rollout sampling temperature")
+    top_p: float = option(1.0, "rollout nucleus sampling")
+    lr: float = option(3e-4, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay (matrices only)")
+    warmup_steps: int = option(0, "linear learning-rate warm-up steps")
+    grad_clip: float = option(1.0, "gradient-norm clip; 0 disables clipping")
+    bf16: bool = option(True, "full float32 on GPU (default: bf16 autocast and a bf16 teacher, on GPU only)",
+                        flag="--no-bf16", action="store_false")
+    seed: int = option(0, "seed of rollouts, prompts and initial RNG state")
+    eval_every: int = option(100, "steps between evaluations; 0 disables evaluation")
+    save_every: int = option(100, "steps between checkpoints")
+    keep_checkpoints: int = option(2, "checkpoints kept")
+    out_dir: str = option("runs/distill", "the run's folder", flag="--out")
+    cache_dir: str = option(".cache/vopd_tiny", "where the tiny preset's retrained models are cached")
+    num_threads: Optional[int] = option(None, "torch threads per process on CPU (default 1)")
+
+
+# fields that may differ when a run is resumed
+RESUMABLE = {"steps", "eval_every", "save_every", "keep_checkpoints", "out_dir", "num_threads", "num_eval"}
+
+
 # ----------------------------------------------------------------------------- setup
 
 def check_config(cfg: DistillConfig, world: int) -> dict:
@@ -118,7 +164,7 @@ def check_config(cfg: DistillConfig, world: int) -> dict:
     params = dict(cfg.estimator_params)
     if spec.group:
         params.setdefault("group_size", cfg.rollouts_per_prompt)
-    params = spec.params(**params)
+    params = prm.resolve(cfg.estimator, params)
     if cfg.preset is not None and cfg.preset not in PRESETS:
         raise InputError(f"unknown preset '{cfg.preset}'; presets: {', '.join(PRESETS)}")
     if cfg.preset is None and (cfg.prompts is None or cfg.student is None or cfg.teacher is None):
@@ -239,22 +285,82 @@ class TeacherTimer:
 
 # ----------------------------------------------------------------------------- one step
 
-def estimator_loss(cfg: DistillConfig, batch, params: dict) -> torch.Tensor:
-    """The registered estimator's surrogate loss; its gradient is the estimator."""
-    return est.surrogate_loss(cfg.estimator, batch, reduction=cfg.reduction, **params)
+def estimator_loss(cfg: DistillConfig, batch, params: dict, num_items_in_batch: Optional[float] = None) -> torch.Tensor:
+    """The registered estimator's surrogate loss; its gradient is the estimator.
+
+    loss = (1/N) sum_b sum_t values, N = ``num_items_in_batch`` (``global_num_items``), or this
+    batch's own count when None (one process).
+
+    Args:
+      cfg: the config (estimator, reduction).
+      batch: this process's TokenBatch.
+      params: the estimator's full parameter dict.
+      num_items_in_batch: the global count of sequences or unmasked tokens, or None.
+    Returns:
+      The scalar loss.
+    """
+    return est.surrogate_loss(cfg.estimator, batch, reduction=cfg.reduction,
+                              num_items_in_batch=num_items_in_batch, **params)
 
 
-def average_gradients(params, accelerator) -> None:
-    """g <- mean over processes of g (each process's loss is a mean over an equal share)."""
-    if accelerator.num_processes == 1:
+def local_num_items(batch, reduction: str) -> int:
+    """What a mean reduction counts in this process's batch: unmasked tokens (``token_mean``) or
+    sequences (``sequence_mean``); 0 without a batch (a step whose scoring failed).
+
+    Args:
+      batch: a TokenBatch, or None.
+      reduction: "token_mean" or "sequence_mean".
+    Returns:
+      The count.
+    """
+    if batch is None:
+        return 0
+    if reduction == "token_mean":
+        return int(batch.mask.sum())
+    if reduction == "sequence_mean":
+        return batch.num_sequences
+    raise InputError(f"reduction must be 'sequence_mean' or 'token_mean', got '{reduction}'")
+
+
+def global_num_items(batch, reduction: str, num_processes: int, device=None) -> Optional[float]:
+    """N = sum over processes of ``local_num_items`` (one all-reduce), the ``num_items_in_batch``
+    every process divides its local sum by; None with one process (the batch's own count, the
+    single-process code path unchanged). A collective: every process must call it, also one
+    without a batch.
+
+    Args:
+      batch: this process's TokenBatch, or None.
+      reduction: "token_mean" or "sequence_mean".
+      num_processes: the world size.
+      device: where the count is reduced (the accelerator's device: NCCL needs CUDA tensors).
+    Returns:
+      N as a float, or None for one process.
+    """
+    if num_processes == 1:
+        return None
+    count = torch.tensor(float(local_num_items(batch, reduction)), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(count)
+    return float(count)
+
+
+def sum_gradients(params, num_processes: int) -> None:
+    """g <- sum over processes of g, in place, one all-reduce of the flattened gradients.
+
+    Each process's loss is its local sum over the global N (``global_num_items``), so the sum
+    is the gradient of the global mean. No-op for one process.
+
+    Args:
+      params: the parameters whose ``.grad`` to reduce (those with a gradient, the same on every process).
+      num_processes: the world size.
+    """
+    if num_processes == 1:
         return
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
     grads = [p.grad for p in params if p.grad is not None]
     flat = _flatten_dense_tensors(grads)
     torch.distributed.all_reduce(flat)
-    flat /= accelerator.num_processes
-    for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(avg)
+    for g, total in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(total)
 
 
 def train_step(run, step: int) -> dict:
@@ -273,10 +379,13 @@ def train_step(run, step: int) -> dict:
         try:
             batch = hf.score(student, run.teacher, rollouts, [cfg.estimator], vocab_size=run.vocab_size,
                              params={cfg.estimator: run.params})
-            loss = estimator_loss(cfg, batch, run.params)
         except InputError as err:   # NaN/inf logits are caught by TokenBatch.validate
             if "NaN or inf" not in str(err):
                 raise
+        num_items = global_num_items(batch, cfg.reduction, world, acc.device)   # on every process
+        if batch is not None:
+            loss = estimator_loss(cfg, batch, run.params, num_items_in_batch=num_items)
+        else:
             loss = torch.tensor(float("nan"), device=acc.device)
     finite = acc.reduce(torch.tensor(float(torch.isfinite(loss.detach()).all()), device=acc.device), "sum")
     grad_norm = float("nan")
@@ -284,7 +393,7 @@ def train_step(run, step: int) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     if not skipped:
         loss.backward()
-        average_gradients(run.params_list, acc)
+        sum_gradients(run.params_list, world)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params_list, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
         skipped = not torch.isfinite(torch.tensor(grad_norm))
         if not skipped:
@@ -311,7 +420,8 @@ def step_row(run, step, batch, rollouts, records, loss, grad_norm, skipped, time
     s = acc.reduce(local, "sum").tolist()
     seconds = t2 - t0
     teacher = run.teacher_timer.seconds
-    return {"kind": "train", "step": step, "loss": s[0] / acc.num_processes, "reverse_kl": s[1] / s[3],
+    # each process's loss is its local sum over the global N, so their sum is the global mean
+    return {"kind": "train", "step": step, "loss": s[0], "reverse_kl": s[1] / s[3],
             "reverse_kl_sampled": s[2] / s[3], "sample_accuracy": s[5] / s[6] if s[6] else None,
             "grad_norm": grad_norm, "skipped": skipped, "lr": run.scheduler.get_last_lr()[0],
             "response_tokens": int(s[4]), "tokens_per_s": s[4] / seconds, "time_rollout": t1 - t0,
@@ -445,6 +555,9 @@ def setup(cfg: DistillConfig, resume: bool):
         pair.teacher.to(torch.bfloat16)
     if cfg.max_new_tokens is None:
         cfg.max_new_tokens = PRESETS[cfg.preset].max_new_tokens if cfg.prompts is None else 256
+    params, capped = prm.cap_to_vocab(cfg.estimator, params, cfg.estimator_params, pair.info.vocab_size)
+    for c in capped:
+        acc.print(f"note: {c['param']}={c['used']} (registry default {c['default']} capped at the vocabulary size)")
     pair.student.train()
     decay = [p for p in pair.student.parameters() if p.dim() >= 2]
     no_decay = [p for p in pair.student.parameters() if p.dim() < 2]
@@ -515,70 +628,63 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
 
 # ----------------------------------------------------------------------------- command line
 
+def _option_type(annotation):
+    """The argparse ``type`` of a field annotation: ``Optional[X]`` -> X."""
+    args = [t for t in typing.get_args(annotation) if t is not type(None)]
+    return args[0] if typing.get_origin(annotation) is typing.Union and len(args) == 1 else annotation
+
+
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The ``vopd distill`` parser: one option per ``DistillConfig`` field, made from its metadata
+    (``option``), then ``--k``, ``--param`` (the estimator's parameters) and ``--resume``.
+
+    Options not given are absent from the namespace (``argument_default=SUPPRESS``), so that
+    ``config_from_args`` can tell them from defaults (with ``--resume`` they come from the saved run).
+
+    Args:
+      add_help: add ``-h/--help`` (False when ``vopd sweep`` uses it as a parent).
+    Returns:
+      The parser.
+    """
     p = argparse.ArgumentParser(prog="vopd distill", argument_default=argparse.SUPPRESS, add_help=add_help,
-                                description="On-policy distillation with any registered estimator. "
-                                            "Defaults: " + ", ".join(f"{f.name}={f.default!r}" for f in
-                                                                     dataclasses.fields(DistillConfig)
-                                                                     if f.name != "estimator_params"))
-    p.add_argument("--preset", choices=list(PRESETS), help="built-in task with its committed pair: " + "; ".join(
-        f"{name}: {preset.help}" for name, preset in PRESETS.items()))
-    p.add_argument("--prompts", help="JSONL of {\"prompt\": ..., \"answer\": ...} (answer optional)")
-    p.add_argument("--eval-prompts", dest="eval_prompts", help="held-out JSONL for evaluation")
-    p.add_argument("--student", help="student model directory or hub id")
-    p.add_argument("--teacher", help="teacher model directory or hub id")
-    p.add_argument("--estimator", help="registered estimator (vopd estimators)")
-    p.add_argument("--k", type=int, help="top-k size for vopd_topk / topk_kl")
-    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="other estimator parameter (repeatable)")
-    p.add_argument("--reduction", choices=["sequence_mean", "token_mean"])
-    p.add_argument("--steps", type=int)
-    p.add_argument("--prompts-per-step", dest="prompts_per_step", type=int)
-    p.add_argument("--rollouts-per-prompt", dest="rollouts_per_prompt", type=int)
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", dest="top_p", type=float)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", dest="weight_decay", type=float)
-    p.add_argument("--warmup-steps", dest="warmup_steps", type=int)
-    p.add_argument("--grad-clip", dest="grad_clip", type=float, help="0 disables clipping")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="full float32 on GPU")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval-every", dest="eval_every", type=int, help="0 disables evaluation")
-    p.add_argument("--num-eval", dest="num_eval", type=int)
-    p.add_argument("--save-every", dest="save_every", type=int)
-    p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int)
-    p.add_argument("--out", dest="out_dir")
-    p.add_argument("--cache-dir", dest="cache_dir", help="where the tiny preset's retrained models are cached")
-    p.add_argument("--num-threads", dest="num_threads", type=int)
+                                description="On-policy distillation with any registered estimator "
+                                            "(vopd_analysis/distill/loop.py).")
+    hints = typing.get_type_hints(DistillConfig)
+    for f in dataclasses.fields(DistillConfig):
+        meta = dict(f.metadata)
+        if not meta.pop("cli", True):
+            continue
+        flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
+        text = meta.pop("help", "")
+        if meta.get("action") != "store_false":
+            text += "" if "default" in text else f" (default: {f.default})"
+            kind = _option_type(hints[f.name])
+            if kind is not str:
+                meta["type"] = kind
+        p.add_argument(flag, dest=f.name, help=text.replace("%", "%%"), **meta)
+    p.add_argument("--k", type=int, help="shorthand for --param k=K (the top-k size of vopd_topk / topk_kl)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="estimator parameter, value read as JSON (repeatable); unset ones take the "
+                        "registry's defaults (vopd estimators)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     return p
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_params(items, option: str = "--param") -> dict:
-    """``["k=4", "beta=0.5"]`` -> ``{"k": 4, "beta": 0.5}`` (values read as JSON where they parse)."""
-    params = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"{option} expects NAME=VALUE, got {item!r}")
-        params[name] = _parse_value(value)
-    return params
-
-
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
-    """A config from the given options; with --resume, unspecified options come from the saved run."""
+    """A config from the given options; with --resume, unspecified options come from the saved run.
+
+    ``--param`` and ``--k`` become ``estimator_params`` (``params.parse_assignments``,
+    ``params.with_shorthand``); they are checked against the estimator in ``check_config``.
+    ``--prompts`` without ``--preset`` means no preset.
+
+    Args:
+      args: a namespace from ``build_parser`` (only the options given).
+    Returns:
+      The ``DistillConfig``.
+    """
     given = dict(vars(args))
     resume = given.pop("resume", False)
-    params = parse_params(given.pop("param", []))
-    if "k" in given:
-        params["k"] = given.pop("k")
+    params = prm.with_shorthand(prm.parse_assignments(given.pop("param", [])), given.pop("k", None))
     if "prompts" in given and "preset" not in given:
         given["preset"] = None
     base = {}

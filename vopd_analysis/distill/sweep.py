@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .. import estimators as est
+from .. import params as prm
 from ..errors import InputError
 from . import compare, loop
 
@@ -65,7 +66,7 @@ def parse_estimators(text: str, common: Optional[dict] = None) -> list:
         name, *assignments = item.split(":")
         spec = est.get(name)
         params = {k: v for k, v in common.items() if k in spec.defaults}
-        params.update(loop.parse_params(assignments, option=f"'{item}'"))
+        params.update(prm.parse_assignments(assignments, option=f"'{item}'"))
         out.append((name, params))
     if not out:
         raise InputError("--estimators is empty")
@@ -223,9 +224,7 @@ def main(argv=None) -> int:
     seeds = parse_seeds(given.pop("seeds", None), given.pop("num_seeds", None))
     reference = given.pop("reference", None)
     given.pop("resume", None)
-    common = loop.parse_params(given.pop("param", []))
-    if "k" in given:
-        common["k"] = given.pop("k")
+    common = prm.with_shorthand(prm.parse_assignments(given.pop("param", [])), given.pop("k", None))
     if jobs < 1:
         raise InputError(f"--jobs must be >= 1, got {jobs}")
     if (out / "metrics.jsonl").is_file():
