@@ -2,7 +2,8 @@
 
 For each of ``num_batches`` independent batches (fresh prompts and fresh rollouts, seeded by
 the batch index) the probe (``vopd_analysis.lm.variance.probe``) samples rollouts from the student
-once and measures, for opd, vopd, vopd_topk, full_kl and topk_kl on those same rollouts, the
+once and measures, for opd, vopd, vopd_topk, opd_bstar, opd_bstar_topk, iw_opd, full_kl and topk_kl
+(every top-k estimator at the pair's ``topk``) on those same rollouts, the
 trace of the covariance of the single-rollout parameter gradient, its per-layer breakdown, the
 SNR, the gradient noise scale and the cosine of the mean gradient to the full_kl reference.
 The ratio var(estimator)/var(opd) is formed within each batch (a paired comparison on common
@@ -35,14 +36,14 @@ from tqdm.auto import tqdm
 
 from vopd_analysis.lm import hf, tasks, variance
 
-from vopd_analysis import stats
+from vopd_analysis import estimators as est, stats
 from vopd_analysis.errors import InputError
 from vopd_analysis.distill.loop import PRESETS, DistillConfig
 
 from . import common
 
 NAME = "llm_variance"
-ESTIMATORS = ["opd", "vopd", "vopd_topk", "full_kl", "topk_kl"]
+ESTIMATORS = ["opd", "vopd", "vopd_topk", "opd_bstar", "opd_bstar_topk", "iw_opd", "full_kl", "topk_kl"]
 PER_BATCH = ["trace_cov", "variance_ratio_to_opd", "snr", "noise_scale_ref", "cosine_to_reference",
              "rel_error_to_reference"]
 DEFAULTS = {
@@ -51,7 +52,7 @@ DEFAULTS = {
     "full": {"pair": "tiny", "num_batches": 16, "num_prompts": 8, "num_rollouts": 16, "estimators": ESTIMATORS,
              "num_projections": 0, "seed": 0, "dtype": None, "device": "cpu"},
 }
-# per pair: the top-k of vopd_topk and topk_kl, further k for vopd_topk alone, the response length
+# per pair: the k of every top-k estimator, further k for vopd_topk alone, the response length
 PAIRS = {"tiny": {"topk": 4, "topk_extra": [], "max_new_tokens": PRESETS["tiny"].max_new_tokens},
          "small": {"topk": 16, "topk_extra": [64, 256], "max_new_tokens": PRESETS["small"].max_new_tokens}}
 CUSTOM = {"topk": 16, "topk_extra": [], "max_new_tokens": 32}
@@ -107,7 +108,7 @@ def probe_batch(pair, config: dict, batch: int, records=None):
                               seed=1000 * config["seed"] + batch, vocab_size=pair.info.vocab_size,
                               num_projections=config["num_projections"],
                               params={n: {"k": min(k, pair.info.vocab_size)} for n in estimators
-                                      if n in ("vopd_topk", "topk_kl")})
+                                      if "k" in est.get(n).defaults})
 
     result = one(config["estimators"], config["topk"])
     rows, layers = [result.summary], [result.layers]

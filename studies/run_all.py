@@ -16,8 +16,9 @@ from tqdm import tqdm
 from . import common
 
 STUDIES = ["unbiasedness", "test_calibration", "variance_landscape", "baseline_quality", "topk", "sequence_bias",
-           "training_dynamics", "pair_statistics", "llm_variance", "llm_variance_small", "vocab_effect",
-           "variance_training", "distill_tiny", "distill_small"]
+           "training_dynamics", "estimator_zoo", "pair_statistics", "llm_variance", "llm_variance_small",
+           "vocab_effect",
+           "variance_training", "distill_tiny", "distill_bstar", "distill_small"]
 
 
 def study(name: str):

@@ -30,7 +30,11 @@ def slow_targets(tree):
 
 
 TREE = make_tree(3, 3, coupling=1.0, divergence=1.0, seed=1)
-SPECS = analysis.default_specs(k=2)
+# every single-sequence registered estimator (new ones are picked up), plus non-default parameters
+SPECS = analysis.default_specs(k=2) | {"opd_rho": {"name": "opd", "rho": 0.5}, "vopd_rho": {"name": "vopd", "rho": 0.5},
+                                       "iw_opd_g1": {"name": "iw_opd", "gamma": 1.0},
+                                       "vopd_scaled_half": {"name": "vopd_scaled", "alpha": 0.5},
+                                       "topk_tail_k1": {"name": "topk_tail_kl", "k": 1}}
 
 
 def test_closed_form_targets_match_autograd():
@@ -69,7 +73,7 @@ def test_every_estimator_hits_its_target_and_biased_ones_miss():
     tq = targets.tree_quantities(TREE)
     moments = enumeration.exact_moments(TREE, SPECS)
     for label, m in moments.items():
-        target = est.get(label).target_for(**{k: v for k, v in SPECS[label].items() if k != "name"})
+        target = est.get(SPECS[label]["name"]).target_for(**{k: v for k, v in SPECS[label].items() if k != "name"})
         vector = targets.target_gradient(tq, target)
         if vector is not None:
             assert targets.bias_report(m.mean, vector)["l2"] < 1e-13, label
@@ -81,6 +85,15 @@ def test_every_estimator_hits_its_target_and_biased_ones_miss():
     assert rel("k1", tq.grad_token) > 0.99                   # mean zero
     assert rel("gkd_jsd", tq.grad_token) > 0.05
     assert rel("rb_seq", tq.grad_token) > 0.05
+    for label in ("iw_opd", "iw_opd_g1", "opd_rho", "vopd_rho", "k3_clamped", "topk_tail_k1", "student_topk_kl"):
+        assert rel(label, tq.grad_token) > 1e-3 and rel(label, tq.grad_sequence) > 1e-3, label   # unbiased for neither
+    # the baselines change the variance, never the mean: b*, b*_k and alpha KL all give g_tok
+    for label in ("opd_bstar", "opd_bstar_topk", "vopd_scaled_half"):
+        assert rel(label, tq.grad_token) < 1e-12, label
+    # k = V - 1 plus the tail bucket is the whole vocabulary: topk_tail_kl is then full_kl
+    assert TREE.vocab == 3 and rel("topk_tail_kl", tq.grad_token) < 1e-12
+    # b* minimises the logit-space variance among state baselines
+    assert moments["opd_bstar"].total_variance <= min(moments[n].total_variance for n in ("opd", "vopd", "vopd_scaled_half"))
 
 
 def test_no_coupling_makes_token_level_unbiased_for_sequence():

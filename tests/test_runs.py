@@ -51,7 +51,7 @@ def test_run_writes_summary_and_says_where(pair, tmp_path, monkeypatch, one_thre
     summary = json.loads((out / "summary.json").read_text())
     evals = read_rows(out, "eval")
     assert summary["label"] == "vopd_topk-k4" and summary["estimator"] == "vopd_topk"
-    assert summary["estimator_params"] == {"k": 4} and summary["seed"] == 0
+    assert summary["estimator_params"] == {"k": 4, "rho": 1.0} and summary["seed"] == 0
     assert summary["steps_done"] == 2 and summary["skipped_steps"] == 0 and summary["resumed_from_step"] == 0
     assert summary["first_eval"] == {k: evals[0][k] for k in ("step", "eval_accuracy", "eval_reverse_kl",
                                                                 "eval_teacher_logprob")}
