@@ -47,6 +47,7 @@ def cpu_model() -> str:
 
 
 def default_device() -> torch.device:
+    """CUDA if available, else the CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -67,6 +68,7 @@ def machine_info(device: Optional[torch.device] = None) -> Dict[str, object]:
 
 
 def describe_machine(info: Dict[str, object]) -> str:
+    """One line from ``machine_info``'s dict: CPU, cores, threads, torch version, device (and GPU)."""
     text = f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), torch {info['torch']}"
     text += f", device {info['device']}"
     if "gpu" in info:
@@ -77,6 +79,7 @@ def describe_machine(info: Dict[str, object]) -> str:
 # ----------------------------------------------------------------------------- timing
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA only; a no-op on the CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -33,19 +33,18 @@ ESTIMATORS = [("opd", {}), ("vopd", {}), ("vopd_topk", {"k": 16}), ("vopd_topk",
 
 
 def build_pair(device, dtype, hidden: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    """(student in train mode, teacher in eval mode): smoke-preset Qwen2 models (``hf.tiny_qwen2``) with the
+    Qwen vocabulary, the student ``hidden`` wide with 2 layers, the teacher 1.5x as wide with 3."""
     def model(width, layers, seed):
-        config = Qwen2Config(vocab_size=QWEN_VOCAB, hidden_size=width, intermediate_size=2 * width,
-                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=1024, tie_word_embeddings=False)
-        torch.manual_seed(seed)
-        return Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
+        return hf.tiny_qwen2(None, seed, vocab_size=QWEN_VOCAB, hidden_size=width, num_layers=layers,
+                             max_position_embeddings=1024).to(device=device, dtype=dtype)
 
     return model(hidden, 2, 0).train(), model(int(hidden * 1.5), 3, 1).eval()
 
 
 def fixed_rollouts(num: int, prompt: int, response: int, device) -> hf.Rollouts:
+    """``num`` rollouts of uniformly random Qwen-vocabulary tokens (seed 0): ``prompt`` prompt columns,
+    then ``response`` response columns, no padding; one rollout per prompt."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, QWEN_VOCAB, (num, prompt + response), generator=g).to(device)
     att = torch.ones_like(ids)

@@ -80,6 +80,8 @@ SEQUENCES = 8
 
 @dataclasses.dataclass
 class Measurement:
+    """One (V, N, estimator) cell of the table."""
+
     vocab: int
     tokens: int
     label: str
@@ -122,10 +124,6 @@ def make_batches(vocab: int, tokens: int, device: torch.device, dtype: torch.dty
                      teacher_topk_ids=t_ids, teacher_topk_logprobs=t_on_t,
                      student_topk_ids=s_ids, teacher_logprobs_on_student_topk=t_on_s)
     return {"full": full, "full_own_lse": own_lse, "topk": top}
-
-
-def _batch_bytes(batch: TokenBatch) -> int:
-    return sum(v.numel() * v.element_size() for v in dataclasses.astuple(batch) if isinstance(v, torch.Tensor))
 
 
 def _step(name: str, params: dict, batch: TokenBatch):
@@ -215,6 +213,7 @@ def _input_bytes(name: str, batch: TokenBatch) -> int:
 
 
 def grid(quick: bool) -> List[Tuple[int, int]]:
+    """The (V, N) cells measured: every vocabulary and token count with V N under the mode's cap."""
     vocabs, toks, cap = ((QUICK_VOCABS, QUICK_TOKENS, QUICK_MAX_ELEMENTS) if quick
                          else (FULL_VOCABS, FULL_TOKENS, FULL_MAX_ELEMENTS))
     return [(v, n) for v in vocabs for n in toks if v * n <= cap]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vopd_analysis.lm import hf
+from vopd_analysis.lm import hf, tasks
 from vopd_analysis import divergences as dv
 from vopd_analysis.batch import TokenBatch
 from vopd_analysis.errors import InputError
@@ -40,17 +40,16 @@ def test_padded_vocabularies_are_accepted(pair):
 
 
 def test_cross_family_pair_is_refused(pair_paths, tmp_path):
-    chars = "0123456789+= abcdefghijklmnopqrstuvwxyz"
-    other = hf.char_tokenizer(chars[::-1])            # same tokens, different ids
+    other = tasks.build_tokenizer(hf.SMOKE_CHARS[::-1])            # same tokens, different ids
     path = tmp_path / "other"
-    hf.tiny_qwen2(len(other.get_vocab())).save_pretrained(path)
+    hf.tiny_qwen2(other).save_pretrained(path)
     other.save_pretrained(path)
     with pytest.raises(InputError, match=r"tokenizers differ.*Examples: '.': student id \d+, teacher id \d+"):
         hf.load_pair(pair_paths[0], str(path))
 
 
 def test_model_smaller_than_tokenizer_is_refused(pair):
-    small = hf.tiny_qwen2(30)
+    small = hf.tiny_qwen2(pair.tokenizer, vocab_size=30)
     with pytest.raises(InputError, match="30 output rows"):
         hf.check_compatible(small, pair.tokenizer, pair.teacher, pair.teacher_tokenizer)
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vopd_analysis.lm import hf, variance
+from vopd_analysis.lm import hf, tasks, variance
 from vopd_analysis.errors import InputError
 from vopd_analysis.estimators import surrogate_loss
 from vopd_analysis.lm.variance import GradientMoments
@@ -213,10 +213,9 @@ def _per_rollout(student, teacher, rollouts, names, method, params=None, **kwarg
 
 
 def _tiny_pair(dtype, prompts, num_rollouts=4):
-    tokenizer = hf.char_tokenizer()
-    vocab = len(tokenizer.get_vocab())
-    student = hf.tiny_qwen2(vocab, seed=0).to(dtype)
-    teacher = hf.tiny_qwen2(vocab, seed=1).to(dtype)
+    tokenizer = tasks.build_tokenizer(hf.SMOKE_CHARS)
+    student = hf.tiny_qwen2(tokenizer, seed=0).to(dtype)
+    teacher = hf.tiny_qwen2(tokenizer, seed=1).to(dtype)
     return student, teacher, hf.generate_rollouts(student, tokenizer, prompts, num_rollouts, 6, seed=0)
 
 

@@ -20,13 +20,25 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import divergences as dv
+from .. import estimators as est
 from ..lm import hf, tasks
 
 
 @torch.no_grad()
 def greedy_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                      vocab_size: Optional[int] = None) -> List[str]:
-    """Greedy (argmax) responses, decoded without special tokens (generation stops at EOS)."""
+    """Greedy (argmax) responses of ``model``, generation stopping at EOS.
+
+    Args:
+      model: a causal LM (restored to its training mode afterwards).
+      tokenizer: its tokenizer (prompts are left-padded by ``hf.encode_prompts``).
+      prompts: P prompt strings.
+      max_new_tokens: the most tokens generated per prompt.
+      vocab_size: V; ids >= V (padded output rows) are never chosen. None: no restriction.
+
+    Returns:
+      P decoded responses, special tokens (EOS, padding) dropped.
+    """
     from transformers import GenerationConfig, LogitsProcessorList
 
     ids, att = hf.encode_prompts(model, tokenizer, prompts, max_new_tokens)
@@ -42,29 +54,68 @@ def greedy_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
 
+@torch.no_grad()
 def sequence_reverse_kl(batch) -> torch.Tensor:
-    """sum_t m_t KL_t(s_t) per sequence from a batch scored with full teacher logits. [B]"""
-    kl = dv.reverse_kl_to_fixed_teacher(batch.student_logits.detach(), batch.teacher_logits, batch.teacher_logsumexp)
-    return (batch.mask.to(kl.dtype) * kl).sum(-1)
+    """The exact reverse KL of each sampled sequence, KL_seq(y) = sum_t m_t KL(pi(.|s_t) || pi_T(.|s_t)).
+
+    Args:
+      batch: a ``TokenBatch`` with the full teacher logits (``hf.score`` with an estimator that
+        keeps them, e.g. "full_kl").
+
+    Returns:
+      [B] float, no gradient.
+    """
+    kl = dv.reverse_kl_to_fixed_teacher(batch.student_logits, batch.teacher_logits, batch.teacher_logsumexp)
+    return est.masked_sum(batch, kl)
 
 
+@torch.no_grad()
 def sampled_reverse_kl(batch) -> torch.Tensor:
-    """sum_t m_t l_t per sequence, l_t = log pi(y_t) - log pi_T(y_t): the single-sample estimate. [B]"""
-    lp = dv.token_logprobs(batch.student_logits.detach(), batch.tokens)
-    l = lp - batch.teacher_token_logprobs.to(lp.dtype)
-    return (batch.mask.to(l.dtype) * l).sum(-1)
+    """The single-sample reverse KL of each sequence, sum_t m_t l_t, l_t = log pi(y_t|s_t) - log pi_T(y_t|s_t).
+
+    Args:
+      batch: a ``TokenBatch``.
+
+    Returns:
+      [B] float, no gradient.
+    """
+    return est.masked_sum(batch, est.log_ratio(batch, est.student_token_logprobs(batch)))
 
 
 def gradable(record: dict) -> bool:
-    """Whether ``tasks.verify`` can grade a response to ``record`` (any response: the empty one)."""
+    """Whether ``tasks.verify`` can grade a response to ``record`` (tried on the empty response).
+
+    Args:
+      record: a prompt record {"prompt": str, "answer": optional}.
+
+    Returns:
+      True for records with an answer and for prompts of the built-in addition task.
+    """
     return tasks.verify(record, "") is not None
 
 
 @torch.no_grad()
 def evaluate_shard(student, teacher, tokenizer, records: Sequence[dict], max_new_tokens: int, seed: int,
                    vocab_size: Optional[int] = None, batch_size: int = 64) -> torch.Tensor:
-    """Sums over this process's records: [correct, graded, sum of KL_seq, sequences,
-    sum of teacher log-probs of the sampled tokens, sampled tokens]."""
+    """This process's share of the held-out metrics, as sums (the caller reduces over processes).
+
+    For each chunk of ``batch_size`` records: greedy responses graded by ``tasks.verify`` (only
+    if some record is gradable), then one student rollout per prompt (seed ``seed + i`` for
+    the chunk starting at record i) scored with the full teacher logits.
+
+    Args:
+      student, teacher: causal LMs sharing a vocabulary.
+      tokenizer: their tokenizer.
+      records: R prompt records {"prompt", "answer" (optional)}.
+      max_new_tokens: response length limit, greedy and sampled.
+      seed: base seed of the rollouts.
+      vocab_size: the shared real vocabulary V (None: the logits' width).
+      batch_size: records per chunk.
+
+    Returns:
+      [6] float64: [correct, graded, sum_y KL_seq(y), sequences,
+      sum over sampled tokens (EOS included) of log pi_T(y_t|s_t), sampled tokens].
+    """
     sums = torch.zeros(6, dtype=torch.float64)
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
@@ -77,9 +128,8 @@ def evaluate_shard(student, teacher, tokenizer, records: Sequence[dict], max_new
                                         vocab_size=vocab_size)
         batch = hf.score(student, teacher, rollouts, ["full_kl"], vocab_size=vocab_size)
         kl = sequence_reverse_kl(batch)
-        mask = batch.mask.to(torch.float64)
+        teacher_loglik = est.masked_sum(batch, batch.teacher_token_logprobs.to(torch.float64))
         sums += torch.tensor([sum(g is True for g in grades), sum(g is not None for g in grades),
-                              float(kl.sum()), len(chunk),
-                              float((mask * batch.teacher_token_logprobs.to(torch.float64)).sum()), float(mask.sum())],
+                              float(kl.sum()), len(chunk), float(teacher_loglik.sum()), float(batch.mask.sum())],
                              dtype=torch.float64)
     return sums

@@ -6,7 +6,8 @@ The pipeline is
 
 ``score`` runs one student forward (with gradient) and one teacher forward (no gradient)
 over the rollouts and keeps, at the response positions only, what the requested
-estimators need from the teacher (DESIGN.md section 2):
+estimators need from the teacher (each estimator's ``teacher_signal`` in
+``vopd_analysis.estimators``: "sampled", "topk" or "full"; "oracle" ones are tabular only):
 
 * always:  ``teacher_token_logprobs``  log pi_T(y_t | s_t);
 * "full":  ``teacher_logits``          [B, T, V] (only if some estimator needs them), and
@@ -53,6 +54,8 @@ class VocabInfo:
 
 @dataclasses.dataclass
 class ModelPair:
+    """Result of ``load_pair``: both models (the teacher frozen), their tokenizers and the shared vocabulary."""
+
     student: torch.nn.Module
     teacher: torch.nn.Module
     tokenizer: object           # the student's tokenizer (the pair shares its vocabulary)
@@ -78,7 +81,18 @@ def _resolve(name_or_path: str, role: str) -> dict:
 
 
 def load_model(name_or_path: str, role: str = "model", dtype=None, device="cpu"):
-    """(model, tokenizer) from a hub id or local directory; the model is put in eval mode."""
+    """Load a causal LM and its tokenizer; a local directory is read offline.
+
+    Args:
+      name_or_path: a hub id or a ``save_pretrained`` directory (a path-like string that does
+        not exist is an ``InputError``, not a hub id).
+      role: names the model in error messages.
+      dtype: a torch dtype, its name ("bfloat16"), "auto" or None (the checkpoint's default).
+      device: where the model is put.
+
+    Returns:
+      (model in eval mode, tokenizer).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = _resolve(name_or_path, role)
@@ -93,7 +107,16 @@ def load_model(name_or_path: str, role: str = "model", dtype=None, device="cpu")
 
 
 def load_pair(student: str, teacher: str, dtype=None, device="cpu") -> ModelPair:
-    """Load a student and a teacher and check that they share a vocabulary (``check_compatible``)."""
+    """Load a student and a teacher (``load_model``), freeze the teacher, check their vocabularies.
+
+    Args:
+      student, teacher: hub ids or local directories.
+      dtype, device: as for ``load_model``, for both.
+
+    Returns:
+      A ``ModelPair`` whose ``info`` is ``check_compatible``'s result; an ``InputError`` if the
+      pair cannot be compared token by token.
+    """
     s_model, s_tok = load_model(student, "student", dtype, device)
     t_model, t_tok = load_model(teacher, "teacher", dtype, device)
     for p in t_model.parameters():
@@ -103,7 +126,8 @@ def load_pair(student: str, teacher: str, dtype=None, device="cpu") -> ModelPair
 
 
 def output_size(model) -> int:
-    """Rows of the model's output layer (the width of its logits)."""
+    """V_out, the rows of the model's output layer (the width of its logits; ``config.vocab_size``
+    if the model exposes no output embedding)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
@@ -129,6 +153,13 @@ def check_compatible(student_model, student_tok, teacher_model, teacher_tok) -> 
     included): a cross-family pair is refused, naming mismatching tokens. The shared real
     vocabulary is V = 1 + the largest token id; output layers may be padded beyond V
     (their extra rows are dropped by slicing logits to ``[..., :V]``) but not be smaller.
+
+    Args:
+      student_model, student_tok: the student and its tokenizer.
+      teacher_model, teacher_tok: the teacher and its tokenizer.
+
+    Returns:
+      ``VocabInfo`` (V, both output sizes, the tokenizer's size); an ``InputError`` otherwise.
     """
     s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
     if s_vocab != t_vocab:
@@ -166,10 +197,12 @@ class Rollouts:
 
     @property
     def num_rollouts(self) -> int:
+        """N, the number of rows."""
         return self.input_ids.shape[0]
 
     def select(self, rows) -> "Rollouts":
-        """The rollouts in ``rows`` (a list, slice or index tensor), trailing all-padding columns dropped."""
+        """The rollouts in ``rows`` (a list, slice or index tensor), trailing all-padding columns
+        dropped (never the prompt's); ``prompt_index`` keeps the original prompt numbers."""
         rows = torch.as_tensor(rows) if not isinstance(rows, slice) else rows
         ids, att, resp = self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows]
         used = att.bool().any(0).nonzero()
@@ -178,7 +211,7 @@ class Rollouts:
         return Rollouts(ids[:, :end], att[:, :end], resp[:, :end], self.prompt_index[rows], self.prompt_width)
 
     def responses(self, tokenizer) -> List[str]:
-        """The decoded responses (EOS excluded)."""
+        """The N decoded responses, special tokens (EOS) dropped."""
         out = []
         for ids, m in zip(self.input_ids, self.response_mask):
             out.append(tokenizer.decode(ids[m.bool()], skip_special_tokens=True))
@@ -186,7 +219,16 @@ class Rollouts:
 
 
 def response_mask_from_generated(generated: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
-    """1 on generated tokens up to and including the first EOS, 0 after it. [N, T_gen]"""
+    """m_t = 1[no EOS among generated[:, :t]]: 1 on the generated tokens up to and including the
+    first EOS, 0 after it.
+
+    Args:
+      generated: [N, T_gen] token ids after the prompt.
+      eos_token_ids: the ids that end a response.
+
+    Returns:
+      [N, T_gen] long.
+    """
     is_eos = torch.isin(generated, torch.as_tensor(list(eos_token_ids), device=generated.device))
     eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
     return (eos_before == 0).long()
@@ -213,9 +255,19 @@ class _RestrictVocab:
 
 
 def encode_prompts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int):
-    """Left-padded ``(input_ids, attention_mask)``; prompts too long for the context raise ``InputError``.
+    """Tokenize prompts with left padding (the pad token defaults to EOS), checking they fit.
 
-    A prompt fits if its length <= max_position_embeddings - max_new_tokens.
+    A prompt fits if its length <= max_position_embeddings - max_new_tokens; one that does
+    not, or that encodes to zero tokens, is an ``InputError``.
+
+    Args:
+      model: gives ``config.max_position_embeddings`` (if it has one).
+      tokenizer: set to left padding.
+      prompts: P strings.
+      max_new_tokens: the response budget the context must leave.
+
+    Returns:
+      (input_ids, attention_mask), each [P, W] long, W the longest prompt.
     """
     if isinstance(prompts, str) or not prompts:
         raise InputError("prompts must be a non-empty list of strings")
@@ -246,7 +298,20 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], num_rollouts: in
 
     Sampling is from softmax(z[:V] / temperature), nucleus-truncated at ``top_p``; only
     temperature = top_p = 1 is on-policy (the estimators assume samples from pi itself).
-    ``seed`` makes the draw reproducible without touching the global RNG state.
+
+    Args:
+      model: the sampling (student) model; restored to its training mode afterwards.
+      tokenizer: its tokenizer.
+      prompts: P prompt strings.
+      num_rollouts: K responses per prompt.
+      max_new_tokens: the most tokens per response (EOS included).
+      temperature, top_p: the sampling distribution (1, 1: on-policy).
+      seed: makes the draw reproducible without touching the global RNG state; None: the
+        global RNG.
+      vocab_size: V; ids >= V (padded output rows) are never sampled. None: no restriction.
+
+    Returns:
+      ``Rollouts`` of N = P K rows, rows [iK, (i+1)K) from prompt i.
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -285,7 +350,16 @@ def _assemble(sequences, prompt_attention, width, eos, num_rollouts) -> Rollouts
 # ----------------------------------------------------------------------------- scoring
 
 def needed_signals(estimator_names: Iterable[str], params: Optional[dict] = None):
-    """(keep_full, k): whether full teacher logits are needed, and the largest top-k (0 if none)."""
+    """What the teacher must provide for these estimators.
+
+    Args:
+      estimator_names: registry names.
+      params: estimator name -> parameter overrides (the top-k size k).
+
+    Returns:
+      (keep_full, k): whether some estimator needs the full teacher logits, and the largest
+      top-k requested (0 if none). An estimator that needs tabular oracle fields is an ``InputError``.
+    """
     params = params or {}
     keep_full, k = False, 0
     for name in estimator_names:
@@ -300,9 +374,15 @@ def needed_signals(estimator_names: Iterable[str], params: Optional[dict] = None
 
 
 def response_index(response_mask: torch.Tensor):
-    """Columns of each row's response: (cols [B, T], valid [B, T]), T = the longest response.
+    """The columns of each row's response, which occupies columns start_b .. start_b + len_b - 1
+    (contiguous).
 
-    Row b's response occupies columns start_b .. start_b + len_b - 1 (contiguous).
+    Args:
+      response_mask: [B, L], 1 on the response tokens; every row needs one (else ``InputError``).
+
+    Returns:
+      (cols, valid), each [B, T], T = max_b len_b: cols[b, t] = start_b + t where
+      valid[b, t] = t < len_b, and start_b (a response column) elsewhere.
     """
     lengths = response_mask.sum(1)
     if int(lengths.min()) == 0:
@@ -316,7 +396,19 @@ def response_index(response_mask: torch.Tensor):
 
 
 def forward_logits(model, input_ids, attention_mask, first_column: int) -> torch.Tensor:
-    """Logits [B, L - first_column, V_out] for columns first_column .. L-1 (positions from the mask)."""
+    """The model's logits at columns first_column .. L-1, positions ``cumsum(attention_mask) - 1``
+    (as ``generate`` computes them).
+
+    Args:
+      model: a causal LM.
+      input_ids: [B, L] long.
+      attention_mask: [B, L], 0 on padding.
+      first_column: the first column whose logits are kept (earlier ones are not computed
+        when the model accepts ``logits_to_keep``).
+
+    Returns:
+      [B, L - first_column, V_out] logits, V_out the model's output rows.
+    """
     position_ids = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     keep = input_ids.shape[1] - first_column
@@ -325,14 +417,50 @@ def forward_logits(model, input_ids, attention_mask, first_column: int) -> torch
     return model(**kwargs).logits[:, first_column:]
 
 
+def response_logits(model, input_ids, attention_mask, cols: torch.Tensor, first_column: int,
+                    vocab_size: Optional[int] = None, role: str = "student") -> torch.Tensor:
+    """The logits z(s_t)[:V] of the state before each response token: row b, position t holds
+    the logits at column cols[b, t] - 1, which predict the token at column cols[b, t].
+
+    Args:
+      model: a causal LM.
+      input_ids: [B, L] long.
+      attention_mask: [B, L].
+      cols: [B, T] long, the response columns (``response_index``).
+      first_column: a column <= min(cols) - 1; logits before it are not computed.
+      vocab_size: V, the logits are sliced to [..., :V]; None: the model's output width.
+      role: names the model in the error raised when V exceeds its output width.
+
+    Returns:
+      [B, T, V] logits (with the model's gradient, if enabled).
+    """
+    logits = forward_logits(model, input_ids, attention_mask, first_column)
+    V = _shared_vocab(logits.shape[-1], vocab_size, role)
+    rows = torch.arange(cols.shape[0], device=cols.device).unsqueeze(1)
+    return logits[rows, cols - 1 - first_column, :V]
+
+
 @torch.no_grad()
 def teacher_signals(teacher_rows: torch.Tensor, tokens: torch.Tensor, student_rows: torch.Tensor, k: int,
                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
-    """Teacher log-probs at the sampled tokens, its logsumexp and top-k fields, chunked over tokens in float32.
+    """The teacher fields of a ``TokenBatch``, chunked over tokens in float32: per chunk
+    log pi_T = log_softmax(z_T), and from it
 
-    ``teacher_rows``/``student_rows`` are [M, V] logits (already sliced to V), ``tokens`` [M].
-    For each chunk, log pi_T = log_softmax(z_T) in float32; returns flat [M] / [M, k] tensors.
+        teacher_token_logprobs = log pi_T(y),   teacher_logsumexp = z_T[0] - log pi_T(0),
+        teacher_topk_*         = the teacher's top-k ids and their log pi_T,
+        student_topk_ids, teacher_logprobs_on_student_topk = the student's top-k ids and log pi_T there.
+
     Peak extra memory is O(chunk_tokens * V), never O(M * V) float32.
+
+    Args:
+      teacher_rows: [M, V] teacher logits (already sliced to V).
+      tokens: [M] long, the sampled tokens y.
+      student_rows: [M, V] student logits (read only for the top-k ids).
+      k: top-k size; 0: no top-k fields.
+      chunk_tokens: rows per chunk.
+
+    Returns:
+      Field name -> tensor: [M] float32 for the first two, [M, k] for the top-k fields.
     """
     M = tokens.shape[0]
     out = {name: torch.empty(M, dtype=torch.float32, device=tokens.device)
@@ -361,48 +489,58 @@ def score(student, teacher, rollouts: Rollouts, estimator_names: Sequence[str], 
     """Score the rollouts with both models and build the ``TokenBatch`` the estimators need.
 
     Position t of the batch is response token y_t with state s_t = everything before it:
-    ``student_logits[b, t] = z_theta(s_t)[:V]`` (with gradient), ``tokens[b, t] = y_t``.
-    ``params`` maps estimator name -> parameter overrides (used for the top-k size).
-    Tokens in ``mask_token_ids`` are left out of the loss.
+    ``student_logits[b, t] = z_theta(s_t)[:V]`` (with gradient, ``response_logits``),
+    ``tokens[b, t] = y_t``, ``teacher_token_logprobs[b, t] = log pi_T(y_t | s_t)``; the other
+    teacher fields only as ``needed_signals(estimator_names, params)`` asks.
+
+    Args:
+      student, teacher: causal LMs (the teacher is run without gradient).
+      rollouts: N rollouts (``generate_rollouts``).
+      estimator_names: the estimators the batch is for.
+      vocab_size: the shared real vocabulary V (``check_compatible``); None: the logits'
+        width, which must then be the same for both models.
+      mask_token_ids: tokens left out of the loss (mask 0).
+      chunk_tokens: tokens per float32 chunk of the teacher's log-softmax.
+      params: estimator name -> parameter overrides (used for the top-k size).
+
+    Returns:
+      A validated ``TokenBatch`` of B = N sequences and T = the longest response
+      (``tokens``/``mask`` [B, T], ``student_logits`` [B, T, V], ...).
     """
     keep_full, k = needed_signals(estimator_names, params)
     cols, valid = response_index(rollouts.response_mask)
     first = int(cols.min()) - 1
     if first < 0:
         raise InputError("a response starts at column 0: every rollout needs at least one prompt token")
-    rows = torch.arange(cols.shape[0], device=cols.device).unsqueeze(1).expand_as(cols)
     ids, att = rollouts.input_ids, rollouts.attention_mask
-    s_logits = forward_logits(student, ids, att, first)
-    V = _shared_vocab(s_logits.shape[-1], vocab_size)
+    student_logits = response_logits(student, ids, att, cols, first, vocab_size)
+    V = student_logits.shape[-1]
     if k > V:
         raise InputError(f"top-k size k={k} is larger than the vocabulary V={V}")
-    student_logits = s_logits[rows, cols - 1 - first, :V]          # logits at c-1 predict token c
-    del s_logits
     with torch.no_grad():
-        t_logits = forward_logits(teacher, ids, att, first)
-        if vocab_size is None and t_logits.shape[-1] != V:
-            raise InputError(f"student and teacher logits have different widths ({V} vs {t_logits.shape[-1]}); "
+        teacher_logits = response_logits(teacher, ids, att, cols, first, vocab_size, role="teacher")
+        if teacher_logits.shape[-1] != V:    # vocab_size None and the output widths differ
+            raise InputError(f"student and teacher logits have different widths ({V} vs {teacher_logits.shape[-1]}); "
                              "pass vocab_size=check_compatible(...).vocab_size")
-        _shared_vocab(t_logits.shape[-1], V, role="teacher")
-        teacher_flat = t_logits[rows, cols - 1 - first, :V].reshape(-1, V)
-        del t_logits
+    rows = torch.arange(cols.shape[0], device=cols.device).unsqueeze(1)
     tokens = torch.where(valid, ids[rows, cols], torch.zeros_like(cols))
     if int(tokens.max()) >= V:
         raise InputError(f"a response contains token id {int(tokens.max())} outside the shared vocabulary "
                          f"[0, {V}); generate with vocab_size={V} so padded ids are never sampled")
     mask = valid & ~torch.isin(tokens, torch.as_tensor(list(mask_token_ids), dtype=tokens.dtype, device=tokens.device))
-    sig = teacher_signals(teacher_flat, tokens.reshape(-1), student_logits.detach().reshape(-1, V), k, chunk_tokens)
+    sig = teacher_signals(teacher_logits.reshape(-1, V), tokens.reshape(-1), student_logits.detach().reshape(-1, V),
+                          k, chunk_tokens)
     B, T = tokens.shape
     fields = {name: value.reshape(B, T, *value.shape[1:]) for name, value in sig.items()}
     if keep_full:
-        fields["teacher_logits"] = teacher_flat.reshape(B, T, V)
+        fields["teacher_logits"] = teacher_logits
     else:
         del fields["teacher_logsumexp"]
     return TokenBatch(tokens=tokens, mask=mask.long(), student_logits=student_logits, **fields).validate()
 
 
 def _shared_vocab(width: int, vocab_size: Optional[int], role: str = "student") -> int:
-    """V: ``vocab_size`` if given (must fit the logits), else the logits' width."""
+    """V: ``vocab_size`` if given (an ``InputError`` if it exceeds ``width``), else the logits' width."""
     if vocab_size is None:
         return width
     if vocab_size > width:
@@ -417,15 +555,22 @@ def _shared_vocab(width: int, vocab_size: Optional[int], role: str = "student") 
 def token_distribution_statistics(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                                   top_k: Sequence[int] = (1, 16, 256),
                                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
-    """Per-token means over the M rows of ``[M, V]`` student and teacher logits, in float32 chunks:
+    """Per-token means over the M rows of student and teacher logits, in float32 chunks:
 
     * ``teacher_entropy``     H(pi_T) = -sum_v p_v log p_v (nats), p = softmax(teacher row);
     * ``teacher_top{k}_mass`` the probability of the teacher's k most likely tokens (1 when k >= V);
     * ``reverse_kl``          KL(pi || pi_T) = sum_v q_v (log q_v - log p_v), q = softmax(student row);
-    * ``student_entropy``     H(pi);
+    * ``student_entropy``     H(pi).
 
-    plus ``tokens`` (M) and ``vocab_size`` (V). Uniform teacher logits give entropy log V and
-    top-k mass k / V; identical rows give reverse KL 0.
+    Uniform teacher logits give entropy log V and top-k mass k / V; identical rows give reverse KL 0.
+
+    Args:
+      student_logits, teacher_logits: [M, V], M > 0.
+      top_k: the k of the top-k masses.
+      chunk_tokens: rows per chunk.
+
+    Returns:
+      Name -> float: the means above, plus ``tokens`` (M) and ``vocab_size`` (V).
     """
     M, V = teacher_logits.shape
     if student_logits.shape != teacher_logits.shape or M == 0:
@@ -450,9 +595,21 @@ def distribution_statistics(student, teacher, tokenizer, prompts: Sequence[str],
                             max_new_tokens: int, seed: Optional[int] = None, vocab_size: Optional[int] = None,
                             top_k: Sequence[int] = (1, 16, 256), chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
     """What the estimators see: ``token_distribution_statistics`` at every response token of
-    ``num_rollouts`` student samples per prompt (``generate_rollouts`` with ``seed``), the teacher
-    and the student both conditioned on the student's own prefix. Adds ``teacher_token_logprob``,
-    the mean of log pi_T(y_t | s_t) over the sampled tokens, and ``mean_response_tokens``."""
+    student samples, the teacher and the student both conditioned on the student's own prefix.
+
+    Args:
+      student, teacher, tokenizer: the pair (the student is scored in eval mode, then restored).
+      prompts: P prompts.
+      num_rollouts: K samples per prompt (``generate_rollouts`` with ``seed``).
+      max_new_tokens: response length limit.
+      seed: the rollouts' seed.
+      vocab_size: the shared real vocabulary V.
+      top_k, chunk_tokens: as for ``token_distribution_statistics``.
+
+    Returns:
+      ``token_distribution_statistics``'s dict plus ``teacher_token_logprob``, the mean of
+      log pi_T(y_t | s_t) over the sampled tokens, and ``mean_response_tokens``.
+    """
     rollouts = generate_rollouts(student, tokenizer, prompts, num_rollouts, max_new_tokens, seed=seed,
                                  vocab_size=vocab_size)
     was_training = student.training
@@ -467,49 +624,53 @@ def distribution_statistics(student, teacher, tokenizer, prompts: Sequence[str],
 
 
 # ----------------------------------------------------------------------------- tiny random models (tests, demos)
+# Built by ``vopd_analysis.lm.tiny`` (tiny imports nothing from this module, so the lazy imports
+# below make no cycle); what is here is only the smoke preset: grouped-query attention (4 heads,
+# 2 key/value heads), an MLP twice the hidden width, untied output layer, char tokenizer.
 
-def char_tokenizer(chars: str = "0123456789+= abcdefghijklmnopqrstuvwxyz", specials=("<pad>", "<eos>", "<unk>")):
-    """A character-level ``PreTrainedTokenizerFast`` (ids: specials first, then ``chars``), left padding."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate([*specials, *chars])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[2]))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=specials[0], eos_token=specials[1],
-                                   unk_token=specials[2], padding_side="left", clean_up_tokenization_spaces=False)
+SMOKE_CHARS = "0123456789+= abcdefghijklmnopqrstuvwxyz"   # the smoke tokenizer: 3 specials + 39 chars = 42 ids
 
 
-def tiny_qwen2(vocab_size: int, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,
-               max_position_embeddings: int = 64, eos_token_id: int = 1, pad_token_id: int = 0):
-    """A randomly initialised ``Qwen2ForCausalLM`` of a few thousand parameters (float32, eval mode)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
-                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).eval()
-    model.generation_config.eos_token_id = eos_token_id
-    model.generation_config.pad_token_id = pad_token_id
-    return model
+def _smoke_preset(hidden_size: int, num_layers: int, max_position_embeddings: int) -> tuple:
+    """(ModelSize, qwen2_config arguments) of the smoke preset."""
+    from .tiny import ModelSize
+    size = ModelSize(hidden=hidden_size, layers=num_layers, heads=4, intermediate=2 * hidden_size)
+    return size, {"max_positions": max_position_embeddings, "kv_heads": 2, "tie_word_embeddings": False}
 
 
-def save_tiny_pair(directory, student_vocab: int = 0, teacher_vocab: int = 0, seed: int = 0, **config):
-    """Save a random tiny student/teacher pair with a shared char tokenizer under ``directory``.
+def tiny_qwen2(tokenizer, seed: int = 0, vocab_size: Optional[int] = None, hidden_size: int = 32,
+               num_layers: int = 2, max_position_embeddings: int = 64):
+    """A randomly initialised smoke-preset ``Qwen2ForCausalLM`` of a few thousand parameters (``tiny.random_model``).
 
-    Output vocabularies default to the tokenizer size; pass larger ones to test padded rows.
-    Returns the (student_path, teacher_path) directories.
+    Args:
+      tokenizer: gives the vocabulary and the pad/EOS ids (e.g. ``tasks.build_tokenizer(SMOKE_CHARS)``);
+        None: no pad/EOS id, ``vocab_size`` required.
+      seed: the initialisation seed.
+      vocab_size: output rows, if not ``len(tokenizer)``.
+      hidden_size, num_layers, max_position_embeddings: the model's size.
+
+    Returns:
+      The model, float32, in eval mode.
     """
-    directory = Path(directory)
-    tokenizer = char_tokenizer()
-    n = len(tokenizer.get_vocab())
-    paths = []
-    for role, vocab, s in (("student", student_vocab or n, seed), ("teacher", teacher_vocab or n, seed + 1)):
-        path = directory / role
-        tiny_qwen2(vocab, seed=s, **config).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths.append(str(path))
-    return tuple(paths)
+    from .tiny import random_model
+    size, config = _smoke_preset(hidden_size, num_layers, max_position_embeddings)
+    return random_model(size, tokenizer, seed, **{**config, "vocab_size": vocab_size})
+
+
+def save_tiny_pair(directory, student_vocab: int = 0, teacher_vocab: int = 0, seed: int = 0, hidden_size: int = 32,
+                   num_layers: int = 2, max_position_embeddings: int = 64):
+    """Save a random smoke-preset student/teacher pair with the ``SMOKE_CHARS`` tokenizer (``tiny.save_random_pair``).
+
+    Args:
+      directory: written to: ``student/`` and ``teacher/``.
+      student_vocab, teacher_vocab: output rows; 0: the tokenizer's 42 (pass larger ones to test padded rows).
+      seed: the student's seed; the teacher's is ``seed + 1``.
+      hidden_size, num_layers, max_position_embeddings: both models' size.
+
+    Returns:
+      (student_path, teacher_path).
+    """
+    from .tiny import save_random_pair
+    size, config = _smoke_preset(hidden_size, num_layers, max_position_embeddings)
+    return save_random_pair(directory, seed, size, size, SMOKE_CHARS, student_vocab or None, teacher_vocab or None,
+                            **config)

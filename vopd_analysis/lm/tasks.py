@@ -42,6 +42,12 @@ def build_tokenizer(chars: str = CHARS):
 
     Special tokens come first (pad=0, eos=1, unk=2), so digits have ids 3..12. Padding is on
     the left, as batched generation with decoder-only models needs.
+
+    Args:
+      chars: the vocabulary's characters, in id order (ids 3 .. 2 + len(chars)).
+
+    Returns:
+      A ``transformers.PreTrainedTokenizerFast`` of 3 + len(chars) tokens.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -63,6 +69,7 @@ class Addition:
     digits: int = 3
 
     def prompt(self, a: int, b: int) -> str:
+        """The prompt "a+b=" with both operands zero-padded to ``digits`` digits."""
         return f"{a:0{self.digits}d}+{b:0{self.digits}d}="
 
     def solution(self, a: int, b: int) -> str:
@@ -81,12 +88,14 @@ class Addition:
         return 2 * self.digits + 2
 
     def operands(self, prompt: str):
+        """(a, b) of an addition prompt of this task (surrounding spaces allowed); else ``InputError``."""
         m = re.fullmatch(rf"\s*(\d{{{self.digits}}})\+(\d{{{self.digits}}})=\s*", prompt)
         if m is None:
             raise InputError(f"not an addition prompt of {self.digits}-digit operands: {prompt!r}")
         return int(m.group(1)), int(m.group(2))
 
     def answer(self, prompt: str) -> str:
+        """The sum a + b as a decimal string."""
         return str(sum(self.operands(prompt)))
 
     def sample(self, n: int, seed: int, split: str = "train") -> List[dict]:
@@ -108,10 +117,12 @@ DEFAULT_TASK = Addition()
 
 
 def train_prompts(n: int, seed: int = 0, task: Addition = DEFAULT_TASK) -> List[dict]:
+    """``n`` training records {"prompt", "solution"} of ``task`` (``Addition.sample``)."""
     return task.sample(n, seed, "train")
 
 
 def eval_prompts(n: int, seed: int = 0, task: Addition = DEFAULT_TASK) -> List[dict]:
+    """``n`` held-out records {"prompt", "solution"} of ``task`` (disjoint from the training ones)."""
     return task.sample(n, seed, "eval")
 
 
@@ -142,8 +153,16 @@ def check(prompt: str, response: str, answer: Optional[str] = None, task: Additi
 
 
 def verify(record: dict, response: str) -> Optional[bool]:
-    """Grade a response to a prompt record: against its ``answer`` if it has one, else as an
-    addition prompt of the built-in task; None when the record cannot be graded."""
+    """Grade a response to a prompt record (``check``): against its ``answer`` if it has one, else as an
+    addition prompt of the built-in task.
+
+    Args:
+      record: {"prompt": str, "answer": optional}.
+      response: the decoded response.
+
+    Returns:
+      True or False; None when the record cannot be graded.
+    """
     try:
         return check(record["prompt"], response, record.get("answer"))
     except InputError:
@@ -153,7 +172,12 @@ def verify(record: dict, response: str) -> Optional[bool]:
 # ----------------------------------------------------------------------------- user prompts
 
 def read_jsonl(path) -> List[dict]:
-    """Read ``{"prompt": str, "answer": optional}`` records; errors name the file and line."""
+    """Read prompt records from a JSONL file, one ``{"prompt": str, "answer": str | int}`` object a
+    line (the answer optional; blank lines skipped); errors are ``InputError`` naming the file and line.
+
+    Returns:
+      [{"prompt": str, "answer": str or None}], at least one.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"prompts file not found: {path}")

@@ -31,6 +31,8 @@ from ..errors import exit_with
 
 @dataclasses.dataclass(frozen=True)
 class ModelSize:
+    """A Qwen2 model's widths: hidden size, layers, attention heads, MLP (intermediate) size."""
+
     hidden: int
     layers: int
     heads: int
@@ -59,32 +61,78 @@ class TinyConfig:
     seed: int = 0
 
     def key(self) -> str:
+        """12 hex digits of the sha256 of the config (names the cache directory)."""
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|v3"
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def qwen2_config(size: ModelSize, tokenizer, max_positions: int = 64):
-    """A tiny ``Qwen2Config`` whose vocabulary and special ids match ``tokenizer``."""
+def qwen2_config(size: ModelSize, tokenizer=None, max_positions: int = 64, vocab_size: Optional[int] = None,
+                 kv_heads: Optional[int] = None, tie_word_embeddings: bool = True):
+    """The ``Qwen2Config`` of every model this package builds from a config (no bos token).
+
+    Args:
+      size: hidden width, layers, attention heads and MLP width.
+      tokenizer: gives the default vocabulary (``len(tokenizer)``) and the pad and EOS ids;
+        None: no pad or EOS id (then ``vocab_size`` is required).
+      max_positions: ``max_position_embeddings``.
+      vocab_size: output rows V_out, if not ``len(tokenizer)`` (more: padded rows beyond the
+        tokenizer, fewer: a model that does not fit its tokenizer).
+      kv_heads: key/value heads (grouped-query attention); None: ``size.heads``.
+      tie_word_embeddings: share the input embedding and the output layer.
+
+    Returns:
+      A ``transformers.Qwen2Config``.
+    """
     from transformers import Qwen2Config
-    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=size.hidden, intermediate_size=size.intermediate,
-                       num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                       num_key_value_heads=size.heads, max_position_embeddings=max_positions,
-                       tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    if vocab_size is None and tokenizer is None:
+        raise ValueError("qwen2_config needs a tokenizer or a vocab_size")
+    return Qwen2Config(vocab_size=len(tokenizer) if vocab_size is None else vocab_size, hidden_size=size.hidden,
+                       intermediate_size=size.intermediate, num_hidden_layers=size.layers,
+                       num_attention_heads=size.heads, num_key_value_heads=kv_heads or size.heads,
+                       max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
+                       pad_token_id=None if tokenizer is None else tokenizer.pad_token_id,
+                       eos_token_id=None if tokenizer is None else tokenizer.eos_token_id, bos_token_id=None)
 
 
-def random_model(size: ModelSize, tokenizer, seed: int = 0):
-    """A randomly initialised tiny Qwen2 causal LM (used by tests and as the training start)."""
+def random_model(size: ModelSize, tokenizer=None, seed: int = 0, **config):
+    """A randomly initialised Qwen2 causal LM (float32, eval mode): tests, smoke runs, training starts.
+
+    The weights are drawn by transformers' initialiser after ``torch.manual_seed(seed)``, so
+    the same arguments give the same weights.
+
+    Args:
+      size: the model's widths (``ModelSize``).
+      tokenizer: its tokenizer (vocabulary size, pad and EOS ids; also set in the model's
+        generation config), or None (then pass ``vocab_size``).
+      seed: the initialisation seed.
+      **config: further ``qwen2_config`` arguments (max_positions, vocab_size, kv_heads,
+        tie_word_embeddings).
+
+    Returns:
+      A ``Qwen2ForCausalLM``.
+    """
     from transformers import Qwen2ForCausalLM
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(qwen2_config(size, tokenizer))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = Qwen2ForCausalLM(qwen2_config(size, tokenizer, **config)).eval()
+    if tokenizer is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 
 def supervised_batch(task: tasks.Addition, tokenizer, n: int, rng_seed: int):
-    """input_ids [n, L] = prompt + solution + EOS, labels = -100 on the prompt (response-only loss)."""
+    """A supervised batch: ``n`` training prompts with their worked solutions.
+
+    Args:
+      task: the addition task (every prompt has the same length).
+      tokenizer: the task tokenizer.
+      n: batch size.
+      rng_seed: seeds ``task.sample``.
+
+    Returns:
+      (input_ids, labels), each [n, L] long: prompt + solution + EOS, and the same with -100
+      on the prompt (a response-only loss).
+    """
     records = task.sample(n, rng_seed, "train")
     prompt_len = len(records[0]["prompt"])
     texts = [r["prompt"] + r["solution"] for r in records]
@@ -98,9 +146,22 @@ def supervised_batch(task: tasks.Addition, tokenizer, n: int, rng_seed: int):
 def train_supervised(model, tokenizer, task: tasks.Addition, steps: int, batch_size: int, lr: float,
                      seed: int, desc: str = "train", stop=None, check_every: int = 25, cosine: bool = True,
                      label_smoothing: float = 0.0) -> int:
-    """AdamW with linear warm-up (and cosine decay if ``cosine``) on fresh training prompts every
-    step. Stops early when ``stop(model)`` is true (checked every ``check_every`` steps);
-    returns the number of steps taken."""
+    """Next-token cross-entropy on the response tokens, AdamW (weight decay 0.01, clip 1) with linear
+    warm-up over steps/20 and, if ``cosine``, the decay lr_s = lr (1 + cos(pi s / steps)) / 2, on fresh
+    training prompts every step (``supervised_batch``).
+
+    Args:
+      model: trained in place (left in eval mode).
+      tokenizer, task: the task tokenizer and task.
+      steps, batch_size, lr, seed: the schedule's length, the batch, the peak rate, the data seed.
+      desc: the progress bar's label.
+      stop: ``stop(model) -> bool``, checked every ``check_every`` steps: training ends when true.
+      cosine: decay the rate (else constant after warm-up).
+      label_smoothing: of the cross-entropy.
+
+    Returns:
+      The number of steps taken.
+    """
     from tqdm.auto import tqdm
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
@@ -132,7 +193,17 @@ def train_supervised(model, tokenizer, task: tasks.Addition, steps: int, batch_s
 
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, records, batch_size: int = 512, max_new_tokens: Optional[int] = None) -> float:
-    """Fraction of ``records`` whose greedy response passes ``tasks.check``."""
+    """Fraction of ``records`` whose greedy response ``tasks.verify`` accepts.
+
+    Args:
+      model, tokenizer: the model (put in eval mode) and its tokenizer.
+      records: prompt records.
+      batch_size: prompts per ``generate`` call.
+      max_new_tokens: default: the built-in task's response length.
+
+    Returns:
+      Accuracy in [0, 1] (0 for no records).
+    """
     model.eval()
     max_new_tokens = max_new_tokens or tasks.DEFAULT_TASK.response_tokens
     correct = 0
@@ -226,6 +297,16 @@ def load_or_train_pair(cache_dir=".cache/vopd_tiny", config: TinyConfig = TinyCo
     models. ``retrain=True`` (or a ``config`` other than the default) trains a pair into
     ``cache_dir/<config hash>`` instead (cached: a second call loads it) and, for the default
     config, says whether it differs from the committed pair.
+
+    Args:
+      cache_dir: where retrained pairs are kept.
+      config: the pair's ``TinyConfig``.
+      num_threads: torch threads while training (default 1).
+      verbose: print progress and the accuracies.
+      retrain: train even for the default config.
+
+    Returns:
+      (student directory, teacher directory, the teacher's tokenizer).
     """
     from transformers import AutoTokenizer
     root, card = PAIR.load_or_train(Path(cache_dir) / config.key(),
@@ -238,13 +319,30 @@ def load_or_train_pair(cache_dir=".cache/vopd_tiny", config: TinyConfig = TinyCo
 
 
 def save_random_pair(directory, seed: int = 0, student: ModelSize = ModelSize(16, 1, 2, 32),
-                     teacher: ModelSize = ModelSize(24, 1, 2, 48)) -> Tuple[str, str]:
-    """Save an untrained student/teacher pair with the task tokenizer (for fast tests and smoke runs)."""
-    tokenizer = tasks.build_tokenizer(tasks.TASK_CHARS)
+                     teacher: ModelSize = ModelSize(24, 1, 2, 48), chars: str = tasks.TASK_CHARS,
+                     student_vocab: Optional[int] = None, teacher_vocab: Optional[int] = None,
+                     **config) -> Tuple[str, str]:
+    """Save an untrained student/teacher pair sharing a character tokenizer (fast tests, smoke runs).
+
+    Args:
+      directory: written to: ``student/`` and ``teacher/``, each a ``save_pretrained`` model
+        with the tokenizer.
+      seed: the student's initialisation seed; the teacher's is ``seed + 1``.
+      student, teacher: the models' sizes.
+      chars: the tokenizer's characters (``tasks.build_tokenizer``).
+      student_vocab, teacher_vocab: output rows, if not the tokenizer's size (larger ones
+        test padded output layers).
+      **config: further ``qwen2_config`` arguments, for both models.
+
+    Returns:
+      (student_path, teacher_path).
+    """
+    tokenizer = tasks.build_tokenizer(chars)
     paths = []
-    for role, size, s in (("student", student, seed), ("teacher", teacher, seed + 1)):
+    for role, size, vocab, s in (("student", student, student_vocab, seed),
+                                 ("teacher", teacher, teacher_vocab, seed + 1)):
         path = Path(directory) / role
-        random_model(size, tokenizer, seed=s).save_pretrained(path)
+        random_model(size, tokenizer, seed=s, vocab_size=vocab, **config).save_pretrained(path)
         tokenizer.save_pretrained(path)
         paths.append(str(path))
     return paths[0], paths[1]

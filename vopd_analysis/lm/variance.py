@@ -64,7 +64,14 @@ def trainable_parameters(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Par
 
 
 def parameter_groups(named_params: Sequence[Tuple[str, torch.Tensor]]) -> Dict[str, List[Tuple[int, int]]]:
-    """Group name -> list of [start, end) ranges in the flattened parameter vector."""
+    """The parameter groups (``group_key``) as ranges of the flattened parameter vector.
+
+    Args:
+      named_params: (name, tensor) in the order the gradient is flattened (``flat_grad_of``).
+
+    Returns:
+      Group name -> list of [start, end) ranges, in order of first appearance.
+    """
     groups: Dict[str, List[Tuple[int, int]]] = {}
     offset = 0
     for name, p in named_params:
@@ -75,7 +82,16 @@ def parameter_groups(named_params: Sequence[Tuple[str, torch.Tensor]]) -> Dict[s
 
 def flat_grad_of(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
                  dtype=torch.float64) -> torch.Tensor:
-    """Concatenated ``grads`` of ``params`` (zeros where a parameter got no gradient). [D]"""
+    """The flattened gradient g = concat_j vec(grads_j), zeros where a parameter got no gradient.
+
+    Args:
+      params: the D_j-element parameters.
+      grads: their gradients (None: unused by the loss), as from ``torch.autograd.grad``.
+      dtype: the result's dtype.
+
+    Returns:
+      [D], D = sum_j D_j.
+    """
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
                       for p, g in zip(params, grads)])
 
@@ -98,13 +114,12 @@ class GradientMoments:
         self.groups = groups or {"all": [(0, self.dim)]}
         self.mean = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         self.m2 = 0.0
-        self.sum_sq_norms = 0.0
         self.group_m2 = {g: 0.0 for g in self.groups}
         self.num_projections, self.seed = num_projections, seed
         self.projections: List[np.ndarray] = []
 
     def update(self, g: torch.Tensor) -> None:
-        """Add one gradient vector g [D]."""
+        """Add one gradient vector g [D] (any shape with D entries; copied to float64 on ``device``)."""
         g = g.detach().reshape(-1).to(device=self.device, dtype=torch.float64)
         if g.numel() != self.dim:
             raise InputError(f"gradient has {g.numel()} entries, expected {self.dim}")
@@ -113,7 +128,6 @@ class GradientMoments:
         self.mean += delta / self.count
         prod = delta * (g - self.mean)
         self.m2 += float(prod.sum())
-        self.sum_sq_norms += float(g @ g)
         sums = torch.stack([prod[a:b].sum() for ranges in self.groups.values() for a, b in ranges]).tolist()
         i = 0
         for name, ranges in self.groups.items():
@@ -138,16 +152,12 @@ class GradientMoments:
         return {g: v / (self.count - 1) for g, v in self.group_m2.items()}
 
     def group_mean_sq_norms(self) -> Dict[str, float]:
-        """|g_bar restricted to the group|^2."""
+        """Group -> |g_bar restricted to the group|^2."""
         return {g: sum(float(self.mean[a:b] @ self.mean[a:b]) for a, b in r) for g, r in self.groups.items()}
 
     def group_sizes(self) -> Dict[str, int]:
+        """Group -> its number of parameters."""
         return {g: sum(b - a for a, b in r) for g, r in self.groups.items()}
-
-    def second_moment(self) -> float:
-        """(1/N) sum_i |g_i|^2, the mean squared norm of a single-rollout gradient."""
-        self._need(1)
-        return self.sum_sq_norms / self.count
 
     def mean_sq_norm(self) -> float:
         """|g_bar|^2 (biased upward by tr Sigma / N as an estimate of |G|^2)."""
@@ -190,11 +200,19 @@ class GradientMoments:
 
 
 def project(g: torch.Tensor, num_directions: int, seed: int) -> np.ndarray:
-    """u_j . g for j < num_directions, u_j with i.i.d. N(0, 1) entries fixed by ``seed``.
+    """Projections u_j . g, j < m, on directions u_j with i.i.d. N(0, 1) entries fixed by ``seed``.
 
     The directions are drawn block by block (2^20 coordinates) on g's device from generators
     seeded by (seed, block), so they are the same for every call (on one device type) and
     need no O(m D) storage.
+
+    Args:
+      g: [D] vector (any shape with D entries).
+      num_directions: m.
+      seed: fixes the directions.
+
+    Returns:
+      [m] float64 numpy array.
     """
     g = g.detach().reshape(-1).to(torch.float64)
     out = torch.zeros(num_directions, dtype=torch.float64, device=g.device)
@@ -220,7 +238,7 @@ class ProbeResult:
 
 
 def _estimator_params(name: str, params: Optional[dict], num_rollouts: int) -> dict:
-    """Parameters for ``name``; group estimators default to group_size = rollouts per prompt."""
+    """Parameters for ``name`` (defaults filled in); group estimators default to group_size = rollouts per prompt."""
     spec = est.get(name)
     chosen = dict((params or {}).get(name, {}))
     if spec.group:
@@ -235,7 +253,8 @@ def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params:
                       named_params, vocab_size=None, mask_token_ids=(), chunk_tokens=hf.DEFAULT_CHUNK_TOKENS,
                       timings: Optional[Dict[str, float]] = None, method: str = "loop",
                       chunk_size: Optional[int] = None):
-    """Yield (name, g_i) for every estimator and rollout i: g_i its flattened single-rollout gradient.
+    """Yield (name, g_i) for every estimator and rollout i: g_i = d v_i / d theta [D] float64, the flattened
+    gradient of rollout i's surrogate v_i (``est.surrogate_loss(reduction="none")``).
 
     Each prompt's group of rollouts is scored once (student forward, teacher forward, every
     teacher signal the estimators need) and shared by all estimators; per group the order is
@@ -251,7 +270,18 @@ def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params:
       rollouts at once, and the vmap's activations (bound them with ``chunk_size`` rollouts
       per vmap call).
 
-    ``timings``, if given, accumulates seconds under "score" and under each estimator name.
+    Args:
+      student, teacher: the pair; ``named_params`` are the student parameters differentiated.
+      rollouts: N rollouts, the same number K per prompt, a prompt's rows consecutive.
+      estimator_params: estimator name -> its full parameters (group_size = K for group estimators).
+      named_params: (name, parameter) of the student, in the flattening order (``trainable_parameters``).
+      vocab_size, mask_token_ids, chunk_tokens: passed to ``hf.score``.
+      timings: if given, accumulates seconds under "score" and under each estimator name.
+      method: "loop" or "vmap".
+      chunk_size: rollouts per vmap call (method "vmap"); None: all of a group.
+
+    Returns:
+      A generator of (estimator name, [D] float64 gradient).
     """
     if method not in METHODS:
         raise InputError(f"unknown gradient method {method!r}; choose 'loop' (one backward per rollout "
@@ -290,15 +320,15 @@ def _loop_gradients(group, student, teacher, estimator_params, named_params, voc
 
 
 class _ResponseLogits(torch.nn.Module):
-    """z_theta(s_t)[:V] at one rollout's response positions: the student logits row of ``hf.score``."""
+    """z_theta(s_t)[:V] at one rollout's response positions: its row of ``hf.score``'s student
+    logits (``hf.response_logits``), as a module for ``functional_call``."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, ids, att, cols, first: int, vocab: int):
-        logits = hf.forward_logits(self.model, ids[None], att[None], first)[0]      # [L - first, V_out]
-        return logits[cols - 1 - first, :vocab]                                     # [T, V]
+    def forward(self, ids, att, cols, first: int, vocab: int):                     # [L], [L], [T]
+        return hf.response_logits(self.model, ids[None], att[None], cols[None], first, vocab)[0]   # [T, V]
 
 
 @contextlib.contextmanager
@@ -382,7 +412,16 @@ def _vmap_gradients(group, student, teacher, estimator_params, named_params, voc
 
 
 def reference_gradient(student, teacher, rollouts: hf.Rollouts, name: str = "full_kl", **kwargs) -> torch.Tensor:
-    """Mean of the per-rollout gradients of ``name`` over ``rollouts`` (float64). [D]"""
+    """g_ref = (1/N) sum_i g_i, the mean of the per-rollout gradients of estimator ``name`` over ``rollouts``.
+
+    Args:
+      student, teacher, rollouts: as for ``rollout_gradients``.
+      name: the reference estimator.
+      **kwargs: ``params`` (name -> overrides) and ``rollout_gradients``'s keyword arguments.
+
+    Returns:
+      [D] float64.
+    """
     named = trainable_parameters(student)
     params = {name: _estimator_params(name, kwargs.pop("params", None), _rollouts_per_prompt(rollouts))}
     grads = [g for _, g in rollout_gradients(student, teacher, rollouts, params, named, **kwargs)]
@@ -402,10 +441,26 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
 
     Samples ``num_rollouts`` responses for each prompt once (seeded), then for each estimator
     streams the N = len(prompts) * num_rollouts single-rollout gradients into a
-    ``GradientMoments``. ``reference`` is an estimator name (its mean gradient over these
-    rollouts; reused if it is also probed) or a D-vector. ``params`` maps estimator name ->
-    parameter overrides. ``method`` ("loop" or "vmap") is passed to ``rollout_gradients``.
-    Both models are put in eval mode (no dropout) and restored afterwards.
+    ``GradientMoments``. Both models are put in eval mode (no dropout) and restored afterwards.
+
+    Args:
+      student, teacher, tokenizer: the pair.
+      prompts: P prompts.
+      estimators: distinct estimator names.
+      num_rollouts: K rollouts per prompt.
+      max_new_tokens, temperature, seed, vocab_size: passed to ``hf.generate_rollouts``.
+      reference: an estimator name (its mean gradient over these rollouts; reused if it is
+        also probed) or a [D] vector g_ref.
+      mask_token_ids, chunk_tokens: passed to ``hf.score``.
+      params: estimator name -> parameter overrides.
+      num_projections: m random projections per gradient (``GradientMoments``); 0: none.
+      progress: print each estimator's trace.
+      method: "loop" or "vmap" (``rollout_gradients``).
+
+    Returns:
+      ``ProbeResult``: ``summary`` (one row per estimator: trace_cov, snr, noise_scale,
+      cosine_to_reference, ...), ``layers`` (per parameter group), the moments, g_ref [D]
+      and the rollouts.
     """
     import pandas as pd
 

@@ -4,8 +4,11 @@ The targets they are compared with are in ``targets``. Estimator moments: all V^
 the student logits at every visited position as one leaf tensor Z [N, H, V].
 One backward pass of the summed per-sequence surrogates gives each sequence's
 gradient with respect to its own positions (sequences share no leaves), which
-is folded into parameter space by scattering onto the visited states. On a
-prefix tree the positions of one sequence are distinct states, so
+is folded into parameter space by scattering onto the visited states
+(scatter(dZ_n)[s] = sum_t 1[s_{n,t} = s] dZ_{n,t}, ``targets.fold_onto_states``;
+``exact_moments`` adds up the probability-weighted scatters chunk by chunk
+without holding one [S, V] table per sequence). On a prefix tree the positions
+of one sequence are distinct states, so
 
     E g            = sum_n P(y_n) scatter(dZ_n)
     tr Cov(g)      = sum_t [ sum_n P(y_n) |dZ_{n,t}|^2 - |E g restricted to level t|^2 ].
@@ -21,7 +24,7 @@ import torch
 from synthetic.tree import PrefixTree, check_enumerable, level_offset
 from .. import estimators as est
 from ..errors import InputError
-from .targets import Moments, TreeQuantities, tree_quantities
+from .targets import Moments, TreeQuantities, fold_onto_states, tree_quantities
 
 DEFAULT_CHUNK = 1 << 15
 
@@ -33,9 +36,18 @@ def _chunks(n: int, size: int) -> Iterable[tuple]:
 
 def exact_moments(tree: PrefixTree, specs: Dict[str, dict], chunk_size: int = DEFAULT_CHUNK,
                   quantities: Optional[TreeQuantities] = None) -> Dict[str, Moments]:
-    """Exact moments of several estimators, ``specs`` = {label: {"name": estimator, **params}}.
+    """Exact moments of several single-sequence estimators (see the module docstring).
 
     Streams over the V^H sequences in chunks; memory is O(chunk * H * V + S * V).
+
+    Args:
+      tree: an enumerable prefix tree.
+      specs: {label: {"name": estimator, **params}}; group estimators are refused.
+      chunk_size: sequences per chunk.
+      quantities: the tree's ``tree_quantities``, if already computed.
+
+    Returns:
+      {label: ``Moments``}: mean [S, V], tr Cov and the per-position variance [H].
     """
     check_enumerable(tree.vocab, tree.horizon)
     for label, spec in specs.items():
@@ -79,6 +91,9 @@ def reference_moments(tree: PrefixTree, name: str, **params) -> Moments:
     """The slow, obviously correct reference: one autograd call per sequence on the logit table.
 
     E g = sum_y P(y) grad_theta L(y),  tr Cov = sum_y P(y) |grad_theta L(y)|^2 - |E g|^2.
+
+    Returns:
+      ``Moments`` with mean [S, V], tr Cov, and no per-position variance.
     """
     check_enumerable(tree.vocab, tree.horizon)
     tq = tree_quantities(tree)
@@ -100,7 +115,16 @@ def exact_group_moments(tree: PrefixTree, name: str, max_tuples: int = 1 << 16, 
     """Exact moments of a group estimator (K rollouts per prompt) by enumerating all N^K tuples.
 
     One draw is (1/K) times the gradient of the K per-sequence surrogates of a
-    tuple of K independent sequences; its probability is the product of theirs.
+    tuple of K independent sequences (``targets.fold_onto_states``); its probability
+    is the product of theirs.
+
+    Args:
+      tree: an enumerable prefix tree with N = V^H sequences.
+      name: the group estimator; ``params`` its parameters (``group_size`` = K).
+      max_tuples: refuse (``InputError``) more than this many K-tuples.
+
+    Returns:
+      ``Moments`` with mean [S, V], tr Cov, and no per-position variance.
     """
     entry = est.get(name)
     params = entry.params(**params)
@@ -119,10 +143,7 @@ def exact_group_moments(tree: PrefixTree, name: str, max_tuples: int = 1 << 16, 
     est.per_sequence(name, tree.token_batch(tokens, z), **params).sum().backward()
     log_prob = tq.log_q[states].gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(-1)
     prob = log_prob.reshape(n_tuples, K).sum(-1).exp()
-    draws = torch.zeros(n_tuples, tree.num_states, tree.vocab, dtype=torch.float64)
-    rows = (torch.arange(n_tuples * K) // K).unsqueeze(1).expand_as(states)
-    draws.index_put_((rows, states), z.grad / K, accumulate=True)
-    draws = draws.reshape(n_tuples, -1)
+    draws = fold_onto_states(z.grad, states, tree.num_states, K).reshape(n_tuples, -1)
     mean = (prob[:, None] * draws).sum(0)
     variance = float((prob * (draws ** 2).sum(-1)).sum() - (mean ** 2).sum())
     return Moments(mean.reshape(tree.num_states, tree.vocab), variance, None)

@@ -80,17 +80,28 @@ from scipy import special, stats
 from synthetic.tree import PrefixTree
 from .. import estimators as est
 from ..errors import InputError
-from .targets import tree_quantities
+from .targets import fold_onto_states, tree_quantities
 
 SIZE_ERROR_SHARE = 0.05   # r: the share of alpha the predicted size error may take for a rejection
 NOT_REJECTED_SHARE = 1.0  # r for a non-rejection, which cannot be a false positive
 
 
 def draw_gradients(tree: PrefixTree, name: str, tokens: torch.Tensor, **params) -> np.ndarray:
-    """The draws of estimator ``name`` from the sequences ``tokens`` [n*K, H], [n, S*V] float64.
+    """The draws of estimator ``name`` in parameter space from given sequences: draw i is
 
-    A group estimator (K rollouts per prompt) gives one draw per group of K
-    consecutive sequences: (1/K) times the gradient of its K per-sequence surrogates.
+        g_i = (1/K) sum_{j = iK}^{iK + K - 1} grad_theta L(y_j),
+
+    the per-position gradients folded onto the visited states by ``targets.fold_onto_states``
+    (K = 1 unless the estimator is a group one, with K = its ``group_size`` rollouts per prompt).
+
+    Args:
+      tree: the environment (``tree_quantities`` supplies the oracle fields of analysis-only estimators).
+      name: the estimator.
+      tokens: [n K, H] long sequences.
+      **params: the estimator's parameters.
+
+    Returns:
+      [n, S V] float64 numpy array.
     """
     entry = est.get(name)
     params = entry.params(**params)
@@ -102,14 +113,16 @@ def draw_gradients(tree: PrefixTree, name: str, tokens: torch.Tensor, **params) 
     tq = tree_quantities(tree) if entry.analysis_only else None
     batch = tree.token_batch(tokens, z, *((tq.kl_to_go, tq.next_kl_to_go) if tq else ()))
     est.per_sequence(name, batch, **params).sum().backward()
-    dense = torch.zeros(n, tree.num_states, tree.vocab, dtype=torch.float64)
-    rows = (torch.arange(n * group) // group).unsqueeze(1).expand_as(states)
-    dense.index_put_((rows, states), z.grad / group, accumulate=True)
-    return dense.reshape(n, -1).numpy()
+    return fold_onto_states(z.grad, states, tree.num_states, group).reshape(n, -1).numpy()
 
 
 def sample_gradients(tree: PrefixTree, name: str, n: int, seed: int, **params) -> np.ndarray:
-    """n independent draws of estimator ``name`` in parameter space, [n, S*V] float64."""
+    """n independent draws of estimator ``name`` in parameter space (``draw_gradients`` on n K
+    sequences sampled from the student with ``seed``).
+
+    Returns:
+      [n, S V] float64 numpy array.
+    """
     entry = est.get(name)
     group = entry.params(**params).get("group_size", 1) if entry.group else 1
     if n < 1:
@@ -129,14 +142,18 @@ def sequence_draws(tree: PrefixTree, name: str, **params) -> tuple:
 
 
 def trace_covariance(samples: np.ndarray) -> float:
-    """Unbiased tr Cov: sum_i |x_i - xbar|^2 / (n - 1)."""
+    """Unbiased tr Cov: sum_i |x_i - xbar|^2 / (n - 1) of the rows x_i of ``samples`` [n, D]."""
     centred = samples - samples.mean(0)
     return float((centred ** 2).sum() / (samples.shape[0] - 1))
 
 
 def trace_covariance_ci(samples: np.ndarray, confidence: float = 0.95, n_resamples: int = 999,
                         seed: int = 0) -> tuple:
-    """Bootstrap (BCa) confidence interval of tr Cov over the draws."""
+    """Bootstrap (BCa, resampling rows) confidence interval of ``trace_covariance`` of ``samples`` [n, D].
+
+    Returns:
+      (low, high).
+    """
     index = np.arange(samples.shape[0])
     result = stats.bootstrap((index,), lambda i: trace_covariance(samples[i]), vectorized=False,
                              confidence_level=confidence, n_resamples=n_resamples,
@@ -146,6 +163,8 @@ def trace_covariance_ci(samples: np.ndarray, confidence: float = 0.95, n_resampl
 
 @dataclasses.dataclass(frozen=True)
 class TestResult:
+    """The outcome of ``unbiasedness_test``."""
+
     reject: bool              # a verdict, and H0 rejected at level alpha
     inconclusive: bool        # too few draws for the approximation: no verdict
     p_value: float            # Bonferroni-adjusted, on the resolved coordinates
@@ -216,8 +235,18 @@ def unbiasedness_test(samples: np.ndarray, target: np.ndarray, alpha: float = 0.
                       counts: Optional[np.ndarray] = None) -> TestResult:
     """Test H0: E[samples] = target at level ``alpha`` (see the module docstring).
 
-    ``counts`` (optional, one non-negative integer per row) says how often each
-    row was drawn, so that distinct rows with multiplicities stand for the draws.
+    Args:
+      samples: [n, D] draws (or distinct rows, with ``counts``).
+      target: [D] (any shape with D entries) the hypothesised mean g*.
+      alpha: the level.
+      n_directions: m - 1 random directions besides g*/|g*|.
+      seed: fixes the directions.
+      atol: coordinates within atol (1 + max |g*|) count as equal.
+      counts: optional, one non-negative integer per row: how often it was drawn, so that
+        distinct rows with multiplicities stand for the draws.
+
+    Returns:
+      ``TestResult``: a verdict (reject or not) or inconclusive, with the draws a verdict needs.
     """
     rows, target = np.asarray(samples, dtype=np.float64), np.asarray(target, dtype=np.float64).reshape(-1)
     if counts is not None:

@@ -77,6 +77,31 @@ def tree_quantities(env) -> TreeQuantities:
     return TreeQuantities(log_q, log_p, reach, kl, w, w_next, float(w[0]), grad_sequence, grad_token, grad_forward)
 
 
+def fold_onto_states(grad: torch.Tensor, states: torch.Tensor, num_states: int, group_size: int = 1) -> torch.Tensor:
+    """Per-draw gradients in parameter space (the logit table theta [S, V]) from per-position ones.
+
+    A batch built on Z = theta[states] has d/dZ_{j,t} = the gradient with respect to the row of
+    the state s_{j,t} that sequence j visits at position t, so draw i, made of the K consecutive
+    sequences j = iK .. iK + K - 1, has the gradient
+
+        G_i[s] = (1/K) sum_{j = iK}^{iK + K - 1} sum_t 1[s_{j,t} = s] dZ_{j,t}.
+
+    Args:
+      grad: [n K, H, V] gradient of the summed per-sequence surrogates with respect to Z.
+      states: [n K, H] long, the state ids s_{j,t}.
+      num_states: S.
+      group_size: K (1: one draw per sequence).
+
+    Returns:
+      [n, S, V] in ``grad``'s dtype.
+    """
+    n = grad.shape[0] // group_size
+    dense = torch.zeros(n, num_states, grad.shape[-1], dtype=grad.dtype)
+    rows = (torch.arange(n * group_size) // group_size).unsqueeze(1).expand_as(states)
+    dense.index_put_((rows, states), grad / group_size, accumulate=True)
+    return dense
+
+
 @dataclasses.dataclass(frozen=True)
 class Moments:
     """Exact mean gradient [S, V], total variance tr Cov, per-position variance [H] (None for groups)."""
