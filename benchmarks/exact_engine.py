@@ -55,7 +55,7 @@ def reference_seconds(tree, specs, subset: int) -> float:
 
 def peak_rss_mib(vocab: int, horizon: int) -> float:
     """Peak resident memory (MiB) of a fresh process that runs enumeration of all estimators."""
-    code = ("import resource; from synthetic.tree import make_tree; from vopd_analysis import exact; "
+    code = ("import resource; from synthetic.tree import make_tree; from vopd_analysis.tabular import analysis, enumeration; "
             f"enumeration.exact_moments(make_tree({vocab}, {horizon}, coupling=1.0), analysis.default_specs(4)); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

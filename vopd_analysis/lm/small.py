@@ -308,13 +308,8 @@ def random_model(size: ModelSize, tokenizer, max_positions: int = 128, seed: int
     Returns:
       A ``transformers.Qwen2ForCausalLM`` (float32).
     """
-    from transformers import Qwen2ForCausalLM
-    from .tiny import qwen2_config
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(qwen2_config(size, tokenizer, max_positions))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    from . import tiny
+    return tiny.random_model(size, tokenizer, seed, max_positions=max_positions).train()
 
 
 def token_stream(tokenizer, docs: Sequence[dict]) -> torch.Tensor:
