@@ -59,6 +59,14 @@ ESTIMATORS: List[Tuple[str, str, dict, str]] = [
     ("full_kl", "full_kl", {}, "full"),
     ("topk_kl@64", "topk_kl", {"k": 64}, "topk"),
     ("gkd_jsd", "gkd_jsd", {"beta": 0.5}, "full"),
+    ("opd_bstar", "opd_bstar", {}, "full"),
+    ("opd_bstar_topk@16", "opd_bstar_topk", {"k": 16}, "topk"),
+    ("vopd_scaled", "vopd_scaled", {"alpha": 0.5}, "full"),
+    ("iw_opd", "iw_opd", {}, "full"),
+    ("topk_tail_kl@16", "topk_tail_kl", {"k": 16}, "topk"),
+    ("student_topk_kl@100", "student_topk_kl", {"k": 100}, "topk"),
+    ("k3_clamped", "k3_clamped", {}, "full"),
+    ("opd/rho=0.2", "opd", {"rho": 0.2}, "full"),
 ]
 REFERENCE = "opd"
 # opd followed by one read of the teacher logits (a sum over V): the least that any baseline
