@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from studies import baseline_quality, run_all, sequence_bias, topk, training_dynamics, unbiasedness
+from studies import estimator_zoo
 from studies import test_calibration as calibration
 from studies import variance_landscape
 from synthetic.tree import make_tree
@@ -33,6 +34,11 @@ TINY = {
                                               "estimators": {"full_kl": {}, "opd": {}}, "lrs": [1.0, 1e4],
                                               "steps": 10, "seeds": [0], "eval_every": 5},
                           ["estimator", "lr", "seed", "step", "J", "stable"]),
+    "estimator_zoo": (estimator_zoo, {"grids": [{"base": "quick", "vocab": [3], "horizon": [2], "divergence": [1.0],
+                                                 "teacher_temperature": [1.0], "coupling": [0.0, 1.0],
+                                                 "teacher_shape": ["gaussian", "zipf"], "seeds": [0]}]},
+                      ["estimator", "target", "cost", "rel_bias_token", "rel_bias_sequence", "total_variance",
+                       "var_ratio", "mse_token_B1", "mse_sequence_B256", "crossover_token_regime"]),
 }
 
 
@@ -137,3 +143,55 @@ def test_run_study_prints_report_and_writes_outputs(tmp_path, capsys):
     assert capsys.readouterr().out == "" and drawn == [10]
     assert not (tmp_path / "bare.png").exists() and not (tmp_path / "bare.md").exists()
     assert json.loads((tmp_path / "bare.json").read_text())["seed"] == 2
+
+
+def test_estimator_zoo_numbers_on_a_tiny_tree():
+    cfg = {**estimator_zoo.DEFAULTS["quick"],
+           "grids": [{"base": "quick", "vocab": [3], "horizon": [3], "divergence": [1.0], "teacher_temperature": [1.0],
+                      "coupling": [0.0, 1.0], "teacher_shape": ["gaussian"], "seeds": [1]}]}
+    df, _ = estimator_zoo.compute(cfg)
+    row = df.set_index(["coupling", "estimator"])
+    for kappa in (0.0, 1.0):
+        r = row.loc[kappa]
+        assert r.loc["opd", "var_ratio"] == 1.0
+        for name in ("opd", "vopd", "full_kl", "opd_bstar", "opd_bstar_topk", "vopd_topk", "k2"):
+            assert r.loc[name, "rel_bias_token"] < 1e-10
+            for B in (1, 16, 256):   # unbiased: the MSE is tr Cov / B
+                assert np.isclose(r.loc[name, f"mse_token_B{B}"], r.loc[name, "total_variance"] / B, rtol=1e-12)
+        assert r.loc["opd_bstar", "total_variance"] <= r.loc["vopd", "total_variance"]   # b* is optimal per state
+        assert r.loc["k2", "crossover_token_regime"] == "tie"
+        q = quality(make_tree(3, 3, coupling=kappa, seed=1))   # the baseline_quality engine agrees
+        assert np.isclose(r.loc["opd", "total_variance"], q["var_no_baseline"], rtol=1e-10)
+        assert np.isclose(r.loc["vopd", "total_variance"], q["var_baseline"], rtol=1e-10)
+        assert np.isclose(r.loc["opd_bstar", "total_variance"], q["var_optimal"], rtol=1e-10)
+        assert (r["rel_bias_claimed"].dropna() < 1e-10).all()
+        for target in ("token", "sequence"):   # the MSE identity and the crossover B*
+            x = r.loc["topk_kl"]
+            assert np.isclose(x[f"mse_{target}_B16"], x[f"bias_sq_{target}"] + x["total_variance"] / 16, rtol=1e-12)
+            if x[f"crossover_{target}_regime"] == "below":
+                B = x[f"crossover_{target}_B"]
+                o = r.loc["opd"]
+                assert np.isclose(x[f"bias_sq_{target}"] + x["total_variance"] / B,
+                                  o[f"bias_sq_{target}"] + o["total_variance"] / B, rtol=1e-9)
+    assert row.loc[(0.0, "opd"), "rel_bias_sequence"] < 1e-10 and row.loc[(1.0, "opd"), "rel_bias_sequence"] > 0.01
+    assert (row.loc[1.0].loc[["rtg", "seq_reinforce", "rb_seq", "rtg_vopd"], "rel_bias_sequence"] < 1e-10).all()
+    # enumeration everywhere gives the same numbers as DP-where-possible
+    enum, _ = estimator_zoo.compute({**cfg, "engine": "enumeration"})
+    assert (enum["engine"] == "enumeration").all() and set(df["engine"]) == {"dp", "enumeration"}
+    for col in ("total_variance", "bias_sq_token", "bias_sq_sequence"):
+        assert np.allclose(enum[col], df[col], rtol=1e-9, atol=1e-18)
+    table = estimator_zoo.summary(df)
+    assert table.iloc[0]["group"] == "unbiased for g_tok"
+    assert table.set_index("estimator").loc["opd", "var_ratio_median"] == 1.0
+
+
+def test_estimator_zoo_trees_and_topk_sizes():
+    quick = estimator_zoo.trees(estimator_zoo.DEFAULTS["quick"])
+    whole = estimator_zoo.trees({"grids": [{"base": "quick"}]})
+    assert len(whole) == 540 and len(quick) == 420     # V = 32 thinned to seed 0
+    assert {t["teacher_shape"] for t in quick} == {"gaussian", "zipf"} and {t["coupling"] for t in quick} == {0.0, 1.0}
+    cfg = estimator_zoo.DEFAULTS["quick"]
+    assert [estimator_zoo.topk_size(16, V, cfg) for V in (3, 8, 16, 32, 64, 128)] == [2, 2, 4, 8, 16, 16]
+    assert estimator_zoo.topk_size(100, 64, cfg) == 16
+    labels = estimator_zoo.specs(8, cfg)
+    assert labels["opd[rho=0.5]"] == {"name": "opd", "rho": 0.5} and "seq_rloo" not in labels
