@@ -52,12 +52,14 @@ def start(defaults: dict, quick: bool, overrides: Optional[dict]) -> tuple:
 
 
 def git_revision() -> dict:
-    """{"revision": HEAD sha or None, "dirty": bool or None}."""
+    """{"revision": HEAD sha or None, "dirty": whether tracked files differ from HEAD, or None}.
+
+    Untracked files (a user's runs, scratch notes) do not make the checkout dirty."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                                    text=True, check=True).stdout.strip())
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                    capture_output=True, text=True, check=True).stdout.strip())
         return {"revision": rev, "dirty": dirty}
     except (OSError, subprocess.CalledProcessError):
         return {"revision": None, "dirty": None}

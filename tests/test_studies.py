@@ -195,3 +195,20 @@ def test_estimator_zoo_trees_and_topk_sizes():
     assert estimator_zoo.topk_size(100, 64, cfg) == 16
     labels = estimator_zoo.specs(8, cfg)
     assert labels["opd[rho=0.5]"] == {"name": "opd", "rho": 0.5} and "seq_rloo" not in labels
+
+
+def test_run_all_compares_fresh_tables_with_the_committed_ones(tmp_path):
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    old.write_text("name,x,tiny\na,1.0,1e-15\nb,2.0,0\n")
+    new.write_text("name,x,tiny\na,1.0,1e-15\nb,2.0,0\n")
+    assert run_all.compare_table(new, old) == "identical"
+    new.write_text("name,x,tiny\na,1.0,2e-15\nb,2.2,0\n")
+    assert run_all.compare_table(new, old) == "same shape, max diff 1 of the column's scale"  # tiny: 1e-15 of 1e-15
+    new.write_text("name,x,tiny\na,1.0,1e-15\nb,2.0,0\nc,3.0,0\n")
+    assert run_all.compare_table(new, old) == "rows 2 committed -> 3 now"
+    new.write_text("name,y\na,1\n")
+    assert run_all.compare_table(new, old).startswith("columns differ")
+    new.write_text("name,x,tiny\nA,1.0,1e-15\nb,2.0,0\n")
+    assert run_all.compare_table(new, old) == "same shape, text columns differ"
+    assert run_all.compare_table(new, tmp_path / "missing.csv") == "no committed table"
+    assert run_all.compare(tmp_path, tmp_path) == [("new.csv", "identical"), ("old.csv", "identical")]
