@@ -125,10 +125,11 @@ def test_resume_after_interruption_equals_uninterrupted(pair, tmp_path, monkeypa
             raise KeyboardInterrupt
 
     monkeypatch.setattr(loop.Metrics, "log", die_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        loop.main(small(pair, interrupted, steps=5, save_every=2, eval_every=2))
+    # an interrupt that is not a Ctrl-C between steps (a second Ctrl-C, a crash): nothing more is saved
+    assert loop.main(small(pair, interrupted, steps=5, save_every=2, eval_every=2)) == 130
     monkeypatch.setattr(loop.Metrics, "log", real_log)
     assert [r["step"] for r in rows(interrupted)] == [1, 2, 3] and steps_saved(interrupted) == [2]
+    assert not (interrupted / loop.LOCK).exists()   # the lock went with the run
 
     loop.main(["--out", str(interrupted), "--resume"])   # everything else comes from the saved config
     a, b = rows(full), rows(interrupted)
@@ -153,7 +154,10 @@ def test_accelerate_launch_two_cpu_processes(pair, tmp_path):
     assert [r["step"] for r in train] == [1, 2]
     assert train[0]["response_tokens"] > 0 and rows(out, "eval")[-1]["step"] == 2
     assert steps_saved(out) == [2]
-    assert {p.name for p in ckpt.checkpoint_dirs(out)[0].iterdir()} >= {"rng-rank0.pt", "rng-rank1.pt", "state.pt"}
+    assert {p.name for p in ckpt.checkpoint_dirs(out)[0].iterdir()} >= {"rng-rank0.pt", "rng-rank1.pt", "state.pt",
+                                                                          ckpt.MANIFEST}
+    assert ckpt.verify(ckpt.checkpoint_dirs(out)[0]) == []      # both processes' RNG files in the manifest
+    assert not (out / loop.LOCK).exists()                        # taken by the main process only, and released
 
 
 # one non-default value per DistillConfig field: (options, expected field value)

@@ -64,9 +64,15 @@ def test_run_writes_summary_and_says_where(pair, tmp_path, monkeypatch, one_thre
         assert Path(summary[key]).exists(), key
     assert Path(summary["curves_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*.tmp"))
-    last = printed.strip().splitlines()[-5:]
-    assert "nats" in last[1] and str(out / "metrics.jsonl") in last[2]
-    assert str(out / "summary.json") in last[3] and str(out / "curves.png") in last[4]
+    last = printed.strip().splitlines()[-9:]    # done, the table (header and 3 rows), then 4 paths
+    assert last[0].startswith("done: vopd_topk-k4 seed 0, 2 steps")
+    assert last[1].split() == ["held-out", "eval", "step", "0", "step", "2", "unit"]
+    first, final = summary["first_eval"], summary["last_eval"]
+    assert last[2].split()[:4] == ["greedy", "accuracy", f"{first['eval_accuracy']:.3f}", f"{final['eval_accuracy']:.3f}"]
+    assert last[3].split()[:4] == ["reverse", "KL", f"{first['eval_reverse_kl']:.4g}", f"{final['eval_reverse_kl']:.4g}"]
+    assert "nats per sequence" in last[3] and "nats per token" in last[4] and "fraction" in last[2]
+    assert last[5] == f"run:     {out}" and str(out / "metrics.jsonl") in last[6]
+    assert str(out / "summary.json") in last[7] and str(out / "curves.png") in last[8]
 
     # continued to more steps: unfinished (no summary) while it runs, then a new summary
     real_log, seen = loop.Metrics.log, []

@@ -18,6 +18,13 @@ give exactly the metrics of an uninterrupted run: rollout seeds depend only on
 run writes ``summary.json`` (config, first and last evaluation, wall time, paths) and
 ``curves.png``; a run without ``summary.json`` is unfinished.
 
+Run safety (``run``): the whole config and the prompt files are checked before ``--out`` is
+created, so a refused invocation leaves nothing behind; the run folder is locked
+(``run.lock``: pid, host, start; ``RunLock``) while its run lives, so a second run on it is
+refused; Ctrl-C finishes the current step, checkpoints it and exits with status 130
+(``StopOnSignal``); resume verifies the newest checkpoint's manifest and falls back to the
+newest intact one (``checkpoint.choose``); ``--resume`` on a finished run does nothing.
+
     vopd distill --preset tiny --estimator vopd --out runs/tiny-vopd   # ~2 min on 2 cores
     vopd distill --preset small --estimator vopd --out runs/small-vopd # text, 8,192-token vocabulary
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \
@@ -48,9 +55,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import resource
+import signal
+import socket
+import sys
+import threading
 import time
 import typing
 import warnings
@@ -65,6 +77,11 @@ from ..errors import InputError, exit_with
 from ..lm import hf, small, tasks, tiny
 from . import checkpoint as ckpt
 from .evaluate import evaluate_shard, sampled_reverse_kl, sequence_reverse_kl
+
+try:
+    import fcntl
+except ImportError:   # pragma: no cover - not on Windows: the lock falls back to the recorded pid
+    fcntl = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +173,54 @@ RESUMABLE = {"steps", "eval_every", "save_every", "keep_checkpoints", "out_dir",
 
 # ----------------------------------------------------------------------------- setup
 
+def _flag(name: str) -> str:
+    """The command-line option of a ``DistillConfig`` field (``out_dir`` -> ``--out``)."""
+    field = {f.name: f for f in dataclasses.fields(DistillConfig)}[name]
+    return field.metadata.get("flag", "--" + name.replace("_", "-"))
+
+
+def check_values(cfg: DistillConfig) -> None:
+    """Refuse option values that cannot train, each in one line naming the option.
+
+    Numbers: ``temperature`` and ``lr`` finite and > 0, ``top_p`` in (0, 1], ``weight_decay`` and
+    ``grad_clip`` finite and >= 0. Integers: ``steps``, ``prompts_per_step``, ``rollouts_per_prompt``
+    (and ``max_new_tokens``, ``num_threads`` when given) >= 1; ``num_eval``, ``eval_every``,
+    ``save_every``, ``warmup_steps``, ``seed`` >= 0; ``keep_checkpoints`` any (<= 0 keeps all).
+
+    Args:
+      cfg: the config.
+    """
+    def number(name, low, strict, high=math.inf):
+        v = getattr(cfg, name)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not (ok and (v > low if strict else v >= low) and v <= high):
+            bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+            raise InputError(f"{_flag(name)} must be a finite number {bound}, got {v!r}")
+
+    def integer(name, low):
+        v = getattr(cfg, name)
+        if v is None and name in ("max_new_tokens", "num_threads"):
+            return
+        if not isinstance(v, int) or isinstance(v, bool) or (low is not None and v < low):
+            raise InputError(f"{_flag(name)} must be an integer" + (f" >= {low}" if low is not None else "")
+                             + f", got {v!r}")
+
+    for name in ("temperature", "lr"):
+        number(name, 0, strict=True)
+    number("top_p", 0, strict=True, high=1)
+    for name in ("weight_decay", "grad_clip"):
+        number(name, 0, strict=False)
+    for name in ("steps", "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "num_threads"):
+        integer(name, 1)
+    for name in ("num_eval", "eval_every", "save_every", "warmup_steps", "seed"):
+        integer(name, 0)
+    integer("keep_checkpoints", None)
+
+
 def check_config(cfg: DistillConfig, world: int) -> dict:
-    """Validate the config; return the estimator's full parameter dict."""
+    """Validate the config (``check_values``, the estimator and its parameters, the preset, the
+    process count) without touching any file; return the estimator's full parameter dict."""
+    check_values(cfg)
     spec = est.get(cfg.estimator)
     if spec.analysis_only:
         raise InputError(f"estimator '{cfg.estimator}' needs exact tabular quantities; it cannot train a real model")
@@ -169,8 +232,6 @@ def check_config(cfg: DistillConfig, world: int) -> dict:
         raise InputError(f"unknown preset '{cfg.preset}'; presets: {', '.join(PRESETS)}")
     if cfg.preset is None and (cfg.prompts is None or cfg.student is None or cfg.teacher is None):
         raise InputError("without a preset give --prompts FILE.jsonl, --student and --teacher")
-    if cfg.steps < 1 or cfg.prompts_per_step < 1 or cfg.rollouts_per_prompt < 1:
-        raise InputError("steps, prompts_per_step and rollouts_per_prompt must be >= 1")
     if cfg.prompts_per_step % world:
         raise InputError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
                          f"processes ({world}) so that every process gets the same share")
@@ -181,19 +242,38 @@ def check_config(cfg: DistillConfig, world: int) -> dict:
 
 class Prompts:
     """Training prompts by step (deterministic in (seed, step), so resuming needs no loader state)
-    and the fixed held-out evaluation set."""
+    and the fixed held-out evaluation set (possibly empty: then no evaluation, with a note).
 
-    def __init__(self, cfg: DistillConfig):
-        self.cfg = cfg
-        self.records = tasks.read_jsonl(cfg.prompts) if cfg.prompts else None
-        self.eval = tasks.read_jsonl(cfg.eval_prompts)[:cfg.num_eval] if cfg.eval_prompts else None
+    Args:
+      cfg: the config (``prompts``, ``eval_prompts``, ``num_eval``, ``preset``, ``seed``).
+      check: when given, every prompt read from a file (and the preset's first step and eval
+        set) must pass it: an ``InputError`` naming ``file:line`` otherwise.
+    """
+
+    def __init__(self, cfg: DistillConfig, check: Optional[tasks.PromptCheck] = None):
+        self.cfg, self.notes = cfg, []
+        self.records = tasks.read_jsonl(cfg.prompts, check) if cfg.prompts else None
+        self.eval = tasks.read_jsonl(cfg.eval_prompts, check)[:cfg.num_eval] if cfg.eval_prompts else None
         if self.records is not None and self.eval is None:
             order = random.Random(0).sample(range(len(self.records)), len(self.records))
             n_eval = min(cfg.num_eval, len(self.records) // 10)
             self.eval = [self.records[i] for i in order[:n_eval]]
             self.records = [self.records[i] for i in order[n_eval:]]
+            if n_eval == 0 < cfg.num_eval:
+                self.notes.append(f"{cfg.prompts} has {len(self.records)} prompt(s), too few to hold out a tenth "
+                                  "for evaluation: no evaluation (give --eval-prompts FILE)")
         if self.eval is None:
             self.eval = PRESETS[cfg.preset].eval_prompts(cfg.num_eval, seed=0)
+            self._check_preset(self.eval, "held-out", check)
+        if self.records is None:
+            self._check_preset(self.train(1), "training", check)
+        if cfg.num_eval == 0 and cfg.eval_every > 0:
+            self.notes.append("--num-eval 0: no evaluation")
+
+    def _check_preset(self, records: list, split: str, check) -> None:
+        """Run ``check`` on the preset's generated prompts (a user's model may not know their characters)."""
+        for i, r in enumerate(records if check is not None else []):
+            check(r["prompt"], f"preset '{self.cfg.preset}' {split} prompt {i}")
 
     def train(self, step: int) -> list:
         """The ``prompts_per_step`` records of step ``step`` (1-based), over all processes."""
@@ -217,29 +297,366 @@ def model_paths(cfg: DistillConfig, accelerator):
     return cfg.student, cfg.teacher
 
 
+def default_max_new_tokens(cfg: DistillConfig) -> int:
+    """The response length when ``--max-new-tokens`` is not given: the preset's when there is a
+    preset (its model or its prompts are used), else 256."""
+    return PRESETS[cfg.preset].max_new_tokens if cfg.preset is not None else 256
+
+
+def model_context(path: str, role: str) -> Optional[int]:
+    """The ``max_position_embeddings`` of the model at ``path`` (its config only is read), or None.
+
+    Args:
+      path: a model directory or hub id.
+      role: "student" or "teacher", for error messages.
+    Returns:
+      The context length in tokens, None if the config has none.
+    """
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(**hf._resolve(path, role))
+    except (OSError, ValueError) as err:
+        raise InputError(f"could not load the {role} from {path!r}: {err}") from None
+    return getattr(config, "max_position_embeddings", None)
+
+
+def prompt_check(cfg: DistillConfig, student: str, teacher: str, defaulted: bool = False) -> tasks.PromptCheck:
+    """The check every prompt must pass (``tasks.PromptCheck``): the student's tokenizer, the smaller
+    of the two models' contexts; refuses a ``max_new_tokens`` that leaves no room for any prompt.
+
+    Args:
+      cfg: the config, ``max_new_tokens`` resolved.
+      student, teacher: the model paths (only tokenizer and configs are read).
+      defaulted: ``max_new_tokens`` was not given (the error says so).
+    Returns:
+      The ``PromptCheck``.
+    """
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(**hf._resolve(student, "student"))
+    except (OSError, ValueError) as err:
+        raise InputError(f"could not load the student's tokenizer from {student!r}: {err}") from None
+    contexts = [c for c in (model_context(student, "student"), model_context(teacher, "teacher")) if c is not None]
+    context = min(contexts) if contexts else None
+    if context is not None and cfg.max_new_tokens >= context:
+        given = f"{cfg.max_new_tokens} (the default {'without a preset' if cfg.preset is None else 'of the preset'})" \
+            if defaulted else str(cfg.max_new_tokens)
+        raise InputError(f"--max-new-tokens {given} does not fit the model's context of {context} tokens "
+                         "(max_position_embeddings) with room for a prompt; give --max-new-tokens below "
+                         f"{context} minus the longest prompt's length")
+    return tasks.PromptCheck(tokenizer, context, cfg.max_new_tokens)
+
+
+def _effective_bf16(value) -> bool:
+    """Whether a run asking for ``bf16=value`` gets bf16 here (only on GPU, as ``make_accelerator``)."""
+    return bool(value) and torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true"
+
+
+def read_config(path: Path) -> dict:
+    """A run's saved ``config.json``; one that is not a JSON object is an ``InputError`` naming it."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read the run's config {path}: {ckpt.first_line(err)}") from None
+    if not isinstance(saved, dict):
+        raise InputError(f"cannot read the run's config {path}: not a JSON object")
+    return saved
+
+
 def check_resumable(out_dir: Path, cfg: DistillConfig) -> None:
     """Refuse to continue the run in ``out_dir`` with a config that differs from its saved one
-    in a field outside ``RESUMABLE``."""
-    saved = json.loads((out_dir / "config.json").read_text())
-    changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v)
+    in a field outside ``RESUMABLE`` (``bf16`` compared as the effective value on this machine:
+    config.json records False for a CPU run that asked for bf16)."""
+    saved = read_config(out_dir / "config.json")
+
+    def same(key, value):
+        if key == "bf16":
+            return _effective_bf16(saved.get(key)) == _effective_bf16(value)
+        return saved.get(key) == value
+
+    changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and not same(k, v))
     if changed:
         raise InputError(f"cannot resume {out_dir}: its run used different " + ", ".join(
             f"{k} ({saved.get(k)!r} there, {getattr(cfg, k)!r} now)" for k in changed))
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``--out`` that cannot become a run folder (a file, below a file, not writable),
+    before anything is written.
+
+    Args:
+      out_dir: the run folder (it may not exist yet).
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"--out {out_dir}: {probe} is a file, so the folder cannot be made; choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out_dir} is not writable ({probe}: permission denied); choose another --out")
+
+
+def finished_run(out_dir: Path, steps: int) -> Optional[dict]:
+    """The ``summary.json`` of a finished run in ``out_dir`` that reached ``steps``, else None."""
+    path = out_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("steps_done", 0) >= steps else None
+
+
+def on_main(accelerator, fn):
+    """Run ``fn()`` on the main process only and share its failure: if it raises ``InputError``
+    every process raises (the main one its error), so no process waits forever for the others.
+
+    Args:
+      accelerator: the run's ``Accelerator``.
+      fn: a callable taking no arguments.
+    Returns:
+      ``fn()``'s value on the main process, None on the others.
+    """
+    error, value = None, None
+    if accelerator.is_main_process:
+        try:
+            value = fn()
+        except InputError as err:
+            error = err
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
+        if float(failed) and error is None:
+            raise InputError("the main process refused the run (its error says why)")
+    if error is not None:
+        raise error
+    return value
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+LOCK = "run.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
+class RunLock:
+    """The run folder's lock, held while its run lives: ``<out>/run.lock`` holds the holder's pid,
+    host, start time and command line, under an exclusive ``fcntl.flock`` that the kernel drops when
+    the process dies.
+
+    A lock file left by a process that is gone (killed) is stale: taken over with a warning. A
+    lock held by a live process is an ``InputError`` naming the folder and the pid; so is one
+    recorded by another host (its pid cannot be checked from here).
+    """
+
+    def __init__(self, out_dir: Path):
+        self.out_dir, self.path, self.fd = Path(out_dir), Path(out_dir) / LOCK, None
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock.
+
+        Returns:
+          A warning line when a stale lock was taken over, else None.
+        """
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                flocked = self._flock(fd)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise InputError(self._busy(holder)) from None
+            if not self._same_file(fd):     # removed or replaced while we waited: take the new one
+                os.close(fd)
+                continue
+            try:
+                stale = self._previous(self._holder(fd), flocked)
+            except InputError:
+                os.close(fd)
+                raise
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "command": " ".join(sys.argv)}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+            self.fd = fd
+            return stale
+        raise InputError(f"could not lock {self.out_dir}: {self.path} keeps changing")
+
+    def release(self) -> None:
+        """Remove the lock file (if it is still ours) and drop the lock; a no-op if not held."""
+        if self.fd is None:
+            return
+        if self._same_file(self.fd):
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+    @staticmethod
+    def _flock(fd) -> bool:
+        """``flock`` the file, non-blocking: True if locked, False where unsupported; raises
+        ``BlockingIOError`` if another process holds it."""
+        if fcntl is None:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise
+        except OSError:   # a filesystem without flock: the recorded pid decides
+            return False
+        return True
+
+    def _same_file(self, fd) -> bool:
+        """Whether ``fd`` is still the file at ``self.path`` (not removed or replaced by another process)."""
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def _holder(fd) -> Optional[dict]:
+        """The record in the lock file ({"pid", "host", ...}), None if empty or unreadable."""
+        try:
+            holder = json.loads(os.pread(fd, 65536, 0).decode() or "null")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+    def _busy(self, holder: Optional[dict]) -> str:
+        """The one-line refusal naming the folder and the holder's pid and host."""
+        who = (f"pid {holder['pid']} on {holder.get('host')}, started {holder.get('started')}" if holder
+               else "a process that has not written its pid yet")
+        return (f"{self.out_dir} is in use by another vopd distill run ({who}); wait for it to end or stop it, "
+                "or choose another --out")
+
+    def _previous(self, holder: Optional[dict], flocked: bool) -> Optional[str]:
+        """Judge a lock file left behind: None if there is none, a warning if it is stale, else ``InputError``."""
+        if holder is None:
+            return None
+        host, pid = holder.get("host"), holder["pid"]
+        if host != socket.gethostname():
+            raise InputError(f"{self.out_dir} is locked by pid {pid} on host {host} ({self.path}); if no run is "
+                             "going there, delete that file")
+        if not flocked and _pid_alive(pid):
+            raise InputError(self._busy(holder))
+        state = "is no longer running" if not _pid_alive(pid) else "is running but does not hold the lock"
+        return f"stale lock {self.path} taken over: pid {pid} ({holder.get('started')}) {state}"
+
+
+@dataclasses.dataclass
+class Claim:
+    """This invocation's hold on the run folder (``claim_out_dir``): the lock (main process only)
+    and the folders it created (the run folder and missing parents, innermost first)."""
+
+    out_dir: Path
+    lock: Optional[RunLock] = None
+    created: list = dataclasses.field(default_factory=list)
+
+    def release(self, started: bool) -> None:
+        """Drop the lock; folders this invocation created are removed again if the run never
+        started (they are empty then, e.g. after a refused model), so a retry is not blocked."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        for folder in self.created if not started else []:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def claim_out_dir(out_dir: Path, accelerator) -> Claim:
+    """Create the run folder if needed and lock it (``RunLock``) on the main process; every process
+    raises if that fails.
+
+    Args:
+      out_dir: the run folder.
+      accelerator: the run's ``Accelerator``.
+    Returns:
+      The ``Claim`` (its lock None off the main process).
+    """
+    claim = Claim(out_dir)
+
+    def take():
+        claim.created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"cannot create --out {out_dir}: {err.strerror}") from None
+        lock = RunLock(out_dir)
+        try:
+            stale = lock.acquire()
+        except (InputError, OSError) as err:
+            claim.release(started=False)
+            raise err if isinstance(err, InputError) else InputError(f"cannot lock {out_dir}: {err}") from None
+        claim.lock = lock
+        if stale:
+            print(f"warning: {stale}", file=sys.stderr, flush=True)
+
+    on_main(accelerator, take)
+    return claim
+
+
+def choose_checkpoint(out_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume from (``checkpoint.choose``), with a warning per damaged newer one
+    (set aside as ``.corrupt``, naming each bad file with its expected and actual size or hash) and
+    for an unverified one (no manifest: written before manifests existed). Main process only.
+
+    Args:
+      out_dir: the run folder.
+    Returns:
+      The checkpoint folder, or None if the run has none.
+    """
+    choice = ckpt.choose(out_dir)
+    for path, problems in choice.bad:
+        moved = ckpt.set_aside(path)
+        print(f"warning: checkpoint {path} is damaged ({'; '.join(problems)}); set aside as {moved.name}, "
+              f"resuming from {choice.path.name}", file=sys.stderr, flush=True)
+    if choice.path is not None and not choice.verified:
+        print(f"warning: checkpoint {choice.path} has no {ckpt.MANIFEST} (written by an older version): "
+              "loading it unverified", file=sys.stderr, flush=True)
+    return choice.path
+
+
 def prepare_out_dir(out_dir: Path, cfg: DistillConfig, resume: bool, accelerator) -> Optional[Path]:
-    """Refuse to overwrite a run; with ``resume``, check the config and return the latest checkpoint."""
+    """Refuse to overwrite a run; with ``resume``, check the config and return the checkpoint to
+    resume from (``choose_checkpoint``). Writes nothing but the renames of damaged checkpoints;
+    call it holding the folder's lock (``claim_out_dir``).
+
+    Args:
+      out_dir: the run folder.
+      cfg: the config as asked (``max_new_tokens`` unresolved, as config.json holds it).
+      resume: whether ``--resume`` was given.
+      accelerator: the run's ``Accelerator``.
+    Returns:
+      The checkpoint folder, or None (a new run, or one without checkpoints: it starts over).
+    """
     has_run = (out_dir / "config.json").exists() or (out_dir / "metrics.jsonl").exists()
     if has_run and not resume:
         raise InputError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
-    if has_run:
-        check_resumable(out_dir, cfg)
+    if not has_run:
+        return None
+    check_resumable(out_dir, cfg)
+    on_main(accelerator, lambda: choose_checkpoint(out_dir))
+    return ckpt.latest(out_dir)   # after the main process set damaged ones aside: the same on every process
+
+
+def start_out_dir(out_dir: Path, record: dict, accelerator) -> None:
+    """Mark the run as started: ``config.json`` written (atomically) and a previous ``summary.json``
+    removed (a continued run is unfinished until it ends). Main process, after every process checked."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "summary.json").unlink(missing_ok=True)   # a continued run is unfinished until it ends
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    return ckpt.latest(out_dir) if has_run else None
+        (out_dir / "summary.json").unlink(missing_ok=True)
+        write_json_atomic(out_dir / "config.json", record)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -480,24 +897,35 @@ def write_summary(run, rows: list, resumed_from: int, wall_seconds: float) -> di
     return summary
 
 
+TABLE = (("eval_accuracy", "greedy accuracy", ".3f", "fraction of held-out prompts answered correctly"),
+         ("eval_reverse_kl", "reverse KL", ".4g", "nats per sequence (exact per-token KL summed over a student sample)"),
+         ("eval_teacher_logprob", "teacher log-prob", ".4g", "nats per token (the teacher's, of student samples)"))
+
+
 def summary_lines(summary: dict, path: Path) -> list:
-    """The run's closing console lines: what it reached, in which units, and where its files are."""
-    def value(e, key, fmt):
-        return "n/a" if e.get(key) is None else format(e[key], fmt)
+    """The run's closing console lines: a table of the first and last held-out evaluation with
+    units (accuracy only where the prompts can be graded), then where the run folder, its metrics,
+    summary and curves are.
 
-    def change(key, fmt):
-        return f"{value(first, key, fmt)} -> {value(last, key, fmt)}"
-
+    Args:
+      summary: the dict of ``write_summary``.
+      path: where ``summary.json`` was written.
+    Returns:
+      The lines.
+    """
     lines = [f"done: {summary['label']} seed {summary['seed']}, {summary['steps_done']} steps "
              f"({summary['skipped_steps']} skipped), {summary['wall_seconds']:.1f} s"]
     first, last = summary["first_eval"], summary["last_eval"]
     if first:
-        graded = first.get("eval_accuracy") is not None or last.get("eval_accuracy") is not None
-        lines.append(f"eval (held-out) step {first['step']} -> {last['step']}: "
-                     + (f"greedy accuracy {change('eval_accuracy', '.3f')}, " if graded else "")
-                     + f"reverse KL {change('eval_reverse_kl', '.4g')} nats per sequence, "
-                     f"teacher log-prob {change('eval_teacher_logprob', '.4g')} nats per token")
-    return lines + [f"metrics: {summary['metrics_jsonl']}, {summary['metrics_csv']}", f"summary: {path}",
+        lines.append(f"{'held-out eval':18s} {'step ' + str(first['step']):>10s} {'step ' + str(last['step']):>10s}  unit")
+        for key, name, fmt, unit in TABLE:
+            cells = ["n/a" if e.get(key) is None else format(e[key], fmt) for e in (first, last)]
+            if key != "eval_accuracy" or cells != ["n/a", "n/a"]:   # no accuracy row without a verifier
+                lines.append(f"  {name:16s} {cells[0]:>10s} {cells[1]:>10s}  {unit}")
+    else:
+        lines.append("no held-out evaluation (--eval-every 0, --num-eval 0 or too few prompts)")
+    return lines + [f"run:     {Path(summary['metrics_jsonl']).parent}",
+                    f"metrics: {summary['metrics_jsonl']}, {summary['metrics_csv']}", f"summary: {path}",
                     f"curves:  {summary['curves_png']}"]
 
 
@@ -540,21 +968,48 @@ def make_accelerator(cfg: DistillConfig):
     return acc
 
 
-def setup(cfg: DistillConfig, resume: bool):
-    """Build the accelerator, models, optimizer and scheduler; restore a checkpoint if resuming."""
-    acc = make_accelerator(cfg)
-    on_gpu = acc.device.type == "cuda"
-    if acc.device.type == "cpu":
-        torch.set_num_threads(cfg.num_threads or 1)
-    params = check_config(cfg, acc.num_processes)
-    out_dir = Path(cfg.out_dir)
-    latest = prepare_out_dir(out_dir, cfg, resume, acc)
-    student_path, teacher_path = model_paths(cfg, acc)
-    pair = hf.load_pair(str(latest / "model") if latest else student_path, teacher_path, device=acc.device)
-    if cfg.bf16 and on_gpu:
+def load_models(latest: Optional[Path], paths: tuple, device):
+    """The student (from checkpoint ``latest`` when resuming) and the teacher (``hf.load_pair``); a
+    checkpoint's model that cannot be read is an ``InputError`` naming it.
+
+    Args:
+      latest: the checkpoint folder, or None.
+      paths: (student, teacher) paths from ``model_paths``.
+      device: where the models go.
+    Returns:
+      The ``hf.ModelPair``.
+    """
+    with ckpt.quiet_hf_progress():
+        if latest is None:
+            return hf.load_pair(paths[0], paths[1], device=device)
+        try:
+            return hf.load_pair(str(latest / "model"), paths[1], device=device)
+        except InputError:
+            raise
+        except Exception as err:   # a truncated safetensors file, a broken config.json ...
+            raise InputError(f"cannot load the student from checkpoint {latest / 'model'}: {ckpt.first_line(err)}; "
+                             f"move {latest} aside to resume from an older checkpoint") from None
+
+
+def setup(cfg: DistillConfig, asked: DistillConfig, acc, params: dict, paths: tuple, prompts: Prompts,
+          latest: Optional[Path]):
+    """Load the models, build optimizer and scheduler, restore checkpoint ``latest`` if resuming, then
+    mark the run started (``start_out_dir``: config.json).
+
+    Args:
+      cfg: the resolved config (``max_new_tokens`` set, ``bf16`` the effective value).
+      asked: the config as asked, written to config.json.
+      acc: the ``Accelerator``.
+      params: the estimator's parameters (``check_config``).
+      paths: (student, teacher) from ``model_paths``.
+      prompts: the checked ``Prompts``.
+      latest: the checkpoint to resume from, or None.
+    Returns:
+      (``Run``, the step it starts after, ``Metrics``).
+    """
+    pair = load_models(latest, paths, acc.device)
+    if cfg.bf16:
         pair.teacher.to(torch.bfloat16)
-    if cfg.max_new_tokens is None:
-        cfg.max_new_tokens = PRESETS[cfg.preset].max_new_tokens if cfg.prompts is None else 256
     params, capped = prm.cap_to_vocab(cfg.estimator, params, cfg.estimator_params, pair.info.vocab_size)
     for c in capped:
         acc.print(f"note: {c['param']}={c['used']} (registry default {c['default']} capped at the vocabulary size)")
@@ -564,7 +1019,7 @@ def setup(cfg: DistillConfig, resume: bool):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    run = Run(cfg, acc, pair.student, pair.teacher, pair.tokenizer, pair.info.vocab_size, params, Prompts(cfg),
+    run = Run(cfg, acc, pair.student, pair.teacher, pair.tokenizer, pair.info.vocab_size, params, prompts,
               optimizer, scheduler, TeacherTimer(pair.teacher))
     start, rows = 0, []
     if latest:
@@ -573,50 +1028,182 @@ def setup(cfg: DistillConfig, resume: bool):
     else:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    start_out_dir(out_dir, dataclasses.asdict(asked), acc)
     return run, start, Metrics(out_dir, rows, acc.is_main_process)
 
 
 def eval_postfix(row: dict) -> dict:
-    """The progress bar's view of an eval row (accuracy only where the task is graded)."""
-    out = {} if row["eval_accuracy"] is None else {"acc": f"{row['eval_accuracy']:.3f}"}
-    return {**out, "kl": f"{row['eval_reverse_kl']:.3f}", "teacher_lp": f"{row['eval_teacher_logprob']:.3f}"}
+    """The progress bar's view of an eval row (accuracy only where the task is graded, n/a for a missing value)."""
+    def cell(key):
+        return "n/a" if row.get(key) is None else f"{row[key]:.3f}"
+
+    out = {} if row["eval_accuracy"] is None else {"acc": cell("eval_accuracy")}
+    return {**out, "kl": cell("eval_reverse_kl"), "teacher_lp": cell("eval_teacher_logprob")}
 
 
-def run(cfg: DistillConfig, resume: bool = False) -> dict:
-    """Train; returns {"out_dir", "rows", "first_eval", "last_eval", "summary"} (summary: None off
-    the main process)."""
+# ----------------------------------------------------------------------------- Ctrl-C
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by ``run`` after a Ctrl-C, once the last completed step is checkpointed and the
+    console told how to resume (``main`` exits with status 130)."""
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) as a request to stop between steps, for the ``with`` block.
+
+    The first Ctrl-C sets ``requested`` (the loop finishes its step, checkpoints and stops); one
+    more than ``grace`` seconds later raises ``KeyboardInterrupt`` at once (one within ``grace``
+    is the same Ctrl-C forwarded by a launcher such as torchrun). Installed only in the main
+    thread; elsewhere Ctrl-C keeps its default behaviour.
+    """
+
+    def __init__(self, grace: float = 2.0):
+        self.grace, self.requested_at, self._installed, self._previous = grace, None, False, None
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        """The SIGINT handler: note the first request, raise on a later one past ``grace``."""
+        now = time.monotonic()
+        if self.requested_at is None:
+            self.requested_at = now
+            print("\ninterrupt: finishing the current step, then saving a checkpoint (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+        elif now - self.requested_at > self.grace:
+            raise KeyboardInterrupt
+
+
+def stop_agreed(acc, stop: StopOnSignal) -> bool:
+    """Whether any process was asked to stop (one all-reduce with several processes, so that all
+    stop after the same step)."""
+    flag = float(stop.requested)
+    if acc.num_processes > 1:
+        flag = float(acc.reduce(torch.tensor(flag, device=acc.device), "sum"))
+    return flag > 0
+
+
+def stop_at(run_, done: int, saved: int, metrics: Metrics) -> None:
+    """Checkpoint step ``done`` (unless ``saved``, the newest checkpoint, is that step), print one
+    line saying where and how to resume, and raise ``Interrupted``.
+
+    Args:
+      run_: the ``Run``.
+      done: the last completed step (0: none).
+      saved: the step of the newest checkpoint (0: none).
+      metrics: the rows so far (saved in the checkpoint).
+    """
+    cfg, acc, out = run_.cfg, run_.accelerator, Path(run_.cfg.out_dir)
+    path = None
+    if done > saved:
+        path = ckpt.save(acc, out, done, run_.student, run_.tokenizer, run_.optimizer, run_.scheduler,
+                         metrics.rows, keep=cfg.keep_checkpoints)
+        metrics.write_csv()
+    elif done:
+        path = out / "checkpoints" / f"step-{done:08d}"
+    where = f"checkpoint {path}" if path else "no step done, nothing to checkpoint"
+    how = f"vopd distill --out {out} --resume" + (
+        f" (launched the same way, {acc.num_processes} processes)" if acc.num_processes > 1 else "")
+    message = f"interrupted after step {done} of {cfg.steps}: {where}; continue with: {how}"
+    acc.print(message)
+    raise Interrupted(message)
+
+
+def abandoned(out_dir: Path) -> str:
+    """What an immediate interrupt (a second Ctrl-C, or one during setup) left, and how to go on."""
+    if not (out_dir / "config.json").is_file():
+        return "the run had not started; nothing was written"
+    latest = ckpt.latest(out_dir)
+    return (f"stopped at once, nothing saved after {'checkpoint ' + latest.name if latest else 'the start'}; "
+            f"continue with: vopd distill --out {out_dir} --resume")
+
+
+# ----------------------------------------------------------------------------- running
+
+def already_finished(out_dir: Path, summary: dict, acc) -> dict:
+    """Say that the run in ``out_dir`` is finished and return ``run``'s result from its files, touching nothing."""
+    acc.print(f"{out_dir} is finished: {summary['steps_done']} steps (its summary.json); nothing to do, nothing "
+              f"changed (--steps above {summary['steps_done']} continues it)")
+    path = out_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    return {"out_dir": str(out_dir), "rows": rows, "first_eval": evals[0] if evals else None,
+            "last_eval": evals[-1] if evals else None, "summary": summary if acc.is_main_process else None}
+
+
+def train(run_: Run, start: int, metrics: Metrics, started: float) -> dict:
+    """Steps ``start + 1 .. steps`` with evaluation and checkpoints, then the final model and the
+    summary; a Ctrl-C stops after the current step (``stop_at``).
+
+    Args:
+      run_: the ``Run`` from ``setup``.
+      start: the step it starts after (the resumed checkpoint's, or 0).
+      metrics: the ``Metrics``.
+      started: ``time.perf_counter()`` when the invocation began.
+    Returns:
+      ``run``'s result dict.
+    """
     from tqdm.auto import tqdm
-    started = time.perf_counter()
-    run_, start, metrics = setup(cfg, resume)
-    acc = run_.accelerator
+    cfg, acc = run_.cfg, run_.accelerator
     if acc.is_main_process:
         n_s = sum(p.numel() for p in run_.student.parameters())
         n_t = sum(p.numel() for p in run_.teacher.parameters())
         acc.print(f"distill: {cfg.estimator} {run_.params}, student {n_s:,} params, teacher {n_t:,}, "
                   f"{acc.num_processes} process(es) on {acc.device}, steps {start + 1}..{cfg.steps} -> {cfg.out_dir}")
-    if start == 0 and cfg.eval_every > 0:
-        metrics.log(evaluate(run_, 0))
-    bar = tqdm(total=cfg.steps, initial=start, disable=not acc.is_main_process, desc=f"distill {cfg.estimator}")
-    for step in range(start + 1, cfg.steps + 1):
-        row = train_step(run_, step)
-        metrics.log(row)
-        if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-            metrics.log(evaluate(run_, step))
-            bar.set_postfix(eval_postfix(metrics.rows[-1]))
-        else:
-            bar.set_postfix(loss=f"{row['loss']:.3f}", kl=f"{row['reverse_kl_sampled']:.3f}")
-        bar.update(1)
-        if cfg.save_every > 0 and not row["skipped"] and (step % cfg.save_every == 0 or step == cfg.steps):
-            ckpt.save(acc, cfg.out_dir, step, run_.student, run_.tokenizer, run_.optimizer, run_.scheduler,
-                      metrics.rows, keep=cfg.keep_checkpoints)
-            metrics.write_csv()
-    bar.close()
+    do_eval = cfg.eval_every > 0 and bool(run_.prompts.eval)
+    done = saved = start
+    with StopOnSignal() as stop:
+        if start == 0 and do_eval:
+            metrics.log(evaluate(run_, 0))
+        bar = tqdm(total=cfg.steps, initial=start, disable=not acc.is_main_process, desc=f"distill {cfg.estimator}")
+        try:
+            for step in range(start + 1, cfg.steps + 1):
+                if stop_agreed(acc, stop):
+                    break
+                row = train_step(run_, step)
+                metrics.log(row)
+                if do_eval and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    metrics.log(evaluate(run_, step))
+                    bar.set_postfix(eval_postfix(metrics.rows[-1]))
+                else:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", kl=f"{row['reverse_kl_sampled']:.3f}")
+                bar.update(1)
+                if cfg.save_every > 0 and not row["skipped"] and (step % cfg.save_every == 0 or step == cfg.steps):
+                    ckpt.save(acc, cfg.out_dir, step, run_.student, run_.tokenizer, run_.optimizer, run_.scheduler,
+                              metrics.rows, keep=cfg.keep_checkpoints)
+                    metrics.write_csv()
+                    saved = step
+                done = step
+        finally:
+            bar.close()
+        if done < cfg.steps:
+            stop_at(run_, done, saved, metrics)
+        return finish(run_, start, metrics, started)
+
+
+def finish(run_: Run, start: int, metrics: Metrics, started: float) -> dict:
+    """Write metrics.csv, the final model, curves.png and summary.json, print the closing table;
+    return ``run``'s result dict."""
+    cfg, acc = run_.cfg, run_.accelerator
     metrics.write_csv()
     acc.wait_for_everyone()
     summary = None
     if acc.is_main_process:
-        run_.student.save_pretrained(Path(cfg.out_dir) / "final")
-        run_.tokenizer.save_pretrained(Path(cfg.out_dir) / "final")
+        with ckpt.quiet_hf_progress():
+            run_.student.save_pretrained(Path(cfg.out_dir) / "final")
+            run_.tokenizer.save_pretrained(Path(cfg.out_dir) / "final")
         summary = write_summary(run_, metrics.rows, start, time.perf_counter() - started)
         for line in summary_lines(summary, Path(cfg.out_dir) / "summary.json"):
             acc.print(line)
@@ -626,7 +1213,78 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
             "last_eval": evals[-1] if evals else None, "summary": summary}
 
 
+def run(cfg: DistillConfig, resume: bool = False) -> dict:
+    """Check everything, lock the run folder, train; returns {"out_dir", "rows", "first_eval",
+    "last_eval", "summary"} (summary: None off the main process).
+
+    Everything that can be refused is refused before ``--out`` is created (config values, the
+    ``--out`` path, the models' tokenizer and context, every prompt); a folder this call created
+    is removed again if the run fails before it starts. ``--resume`` on a finished run returns at
+    once. ``cfg`` is resolved in place (``max_new_tokens``; ``bf16`` to the effective value).
+
+    Args:
+      cfg: the config.
+      resume: continue the run in ``cfg.out_dir``.
+    Returns:
+      The result dict; ``Interrupted`` is raised after a Ctrl-C.
+    """
+    started = time.perf_counter()
+    acc = make_accelerator(cfg)
+    if acc.device.type == "cpu":
+        torch.set_num_threads(cfg.num_threads or 1)
+    cfg.bf16 = bool(cfg.bf16) and acc.device.type == "cuda"   # what the run gets; config.json records it
+    asked = dataclasses.replace(cfg)                          # as asked: max_new_tokens unresolved
+    params = check_config(cfg, acc.num_processes)
+    out_dir = Path(cfg.out_dir)
+    check_out_dir(out_dir)
+    if resume and (out_dir / "config.json").is_file():
+        check_resumable(out_dir, asked)
+        summary = finished_run(out_dir, cfg.steps)
+        if summary is not None:
+            return already_finished(out_dir, summary, acc)
+    paths = model_paths(cfg, acc)
+    defaulted = cfg.max_new_tokens is None
+    if defaulted:
+        cfg.max_new_tokens = default_max_new_tokens(cfg)
+    prompts = Prompts(cfg, prompt_check(cfg, *paths, defaulted=defaulted))
+    for note in prompts.notes if acc.is_main_process else []:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+    claim, begun = claim_out_dir(out_dir, acc), False
+    try:
+        latest = prepare_out_dir(out_dir, asked, resume, acc)
+        run_, start, metrics = setup(cfg, asked, acc, params, paths, prompts, latest)
+        begun = True
+        return train(run_, start, metrics, started)
+    finally:
+        claim.release(started=begun)
+
+
 # ----------------------------------------------------------------------------- command line
+
+EPILOG = """\
+what the numbers mean (metrics.jsonl, one train row per step, eval rows every --eval-every):
+  loss                the estimator's surrogate loss: its gradient is the estimator, its value is
+                      not a divergence. For most estimators it is the batch mean of
+                      sum_t [A_t + sg(R_t - c b(s_t)) log pi(y_t|s_t)] (estimators.py), and
+                      log pi < 0, so it is often negative and need not approach 0 as the
+                      student improves: watch the reverse KL columns, not the loss.
+  reverse_kl_sampled  sum_t [log pi(y_t|s_t) - log pi_T(y_t|s_t)] over each training rollout,
+                      averaged: the sampled (single-sample) sequence reverse KL, nats per
+                      sequence; unbiased but noisy, and can be negative on a batch.
+  reverse_kl          sum_t KL(pi(.|s_t) || pi_T(.|s_t)) over the same rollouts, exact over the
+                      vocabulary at every sampled prefix, nats per sequence; NaN when the
+                      estimator keeps only sampled or top-k teacher log-probs (opd, vopd_topk).
+  eval_accuracy, eval_reverse_kl, eval_teacher_logprob
+                      held-out: greedy accuracy (null without a verifier), the exact reverse KL
+                      (nats per sequence) and the teacher's log-prob of student samples (nats
+                      per token); the closing table shows the first and last.
+
+the run folder (--out): config.json, metrics.jsonl/.csv, checkpoints/ (each with a manifest of
+sizes and sha256, verified on --resume), final/, summary.json and curves.png when finished.
+It is locked (run.lock) while its run lives: a second run on it is refused. Ctrl-C finishes
+the current step, checkpoints it and exits with status 130; --resume continues it exactly.
+"""
+
 
 def _option_type(annotation):
     """The argparse ``type`` of a field annotation: ``Optional[X]`` -> X."""
@@ -648,7 +1306,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """
     p = argparse.ArgumentParser(prog="vopd distill", argument_default=argparse.SUPPRESS, add_help=add_help,
                                 description="On-policy distillation with any registered estimator "
-                                            "(vopd_analysis/distill/loop.py).")
+                                            "(vopd_analysis/distill/loop.py).",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(DistillConfig)
     for f in dataclasses.fields(DistillConfig):
         meta = dict(f.metadata)
@@ -666,7 +1325,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
                    help="estimator parameter, value read as JSON (repeatable); unset ones take the "
                         "registry's defaults (vopd estimators)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest intact checkpoint (a finished "
+                                                       "run is left as it is)")
     return p
 
 
@@ -690,15 +1350,24 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     base = {}
     saved = Path(given.get("out_dir", DistillConfig.out_dir)) / "config.json"
     if resume and saved.is_file():
-        base = json.loads(saved.read_text())
+        base = read_config(saved)
     if params or "estimator_params" not in base:
         given["estimator_params"] = params
     return DistillConfig(**{**base, **given})
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """``vopd distill``: 0 when the run finished (or already had), 130 after a Ctrl-C (with one line
+    saying how to resume, no traceback); bad input raises ``InputError`` (the entry points print it)."""
     args = build_parser().parse_args(argv)
-    result = run(config_from_args(args), resume=getattr(args, "resume", False))
+    cfg = config_from_args(args)
+    try:
+        result = run(cfg, resume=getattr(args, "resume", False))
+    except Interrupted:
+        return 130
+    except KeyboardInterrupt:
+        print(f"interrupted: {abandoned(Path(cfg.out_dir))}", file=sys.stderr, flush=True)
+        return 130
     return 0 if result else 1
 
 

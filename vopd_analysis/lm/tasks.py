@@ -171,33 +171,114 @@ def verify(record: dict, response: str) -> Optional[bool]:
 
 # ----------------------------------------------------------------------------- user prompts
 
-def read_jsonl(path) -> List[dict]:
+@dataclasses.dataclass
+class PromptCheck:
+    """What a prompt must satisfy to be trained on: every character encodable by ``tokenizer``
+    (not mapped to its unknown token, not silently dropped), at least one token, and room for
+    ``max_new_tokens`` response tokens in ``context`` positions.
+
+    Calling it on (text, where) raises ``InputError`` starting with ``where`` (``file:line``).
+    """
+
+    tokenizer: object
+    context: Optional[int] = None          # the model's max_position_embeddings; None: unchecked
+    max_new_tokens: int = 0
+    _known: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __call__(self, text: str, where: str) -> int:
+        """Check one prompt; return its length in tokens."""
+        bad = self.unencodable(text)
+        if bad:
+            raise InputError(f"{where}: prompt {_short(text)} has characters the tokenizer cannot encode: "
+                             f"{''.join(bad)!r}{self._alphabet()}")
+        n = len(self.tokenizer(text)["input_ids"])
+        if n == 0:
+            raise InputError(f"{where}: prompt {_short(text)} encodes to zero tokens")
+        if self.context is not None and n + self.max_new_tokens > self.context:
+            room = self.context - n
+            raise InputError(f"{where}: prompt of {n} tokens + --max-new-tokens {self.max_new_tokens} = "
+                             f"{n + self.max_new_tokens} exceeds the model's context of {self.context} tokens "
+                             "(max_position_embeddings); " + (f"use --max-new-tokens {room} or less, or shorter prompts"
+                                                               if room > 0 else "the prompt alone fills it"))
+        return n
+
+    def unencodable(self, text: str) -> List[str]:
+        """The distinct characters of ``text`` the tokenizer maps to its unknown token, or drops
+        (encodes to nothing on their own and are lost in the decoded prompt)."""
+        out, decoded = [], None
+        for c in dict.fromkeys(text):
+            if c not in self._known:
+                ids = self.tokenizer(c, add_special_tokens=False)["input_ids"]
+                unk = self.tokenizer.unk_token_id
+                self._known[c] = "unk" if unk is not None and unk in ids else ("none" if not ids else "ok")
+            if self._known[c] == "none" and decoded is None:
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                decoded = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if self._known[c] == "unk" or (self._known[c] == "none" and c not in decoded):
+                out.append(c)
+        return out
+
+    def _alphabet(self) -> str:
+        """" (it knows only '0123...')" for a small character-level vocabulary, else ""."""
+        special = set(self.tokenizer.all_special_tokens)
+        vocab = [t for t, _ in sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1]) if t not in special]
+        if len(vocab) > 100 or any(len(t) != 1 for t in vocab):
+            return ""
+        return f" (it knows only {''.join(vocab)!r})"
+
+
+def _short(text: str, width: int = 40) -> str:
+    """``repr`` of ``text``, cut to ``width`` characters."""
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
+def _lines(path: Path):
+    """(line number, text) of each line of a UTF-8 file (a leading byte-order mark dropped);
+    a line that is not UTF-8 is an ``InputError`` naming file, line and column."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for lineno, raw in enumerate(data.splitlines(), 1):
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                             f"{err.start + 1}); save the file as UTF-8") from None
+
+
+def read_jsonl(path, check: Optional[PromptCheck] = None) -> List[dict]:
     """Read prompt records from a JSONL file, one ``{"prompt": str, "answer": str | int}`` object a
     line (the answer optional; blank lines skipped); errors are ``InputError`` naming the file and line.
 
+    Args:
+      path: the JSONL file (UTF-8).
+      check: when given, every prompt must pass it (characters the tokenizer knows, fits the context).
     Returns:
       [{"prompt": str, "answer": str or None}], at least one.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"prompts file {path} is a folder; expected a JSONL file")
     if not path.is_file():
         raise InputError(f"prompts file not found: {path}")
     records = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            if not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
-                raise InputError(f"{path}:{lineno}: missing or empty string field 'prompt'")
-            if "answer" in rec and rec["answer"] is not None and not isinstance(rec["answer"], (str, int)):
-                raise InputError(f"{path}:{lineno}: field 'answer' must be a string or integer")
-            records.append({"prompt": rec["prompt"],
-                            "answer": None if rec.get("answer") is None else str(rec["answer"])})
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        if not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
+            raise InputError(f"{path}:{lineno}: missing or empty string field 'prompt'")
+        if "answer" in rec and rec["answer"] is not None and not isinstance(rec["answer"], (str, int)):
+            raise InputError(f"{path}:{lineno}: field 'answer' must be a string or integer")
+        if check is not None:
+            check(rec["prompt"], f"{path}:{lineno}")
+        records.append({"prompt": rec["prompt"],
+                        "answer": None if rec.get("answer") is None else str(rec["answer"])})
     if not records:
-        raise InputError(f"{path}: no prompts found")
+        raise InputError(f"{path}: no prompts found (the file is empty or blank)")
     return records
