@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from vopd_analysis.errors import InputError
-from .tree import PrefixTree, _base_logits, check_size, level_offset, num_states
+from vopd_analysis.batch import TokenBatch
+from .tree import (GENERATION_COPIES, PrefixTree, _base_logits, check_generated, check_knobs, check_logit_values,
+                   check_memory, check_size, env_token_batch, level_offset, num_states)
 
 
 def markov_num_states(vocab: int, horizon: int) -> int:
@@ -30,8 +32,10 @@ class MarkovChain:
     Exposes the layered-environment interface of ``vopd_analysis.tabular.targets.tree_quantities``
     and ``vopd_analysis.tabular.dp.dp_moments`` (``vocab``, ``horizon``, ``num_states``, the
     tables, ``level(t)``, ``children(t)``); the engines that sample or enumerate sequences
-    take a ``PrefixTree``, which ``to_tree`` writes out. Construction raises ``InputError``
-    unless both tables are finite [S, V] numpy arrays.
+    take a ``PrefixTree``, which ``to_tree`` writes out; the Monte Carlo path samples the chain
+    itself (``sample``, ``state_ids``, ``token_batch``, parameters = the Markov tables).
+    Construction raises ``InputError`` unless both tables are finite numeric [S, V] numpy arrays;
+    ``make_markov`` also refuses rows that span more than ``synthetic.tree.MAX_LOGIT_SPREAD``.
 
     Attributes:
       vocab: V >= 2.
@@ -54,13 +58,52 @@ class MarkovChain:
             if not isinstance(table, np.ndarray) or table.shape != shape:
                 raise InputError(f"{name} must have shape [1 + (H-1) V, V] = {list(shape)}, "
                                  f"got {getattr(table, 'shape', None)}")
-            if not np.all(np.isfinite(table)):
-                raise InputError(f"{name} contains NaN or inf")
+            check_logit_values(name, table)
 
     @property
     def num_states(self) -> int:
         """S = 1 + (H - 1) V."""
         return markov_num_states(self.vocab, self.horizon)
+
+    @property
+    def num_sequences(self) -> int:
+        """V^H, the number of complete sequences."""
+        return self.vocab ** self.horizon
+
+    def state_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The Markov state of every position: 0 at t = 0, 1 + (t - 1) V + y_{t-1} after.
+
+        Args:
+          tokens: sequences, [N, H] long, ids in [0, V).
+
+        Returns:
+          [N, H] long.
+        """
+        ids = torch.zeros_like(tokens)
+        ids[:, 1:] = 1 + torch.arange(tokens.shape[1] - 1) * self.vocab + tokens[:, :-1]
+        return ids
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Draw n sequences y ~ pi_theta from the student by ancestral sampling.
+
+        Args:
+          n: number of sequences.
+          generator: the torch generator the draws come from.
+
+        Returns:
+          tokens, [n, H] long.
+        """
+        probs = torch.softmax(torch.as_tensor(self.student_logits), -1)
+        tokens = torch.zeros(n, self.horizon, dtype=torch.long)
+        for t in range(self.horizon):
+            states = torch.zeros(n, dtype=torch.long) if t == 0 else 1 + (t - 1) * self.vocab + tokens[:, t - 1]
+            tokens[:, t] = torch.multinomial(probs[states], 1, generator=generator).squeeze(1)
+        return tokens
+
+    def token_batch(self, tokens: torch.Tensor, student_logits: torch.Tensor, kl_to_go=None,
+                    next_kl_to_go=None) -> TokenBatch:
+        """The TokenBatch of the sequences ``tokens`` (``synthetic.tree.env_token_batch``)."""
+        return env_token_batch(self, tokens, student_logits, kl_to_go, next_kl_to_go)
 
     def level(self, t: int) -> slice:
         """The states of position t: [0, 1) for t = 0, else [1 + (t - 1) V, 1 + t V)."""
@@ -122,14 +165,15 @@ def make_markov(vocab: int = 4, horizon: int = 50, *, teacher_temperature: float
     Returns:
       The ``MarkovChain`` (float64 tables, [1 + (H - 1) V, V] each).
     """
+    check_knobs(teacher_temperature, divergence, coupling, zipf_exponent, seed)
     check_size(vocab, horizon)
-    if teacher_temperature <= 0:
-        raise InputError(f"teacher_temperature must be positive, got {teacher_temperature}")
-    rng = np.random.default_rng(seed)
     S = markov_num_states(vocab, horizon)
+    check_memory(S, vocab, GENERATION_COPIES, "generating the tables")
+    rng = np.random.default_rng(seed)
     depth = np.concatenate([[0], np.repeat(np.arange(1, horizon), vocab)])
     base = np.stack([_base_logits(rng, vocab, teacher_shape, zipf_exponent) for _ in range(horizon)])
     noise = rng.standard_normal((horizon, vocab))
     teacher = (base[depth] + coupling * rng.standard_normal((S, vocab))) / teacher_temperature
     student = teacher + divergence * (noise[depth] + coupling * rng.standard_normal((S, vocab)))
+    check_generated(student, teacher)
     return MarkovChain(vocab, horizon, student, teacher)

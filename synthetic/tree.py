@@ -17,6 +17,9 @@ parameter space and the logit space coincide (flattened state-major).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
 from typing import Optional
 
 import numpy as np
@@ -27,6 +30,64 @@ from vopd_analysis.batch import TokenBatch
 from vopd_analysis.errors import InputError
 MAX_EXACT_SEQUENCES = 1 << 23   # enumeration (and Monte Carlo tests against exact targets)
 MAX_DP_STATES = 1 << 22         # dynamic programming on a prefix tree
+# Largest max - min logit of one table row. The engines compute in float64, where a probability
+# below e^-745 is 0 and k3's squared importance ratio (pi_T / pi)^2 overflows beyond e^709: at a
+# spread of about 355 its variance is already inf. 300 keeps every estimator finite.
+MAX_LOGIT_SPREAD = 300.0
+GENERATION_COPIES = 4           # [S, V] float64 arrays alive while make_tree / make_markov draw a table
+
+
+def power_exceeds(base: int, exponent: int, limit: int) -> bool:
+    """Whether base^exponent > limit, without computing a huge power (base, exponent >= 1)."""
+    if exponent * math.log(base) > math.log(limit) + 1.0:
+        return True
+    return base ** exponent > limit
+
+
+def power_text(base: int, exponent: int) -> str:
+    """base^exponent written out (with thousands separators) when short, else as about 10^k."""
+    if exponent * math.log10(base) < 30:
+        return f"{base ** exponent:,}"
+    return f"about 10^{exponent * math.log10(base):,.0f}"
+
+
+def memory_limit_bytes() -> int:
+    """The machine's physical memory (os.sysconf), or 64 GiB where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 64 << 30
+
+
+def check_memory(states: int, vocab: int, copies: float, what: str) -> None:
+    """Raise ``InputError`` with the estimate if ``copies`` float64 [S, V] tables exceed the physical memory.
+
+    Args:
+      states: S.  vocab: V.
+      copies: how many [S, V] float64 arrays the work holds at once.
+      what: the work, for the message ("generating the tables", "the exact engines").
+    """
+    table = states * vocab * 8
+    need, have = copies * table, memory_limit_bytes()
+    if need > have:
+        raise InputError(f"{what} for S = {states:,} states and V = {vocab:,} would need about {need / 2**30:,.1f} GiB "
+                         f"({copies:,.0f} float64 [S, V] arrays of {table / 2**30:,.1f} GiB each; the student and "
+                         f"teacher tables alone take {2 * table / 2**30:,.1f} GiB), more than this machine's "
+                         f"{have / 2**30:,.1f} GiB of memory; lower V or H")
+
+
+def check_knobs(teacher_temperature: float, divergence: float, coupling: float, zipf_exponent: float,
+                seed) -> None:
+    """Raise ``InputError`` for a generator knob that cannot make a table: a temperature that is not
+    positive and finite, a non-finite divergence, coupling or Zipf exponent, or a seed that is not
+    a non-negative integer (numpy's generators take those only)."""
+    if not (isinstance(teacher_temperature, numbers.Real) and 0 < teacher_temperature < math.inf):
+        raise InputError(f"teacher_temperature must be a positive finite number, got {teacher_temperature!r}")
+    for name, value in (("divergence", divergence), ("coupling", coupling), ("zipf_exponent", zipf_exponent)):
+        if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+            raise InputError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
 
 
 def num_states(vocab: int, horizon: int) -> int:
@@ -163,28 +224,38 @@ class PrefixTree:
     def token_batch(self, tokens: torch.Tensor, student_logits: torch.Tensor,
                     kl_to_go: Optional[torch.Tensor] = None,
                     next_kl_to_go: Optional[torch.Tensor] = None) -> TokenBatch:
-        """The TokenBatch of the sequences ``tokens``, with the full teacher logits and an all-ones mask.
+        """The TokenBatch of the sequences ``tokens`` (``env_token_batch``)."""
+        return env_token_batch(self, tokens, student_logits, kl_to_go, next_kl_to_go)
 
-        Args:
-          tokens: sequences, [N, H] long.
-          student_logits: the student logits at the visited states, [N, H, V] (a leaf the caller
-            differentiates, e.g. theta[tree.state_ids(tokens)]).
-          kl_to_go: optional oracle table W(s), [S]; gathered at the visited states.
-          next_kl_to_go: optional oracle table W(s + v), [S, V]; gathered at the visited states.
 
-        Returns:
-          A ``TokenBatch`` with B = N, T = H: ``teacher_logits`` [N, H, V] and
-          ``teacher_token_logprobs`` [N, H] (log-softmax of the teacher table), mask of ones
-          (float64), and ``kl_to_go`` [N, H] / ``next_kl_to_go`` [N, H, V] when given.
-        """
-        states = self.state_ids(tokens)
-        teacher = torch.as_tensor(self.teacher_logits)[states]
-        teacher_lp = torch.log_softmax(teacher, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        return TokenBatch(
-            tokens=tokens, mask=torch.ones_like(tokens, dtype=torch.float64), student_logits=student_logits,
-            teacher_token_logprobs=teacher_lp, teacher_logits=teacher,
-            kl_to_go=None if kl_to_go is None else kl_to_go[states],
-            next_kl_to_go=None if next_kl_to_go is None else next_kl_to_go[states])
+def env_token_batch(env, tokens: torch.Tensor, student_logits: torch.Tensor,
+                    kl_to_go: Optional[torch.Tensor] = None,
+                    next_kl_to_go: Optional[torch.Tensor] = None) -> TokenBatch:
+    """The TokenBatch of the sequences ``tokens`` on a layered environment (a ``PrefixTree`` or a
+    ``synthetic.markov.MarkovChain``: anything with ``state_ids`` and ``teacher_logits``), with the
+    full teacher logits and an all-ones mask.
+
+    Args:
+      env: the environment.
+      tokens: sequences, [N, H] long.
+      student_logits: the student logits at the visited states, [N, H, V] (a leaf the caller
+        differentiates, e.g. theta[env.state_ids(tokens)]).
+      kl_to_go: optional oracle table W(s), [S]; gathered at the visited states.
+      next_kl_to_go: optional oracle table W(s + v), [S, V]; gathered at the visited states.
+
+    Returns:
+      A ``TokenBatch`` with B = N, T = H: ``teacher_logits`` [N, H, V] and
+      ``teacher_token_logprobs`` [N, H] (log-softmax of the teacher table), mask of ones
+      (float64), and ``kl_to_go`` [N, H] / ``next_kl_to_go`` [N, H, V] when given.
+    """
+    states = env.state_ids(tokens)
+    teacher = torch.as_tensor(env.teacher_logits)[states]
+    teacher_lp = torch.log_softmax(teacher, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return TokenBatch(
+        tokens=tokens, mask=torch.ones_like(tokens, dtype=torch.float64), student_logits=student_logits,
+        teacher_token_logprobs=teacher_lp, teacher_logits=teacher,
+        kl_to_go=None if kl_to_go is None else kl_to_go[states],
+        next_kl_to_go=None if next_kl_to_go is None else next_kl_to_go[states])
 
 
 def check_size(vocab: int, horizon: int) -> None:
@@ -196,7 +267,10 @@ def check_size(vocab: int, horizon: int) -> None:
 
 
 def check_tables(student_logits: np.ndarray, teacher_logits: np.ndarray, vocab: int, horizon: int) -> None:
-    """Raise ``InputError`` unless both tables are finite numpy arrays of shape [S, V] for this V and H.
+    """Raise ``InputError`` unless both tables are finite numeric numpy arrays of shape [S, V] for
+    this V and H (``check_logit_values``). The row spread is checked where tables come in from
+    outside (``from_arrays``, ``make_tree``: ``check_logit_spread``), not here: a training run
+    (``with_student``) may drive the student far out and report it.
 
     Args:
       student_logits: the student table, [S, V].
@@ -205,14 +279,34 @@ def check_tables(student_logits: np.ndarray, teacher_logits: np.ndarray, vocab: 
       horizon: H >= 1; S = (V^H - 1) / (V - 1).
     """
     check_size(vocab, horizon)
-    S = num_states(vocab, horizon)
+    S = None if power_exceeds(vocab, horizon, 1 << 62) else num_states(vocab, horizon)   # None: no table has it
     for name, table in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(table, np.ndarray) or table.shape != (S, vocab):
+        if S is None or not isinstance(table, np.ndarray) or table.shape != (S, vocab):
             shape = getattr(table, "shape", None)
-            raise InputError(f"{name} must have shape [S, V] = [{S}, {vocab}] for V={vocab}, H={horizon} "
+            count = f"{S:,}" if S is not None else f"(V^H - 1)/(V - 1) with V^H = {power_text(vocab, horizon)}"
+            raise InputError(f"{name} must have shape [S, V] = [{count}, {vocab}] for V={vocab}, H={horizon} "
                              f"(S = (V^H - 1)/(V - 1)), got {shape}")
-        if not np.all(np.isfinite(table)):
-            raise InputError(f"{name} contains NaN or inf")
+        check_logit_values(name, table)
+
+
+def check_logit_values(name: str, table: np.ndarray) -> None:
+    """Raise ``InputError`` unless ``table`` [S, V] is a real numeric array without NaN or inf."""
+    if table.dtype.kind not in "biuf":
+        raise InputError(f"{name} must be a real numeric array, got dtype {table.dtype}")
+    if not np.all(np.isfinite(table)):
+        raise InputError(f"{name} contains NaN or inf")
+
+
+def check_logit_spread(name: str, table: np.ndarray, remedy: str = "clip the logits") -> None:
+    """Raise ``InputError`` if a row of ``table`` [S, V] spans (max - min) more than ``MAX_LOGIT_SPREAD``,
+    naming the first such row, its spread, why the engines cannot take it, and ``remedy``."""
+    spread = np.ptp(table, axis=1) if table.size else np.zeros(0)
+    if spread.size and float(spread.max()) > MAX_LOGIT_SPREAD:
+        row = int(np.argmax(spread))
+        raise InputError(f"{name} row {row} spans {float(spread[row]):.3g} (max - min logit), more than the "
+                         f"{MAX_LOGIT_SPREAD:g} the float64 engines handle (probabilities below e^-745 underflow "
+                         f"and squared importance ratios overflow beyond e^709); {remedy} (a token "
+                         f"{MAX_LOGIT_SPREAD:g} below the top has probability below 1e-130)")
 
 
 def from_arrays(student_logits, teacher_logits, horizon: int) -> PrefixTree:
@@ -226,11 +320,56 @@ def from_arrays(student_logits, teacher_logits, horizon: int) -> PrefixTree:
     Returns:
       The ``PrefixTree``; a wrong shape or a non-finite entry raises ``InputError``.
     """
-    student = np.asarray(student_logits, dtype=np.float64)
-    teacher = np.asarray(teacher_logits, dtype=np.float64)
+    student, teacher = (_as_float_table(name, table) for name, table in
+                        (("student_logits", student_logits), ("teacher_logits", teacher_logits)))
     if student.ndim != 2:
         raise InputError(f"student_logits must be a 2-D [S, V] array, got shape {student.shape}")
-    return PrefixTree(student.shape[1], horizon, student, teacher)
+    tree = PrefixTree(student.shape[1], horizon, student, teacher)
+    check_logit_spread("student_logits", student)
+    check_logit_spread("teacher_logits", teacher)
+    return tree
+
+
+def _as_float_table(name: str, table) -> np.ndarray:
+    """``table`` as a float64 numpy array; ``InputError`` for strings, objects, complex numbers or ragged lists."""
+    array = np.asarray(table) if not isinstance(table, np.ndarray) else table
+    if array.dtype.kind not in "biuf":
+        raise InputError(f"{name} must be a real numeric array, got dtype {array.dtype}")
+    return array.astype(np.float64, copy=False)
+
+
+_NPZ_MAGIC, _NPY_MAGIC = b"PK\x03\x04", b"\x93NUMPY"
+
+
+def _load_npz(path: str):
+    """``np.load(path)`` of a .npz archive (no pickles), with every failure an ``InputError`` naming it."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+    except FileNotFoundError:
+        raise InputError(f"no such tables file: {path}") from None
+    except OSError as err:
+        raise InputError(f"cannot read tables file {path}: {err.strerror or err}") from None
+    if head.startswith(_NPY_MAGIC):
+        raise InputError(f"{path} is a single .npy array, not a .npz archive: save both tables with "
+                         "np.savez(path, student_logits=..., teacher_logits=...)")
+    if not head.startswith(_NPZ_MAGIC):
+        raise InputError(f"{path} is not a NumPy .npz archive (a zip of .npy arrays, as np.savez writes): "
+                         "it does not start with the zip signature")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as err:  # numpy raises several types for a corrupt archive
+        raise InputError(f"cannot read {path} as a NumPy .npz archive: {err}") from None
+
+
+def _npz_array(data, path: str, name: str) -> np.ndarray:
+    """One array of an open .npz; object arrays (which need pickles) and unreadable members are ``InputError``."""
+    try:
+        return data[name]
+    except ValueError as err:
+        raise InputError(f"{path}: {name} is an object array ({err}); save numeric [S, V] tables") from None
+    except Exception as err:
+        raise InputError(f"{path}: cannot read {name}: {err}") from None
 
 
 def from_npz(path: str, horizon: int) -> PrefixTree:
@@ -244,16 +383,12 @@ def from_npz(path: str, horizon: int) -> PrefixTree:
       The ``PrefixTree``; a missing or unreadable file, a missing array or bad tables raise
       ``InputError``.
     """
-    try:
-        data = np.load(path)
-    except FileNotFoundError:
-        raise InputError(f"no such tables file: {path}") from None
-    except Exception as err:  # numpy raises several types for a corrupt file
-        raise InputError(f"cannot read {path} as a NumPy .npz file: {err}") from None
-    missing = {"student_logits", "teacher_logits"} - set(data.files)
-    if missing:
-        raise InputError(f"{path} lacks array(s) {sorted(missing)}; it has {sorted(data.files)}")
-    return from_arrays(data["student_logits"], data["teacher_logits"], horizon)
+    with _load_npz(path) as data:
+        missing = {"student_logits", "teacher_logits"} - set(data.files)
+        if missing:
+            raise InputError(f"{path} lacks array(s) {sorted(missing)}; it has {sorted(data.files)}")
+        tables = [_npz_array(data, path, name) for name in ("student_logits", "teacher_logits")]
+    return from_arrays(*tables, horizon)
 
 
 def _base_logits(rng: np.random.Generator, vocab: int, shape: str, zipf_exponent: float) -> np.ndarray:
@@ -295,17 +430,27 @@ def make_tree(vocab: int = 4, horizon: int = 3, *, teacher_temperature: float = 
     Returns:
       The ``PrefixTree`` (float64 tables, [S, V] each).
     """
-    if teacher_temperature <= 0:
-        raise InputError(f"teacher_temperature must be positive, got {teacher_temperature}")
+    check_knobs(teacher_temperature, divergence, coupling, zipf_exponent, seed)
     check_size(vocab, horizon)
-    rng = np.random.default_rng(seed)
+    if power_exceeds(vocab, horizon, 1 << 40):
+        raise InputError(f"a prefix tree with V={vocab}, H={horizon} has (V^H - 1)/(V - 1) states, V^H = "
+                         f"{power_text(vocab, horizon)}: too many to store; use a Markov chain (synthetic.markov)")
     S = num_states(vocab, horizon)
+    check_memory(S, vocab, GENERATION_COPIES, "generating the tables")
+    rng = np.random.default_rng(seed)
     depth = np.concatenate([np.full(vocab ** t, t) for t in range(horizon)])
     base = np.stack([_base_logits(rng, vocab, teacher_shape, zipf_exponent) for _ in range(horizon)])
     noise = rng.standard_normal((horizon, vocab))
     teacher = (base[depth] + coupling * rng.standard_normal((S, vocab))) / teacher_temperature
     student = teacher + divergence * (noise[depth] + coupling * rng.standard_normal((S, vocab)))
+    check_generated(student, teacher)
     return PrefixTree(vocab, horizon, student, teacher)
+
+
+def check_generated(student: np.ndarray, teacher: np.ndarray) -> None:
+    """``check_logit_spread`` of generated tables, pointing at the knobs that widen them."""
+    for name, table in (("teacher_logits", teacher), ("student_logits", student)):
+        check_logit_spread(name, table, "raise teacher_temperature or lower divergence and coupling")
 
 
 def bandit(vocab: int = 4, **knobs) -> PrefixTree:
@@ -321,8 +466,8 @@ def check_enumerable(vocab: int, horizon: int, limit: int = MAX_EXACT_SEQUENCES)
       horizon: H.
       limit: the most sequences enumeration accepts (default ``MAX_EXACT_SEQUENCES`` = 2^23).
     """
-    if vocab ** horizon > limit:
+    if power_exceeds(vocab, horizon, limit):
         raise InputError(
-            f"V={vocab}, H={horizon} has V^H = {vocab ** horizon:,} sequences, more than the "
+            f"V={vocab}, H={horizon} has V^H = {power_text(vocab, horizon)} sequences, more than the "
             f"{limit:,} the exact engine enumerates; use the Monte Carlo path "
             "(vopd_analysis.tabular.montecarlo, or `vopd mc`) for this size")

@@ -166,3 +166,108 @@ def test_several_ids_per_position_match_autograd(small_chunks):
     (w * lp_ref).sum().backward()
     torch.testing.assert_close(lp, lp_ref.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(za.grad, zb.grad, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- masked vocabularies (0 log 0 = 0)
+
+_INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}
+
+
+def same_bits(a, b) -> bool:
+    """Equal bit for bit (so -0 != +0 and NaN == NaN of the same payload)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(_INT_VIEW[a.dtype]),
+                                                                     b.contiguous().view(_INT_VIEW[b.dtype]))
+
+
+def _old_optimal_scalar_baseline(log_q, log_p):
+    w = dv.logit_score_weights(log_q.exp())
+    return (w * (log_q - log_p)).sum(-1) / w.sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
+
+
+def _old_generalized_jsd(z, t, beta):
+    log_q, log_p = torch.log_softmax(z.to(dv.compute_dtype(z)), -1), torch.log_softmax(t.to(dv.compute_dtype(z)), -1)
+    dtype = log_q.dtype
+    log_m = torch.logsumexp(torch.stack([log_p + torch.log(torch.tensor(beta, dtype=dtype)),
+                                         log_q + torch.log(torch.tensor(1.0 - beta, dtype=dtype))]), dim=0)
+    return beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+
+
+def _outputs(z0, t0, y):
+    """Every divergence touched by the 0 log 0 convention, values and student gradients."""
+    out = {}
+    z = z0.clone().requires_grad_(True)
+    lp, kl = dv.token_logprobs_and_reverse_kl(z, y, t0)
+    full = dv.reverse_kl_to_fixed_teacher(z, t0)
+    (lp.sum() + 0.7 * full.sum()).backward()
+    out.update(lp=lp.detach(), kl=kl, full=full.detach(), grad_chunked=z.grad)
+    z = z0.clone().requires_grad_(True)
+    lp_b, bstar = dv.token_logprobs_and_optimal_baseline(z, y, t0, dv.logsumexp_detached(t0))
+    out.update(bstar=bstar)
+    for name, fn in (("reverse", dv.reverse_kl), ("forward", dv.forward_kl),
+                     ("jsd", lambda a, b: dv.generalized_jsd(a, b, 0.3))):
+        z = z0.clone().requires_grad_(True)
+        value = fn(z, t0)
+        value.sum().backward()
+        out.update({name: value.detach(), f"grad_{name}": z.grad})
+    log_q, log_p = torch.log_softmax(z0.double(), -1), torch.log_softmax(t0.double(), -1)
+    out["renormalised"] = dv.renormalised_reverse_kl(log_q[..., :3], log_p[..., :3])
+    out["tail"] = dv.tail_bucket_reverse_kl(log_q[..., :3], log_p[..., :3])
+    out["entropy"] = dv.entropy(z0)
+    out["bstar_plain"] = dv.optimal_scalar_baseline(log_q, log_p)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_masked_vocabulary_convention_changes_no_finite_result_by_a_bit(small_chunks, monkeypatch, dtype):
+    g = torch.Generator().manual_seed(5)
+    z = (3 * torch.randn(11, 7, generator=g, dtype=torch.float64)).to(dtype)
+    t = (3 * torch.randn(11, 7, generator=g, dtype=torch.float64)).to(dtype)
+    y = torch.randint(0, 7, (11,), generator=g)
+    new = _outputs(z, t, y)
+    new["bstar_old_formula"] = _old_optimal_scalar_baseline(torch.log_softmax(z.double(), -1),
+                                                            torch.log_softmax(t.double(), -1))
+    new["jsd_old_formula"] = _old_generalized_jsd(z, t, 0.3)
+    monkeypatch.setattr(dv, "_zero_nan_", lambda x: x)
+    monkeypatch.setattr(dv, "_plogratio", lambda a, b: a.exp() * (a - b))
+    old = _outputs(z, t, y)
+    for key, value in old.items():
+        assert same_bits(new[key], value), key
+    assert same_bits(new["bstar_plain"], new["bstar_old_formula"])
+    assert same_bits(new["jsd"], new["jsd_old_formula"])
+
+
+def test_hard_masked_vocabulary_has_the_kl_of_the_remaining_tokens(small_chunks):
+    g = torch.Generator().manual_seed(6)
+    z, t = torch.randn(11, 7, generator=g, dtype=torch.float64), torch.randn(11, 7, generator=g, dtype=torch.float64)
+    keep, masked = torch.tensor([0, 1, 3, 4, 6]), torch.tensor([2, 5])
+    zm, tm = z.index_fill(-1, masked, float("-inf")), t.index_fill(-1, masked, float("-inf"))
+    y_small = torch.randint(0, 5, (11,), generator=g)
+    for fn in (lambda a, b, y: dv.token_logprobs_and_reverse_kl(a, y, b)[1],
+               lambda a, b, y: dv.reverse_kl_to_fixed_teacher(a, b), lambda a, b, y: dv.reverse_kl(a, b),
+               lambda a, b, y: dv.token_logprobs_and_optimal_baseline(a, y, b)[1],
+               lambda a, b, y: dv.generalized_jsd(a, b, 0.5), lambda a, b, y: dv.forward_kl(a, b),
+               lambda a, b, y: dv.entropy(a)):
+        a, b = zm.clone().requires_grad_(True), z[:, keep].clone().requires_grad_(True)
+        va, vb = fn(a, tm, keep[y_small]), fn(b, t[:, keep], y_small)
+        torch.testing.assert_close(va, vb, rtol=1e-13, atol=1e-13)
+        if va.requires_grad:
+            va.sum().backward()
+            vb.sum().backward()
+            assert torch.all(a.grad[:, masked] == 0)
+            torch.testing.assert_close(a.grad[:, keep], b.grad, rtol=1e-12, atol=1e-13)
+
+
+def test_student_mask_alone_is_q_zero_and_teacher_mask_under_student_mass_is_infinite():
+    g = torch.Generator().manual_seed(7)
+    z, t = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    zm = z.clone()
+    zm[:, 0] = float("-inf")
+    for kl in (dv.reverse_kl(zm, t), dv.reverse_kl_to_fixed_teacher(zm, t)):
+        assert torch.isfinite(kl).all() and (kl >= 0).all()
+    z_grad = zm.clone().requires_grad_(True)
+    dv.reverse_kl_to_fixed_teacher(z_grad, t).sum().backward()
+    assert torch.isfinite(z_grad.grad).all() and torch.all(z_grad.grad[:, 0] == 0)
+    tm = t.clone()
+    tm[:, 0] = float("-inf")
+    assert torch.all(dv.reverse_kl(z, tm) == math.inf)
+    assert torch.all(dv.reverse_kl_to_fixed_teacher(z, tm) == math.inf)

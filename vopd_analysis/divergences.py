@@ -3,6 +3,14 @@
 All functions act on the last (vocabulary) axis and return one value per token.
 They compute in at least float32, whatever the input dtype (bf16 logits from a
 GPU model are upcast chunk by chunk, never as one ``[B, T, V]`` float32 copy).
+
+Masked vocabularies. A logit of -inf is probability 0, and a term with probability 0
+contributes 0 (0 log 0 = 0, 0 log(0/p) = 0), in the values and in their gradients: a
+student and a teacher both at -inf on the same tokens (a hard-masked vocabulary) have the
+finite KL of the remaining tokens, and a student at -inf where the teacher is finite simply
+has q = 0 there. A teacher at -inf where the student has mass gives KL(q || p) = +inf, which
+is the true value (its gradient is then not finite either). On finite inputs the convention
+changes no result by a single bit (tests/test_divergences.py compares against the plain formulas).
 """
 
 from __future__ import annotations
@@ -15,6 +23,23 @@ import torch
 # (1 MiB in float32): small enough to stay in cache and to be served from the allocator's
 # free lists, so they neither touch fresh pages nor keep a second [B, T, V] tensor alive.
 _CHUNK_ELEMENTS = 1 << 18
+
+
+_NEG_INF = float("-inf")
+
+
+def _zero_nan_(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with NaN set to 0 in place, infinities kept: in a product (z - t) e or q (log q - log p - c)
+    of finite-or-(-inf) logits a NaN can only be 0 times an infinite log-ratio, a probability-0
+    term, which contributes 0."""
+    return x.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=_NEG_INF)
+
+
+def _plogratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """a (log a - log b) elementwise, with 0 where a = 0 exactly (log a = -inf): 0 log 0 = 0 and
+    0 log(0 / b) = 0, in the value and in the gradient; other entries bit for bit the plain product."""
+    diff = log_a - log_b
+    return log_a.exp() * torch.where(log_a == _NEG_INF, torch.zeros((), dtype=diff.dtype, device=diff.device), diff)
 
 
 def logsumexp_detached(logits: torch.Tensor) -> torch.Tensor:
@@ -33,6 +58,24 @@ def _chunk_rows(vocab: int, tokens: int) -> int:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 stays float64; anything narrower is computed in float32."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_v x[n, v] y[n, v] per row [N], as a batched matrix product (no [N, V] temporary)."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).reshape(-1)
+
+
+def _bstar_from_sums(kl: torch.Tensor, q_sq: torch.Tensor, q2l: torch.Tensor) -> torch.Tensor:
+    """b* = sum_y w_y l_y / sum_y w_y with w_y = q_y (1 + |q|^2 - 2 q_y), from per-row sums only:
+
+        sum_y w_y     = 1 - |q|^2                         (sum_y q_y = 1)
+        sum_y w_y l_y = (1 + |q|^2) KL - 2 sum_y q_y^2 l_y,
+
+    so the chunked pass needs |q|^2 and sum q^2 l beside the KL it computes anyway. 0/0 (a
+    one-hot student) reads as 0, as in ``optimal_scalar_baseline``."""
+    den = 1.0 - q_sq
+    num = (1.0 + q_sq) * kl - 2.0 * q2l
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -79,12 +122,13 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 tc = t[a:a + rows].to(dtype)
                 if compute_t_lse:
                     t_lse[a:a + rows] = torch.logsumexp(tc, -1)
-                kl[a:a + rows] = t_lse[a:a + rows] - lse[a:a + rows] + torch.sub(zc, tc).mul_(e).sum(-1) / Z
-                if want_bstar:
-                    q = e.div_(Z.unsqueeze(-1))                       # e is not needed again
-                    l = torch.sub(zc, tc).sub_((lse[a:a + rows] - t_lse[a:a + rows]).unsqueeze(-1))
-                    w = logit_score_weights(q)
-                    bstar[a:a + rows] = (w * l).sum(-1) / w.sum(-1).clamp_min(torch.finfo(dtype).tiny)
+                kl[a:a + rows] = t_lse[a:a + rows] - lse[a:a + rows] + _zero_nan_(torch.sub(zc, tc).mul_(e)).sum(-1) / Z
+                if want_bstar:   # b* from KL and two more sums over the chunk (see _bstar_from_sums)
+                    Z2 = Z * Z
+                    q_sq = _row_dot(e, e) / Z2                        # |q|^2
+                    shift = lse[a:a + rows] - t_lse[a:a + rows]
+                    q2l = _row_dot(_zero_nan_(torch.sub(zc, tc).mul_(e)), e) / Z2 - shift * q_sq   # sum q^2 (z - t - shift)
+                    bstar[a:a + rows] = _bstar_from_sums(kl[a:a + rows], q_sq, q2l)
         lp = lse.new_empty(0) if y is None else z.gather(1, y).to(dtype) - lse.unsqueeze(1)
         ctx.save_for_backward(z, y, lse, t, t_lse, kl if t is not None else None)
         ctx.mark_non_differentiable(lse, bstar)
@@ -114,7 +158,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 q.mul_(g_sum[a:a + rows].neg())
             else:
                 w = torch.sub(zc, t[a:a + rows].to(dtype)).sub_(shift[a:a + rows]).mul_(g_kl[a:a + rows])
-                q.mul_(w if g_lp is None else w.sub_(g_sum[a:a + rows]))
+                _zero_nan_(q.mul_(w if g_lp is None else w.sub_(g_sum[a:a + rows])))   # q = 0: no gradient
             if g_lp is not None:
                 q.scatter_add_(1, y[a:a + rows], g_lp[a:a + rows])   # + sum_j g_nj e_{y_nj}
             if out is None:
@@ -218,19 +262,23 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(q || p) = sum_v q_v (log q_v - log p_v); differentiable in both inputs."""
+    """KL(q || p) = sum_v q_v (log q_v - log p_v); differentiable in both inputs.
+
+    q_v = 0 terms are 0 (a student at -inf, with or without the teacher); a teacher at -inf
+    where q_v > 0 gives +inf, the true KL (module docstring).
+    """
     dtype = compute_dtype(student_logits)
     log_q = torch.log_softmax(student_logits.to(dtype), dim=-1)
     log_p = torch.log_softmax(teacher_logits.to(dtype), dim=-1)
-    return (log_q.exp() * (log_q - log_p)).sum(-1)
+    return _plogratio(log_q, log_p).sum(-1)
 
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) = sum_v p_v (log p_v - log q_v)."""
+    """KL(p || q) = sum_v p_v (log p_v - log q_v); p_v = 0 terms are 0, a student at -inf where p_v > 0 gives +inf."""
     dtype = compute_dtype(student_logits)
     log_q = torch.log_softmax(student_logits.to(dtype), dim=-1)
     log_p = torch.log_softmax(teacher_logits.to(dtype), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    return _plogratio(log_p, log_q).sum(-1)
 
 
 def renormalised_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
@@ -240,7 +288,7 @@ def renormalised_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: to
     """
     log_q = student_logprobs - torch.logsumexp(student_logprobs, dim=-1, keepdim=True)
     log_p = teacher_logprobs - torch.logsumexp(teacher_logprobs, dim=-1, keepdim=True)
-    return (log_q.exp() * (log_q - log_p)).sum(-1)
+    return _plogratio(log_q, log_p).sum(-1)
 
 
 def student_topk_logprobs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int,
@@ -270,6 +318,7 @@ def optimal_scalar_baseline(student_logprobs: torch.Tensor, teacher_logprobs: to
         b*(s) = sum_y w_y l_y / sum_y w_y,   w_y = q_y |e_y - q|^2 = q_y (1 - 2 q_y + |q|^2),
 
     with l_y = log q_y - log p_y. vOPD's KL_s = sum_y q_y l_y uses the weights q_y instead.
+    Tokens with q_y = 0 (log q_y = -inf) have w_y = 0 and contribute 0.
 
     Args:
       student_logprobs, teacher_logprobs: log q and log p over the full vocabulary [..., V].
@@ -277,7 +326,9 @@ def optimal_scalar_baseline(student_logprobs: torch.Tensor, teacher_logprobs: to
       [...] b*, 0/0 (a one-hot student) read as 0.
     """
     w = logit_score_weights(student_logprobs.exp())
-    return (w * (student_logprobs - teacher_logprobs)).sum(-1) / w.sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
+    l = student_logprobs - teacher_logprobs
+    l = torch.where(student_logprobs == _NEG_INF, torch.zeros((), dtype=l.dtype, device=l.device), l)
+    return (w * l).sum(-1) / w.sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
 
 
 def student_topk_optimal_baseline(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
@@ -319,7 +370,7 @@ def tail_bucket_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: tor
     """
     log_q = torch.cat([student_logprobs, log_tail_mass(student_logprobs).unsqueeze(-1)], -1)
     log_p = torch.cat([teacher_logprobs, log_tail_mass(teacher_logprobs).unsqueeze(-1)], -1)
-    return (log_q.exp() * (log_q - log_p)).sum(-1)
+    return _plogratio(log_q, log_p).sum(-1)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -332,7 +383,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
         rows = _chunk_rows(V, z.shape[0])
         for a in range(0, z.shape[0], rows):
             log_q = torch.log_softmax(z[a:a + rows].to(dtype), -1)
-            out[a:a + rows] = -(log_q.exp() * log_q).sum(-1)
+            out[a:a + rows] = -_plogratio(log_q, torch.zeros((), dtype=dtype, device=z.device)).sum(-1)
         return out.reshape(shape)
 
 
@@ -351,10 +402,13 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     dtype = compute_dtype(student_logits)
     log_q = torch.log_softmax(student_logits.to(dtype), dim=-1)
     log_p = torch.log_softmax(teacher_logits.to(dtype), dim=-1)
-    log_m = torch.logsumexp(torch.stack([log_p + torch.log(torch.tensor(beta, dtype=dtype)),
-                                         log_q + torch.log(torch.tensor(1.0 - beta, dtype=dtype))]), dim=0)
-    kl_p_m = (log_p.exp() * (log_p - log_m)).sum(-1)
-    kl_q_m = (log_q.exp() * (log_q - log_m)).sum(-1)
+    both = torch.stack([log_p + torch.log(torch.tensor(beta, dtype=dtype)),
+                        log_q + torch.log(torch.tensor(1.0 - beta, dtype=dtype))])
+    masked = (both == _NEG_INF).all(0)          # p = q = 0: m = 0, and no NaN from logsumexp's backward
+    both = torch.where(masked, torch.zeros((), dtype=dtype, device=both.device), both)
+    log_m = torch.where(masked, torch.full((), _NEG_INF, dtype=dtype, device=both.device), torch.logsumexp(both, dim=0))
+    kl_p_m = _plogratio(log_p, log_m).sum(-1)
+    kl_q_m = _plogratio(log_q, log_m).sum(-1)
     return beta * kl_p_m + (1.0 - beta) * kl_q_m
 
 

@@ -579,16 +579,36 @@ def get(name: str) -> Estimator:
         raise InputError(f"unknown estimator '{name}'; known estimators: {', '.join(REGISTRY)}") from None
 
 
-def per_sequence(name: str, batch: TokenBatch, **params) -> torch.Tensor:
-    """Per-sequence surrogate values [B] of estimator ``name`` (token sums, no reduction)."""
-    return get(name)(batch, **params)
+def per_sequence(name: str, batch: TokenBatch, *, validate: bool = True, **params) -> torch.Tensor:
+    """Per-sequence surrogate values [B] of estimator ``name`` (token sums, no reduction).
+
+    Args:
+      name: a registered estimator.
+      batch: the TokenBatch; checked by ``TokenBatch.validate`` (an all-masked batch is
+        allowed here: its values are 0) unless ``validate=False``.
+      validate: False skips the check, for loops whose batches were checked upstream (the
+        exact engines build theirs from checked tables).
+      **params: the estimator's parameters (registry defaults for the rest).
+    Returns:
+      [B] surrogate values.
+    """
+    entry = get(name)
+    if validate:
+        batch.validate(allow_empty_mask=True, unread=_unread(entry))
+    return entry(batch, **params)
+
+
+def _unread(entry: "Estimator") -> tuple:
+    """The [B, T, V] batch fields whose values ``entry`` never reads (validation checks their shapes only)."""
+    return ("teacher_logits",) if entry.teacher_signal == "sampled" else ()
 
 
 REDUCTIONS = ("sequence_mean", "token_mean", "sum", "none")
 
 
 def surrogate_loss(name: str, batch: TokenBatch, reduction: str = "sequence_mean",
-                   num_items_in_batch: Optional[float] = None, **params) -> torch.Tensor:
+                   num_items_in_batch: Optional[float] = None, *, validate: bool = True,
+                   **params) -> torch.Tensor:
     """The loss to call ``.backward()`` on.
 
     ``sequence_mean`` (default): (1/N) sum_b sum_t values, N the number of sequences.
@@ -604,13 +624,19 @@ def surrogate_loss(name: str, batch: TokenBatch, reduction: str = "sequence_mean
         processes. Each process then divides its local sum by the same N, and summing the
         gradients over processes gives the gradient of the global mean, whatever share of
         the tokens each process holds. Default: this batch's own count.
+      validate: check the batch with ``TokenBatch.validate`` first (default); an all-masked
+        batch is then an error for the mean reductions without ``num_items_in_batch`` (it has
+        nothing to average). False skips the check (batches checked upstream).
       **params: the estimator's parameters (registry defaults for the rest).
     Returns:
       A scalar (or [B] for ``none``).
     """
     if reduction not in REDUCTIONS:
         raise InputError(f"unknown reduction '{reduction}'; choose one of {REDUCTIONS}")
-    values = per_sequence(name, batch, **params)
+    if validate:
+        batch.validate(allow_empty_mask=reduction in ("sum", "none") or num_items_in_batch is not None,
+                       unread=_unread(get(name)))
+    values = per_sequence(name, batch, validate=False, **params)
     if reduction == "none":
         return values
     if reduction == "sum":
@@ -619,8 +645,8 @@ def surrogate_loss(name: str, batch: TokenBatch, reduction: str = "sequence_mean
         if reduction == "sequence_mean":
             return values.mean()
         num_items_in_batch = batch.mask.sum().clamp_min(1)
-    elif not float(num_items_in_batch) > 0:
-        raise InputError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
+    elif not 0 < float(num_items_in_batch) < float("inf"):
+        raise InputError(f"num_items_in_batch must be positive and finite, got {num_items_in_batch}")
     return values.sum() / torch.as_tensor(num_items_in_batch, dtype=values.dtype, device=values.device)
 
 

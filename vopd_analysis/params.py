@@ -19,6 +19,7 @@ parameter and the value.
 from __future__ import annotations
 
 import json
+import math
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from . import estimators as est
@@ -82,8 +83,8 @@ def with_shorthand(params: Optional[Mapping], k: Optional[int] = None, option: s
 def coerce(estimator: str, name: str, value, default):
     """``value`` checked against the type of the registry default ``default``.
 
-    int default: an int (not a bool, not 2.5); float default: an int or a float, returned
-    as float; bool default: true or false; str default: a string; None default: anything.
+    int default: an int (not a bool, not 2.5); float default: a finite int or float (not NaN,
+    which ``parse_value`` reads from ``NaN``, nor an infinity), returned as float; bool default: true or false; str default: a string; None default: anything.
 
     Args:
       estimator: the estimator's name (for the message).
@@ -112,6 +113,8 @@ def coerce(estimator: str, name: str, value, default):
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        if not math.isfinite(value):
+            raise bad("a finite number, not NaN or an infinity")
         return float(value)
     if isinstance(default, str):
         if not isinstance(value, str):

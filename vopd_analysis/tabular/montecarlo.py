@@ -71,13 +71,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Optional
 
 import numpy as np
 import torch
 from scipy import special, stats
 
-from synthetic.tree import PrefixTree
+from synthetic.tree import PrefixTree   # or a synthetic.markov.MarkovChain: both sample and fold
 from .. import estimators as est
 from ..errors import InputError
 from .targets import fold_onto_states, tree_quantities
@@ -112,7 +113,7 @@ def draw_gradients(tree: PrefixTree, name: str, tokens: torch.Tensor, **params) 
     z = theta[states].clone().requires_grad_(True)
     tq = tree_quantities(tree) if entry.analysis_only else None
     batch = tree.token_batch(tokens, z, *((tq.kl_to_go, tq.next_kl_to_go) if tq else ()))
-    est.per_sequence(name, batch, **params).sum().backward()
+    est.per_sequence(name, batch, validate=False, **params).sum().backward()
     return fold_onto_states(z.grad, states, tree.num_states, group).reshape(n, -1).numpy()
 
 
@@ -127,6 +128,8 @@ def sample_gradients(tree: PrefixTree, name: str, n: int, seed: int, **params) -
     group = entry.params(**params).get("group_size", 1) if entry.group else 1
     if n < 1:
         raise InputError(f"need at least one sample, got n={n}")
+    if entry.group and not (isinstance(group, int) and group >= 2):
+        raise InputError(f"{name} needs group_size >= 2 rollouts per draw, got group_size={group!r}")
     return draw_gradients(tree, name, tree.sample(n * group, torch.Generator().manual_seed(seed)), **params)
 
 
@@ -145,6 +148,31 @@ def trace_covariance(samples: np.ndarray) -> float:
     """Unbiased tr Cov: sum_i |x_i - xbar|^2 / (n - 1) of the rows x_i of ``samples`` [n, D]."""
     centred = samples - samples.mean(0)
     return float((centred ** 2).sum() / (samples.shape[0] - 1))
+
+
+def trace_covariance_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple:
+    """Normal (CLT) confidence interval of ``trace_covariance`` of ``samples`` [n, D], in one pass.
+
+    tr Cov = n/(n-1) mean_i d_i with d_i = |x_i - xbar|^2, so the interval is
+    tr Cov +- z n/(n-1) sd(d) / sqrt(n), z the normal quantile, the low end floored at 0. It
+    treats the d_i as independent (they share xbar, an O(1/n) effect) and, like any normal
+    interval, is too narrow when the d_i are heavy-tailed (rare draws with large gradients);
+    ``trace_covariance_ci`` is the slower bootstrap.
+
+    Args:
+      samples: [n, D] draws, n >= 2.
+      confidence: the coverage, in (0, 1).
+    Returns:
+      (low, high).
+    """
+    n = samples.shape[0]
+    if n < 2 or not 0.0 < confidence < 1.0:
+        raise InputError(f"the variance interval needs at least 2 draws and 0 < confidence < 1, got n={n}, "
+                         f"confidence={confidence}")
+    d = ((samples - samples.mean(0)) ** 2).sum(1)
+    centre = float(d.mean()) * n / (n - 1)
+    half = float(stats.norm.ppf(0.5 + confidence / 2)) * n / (n - 1) * float(d.std(ddof=1)) / math.sqrt(n)
+    return max(0.0, centre - half), centre + half
 
 
 def trace_covariance_ci(samples: np.ndarray, confidence: float = 0.95, n_resamples: int = 999,
@@ -248,7 +276,13 @@ def unbiasedness_test(samples: np.ndarray, target: np.ndarray, alpha: float = 0.
     Returns:
       ``TestResult``: a verdict (reject or not) or inconclusive, with the draws a verdict needs.
     """
+    if not (isinstance(alpha, numbers.Real) and 0.0 < alpha < 1.0):
+        raise InputError(f"the level alpha must satisfy 0 < alpha < 1, got alpha={alpha!r}")
+    if isinstance(n_directions, bool) or not isinstance(n_directions, numbers.Integral) or n_directions < 0:
+        raise InputError(f"n_directions must be a non-negative integer, got {n_directions!r}")
     rows, target = np.asarray(samples, dtype=np.float64), np.asarray(target, dtype=np.float64).reshape(-1)
+    if rows.ndim != 2 or rows.shape[1] != target.size:
+        raise InputError(f"samples must be [n, D] with D = target.size = {target.size}, got shape {rows.shape}")
     if counts is not None:
         counts = np.asarray(counts, dtype=np.float64)
         if not np.all(counts > 0):
