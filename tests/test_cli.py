@@ -123,3 +123,14 @@ def test_exact_dp_leaves_out_only_what_it_cannot_compute(capsys):
     for name, row in dp["estimators"].items():
         assert row["params"] == en["estimators"][name]["params"]
         assert np.allclose(row["mean_gradient"], en["estimators"][name]["mean_gradient"], atol=1e-13), name
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
+    from vopd_analysis import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_estimators", interrupted)
+    assert cli.main(["estimators"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

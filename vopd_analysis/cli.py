@@ -390,6 +390,9 @@ def main(argv=None) -> int:
         return 2
     except BrokenPipeError:
         return _silence_broken_pipe()
+    except KeyboardInterrupt:   # a run saves its checkpoint and says how to resume before this
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

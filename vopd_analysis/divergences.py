@@ -122,12 +122,13 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 tc = t[a:a + rows].to(dtype)
                 if compute_t_lse:
                     t_lse[a:a + rows] = torch.logsumexp(tc, -1)
-                kl[a:a + rows] = t_lse[a:a + rows] - lse[a:a + rows] + _zero_nan_(torch.sub(zc, tc).mul_(e)).sum(-1) / Z
+                ed = _zero_nan_(torch.sub(zc, tc).mul_(e))            # e (z - t), 0 where e = 0
+                kl[a:a + rows] = t_lse[a:a + rows] - lse[a:a + rows] + ed.sum(-1) / Z
                 if want_bstar:   # b* from KL and two more sums over the chunk (see _bstar_from_sums)
                     Z2 = Z * Z
                     q_sq = _row_dot(e, e) / Z2                        # |q|^2
                     shift = lse[a:a + rows] - t_lse[a:a + rows]
-                    q2l = _row_dot(_zero_nan_(torch.sub(zc, tc).mul_(e)), e) / Z2 - shift * q_sq   # sum q^2 (z - t - shift)
+                    q2l = _row_dot(ed, e) / Z2 - shift * q_sq         # sum q^2 (z - t - shift)
                     bstar[a:a + rows] = _bstar_from_sums(kl[a:a + rows], q_sq, q2l)
         lp = lse.new_empty(0) if y is None else z.gather(1, y).to(dtype) - lse.unsqueeze(1)
         ctx.save_for_backward(z, y, lse, t, t_lse, kl if t is not None else None)
