@@ -54,11 +54,13 @@ def start(defaults: dict, quick: bool, overrides: Optional[dict]) -> tuple:
 def git_revision() -> dict:
     """{"revision": HEAD sha or None, "dirty": whether tracked files differ from HEAD, or None}.
 
-    Untracked files (a user's runs, scratch notes) do not make the checkout dirty."""
+    Untracked files (a user's runs, scratch notes) and the outputs themselves (``figures/``,
+    ``benchmarks/RESULTS.md``, rewritten while ``run_all`` runs) do not make the checkout dirty."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                     ":(exclude)figures", ":(exclude)benchmarks/RESULTS.md"], cwd=REPO,
                                     capture_output=True, text=True, check=True).stdout.strip())
         return {"revision": rev, "dirty": dirty}
     except (OSError, subprocess.CalledProcessError):

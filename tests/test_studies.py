@@ -212,3 +212,25 @@ def test_run_all_compares_fresh_tables_with_the_committed_ones(tmp_path):
     assert run_all.compare_table(new, old) == "same shape, text columns differ"
     assert run_all.compare_table(new, tmp_path / "missing.csv") == "no committed table"
     assert run_all.compare(tmp_path, tmp_path) == [("new.csv", "identical"), ("old.csv", "identical")]
+
+
+def test_manifest_dirty_flag_counts_tracked_code_only(tmp_path, monkeypatch):
+    import subprocess
+    from studies import common
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "figures" / "t.csv").write_text("a\n1\n")
+    git("add", ".")
+    git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "init")
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    assert common.git_revision()["dirty"] is False
+    (tmp_path / "scratch.txt").write_text("untracked\n")
+    (tmp_path / "figures" / "t.csv").write_text("a\n2\n")                  # an output rewritten by a study
+    assert common.git_revision()["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert common.git_revision()["dirty"] is True

@@ -60,11 +60,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """sum_v x[n, v] y[n, v] per row [N], as a batched matrix product (no [N, V] temporary)."""
-    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).reshape(-1)
-
-
 def _bstar_from_sums(kl: torch.Tensor, q_sq: torch.Tensor, q2l: torch.Tensor) -> torch.Tensor:
     """b* = sum_y w_y l_y / sum_y w_y with w_y = q_y (1 + |q|^2 - 2 q_y), from per-row sums only:
 
@@ -125,10 +120,11 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 ed = _zero_nan_(torch.sub(zc, tc).mul_(e))            # e (z - t), 0 where e = 0
                 kl[a:a + rows] = t_lse[a:a + rows] - lse[a:a + rows] + ed.sum(-1) / Z
                 if want_bstar:   # b* from KL and two more sums over the chunk (see _bstar_from_sums)
-                    Z2 = Z * Z
-                    q_sq = _row_dot(e, e) / Z2                        # |q|^2
+                    Z2 = Z * Z                                        # ed and e are not needed again
                     shift = lse[a:a + rows] - t_lse[a:a + rows]
-                    q2l = _row_dot(ed, e) / Z2 - shift * q_sq         # sum q^2 (z - t - shift)
+                    e2d = ed.mul_(e).sum(-1)                          # sum e^2 (z - t)
+                    q_sq = e.square_().sum(-1) / Z2                   # |q|^2
+                    q2l = e2d / Z2 - shift * q_sq                     # sum q^2 (z - t - shift)
                     bstar[a:a + rows] = _bstar_from_sums(kl[a:a + rows], q_sq, q2l)
         lp = lse.new_empty(0) if y is None else z.gather(1, y).to(dtype) - lse.unsqueeze(1)
         ctx.save_for_backward(z, y, lse, t, t_lse, kl if t is not None else None)
