@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from synthetic.tree import make_tree
+from vopd_analysis import divergences as dv
 from vopd_analysis.tabular.baseline_quality import baseline_quality, optimal_baseline
 from vopd_analysis.tabular.targets import tree_quantities
 from . import common
@@ -59,7 +60,7 @@ def per_state(vocab: int, horizon: int, coupling: float, seed: int) -> pd.DataFr
     tree = make_tree(vocab, horizon, coupling=coupling, seed=seed)
     tq = tree_quantities(tree)
     q = tq.log_q.exp()
-    w = (q * (1 - 2 * q + (q * q).sum(-1, keepdim=True))).sum(-1)  # E|S|^2 per state
+    w = dv.logit_score_weights(q).sum(-1)  # E|S|^2 = sum_y q_y |e_y - q|^2 per state
     bstar = optimal_baseline(tq)
     weight = tq.reach * w
     df = pd.DataFrame({"state": np.arange(tree.num_states), "reach": tq.reach.numpy(), "E_score_sq": w.numpy(),

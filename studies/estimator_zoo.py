@@ -65,6 +65,7 @@ import pandas as pd
 
 from synthetic.tree import make_tree
 from vopd_analysis import estimators as est
+from vopd_analysis.tabular import analysis
 from vopd_analysis.tabular.dp import dp_moments
 from vopd_analysis.tabular.enumeration import exact_moments
 from vopd_analysis.tabular.targets import target_gradient, tree_quantities
@@ -136,7 +137,7 @@ def _params(spec: dict) -> dict:
 def moments(tree, tq, table: dict, engine: str) -> tuple:
     """({label: Moments}, {label: engine used}, {engine: seconds})."""
     dp = {label: s for label, s in table.items()
-          if engine == "auto" and est.get(s["name"]).credit_for(**_params(s)) is not None}
+          if engine == "auto" and analysis.dp_applies(s)}
     rest = {label: s for label, s in table.items() if label not in dp}
     out, used, seconds = {}, {}, {"dp": 0.0, "enumeration": 0.0}
     for name, chosen, run in (("dp", dp, dp_moments), ("enumeration", rest, exact_moments)):

@@ -12,7 +12,7 @@ from vopd_analysis.tabular import dp, analysis, enumeration, targets
 # every registered estimator with a DP (its credit is defined), plus non-default parameters
 SPECS = {label: spec for label, spec in (analysis.default_specs(k=2) | {
     "rtg_half": {"name": "rtg", "gamma": 0.5}, "vopd_scaled_half": {"name": "vopd_scaled", "alpha": 0.5}}).items()
-    if est.get(spec["name"]).credit_for(**{k: v for k, v in spec.items() if k != "name"}) is not None}
+    if analysis.dp_applies(spec)}
 
 
 @pytest.mark.parametrize("tree", [make_tree(3, 3, coupling=1.0, seed=1),

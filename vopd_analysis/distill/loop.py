@@ -716,8 +716,8 @@ def estimator_loss(cfg: DistillConfig, batch, params: dict, num_items_in_batch: 
     Returns:
       The scalar loss.
     """
-    return est.surrogate_loss(cfg.estimator, batch, reduction=cfg.reduction,
-                              num_items_in_batch=num_items_in_batch, **params)
+    return est.surrogate_loss(cfg.estimator, batch, reduction=cfg.reduction,   # hf.score validated the batch
+                              num_items_in_batch=num_items_in_batch, validate=False, **params)
 
 
 def local_num_items(batch, reduction: str) -> int:
