@@ -188,27 +188,31 @@ EVERY_OPTION = {
     "out_dir": (["--out", "runs/x"], "runs/x"),
     "cache_dir": (["--cache-dir", "c"], "c"),
     "num_threads": (["--num-threads", "2"], 2),
+    "engine": (["--engine", "trl"], "trl"),
+    "probe_every": (["--probe-every", "5"], 5),
+    "probe_estimators": (["--probe-estimators", "opd,vopd"], "opd,vopd"),
 }
 
 
 def test_every_config_field_has_one_option_and_round_trips():
     import dataclasses
     fields = {f.name: f for f in dataclasses.fields(loop.DistillConfig)}
-    assert set(EVERY_OPTION) == set(fields) - {"estimator_params"}
+    assert set(EVERY_OPTION) == set(fields) - {"estimator_params", "trl_args"}
     parser = loop.build_parser()
     dests = [a.dest for a in parser._actions]
     for name in fields:
-        assert dests.count(name) == (0 if name == "estimator_params" else 1), name
-    assert set(dests) - set(fields) == {"help", "k", "param", "resume"}
+        assert dests.count(name) == (0 if name in ("estimator_params", "trl_args") else 1), name
+    assert set(dests) - set(fields) == {"help", "k", "param", "trl_arg", "resume"}
     for name, (argv, value) in EVERY_OPTION.items():   # each option alone: that field set, the rest defaults
         cfg = loop.config_from_args(parser.parse_args(argv))
         assert getattr(cfg, name) == value != fields[name].default, name
         others = {f for f in fields if f != name and not (name == "prompts" and f == "preset")}
         assert all(getattr(cfg, f) == getattr(loop.DistillConfig(), f) for f in others), name
-    everything = [x for argv, _ in EVERY_OPTION.values() for x in argv] + ["--k", "4", "--param", "alpha=0.5"]
+    everything = [x for argv, _ in EVERY_OPTION.values() for x in argv] + ["--k", "4", "--param", "alpha=0.5",
+                                                                            "--trl-arg", "use_vllm=true"]
     cfg = loop.config_from_args(parser.parse_args(everything))
     assert {name: getattr(cfg, name) for name in EVERY_OPTION} == {n: v for n, (_, v) in EVERY_OPTION.items()}
-    assert cfg.estimator_params == {"k": 4, "alpha": 0.5}
+    assert cfg.estimator_params == {"k": 4, "alpha": 0.5} and cfg.trl_args == {"use_vllm": True}
 
 
 def test_prompts_without_preset_and_param_shorthand():

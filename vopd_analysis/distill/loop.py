@@ -165,7 +165,17 @@ class DistillConfig:
     out_dir: str = option("runs/distill", "the run's folder", flag="--out")
     cache_dir: str = option(".cache/vopd_tiny", "where the tiny preset's retrained models are cached")
     num_threads: Optional[int] = option(None, "torch threads per process on CPU (default 1)")
+    engine: str = option("builtin", "the training loop: builtin (this module) or trl (TRL 1.16's DistillationTrainer "
+                         "with the registry's loss, trl_engine.py; pip install 'vopd-analysis[trl]')",
+                         choices=("builtin", "trl"))
+    trl_args: dict = option({}, "TRL DistillationConfig fields, from --trl-arg NAME=VALUE", cli=False)
+    probe_every: int = option(0, "with --engine trl: every N steps, each --probe-estimators' gradient variance, SNR "
+                              "and noise scale on the step's rollouts, logged as probe/... (0: off)")
+    probe_estimators: str = option("opd,vopd,opd_bstar", "with --engine trl: the estimators the probe compares "
+                                   "(comma-separated)")
 
+
+DEFAULTS = dataclasses.asdict(DistillConfig())
 
 # fields that may differ when a run is resumed
 RESUMABLE = {"steps", "eval_every", "save_every", "keep_checkpoints", "out_dir", "num_threads", "num_eval"}
@@ -212,7 +222,7 @@ def check_values(cfg: DistillConfig) -> None:
         number(name, 0, strict=False)
     for name in ("steps", "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "num_threads"):
         integer(name, 1)
-    for name in ("num_eval", "eval_every", "save_every", "warmup_steps", "seed"):
+    for name in ("num_eval", "eval_every", "save_every", "warmup_steps", "seed", "probe_every"):
         integer(name, 0)
     integer("keep_checkpoints", None)
 
@@ -372,7 +382,7 @@ def check_resumable(out_dir: Path, cfg: DistillConfig) -> None:
     def same(key, value):
         if key == "bf16":
             return _effective_bf16(saved.get(key)) == _effective_bf16(value)
-        return saved.get(key) == value
+        return saved.get(key, DEFAULTS.get(key)) == value   # a key added since the run was saved: its default
 
     changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and not same(k, v))
     if changed:
@@ -1228,6 +1238,15 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
     Returns:
       The result dict; ``Interrupted`` is raised after a Ctrl-C.
     """
+    if cfg.engine == "trl":
+        from . import trl_engine
+        return trl_engine.run(cfg, resume)
+    if cfg.engine != "builtin":
+        raise InputError(f"--engine must be builtin or trl, got '{cfg.engine}'")
+    if cfg.trl_args:
+        raise InputError("--trl-arg needs --engine trl")
+    if cfg.probe_every:
+        raise InputError("--probe-every needs --engine trl (for a probe outside training: studies.llm_variance)")
     started = time.perf_counter()
     acc = make_accelerator(cfg)
     if acc.device.type == "cpu":
@@ -1325,6 +1344,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
                    help="estimator parameter, value read as JSON (repeatable); unset ones take the "
                         "registry's defaults (vopd estimators)")
+    p.add_argument("--trl-arg", action="append", metavar="NAME=VALUE", dest="trl_arg",
+                   help="with --engine trl: a trl.DistillationConfig field, value read as JSON (repeatable), e.g. "
+                        "gradient_accumulation_steps=4, use_vllm=true, report_to=trackio")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest intact checkpoint (a finished "
                                                        "run is left as it is)")
     return p
@@ -1345,6 +1367,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     given = dict(vars(args))
     resume = given.pop("resume", False)
     params = prm.with_shorthand(prm.parse_assignments(given.pop("param", [])), given.pop("k", None))
+    trl_args = prm.parse_assignments(given.pop("trl_arg", []), "--trl-arg")
     if "prompts" in given and "preset" not in given:
         given["preset"] = None
     base = {}
@@ -1353,6 +1376,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         base = read_config(saved)
     if params or "estimator_params" not in base:
         given["estimator_params"] = params
+    if trl_args or "trl_args" not in base:
+        given["trl_args"] = trl_args
     return DistillConfig(**{**base, **given})
 
 

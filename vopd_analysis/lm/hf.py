@@ -147,12 +147,8 @@ def _vocab_mismatches(student_vocab: dict, teacher_vocab: dict, limit: int = 5) 
 
 
 def check_compatible(student_model, student_tok, teacher_model, teacher_tok) -> VocabInfo:
-    """Check that student and teacher score the same token ids, and return the shared vocabulary.
-
-    The tokenizers must map every token to the same id (``get_vocab()``, added tokens
-    included): a cross-family pair is refused, naming mismatching tokens. The shared real
-    vocabulary is V = 1 + the largest token id; output layers may be padded beyond V
-    (their extra rows are dropped by slicing logits to ``[..., :V]``) but not be smaller.
+    """Check that student and teacher score the same token ids, and return the shared vocabulary
+    (``shared_vocabulary`` on the tokenizers and the models' output sizes).
 
     Args:
       student_model, student_tok: the student and its tokenizer.
@@ -160,6 +156,48 @@ def check_compatible(student_model, student_tok, teacher_model, teacher_tok) -> 
 
     Returns:
       ``VocabInfo`` (V, both output sizes, the tokenizer's size); an ``InputError`` otherwise.
+    """
+    return shared_vocabulary(student_tok, teacher_tok, output_size(student_model), output_size(teacher_model))
+
+
+def check_compatible_files(student: str, teacher: str) -> VocabInfo:
+    """``check_compatible`` from the tokenizers and configs alone, before any weight is loaded:
+    the output sizes are the configs' ``vocab_size`` (the rows of a HF causal LM's ``lm_head``).
+
+    Args:
+      student, teacher: hub ids or local model directories.
+
+    Returns:
+      ``VocabInfo``; an ``InputError`` naming the problem otherwise.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    loaded = []
+    for role, path in (("student", student), ("teacher", teacher)):
+        kwargs = _resolve(path, role)
+        try:
+            loaded.append((AutoTokenizer.from_pretrained(**kwargs), AutoConfig.from_pretrained(**kwargs)))
+        except (OSError, ValueError) as err:
+            raise InputError(f"could not load the {role}'s tokenizer or config from {path!r}: {err}") from None
+    (s_tok, s_cfg), (t_tok, t_cfg) = loaded
+    sizes = [int(getattr(c.get_text_config(), "vocab_size", 0) or 0) for c in (s_cfg, t_cfg)]
+    return shared_vocabulary(s_tok, t_tok, *sizes)
+
+
+def shared_vocabulary(student_tok, teacher_tok, student_output_size: int, teacher_output_size: int) -> VocabInfo:
+    """The vocabulary two models share, or an ``InputError`` saying why they share none.
+
+    The tokenizers must map every token to the same id (``get_vocab()``, added tokens
+    included): a cross-family pair is refused, naming mismatching tokens. The shared real
+    vocabulary is V = 1 + the largest token id; output layers may be padded beyond V
+    (their extra rows are dropped by slicing logits to ``[..., :V]``) but not be smaller.
+
+    Args:
+      student_tok, teacher_tok: the tokenizers.
+      student_output_size, teacher_output_size: the rows of each model's output layer.
+
+    Returns:
+      ``VocabInfo``.
     """
     s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
     if s_vocab != t_vocab:
@@ -170,12 +208,12 @@ def check_compatible(student_model, student_tok, teacher_model, teacher_tok) -> 
             f"map to different ids), so their log-probs cannot be compared token by token; on-policy "
             f"distillation needs a same-family pair. Examples: " + "; ".join(examples))
     vocab = 1 + max(s_vocab.values())
-    s_out, t_out = output_size(student_model), output_size(teacher_model)
-    for role, size in (("student", s_out), ("teacher", t_out)):
+    for role, size in (("student", student_output_size), ("teacher", teacher_output_size)):
         if size < vocab:
             raise InputError(f"the {role} model has {size} output rows but its tokenizer uses ids up to "
                              f"{vocab - 1}; the model and tokenizer do not belong together")
-    return VocabInfo(vocab_size=vocab, student_output_size=s_out, teacher_output_size=t_out, num_tokens=len(s_vocab))
+    return VocabInfo(vocab_size=vocab, student_output_size=student_output_size,
+                     teacher_output_size=teacher_output_size, num_tokens=len(s_vocab))
 
 
 # ----------------------------------------------------------------------------- rollouts

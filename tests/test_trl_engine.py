@@ -1,0 +1,295 @@
+"""--engine trl: the registry's estimators inside TRL 1.16's DistillationTrainer (vopd_analysis/distill/trl_engine.py)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from vopd_analysis import estimators as est                      # noqa: E402
+from vopd_analysis.distill import loop, trl_engine               # noqa: E402
+from vopd_analysis.errors import InputError                      # noqa: E402
+from vopd_analysis.lm import hf, tasks, tiny                     # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PARITY = ("opd", "vopd", "vopd_topk", "full_kl", "opd_bstar")
+
+
+@pytest.fixture(scope="module")
+def pair64(one_thread):
+    student, teacher, _ = tiny.load_or_train_pair(verbose=False)
+    pair = hf.load_pair(student, teacher, dtype=torch.float64)
+    pair.tokenizer.padding_side = "left"
+    return pair
+
+
+def trl_args(tmp_path, **kw):
+    from trl import DistillationConfig
+    settings = dict(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, max_steps=1, use_cpu=True,
+                    bf16=False, report_to="none", save_strategy="no", gradient_checkpointing=False,
+                    max_completion_length=8, disable_tqdm=True)
+    return DistillationConfig(**{**settings, **kw})
+
+
+def dataset(n=4):
+    from datasets import Dataset
+    return Dataset.from_list([{"prompt": r["prompt"]} for r in tasks.train_prompts(n, seed=3)])
+
+
+@pytest.fixture(scope="module")
+def rollouts(pair64):
+    """Sampled rollouts, cut to lengths 8, 3, 8, 5, 1, 6 (right-padded responses, so masked positions)."""
+    prompts = [r["prompt"] for r in tasks.train_prompts(3, seed=11)]
+    out = hf.generate_rollouts(pair64.student, pair64.tokenizer, prompts, 2, 8, seed=5, vocab_size=16)
+    W = out.prompt_width
+    for row, length in enumerate((8, 3, 8, 5, 1, 6)):
+        out.response_mask[row, W + length:] = 0
+        out.attention_mask[row, W + length:] = 0
+        out.input_ids[row, W + length:] = pair64.tokenizer.pad_token_id
+    assert out.response_mask.sum(1).tolist() == [8, 3, 8, 5, 1, 6]
+    return out
+
+
+def trl_inputs(rollouts) -> dict:
+    """The micro-batch TRL would hand to compute_loss for these rollouts."""
+    W = rollouts.prompt_width
+    return {"prompt_ids": rollouts.input_ids[:, :W], "prompt_mask": rollouts.attention_mask[:, :W],
+            "completion_ids": rollouts.input_ids[:, W:], "completion_mask": rollouts.response_mask[:, W:],
+            "num_items_in_batch": rollouts.response_mask.sum()}
+
+
+def gradient(model, loss) -> dict:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean"])
+@pytest.mark.parametrize("name", PARITY)
+def test_trl_gradient_equals_surrogate_loss(pair64, rollouts, tmp_path, name, reduction):
+    """float64: TRL's compute_loss on the rollouts' micro-batch has surrogate_loss's gradient (same
+    normalisation: N = the batch's unmasked tokens, or its sequences)."""
+    trainer = trl_engine.RegistryDistillationTrainer(
+        model=pair64.student, teacher_model=pair64.teacher, args=trl_args(tmp_path), train_dataset=dataset(),
+        processing_class=pair64.tokenizer, estimator=name, reduction=reduction)
+    trainer.model.train()
+    got = gradient(trainer.model, trainer.compute_loss(trainer.model, trl_inputs(rollouts)))
+    batch = hf.score(pair64.student, pair64.teacher, rollouts, [name], vocab_size=16)
+    want = gradient(pair64.student, est.surrogate_loss(name, batch, reduction=reduction))
+    assert max_difference(got, want) < 1e-10
+
+
+def test_full_kl_equals_trl_own_reverse_kl(pair64, rollouts, tmp_path):
+    """The registry's full_kl (token mean) is TRL's own loss at beta = 1 (reverse KL, temperature 1),
+    value and gradient: an independent implementation of the same objective. TRL's chunked kernel
+    accumulates in float32 even for float64 models, so the tolerance is float32's (1e-6 relative)."""
+    from trl import DistillationTrainer
+    inputs = trl_inputs(rollouts)
+    own = DistillationTrainer(model=pair64.student, teacher_model=pair64.teacher, args=trl_args(tmp_path, beta=1.0),
+                              train_dataset=dataset(), processing_class=pair64.tokenizer)
+    own.model.train()
+    loss_own = own.compute_loss(own.model, inputs)
+    want = gradient(own.model, loss_own)
+    ours = trl_engine.RegistryDistillationTrainer(
+        model=pair64.student, teacher_model=pair64.teacher, args=trl_args(tmp_path), train_dataset=dataset(),
+        processing_class=pair64.tokenizer, estimator="full_kl", reduction="token_mean")
+    ours.model.train()
+    loss_ours = ours.compute_loss(ours.model, inputs)
+    got = gradient(ours.model, loss_ours)
+    assert loss_own.dtype == torch.float32
+    assert abs(float(loss_ours) - float(loss_own)) < 1e-6 * abs(float(loss_own))
+    scale = max(float(g.abs().max()) for g in want.values())
+    assert max_difference(got, {k: v.double() for k, v in want.items()}) < 1e-6 * scale
+
+
+def first_step(out: Path, estimator: str, per_device: int, accum: int, processes: int = 1) -> dict:
+    script = str(REPO / "tests" / "trl_first_step.py")
+    args = [str(out), estimator, str(per_device), str(accum)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    if processes == 1:
+        cmd = [sys.executable, script, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29533", script, *args]
+        env["ACCELERATE_USE_CPU"] = "true"
+    proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+def test_two_processes_and_accumulation_give_the_one_process_gradient(tmp_path):
+    """The global batch of 4 greedy completions of lengths 1..7: one process (batch 4), one process
+    with 2 accumulation steps of 2, and 2 gloo processes of 2 give the same first-step gradient
+    (float64): TRL's num_items_in_batch normalises by the global token count."""
+    one = first_step(tmp_path / "one.pt", "vopd", 4, 1)
+    accumulated = first_step(tmp_path / "accum.pt", "vopd", 2, 2)
+    two = first_step(tmp_path / "two.pt", "vopd", 2, 1, processes=2)
+    low, high = one["completion_length_range"].tolist()
+    assert low < high                                  # unequal token counts: a mean of means would differ
+    assert max_difference(one["gradient"], accumulated["gradient"]) < 1e-10
+    assert max_difference(one["gradient"], two["gradient"]) < 1e-10
+    assert max(float(g.abs().max()) for g in one["gradient"].values()) > 1e-3
+
+
+# ----------------------------------------------------------------------------- vopd distill --engine trl
+
+def options(out, *extra, steps=2):
+    return ["--engine", "trl", "--preset", "tiny", "--steps", str(steps), "--prompts-per-step", "4",
+            "--rollouts-per-prompt", "2", "--eval-every", "2", "--num-eval", "8", "--save-every", "1",
+            "--out", str(out), *extra]
+
+
+def rows(out, kind="train"):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_cli_writes_the_builtin_schema_and_resumes(one_thread, tmp_path):
+    builtin = tmp_path / "builtin"
+    loop.main(["--preset", "tiny", "--steps", "1", "--prompts-per-step", "4", "--rollouts-per-prompt", "2",
+               "--eval-every", "1", "--num-eval", "8", "--out", str(builtin)])
+    out = tmp_path / "trl"
+    assert loop.main(options(out, "--estimator", "opd_bstar")) == 0
+    train = rows(out)
+    assert [r["step"] for r in train] == [1, 2]
+    assert set(train[0]) == set(rows(builtin)[0])
+    assert set(rows(out, "eval")[0]) == set(rows(builtin, "eval")[0])
+    assert [r["step"] for r in rows(out, "eval")] == [0, 2]
+    assert train[0]["response_tokens"] > 0 and train[0]["reverse_kl"] == train[0]["reverse_kl"]   # opd_bstar keeps full logits
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(json.loads((builtin / "summary.json").read_text())) <= set(summary)
+    assert summary["engine"].startswith("trl 1.16") and summary["steps_done"] == 2
+    assert (out / "final" / "config.json").is_file() and (out / "metrics.csv").is_file()
+    # resume from the step-2 Trainer checkpoint to step 3: rows 1..3, the first two unchanged
+    assert loop.main(options(out, "--estimator", "opd_bstar", "--resume", steps=3)) == 0
+    again = rows(out)
+    assert [r["step"] for r in again] == [1, 2, 3] and again[:2] == train
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 2
+    assert loop.main(options(out, "--estimator", "opd_bstar", "--resume", steps=3)) == 0      # finished: nothing to do
+    assert len(rows(out)) == 3
+
+
+def test_trl_args_reach_the_trainer(one_thread, tmp_path):
+    cfg = loop.config_from_args(loop.build_parser().parse_args(options(
+        tmp_path / "x", "--trl-arg", "gradient_accumulation_steps=2", "--trl-arg", 'report_to="none"')))
+    assert cfg.trl_args == {"gradient_accumulation_steps": 2, "report_to": "none"}
+    loop.check_values(cfg)
+    cfg.max_new_tokens = 8
+    args = trl_engine.trl_config(cfg, world=1)
+    assert args.gradient_accumulation_steps == 2 and args.per_device_train_batch_size == 4   # 4 x 2 rows / 2
+    assert args.max_steps == 2 and args.learning_rate == cfg.lr and args.adam_beta2 == 0.95
+
+
+# ----------------------------------------------------------------------------- bad input, before any model
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+    monkeypatch.setattr(hf, "load_pair", refuse)
+    monkeypatch.setattr(hf, "load_model", refuse)
+
+
+def refused(argv, match):
+    with pytest.raises(InputError, match=match) as info:
+        loop.main(argv)
+    assert "\n" not in str(info.value)
+    return info
+
+
+def test_trl_version_outside_the_tested_range(no_model_loads, tmp_path, monkeypatch):
+    from importlib import metadata
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "1.17.2" if name == "trl" else real(name))
+    refused(options(tmp_path / "r"), r"tested with trl>=1\.16\.0,<1\.17\.0, but trl 1\.17\.2 is installed")
+    assert not (tmp_path / "r").exists()
+
+
+def test_vocabulary_mismatch(no_model_loads, tmp_path):
+    student, _ = tiny.save_random_pair(tmp_path / "a", chars=hf.SMOKE_CHARS)
+    _, teacher = tiny.save_random_pair(tmp_path / "b", chars=hf.SMOKE_CHARS[::-1])
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": "ab"}) + "\n" for _ in range(20)))
+    refused(["--engine", "trl", "--student", student, "--teacher", teacher, "--prompts", str(prompts),
+             "--max-new-tokens", "4", "--out", str(tmp_path / "r")], "tokenizers differ")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("estimator, match", [
+    ("vopd", "needs the teacher's full logits, which a teacher server"),
+    ("vopd_topk", "needs the teacher's log-probs on the student's top-k"),
+    ("opd", "teacher servers are not supported yet"),
+])
+def test_signal_a_teacher_server_cannot_give(no_model_loads, tmp_path, estimator, match):
+    refused(options(tmp_path / "r", "--estimator", estimator, "--teacher", "http://localhost:8000"), match)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--estimator", "seq_rloo"], "needs K rollouts of each prompt together"),
+    (["--trl-arg", "learning_rate=0.1"], "--trl-arg learning_rate: set it with --lr"),
+    (["--trl-arg", "gradient_acumulation_steps=2"], "not a field of trl.DistillationConfig"),
+    (["--trl-arg", "gradient_accumulation_steps=3"], "must be divisible by processes x gradient_accumulation_steps"),
+])
+def test_other_refusals(no_model_loads, tmp_path, argv, match):
+    refused(options(tmp_path / "r", *argv), match)
+
+
+def test_trl_arg_needs_the_trl_engine(tmp_path):
+    refused(["--preset", "tiny", "--trl-arg", "report_to=none", "--out", str(tmp_path / "r")],
+            "--trl-arg needs --engine trl")
+
+
+def test_variance_probe_callback_logs_with_the_step(one_thread, tmp_path):
+    """--probe-every 1: every train row carries each probed estimator's statistics, computed on that
+    step's rollouts; the probe leaves the training gradient as it was (the loss curve matches a run
+    without it)."""
+    plain, probed = tmp_path / "plain", tmp_path / "probed"
+    assert loop.main(options(plain, "--eval-every", "0")) == 0
+    assert loop.main(options(probed, "--eval-every", "0", "--probe-every", "1",
+                             "--probe-estimators", "opd,vopd")) == 0
+    a, b = rows(plain), rows(probed)
+    for key in ("loss", "grad_norm", "reverse_kl_sampled"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    for row in b:
+        for name in ("opd", "vopd"):
+            assert row[f"probe/{name}/trace_cov"] > 0 and -1 <= row[f"probe/{name}/cosine"] <= 1
+        assert "probe/opd_bstar/trace_cov" not in row
+
+
+def test_variance_probe_statistics_match_the_probe_module(pair64, rollouts, tmp_path):
+    """The callback's trace and SNR are GradientMoments' over rollout_gradients of the same rollouts."""
+    from vopd_analysis.lm import variance
+    trainer = trl_engine.RegistryDistillationTrainer(
+        model=pair64.student, teacher_model=pair64.teacher, args=trl_args(tmp_path), train_dataset=dataset(),
+        processing_class=pair64.tokenizer, estimator="vopd")
+    probe = trl_engine.VarianceProbeCallback(["opd", "vopd"], every=1, trainer=trainer)
+    trainer.last_rollouts = rollouts
+    named = variance.trainable_parameters(pair64.student)
+    before = [torch.full_like(p, 0.5) for _, p in named]
+    for (_, p), g in zip(named, before):
+        p.grad = g.clone()
+    probe.on_pre_optimizer_step(trainer.args, trainer.state, None)
+    assert all(torch.equal(p.grad, g) for (_, p), g in zip(named, before))     # training gradient restored
+    params = {n: est.get(n).params() for n in ("opd", "vopd", "full_kl")}
+    moments = {n: variance.GradientMoments(sum(p.numel() for _, p in named), num_projections=0) for n in params}
+    for name, g in variance.rollout_gradients(pair64.student, pair64.teacher, rollouts, params, named, vocab_size=16):
+        moments[name].update(g)
+    logged = trainer._metrics["train"]
+    for name in ("opd", "vopd"):
+        assert logged[f"probe/{name}/trace_cov"] == [pytest.approx(moments[name].trace(), rel=1e-12)]
+        assert logged[f"probe/{name}/snr"] == [pytest.approx(moments[name].snr(), rel=1e-12)]
+    assert logged["probe/vopd/trace_cov"][0] < logged["probe/opd/trace_cov"][0]
+    for _, p in named:
+        p.grad = None

@@ -1,0 +1,595 @@
+"""``vopd distill --engine trl``: any registry estimator inside TRL 1.16's ``DistillationTrainer``.
+
+TRL keeps what a multi-GPU run needs (DDP/FSDP/DeepSpeed through accelerate configs, vLLM
+generation, gradient accumulation, gradient checkpointing, bf16, Trainer checkpoints and
+resume, ``report_to``); this module replaces only its loss. ``RegistryDistillationTrainer``
+overrides ``_compute_loss``: the micro-batch TRL generated (prompt and completion ids and
+masks) becomes ``hf.Rollouts``, ``hf.score`` computes the student's logits and exactly the
+teacher signal the registry says the estimator needs, and ``estimators.surrogate_loss`` is
+the loss. The student's forward runs inside TRL's ``_forward_redirection`` (so DDP/FSDP see
+it) and the teacher is called through its own wrapper.
+
+Normalisation (TRL's convention, ``num_items_in_batch``): TRL counts N, the unmasked
+completion tokens of the whole generation batch (all processes, all accumulation
+micro-batches), and passes N / P to each process's loss (P processes; DDP then averages the P
+gradients and the Trainer sums the accumulation steps without rescaling). With
+``--reduction token_mean`` the loss of a micro-batch is its surrogate sum divided by N / P,
+so the update is the gradient of
+
+    (1/N) sum over all tokens of the generation batch of the estimator's per-token values,
+
+the built-in loop's ``token_mean``. With ``sequence_mean`` the divisor is the per-process
+sequence count of the generation batch, B * G (micro-batch size B, G accumulation steps),
+giving (1/(B G P)) sum over sequences. One completion per dataset row: each step's prompts
+are the built-in loop's (``Prompts.train(step)``), each repeated ``--rollouts-per-prompt``
+times, in order (``shuffle_dataset=False``).
+
+Metrics: ``RunRecorder`` writes the built-in loop's ``metrics.jsonl`` / ``metrics.csv`` rows
+(one train row per optimizer step, eval rows every ``--eval-every``, the same keys) and the
+same ``summary.json``; ``vopd compare`` reads both engines' runs. TRL's own log keys stay in
+its ``report_to`` trackers. Options of TRL's ``DistillationConfig`` that ``vopd distill``
+does not set come from ``--trl-arg NAME=VALUE`` (JSON values), e.g.
+``--trl-arg gradient_accumulation_steps=4 --trl-arg use_vllm=true --trl-arg report_to=trackio``.
+
+From Python::
+
+    from vopd_analysis.distill import trl_engine
+    from vopd_analysis.distill.loop import DistillConfig
+    trl_engine.run(DistillConfig(preset="tiny", estimator="opd_bstar", steps=200, out_dir="runs/trl"))
+
+or, with your own dataset and models, ``RegistryDistillationTrainer(model=..., teacher_model=...,
+args=DistillationConfig(...), train_dataset=..., processing_class=..., estimator="vopd")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import divergences as dv
+from .. import estimators as est
+from .. import params as prm
+from ..errors import InputError
+from ..lm import hf, tasks
+from . import checkpoint as ckpt
+from . import loop
+from .evaluate import evaluate_shard, sampled_reverse_kl, sequence_reverse_kl
+
+TESTED_TRL = ("1.16.0", "1.17.0")      # [low, high): the versions the parity tests ran on
+ROWS_FILE = "vopd_rows.json"          # the metrics rows saved in each Trainer checkpoint
+
+
+# ----------------------------------------------------------------------------- checks before any model
+
+def check_trl() -> str:
+    """The installed TRL version; an ``InputError`` if TRL is missing or outside ``TESTED_TRL``."""
+    from importlib import metadata
+    from packaging.version import Version
+    low, high = TESTED_TRL
+    try:
+        version = metadata.version("trl")
+    except metadata.PackageNotFoundError:
+        raise InputError(f"--engine trl needs TRL: pip install 'vopd-analysis[trl]' (trl>={low},<{high})") from None
+    if not Version(low) <= Version(version) < Version(high):
+        raise InputError(f"--engine trl is tested with trl>={low},<{high}, but trl {version} is installed; "
+                         f"pip install 'trl>={low},<{high}'")
+    return version
+
+
+# DistillationConfig fields ``vopd distill`` sets from its own options (a --trl-arg may not set them)
+OWN_ARGS = {"output_dir": "--out", "max_steps": "--steps", "learning_rate": "--lr", "weight_decay": "--weight-decay",
+            "warmup_steps": "--warmup-steps", "max_grad_norm": "--grad-clip", "seed": "--seed",
+            "temperature": "--temperature", "top_p": "--top-p", "max_completion_length": "--max-new-tokens",
+            "per_device_train_batch_size": "--prompts-per-step and --rollouts-per-prompt", "bf16": "--no-bf16",
+            "save_steps": "--save-every", "save_total_limit": "--keep-checkpoints", "beta": "--estimator",
+            "shuffle_dataset": "(the step's prompts are kept in order)",
+            "remove_unused_columns": "(the records are needed for grading)"}
+
+
+def check_trl_args(trl_args: dict) -> None:
+    """Every ``--trl-arg`` must name a ``DistillationConfig`` field that ``vopd distill`` does not set."""
+    from trl import DistillationConfig
+    fields = {f.name for f in dataclasses.fields(DistillationConfig)}
+    for name in trl_args:
+        if name in OWN_ARGS:
+            raise InputError(f"--trl-arg {name}: set it with {OWN_ARGS[name]}")
+        if name not in fields:
+            close = [f for f in sorted(fields) if name.replace("-", "_") == f or name in f][:3]
+            raise InputError(f"--trl-arg {name}: not a field of trl.DistillationConfig"
+                             + (f" (did you mean {', '.join(close)}?)" if close else ""))
+
+
+def check_teacher(cfg: loop.DistillConfig) -> None:
+    """A teacher behind a server (an http(s) URL) gives at most sampled-token and top-k log-probs:
+    refused, naming the signal the estimator needs (a local teacher gives every signal)."""
+    if cfg.teacher is None or not re.match(r"^https?://", cfg.teacher):
+        return
+    signal = est.get(cfg.estimator).teacher_signal
+    need = {"full": "the teacher's full logits", "topk": "the teacher's log-probs on the student's top-k",
+            "sampled": "only sampled-token log-probs"}[signal]
+    if signal == "sampled":
+        raise InputError(f"--teacher {cfg.teacher}: teacher servers are not supported yet; load the teacher "
+                         f"locally (estimator '{cfg.estimator}' needs {need})")
+    raise InputError(f"--teacher {cfg.teacher}: estimator '{cfg.estimator}' needs {need}, which a teacher server "
+                     "(sampled and teacher-top-k log-probs only) cannot give; load the teacher locally")
+
+
+def probe_names(cfg: loop.DistillConfig) -> list:
+    """The estimators of ``--probe-estimators`` (comma-separated registry names)."""
+    names = [n.strip() for n in cfg.probe_estimators.split(",") if n.strip()]
+    if not names:
+        raise InputError("--probe-estimators names no estimator")
+    for name in names:
+        spec = est.get(name)
+        if spec.analysis_only or spec.group:
+            raise InputError(f"--probe-estimators: '{name}' cannot be probed on TRL batches (one completion per row)")
+    return names
+
+
+def check_engine_config(cfg: loop.DistillConfig, world: int) -> dict:
+    """All checks of a TRL run that read no model weights; returns the estimator's parameters.
+
+    ``loop.check_config`` plus: TRL's version, ``--trl-arg`` names, a teacher server, group
+    estimators (TRL samples one completion per row, so K rollouts of a prompt are not kept
+    together), and the batch split (prompts_per_step x rollouts_per_prompt over processes and
+    accumulation steps).
+    """
+    check_trl()
+    check_trl_args(cfg.trl_args)
+    params = loop.check_config(cfg, world)
+    check_teacher(cfg)
+    if cfg.probe_every > 0:
+        probe_names(cfg)
+    if est.get(cfg.estimator).group:
+        raise InputError(f"estimator '{cfg.estimator}' needs K rollouts of each prompt together, which TRL's "
+                         "one-completion-per-row sampler does not keep; use --engine builtin")
+    rows = cfg.prompts_per_step * cfg.rollouts_per_prompt
+    accum = int(cfg.trl_args.get("gradient_accumulation_steps", 1))
+    if rows % (world * accum):
+        raise InputError(f"prompts_per_step x rollouts_per_prompt ({rows}) must be divisible by processes x "
+                         f"gradient_accumulation_steps ({world} x {accum})")
+    return params
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+def rollouts_from_inputs(inputs: dict) -> hf.Rollouts:
+    """TRL's micro-batch (left-padded ``prompt_ids``/``prompt_mask``, right-padded
+    ``completion_ids``/``completion_mask``) as ``hf.Rollouts``: the response is the completion."""
+    prompt_mask, completion_mask = inputs["prompt_mask"], inputs["completion_mask"]
+    n = prompt_mask.shape[0]
+    return hf.Rollouts(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                       attention_mask=torch.cat([prompt_mask, completion_mask], 1).long(),
+                       response_mask=torch.cat([torch.zeros_like(prompt_mask), completion_mask], 1).long(),
+                       prompt_index=torch.arange(n), prompt_width=prompt_mask.shape[1])
+
+
+@functools.lru_cache(maxsize=None)
+def _trainer_class():
+    """``RegistryDistillationTrainer``, defined on first use so that importing this module needs no TRL."""
+    from trl import DistillationTrainer
+
+    class RegistryDistillationTrainer(DistillationTrainer):
+        """TRL's ``DistillationTrainer`` with the loss of a registry estimator (module docstring).
+
+        Extra keyword arguments:
+          estimator: registry name; estimator_params: its parameters (registry defaults otherwise).
+          reduction: "token_mean" (TRL's) or "sequence_mean".
+          vocab_size: the shared vocabulary V (default: the tokenizer's, via ``hf.shared_vocabulary``).
+          records: dataset row -> prompt record, for grading completions (the ``row`` column).
+        """
+
+        def __init__(self, *args, estimator: str = "vopd", estimator_params: Optional[dict] = None,
+                     reduction: str = "token_mean", vocab_size: Optional[int] = None,
+                     records: Optional[list] = None, **kwargs):
+            spec = est.get(estimator)
+            if spec.analysis_only or spec.group:
+                raise InputError(f"estimator '{estimator}' cannot train in TRL's trainer (it needs "
+                                 + ("exact tabular quantities)" if spec.analysis_only else "groups of rollouts)"))
+            if reduction not in ("token_mean", "sequence_mean"):
+                raise InputError(f"reduction must be 'token_mean' or 'sequence_mean', got '{reduction}'")
+            self.estimator, self.reduction, self.records = estimator, reduction, records
+            self.estimator_params = prm.resolve(estimator, dict(estimator_params or {}))
+            super().__init__(*args, **kwargs)
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            self.vocab_size = vocab_size or hf.check_compatible(self.accelerator.unwrap_model(self.model),
+                                                                self.processing_class, teacher,
+                                                                self.processing_class).vocab_size
+            self.teacher_timer = loop.TeacherTimer(teacher)
+            self.step_stats = torch.zeros(9, dtype=torch.float64)
+
+        # stats summed over the micro-batches of one optimizer step, by index
+        STATS = ("loss", "exact_kl", "has_exact", "sampled_kl", "sequences", "tokens", "correct", "graded",
+                 "rollout_seconds")
+
+        def _generate_and_score_completions(self, inputs):
+            t0 = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            self.step_stats[8] += time.perf_counter() - t0
+            if self.records is not None and "row" in inputs[0]:
+                texts = [self.processing_class.decode(ids[m.bool()], skip_special_tokens=True)
+                         for ids, m in zip(out["completion_ids"], out["completion_mask"])]
+                grades = [tasks.verify(self.records[int(x["row"])], t) for x, t in zip(inputs, texts)]
+                self.step_stats[6] += sum(g is True for g in grades)
+                self.step_stats[7] += sum(g is not None for g in grades)
+            return out
+
+        def _divisor(self, batch, num_items_in_batch):
+            """N / P for token_mean (TRL's ``num_items_in_batch``), B G for sequence_mean, None in evaluation."""
+            if not self.model.training or num_items_in_batch is None:
+                return None
+            if self.reduction == "token_mean":
+                return num_items_in_batch
+            return float(batch.num_sequences * self.args.gradient_accumulation_steps)
+
+        def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+            rollouts = rollouts_from_inputs(inputs)
+            self.last_rollouts = rollouts                  # for VarianceProbeCallback
+            self.teacher_model.eval()
+            batch = hf.score(unwrapped_student, self.teacher_model, rollouts, [self.estimator],
+                             vocab_size=self.vocab_size, params={self.estimator: self.estimator_params})
+            loss = est.surrogate_loss(self.estimator, batch, reduction=self.reduction,
+                                      num_items_in_batch=self._divisor(batch, num_items_in_batch),
+                                      validate=False, **self.estimator_params)
+            with torch.no_grad():
+                entropy = (dv.entropy(batch.student_logits.detach()) * batch.mask).sum()
+                if self.model.training:
+                    exact = batch.teacher_logits is not None
+                    self.step_stats[:6] += torch.tensor(
+                        [float(loss), float(sequence_reverse_kl(batch).sum()) if exact else 0.0, float(exact),
+                         float(sampled_reverse_kl(batch).sum()), batch.num_sequences, float(batch.mask.sum())],
+                        dtype=torch.float64)
+            return loss, entropy, batch.mask.sum()
+
+        def take_step_stats(self) -> dict:
+            """This step's statistics summed over processes (a collective), and reset."""
+            local = torch.cat([self.step_stats, torch.tensor([self.teacher_timer.seconds], dtype=torch.float64)])
+            total = self.accelerator.reduce(local.to(self.accelerator.device), "sum").cpu().tolist()
+            self.step_stats.zero_()
+            self.teacher_timer.seconds = 0.0
+            return dict(zip(self.STATS + ("teacher_seconds",), total))
+
+    return RegistryDistillationTrainer
+
+
+def __getattr__(name):
+    """``RegistryDistillationTrainer`` and ``VarianceProbeCallback``, made on first access (TRL imported then)."""
+    makers = {"RegistryDistillationTrainer": _trainer_class, "VarianceProbeCallback": _probe_class}
+    if name in makers:
+        return makers[name]()
+    raise AttributeError(name)
+
+
+# ----------------------------------------------------------------------------- the run's records
+
+@functools.lru_cache(maxsize=None)
+def _recorder_class():
+    from transformers import TrainerCallback
+
+    class RunRecorder(TrainerCallback):
+        """Writes the built-in loop's metrics rows from a ``RegistryDistillationTrainer``: a train row
+        at each optimizer step (from TRL's log of it, on every process), an eval row at step 0 and
+        every ``eval_every`` steps, the rows into each Trainer checkpoint (``ROWS_FILE``)."""
+
+        def __init__(self, cfg: loop.DistillConfig, prompts: loop.Prompts, metrics: loop.Metrics, start: int):
+            self.cfg, self.prompts, self.metrics, self.start = cfg, prompts, metrics, start
+            self.trainer, self.step_began = None, time.perf_counter()
+
+        def evaluate(self, step: int) -> None:
+            tr, cfg = self.trainer, self.cfg
+            if cfg.eval_every <= 0 or not self.prompts.eval:
+                return
+            acc = tr.accelerator
+            student = acc.unwrap_model(tr.model)
+            shard = self.prompts.eval[acc.process_index::acc.num_processes]
+            was_training = student.training
+            with acc.autocast():
+                local = evaluate_shard(student, tr.teacher_model, tr.processing_class, shard, cfg.max_new_tokens,
+                                       seed=(cfg.seed * 1_000_003 + step) * 1009 + 7919 * (acc.process_index + 1),
+                                       vocab_size=tr.vocab_size)
+            student.train(was_training)
+            s = acc.reduce(local.to(acc.device), "sum").tolist()
+            self.metrics.log({"kind": "eval", "step": step, "eval_accuracy": s[0] / s[1] if s[1] else None,
+                              "eval_reverse_kl": s[2] / s[3] if s[3] else None,
+                              "eval_teacher_logprob": s[4] / s[5] if s[5] else None})
+
+        def on_train_begin(self, args, state, control, **kw):
+            if self.start == 0:
+                self.evaluate(0)
+            self.step_began = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "loss" not in logs or "train_runtime" in logs:
+                return
+            s = self.trainer.take_step_stats()
+            seconds = time.perf_counter() - self.step_began
+            rollout, teacher = s["rollout_seconds"] / self.trainer.accelerator.num_processes, \
+                s["teacher_seconds"] / self.trainer.accelerator.num_processes
+            grad_norm = logs.get("grad_norm", float("nan"))
+            step = state.global_step
+            self.metrics.log({
+                "kind": "train", "step": step, "loss": float(logs["loss"]),
+                "reverse_kl": s["exact_kl"] / s["sequences"] if s["has_exact"] else float("nan"),
+                "reverse_kl_sampled": s["sampled_kl"] / s["sequences"],
+                "sample_accuracy": s["correct"] / s["graded"] if s["graded"] else None,
+                "grad_norm": float(grad_norm), "skipped": not torch.isfinite(torch.tensor(float(grad_norm))).item(),
+                "lr": float(logs.get("learning_rate", float("nan"))), "response_tokens": int(s["tokens"]),
+                "tokens_per_s": s["tokens"] / seconds, "time_rollout": rollout, "time_teacher": teacher,
+                "time_student": seconds - rollout - teacher,
+                "peak_memory_mb": loop.peak_memory_mb(self.trainer.accelerator.device),
+                **{k: v for k, v in logs.items() if k.startswith("probe/")}})
+            if self.cfg.eval_every > 0 and (step % self.cfg.eval_every == 0 or step == self.cfg.steps):
+                self.evaluate(step)
+            self.step_began = time.perf_counter()
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                loop.write_json_atomic(folder / ROWS_FILE, self.metrics.rows)
+                self.metrics.write_csv()
+
+    return RunRecorder
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_class():
+    from transformers import TrainerCallback
+
+    from ..lm import variance
+
+    class VarianceProbeCallback(TrainerCallback):
+        """Every ``every`` optimizer steps, before the update: each estimator's gradient statistics
+        on the step's last micro-batch of rollouts (the same rollouts for all, common random
+        numbers), per process, logged with the step's metrics as ``probe/<estimator>/<statistic>``.
+
+        For each estimator and rollout i, g_i = grad of rollout i's surrogate (``variance.
+        rollout_gradients``, one backward each); over the B rollouts: ``trace_cov`` = tr Sigma
+        (unbiased), ``snr`` = |g_bar|^2 / (tr Sigma / B), ``noise_scale`` = tr Sigma / |G|^2 with
+        the unbiased |G|^2 (NaN when that is <= 0), ``cosine`` to ``reference``'s mean gradient.
+        The training gradient is saved and restored around the probe. Needs the whole student on
+        each process (one device, or DDP: under ``no_sync``); FSDP / ZeRO-3 shards are refused.
+
+        Args:
+          trainer: the ``RegistryDistillationTrainer`` (set after construction if None).
+          estimators: registry names probed; every ``every`` steps; ``reference``: an estimator name.
+        """
+
+        def __init__(self, estimators=("opd", "vopd", "opd_bstar"), every: int = 50, reference: str = "full_kl",
+                     trainer=None, params: Optional[dict] = None):
+            if every < 1:
+                raise InputError(f"the probe's interval must be >= 1 step, got {every}")
+            names = list(dict.fromkeys([*estimators, reference]))
+            for name in names:
+                spec = est.get(name)
+                if spec.analysis_only or spec.group:
+                    raise InputError(f"cannot probe estimator '{name}' on TRL batches (one completion per row)")
+            self.estimators, self.every, self.reference, self.trainer = list(estimators), every, reference, trainer
+            self.params = {name: prm.resolve(name, dict((params or {}).get(name, {}))) for name in names}
+
+        def on_train_begin(self, args, state, control, **kw):
+            if self.trainer.is_fsdp_enabled or self.trainer.is_deepspeed_enabled:
+                raise InputError("the variance probe needs the whole student on each process; "
+                                 "it does not run under FSDP or DeepSpeed")
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            if (state.global_step + 1) % self.every:
+                return
+            tr = self.trainer
+            student = tr.accelerator.unwrap_model(tr.model)
+            named = variance.trainable_parameters(student)
+            saved = [None if p.grad is None else p.grad.detach().clone() for _, p in named]
+            moments = {name: variance.GradientMoments(sum(p.numel() for _, p in named), num_projections=0,
+                                                      device=named[0][1].device) for name in self.params}
+            sync = tr.model.no_sync() if hasattr(tr.model, "no_sync") else contextlib.nullcontext()
+            with sync:
+                for name, g in variance.rollout_gradients(student, tr.teacher_model, tr.last_rollouts, self.params,
+                                                          named, vocab_size=tr.vocab_size):
+                    moments[name].update(g)
+            for (_, p), grad in zip(named, saved):
+                p.grad = grad
+            ref = moments[self.reference].mean
+            for name in self.estimators:
+                m = moments[name]
+                for key, value in (("trace_cov", m.trace()), ("snr", m.snr()), ("noise_scale", m.noise_scale()),
+                                   ("cosine", m.cosine(ref))):
+                    tr._metrics["train"][f"probe/{name}/{key}"].append(float(value))
+
+    return VarianceProbeCallback
+
+
+# ----------------------------------------------------------------------------- the run
+
+class _Processes:
+    """The process group as ``loop.on_main``/``claim_out_dir`` see an accelerator, before TRL's exists."""
+
+    def __init__(self, state):
+        self.state = state
+        self.is_main_process, self.num_processes, self.device = state.is_main_process, state.num_processes, state.device
+
+    def reduce(self, tensor, op="sum"):
+        if self.num_processes > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def wait_for_everyone(self):
+        self.state.wait_for_everyone()
+
+    def main_process_first(self):
+        return self.state.main_process_first()
+
+    def print(self, *args):
+        if self.is_main_process:
+            print(*args, flush=True)
+
+
+def trl_config(cfg: loop.DistillConfig, world: int):
+    """TRL's ``DistillationConfig`` for this run: ``vopd distill``'s options (``OWN_ARGS``) plus
+    ``--trl-arg``s; AdamW betas (0.9, 0.95), linear warm-up then a constant rate, one log per step,
+    as the built-in loop."""
+    from trl import DistillationConfig
+    accum = int(cfg.trl_args.get("gradient_accumulation_steps", 1))
+    per_device = cfg.prompts_per_step * cfg.rollouts_per_prompt // (world * accum)
+    cpu = not torch.cuda.is_available()
+    settings = dict(output_dir=str(Path(cfg.out_dir) / "checkpoints"), max_steps=cfg.steps, learning_rate=cfg.lr,
+                    weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.grad_clip,
+                    seed=cfg.seed, temperature=cfg.temperature, top_p=cfg.top_p,
+                    max_completion_length=cfg.max_new_tokens, per_device_train_batch_size=per_device,
+                    bf16=bool(cfg.bf16) and not cpu, use_cpu=cpu, beta=1.0, shuffle_dataset=False,
+                    remove_unused_columns=False, save_steps=max(cfg.save_every, 1),
+                    save_strategy="steps" if cfg.save_every > 0 else "no",
+                    save_total_limit=cfg.keep_checkpoints if cfg.keep_checkpoints > 0 else None,
+                    lr_scheduler_type="constant_with_warmup", adam_beta1=0.9, adam_beta2=0.95, logging_steps=1,
+                    report_to="none", gradient_checkpointing=False, disable_tqdm=False)
+    settings.update(cfg.trl_args)
+    return DistillationConfig(**settings)
+
+
+def _quiet_console(trainer) -> None:
+    """Keep TRL's progress bar but not its printed dict per logged step (the metrics files hold them)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class BarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(BarOnly())
+
+
+def step_dataset(cfg: loop.DistillConfig, prompts: loop.Prompts):
+    """The training rows in order: step s's prompts (``Prompts.train(s)``), each ``rollouts_per_prompt``
+    times; columns ``prompt`` and ``row`` (index into the returned records, for grading)."""
+    from datasets import Dataset
+    records, rows = [], []
+    for step in range(1, cfg.steps + 1):
+        for record in prompts.train(step):
+            for _ in range(cfg.rollouts_per_prompt):
+                rows.append({"prompt": record["prompt"], "row": len(records)})
+            records.append(record)
+    return Dataset.from_list(rows), records
+
+
+def resume_point(out_dir: Path) -> tuple:
+    """(the newest Trainer checkpoint in ``out_dir/checkpoints`` or None, its step, its metrics rows)."""
+    from transformers.trainer_utils import get_last_checkpoint
+    folder = out_dir / "checkpoints"
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if last is None:
+        return None, 0, []
+    rows_file = Path(last) / ROWS_FILE
+    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+    return last, int(Path(last).name.split("-")[-1]), rows
+
+
+def run(cfg: loop.DistillConfig, resume: bool = False) -> dict:
+    """``loop.run``'s contract on TRL: every check before the run folder or a model, the folder
+    locked, the same metrics files and ``summary.json``; returns the same result dict.
+
+    Args:
+      cfg: the config (``engine`` ignored; ``trl_args`` passed to TRL).
+      resume: continue from the newest Trainer checkpoint in ``--out/checkpoints``.
+    """
+    started = time.perf_counter()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    params = check_engine_config(cfg, world)
+    cfg.bf16 = bool(cfg.bf16) and torch.cuda.is_available()
+    asked = dataclasses.replace(cfg)
+    out_dir = Path(cfg.out_dir)
+    loop.check_out_dir(out_dir)
+    if resume and (out_dir / "config.json").is_file():
+        loop.check_resumable(out_dir, asked)
+        summary = loop.finished_run(out_dir, cfg.steps)
+        if summary is not None:
+            print(f"{out_dir} already finished {summary['steps_done']} steps; nothing to do", flush=True)
+            return {"out_dir": cfg.out_dir, "rows": [], "first_eval": summary.get("first_eval"),
+                    "last_eval": summary.get("last_eval"), "summary": summary}
+    args = trl_config(cfg, world)                      # sets up the process group; loads nothing
+    procs = _Processes(args.distributed_state)
+    if procs.device.type == "cpu":
+        torch.set_num_threads(cfg.num_threads or 1)
+    paths = loop.model_paths(cfg, procs)
+    info = hf.check_compatible_files(*paths)           # vocabularies, before any weight is read
+    defaulted = cfg.max_new_tokens is None
+    if defaulted:
+        cfg.max_new_tokens = loop.default_max_new_tokens(cfg)
+        args.max_completion_length = cfg.max_new_tokens
+    prompts = loop.Prompts(cfg, loop.prompt_check(cfg, *paths, defaulted=defaulted))
+    for note in prompts.notes if procs.is_main_process else []:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+    claim, begun = loop.claim_out_dir(out_dir, procs), False
+    try:
+        has_run = (out_dir / "config.json").exists() or (out_dir / "metrics.jsonl").exists()
+        if has_run and not resume:
+            raise InputError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
+        latest, start, rows = resume_point(out_dir) if resume else (None, 0, [])
+        result = _train(cfg, asked, args, procs, params, paths, info, prompts, latest, start, rows, started)
+        begun = True
+        return result
+    finally:
+        claim.release(started=begun or (out_dir / "config.json").exists())
+
+
+def _train(cfg, asked, args, procs, params, paths, info, prompts, latest, start, rows, started) -> dict:
+    """Load the pair, build the trainer, train, write the final model and ``summary.json``."""
+    with ckpt.quiet_hf_progress():
+        pair = hf.load_pair(*paths)
+    if cfg.bf16:
+        pair.teacher.to(torch.bfloat16)
+    params, capped = prm.cap_to_vocab(cfg.estimator, params, cfg.estimator_params, info.vocab_size)
+    for c in capped:
+        procs.print(f"note: {c['param']}={c['used']} (registry default {c['default']} capped at the vocabulary size)")
+    tokenizer = pair.tokenizer
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if info.student_output_size > info.vocab_size:     # never sample a padded output row
+        args.generation_kwargs = {**(args.generation_kwargs or {}),
+                                  "suppress_tokens": list(range(info.vocab_size, info.student_output_size))}
+    dataset, records = step_dataset(cfg, prompts)
+    out_dir = Path(cfg.out_dir)
+    loop.start_out_dir(out_dir, dataclasses.asdict(asked), procs)
+    metrics = loop.Metrics(out_dir, [r for r in rows if r["step"] <= start], procs.is_main_process)
+    recorder = _recorder_class()(cfg, prompts, metrics, start)
+    callbacks = [recorder]
+    if cfg.probe_every > 0:
+        callbacks.append(_probe_class()(probe_names(cfg), every=cfg.probe_every,
+                                        params={cfg.estimator: params}))
+    trainer = _trainer_class()(model=pair.student, teacher_model=pair.teacher, args=args, train_dataset=dataset,
+                               processing_class=tokenizer, estimator=cfg.estimator, estimator_params=params,
+                               reduction=cfg.reduction, vocab_size=info.vocab_size, records=records,
+                               callbacks=callbacks)
+    for callback in callbacks:
+        callback.trainer = trainer
+    _quiet_console(trainer)
+    procs.print(f"distill (trl {check_trl()}): {cfg.estimator} {params}, {procs.num_processes} process(es) on "
+                f"{procs.device}, steps {start + 1}..{cfg.steps} -> {cfg.out_dir}")
+    trainer.train(resume_from_checkpoint=latest)
+    metrics.write_csv()
+    procs.wait_for_everyone()
+    summary = None
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    run_view = dataclasses.make_dataclass("RunView", ["cfg", "params"])(cfg, params)
+    if procs.is_main_process:
+        with ckpt.quiet_hf_progress():
+            student.save_pretrained(out_dir / "final")
+            tokenizer.save_pretrained(out_dir / "final")
+        summary = loop.write_summary(run_view, metrics.rows, start, time.perf_counter() - started)
+        summary["engine"] = f"trl {check_trl()}"
+        loop.write_json_atomic(out_dir / "summary.json", summary)
+        for line in loop.summary_lines(summary, out_dir / "summary.json"):
+            print(line, flush=True)
+    evals = [r for r in metrics.rows if r["kind"] == "eval"]
+    procs.wait_for_everyone()
+    return {"out_dir": cfg.out_dir, "rows": metrics.rows, "first_eval": evals[0] if evals else None,
+            "last_eval": evals[-1] if evals else None, "summary": summary, "trainer": trainer}
