@@ -50,11 +50,16 @@ METRICS = {"eval_accuracy": ("acc", "held-out greedy accuracy"),
 
 
 def run_config(config: dict, name: str, params: dict, seed: int, work: str) -> DistillConfig:
+    """One run's config; ``config["engine"]`` (default builtin) picks the loop, and a non-builtin
+    engine's runs get their own folders (``trl-vopd-seed0``)."""
+    engine = config.get("engine", "builtin")
+    folder = f"{name}-seed{seed}" if engine == "builtin" else f"{engine}-{name}-seed{seed}"
     return DistillConfig(preset=config.get("preset", "tiny"), estimator=name, estimator_params=dict(params), seed=seed,
+                         engine=engine,
                          steps=config["steps"], eval_every=config["eval_every"], num_eval=config["num_eval"],
                          lr=config["lr"], prompts_per_step=config["prompts_per_step"],
                          rollouts_per_prompt=config["rollouts_per_prompt"], save_every=config.get("save_every", 50),
-                         keep_checkpoints=1, num_threads=1, out_dir=f"{work}/{name}-seed{seed}")
+                         keep_checkpoints=1, num_threads=1, out_dir=f"{work}/{folder}")
 
 
 def one_run(cfg: DistillConfig) -> list:

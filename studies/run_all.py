@@ -25,7 +25,7 @@ from . import common
 STUDIES = ["unbiasedness", "test_calibration", "variance_landscape", "baseline_quality", "topk", "sequence_bias",
            "training_dynamics", "estimator_zoo", "pair_statistics", "llm_variance", "llm_variance_small",
            "vocab_effect",
-           "variance_training", "distill_tiny", "distill_bstar", "distill_small"]
+           "variance_training", "distill_tiny", "distill_bstar", "distill_engines", "distill_small"]
 
 
 def study(name: str):
