@@ -293,3 +293,14 @@ def test_variance_probe_statistics_match_the_probe_module(pair64, rollouts, tmp_
     assert logged["probe/vopd/trace_cov"][0] < logged["probe/opd/trace_cov"][0]
     for _, p in named:
         p.grad = None
+
+
+def test_shipped_accelerate_configs_parse():
+    """The README's accelerate configs are valid accelerate ClusterConfigs (they are not run here: no GPU)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    folder = REPO / "vopd_analysis" / "distill" / "accelerate_configs"
+    configs = {p.stem: ClusterConfig.from_yaml_file(str(p)) for p in folder.glob("*.yaml")}
+    assert set(configs) == {"one_gpu", "eight_gpus_ddp", "eight_gpus_zero2"}
+    assert [configs[n].num_processes for n in ("one_gpu", "eight_gpus_ddp", "eight_gpus_zero2")] == [1, 8, 8]
+    assert configs["eight_gpus_zero2"].deepspeed_config["zero_stage"] == 2
+    assert all(c.mixed_precision == "bf16" for c in configs.values())

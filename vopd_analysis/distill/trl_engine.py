@@ -553,7 +553,7 @@ def _train(cfg, asked, args, procs, params, paths, info, prompts, latest, start,
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if info.student_output_size > info.vocab_size:     # never sample a padded output row
+    if info.student_output_size > info.vocab_size and not args.use_vllm:   # never sample a padded output row
         args.generation_kwargs = {**(args.generation_kwargs or {}),
                                   "suppress_tokens": list(range(info.vocab_size, info.student_output_size))}
     dataset, records = step_dataset(cfg, prompts)
