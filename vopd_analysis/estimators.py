@@ -636,7 +636,19 @@ def surrogate_loss(name: str, batch: TokenBatch, reduction: str = "sequence_mean
     if validate:
         batch.validate(allow_empty_mask=reduction in ("sum", "none") or num_items_in_batch is not None,
                        unread=_unread(get(name)))
-    values = per_sequence(name, batch, validate=False, **params)
+    return reduce(per_sequence(name, batch, validate=False, **params), batch.mask, reduction, num_items_in_batch)
+
+
+def reduce(values: torch.Tensor, mask: torch.Tensor, reduction: str,
+           num_items_in_batch: Optional[float] = None) -> torch.Tensor:
+    """``surrogate_loss``'s reductions of per-sequence values [B] (``mask`` [B, T] counts the tokens).
+
+    ``none``: the values; ``sum``: their sum; ``sequence_mean`` / ``token_mean``: their sum over
+    N, ``num_items_in_batch`` when given (checked positive and finite), else the number of
+    sequences / of unmasked tokens (at least 1).
+    """
+    if reduction not in REDUCTIONS:
+        raise InputError(f"unknown reduction '{reduction}'; choose one of {REDUCTIONS}")
     if reduction == "none":
         return values
     if reduction == "sum":
@@ -644,7 +656,7 @@ def surrogate_loss(name: str, batch: TokenBatch, reduction: str = "sequence_mean
     if num_items_in_batch is None:
         if reduction == "sequence_mean":
             return values.mean()
-        num_items_in_batch = batch.mask.sum().clamp_min(1)
+        num_items_in_batch = mask.sum().clamp_min(1)
     elif not 0 < float(num_items_in_batch) < float("inf"):
         raise InputError(f"num_items_in_batch must be positive and finite, got {num_items_in_batch}")
     return values.sum() / torch.as_tensor(num_items_in_batch, dtype=values.dtype, device=values.device)
