@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("trl")
 
 from vopd_analysis import estimators as est                      # noqa: E402
+from vopd_analysis import fused                                  # noqa: E402
 from vopd_analysis.distill import loop, trl_engine               # noqa: E402
 from vopd_analysis.errors import InputError                      # noqa: E402
 from vopd_analysis.lm import hf, tasks, tiny                     # noqa: E402
@@ -76,14 +77,22 @@ def max_difference(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+@pytest.mark.parametrize("logits", ["materialised", "fused"])
 @pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean"])
 @pytest.mark.parametrize("name", PARITY)
-def test_trl_gradient_equals_surrogate_loss(pair64, rollouts, tmp_path, name, reduction):
+def test_trl_gradient_equals_surrogate_loss(pair64, rollouts, tmp_path, name, reduction, logits):
     """float64: TRL's compute_loss on the rollouts' micro-batch has surrogate_loss's gradient (same
-    normalisation: N = the batch's unmasked tokens, or its sequences)."""
+    normalisation: N = the batch's unmasked tokens, or its sequences), on the materialised and on
+    the fused path (vopd_topk has no fused form and is refused there)."""
+    if logits == "fused" and name not in fused.FUSED_ESTIMATORS:
+        with pytest.raises(InputError, match="has no fused form"):
+            trl_engine.RegistryDistillationTrainer(
+                model=pair64.student, teacher_model=pair64.teacher, args=trl_args(tmp_path),
+                train_dataset=dataset(), processing_class=pair64.tokenizer, estimator=name, logits=logits)
+        return
     trainer = trl_engine.RegistryDistillationTrainer(
         model=pair64.student, teacher_model=pair64.teacher, args=trl_args(tmp_path), train_dataset=dataset(),
-        processing_class=pair64.tokenizer, estimator=name, reduction=reduction)
+        processing_class=pair64.tokenizer, estimator=name, reduction=reduction, logits=logits)
     trainer.model.train()
     got = gradient(trainer.model, trainer.compute_loss(trainer.model, trl_inputs(rollouts)))
     batch = hf.score(pair64.student, pair64.teacher, rollouts, [name], vocab_size=16)

@@ -460,7 +460,7 @@ def fused_per_sequence(name: str, student_hidden: torch.Tensor, student_weight: 
                        student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
                        student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
                        vocab_size: Optional[int] = None, token_chunk: Optional[int] = None,
-                       vocab_chunk: Optional[int] = None, **params) -> torch.Tensor:
+                       vocab_chunk: Optional[int] = None, return_stats: bool = False, **params):
     """Per-sequence surrogate values [B] of a token-level registry estimator, from hidden states:
 
         opd          sum_t m_t sg(l_t) log pi(y_t)
@@ -480,9 +480,11 @@ def fused_per_sequence(name: str, student_hidden: torch.Tensor, student_weight: 
         from ``teacher_token_logprobs`` [B, T] (then one student-only pass).
       teacher_token_logprobs: log pi_T(y_t) [B, T], used instead of the fused teacher's when given.
       student_bias, ..., vocab_chunk: as ``fused_token_stats``.
+      return_stats: also return the pass's ``FusedTokenStats`` (lp, lp_T, KL, ... per token, for metrics).
       **params: the estimator's parameters (registry defaults; ``rho`` < 1 is refused).
     Returns:
-      [B] surrogate values; the gradient of their sum is the estimator's gradient.
+      [B] surrogate values; the gradient of their sum is the estimator's gradient. With
+      ``return_stats``: (values, stats).
     """
     if name not in FUSED_ESTIMATORS:
         raise InputError(f"the fused path has estimators {', '.join(FUSED_ESTIMATORS)}; got '{name}'")
@@ -506,16 +508,18 @@ def fused_per_sequence(name: str, student_hidden: torch.Tensor, student_weight: 
     t_lp = stats.teacher_logprobs if teacher_token_logprobs is None else teacher_token_logprobs.detach().to(lp.dtype)
     batch = _loss_batch(tokens, mask, t_lp)
     if name == "full_kl":
-        return E.masked_sum(batch, stats.kl)
-    advantage = E.log_ratio(batch, lp)
-    if name == "vopd":
-        advantage = advantage - stats.kl.detach()
-    elif name == "vopd_scaled":
-        alpha = params["alpha"]
-        advantage = advantage - (stats.kl.detach() if alpha == 1.0 else alpha * stats.kl.detach())
-    elif name == "opd_bstar":
-        advantage = advantage - stats.bstar
-    return E.score_surrogate(batch, lp, advantage)
+        values = E.masked_sum(batch, stats.kl)
+    else:
+        advantage = E.log_ratio(batch, lp)
+        if name == "vopd":
+            advantage = advantage - stats.kl.detach()
+        elif name == "vopd_scaled":
+            alpha = params["alpha"]
+            advantage = advantage - (stats.kl.detach() if alpha == 1.0 else alpha * stats.kl.detach())
+        elif name == "opd_bstar":
+            advantage = advantage - stats.bstar
+        values = E.score_surrogate(batch, lp, advantage)
+    return (values, stats) if return_stats else values
 
 
 def fused_surrogate_loss(name: str, *args, reduction: str = "sequence_mean",

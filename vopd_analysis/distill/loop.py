@@ -74,9 +74,10 @@ import torch
 from .. import estimators as est
 from .. import params as prm
 from ..errors import InputError, exit_with
+from ..lm import fused_score as fs
 from ..lm import hf, small, tasks, tiny
 from . import checkpoint as ckpt
-from .evaluate import evaluate_shard, sampled_reverse_kl, sequence_reverse_kl
+from .evaluate import evaluate_shard
 
 try:
     import fcntl
@@ -169,6 +170,9 @@ class DistillConfig:
                          "with the registry's loss, trl_engine.py; pip install 'vopd-analysis[trl]')",
                          choices=("builtin", "trl"))
     trl_args: dict = option({}, "TRL DistillationConfig fields, from --trl-arg NAME=VALUE", cli=False)
+    logits: str = option("auto", "the loss's path: materialised [B, T, V] logits, fused (hidden states and lm_head "
+                         "tiles, never [B, T, V]; opd, vopd, opd_bstar, full_kl, ...), or auto (fused when the "
+                         "estimator has it and B x T x V >= 2^26)", choices=("auto", "materialised", "fused"))
     probe_every: int = option(0, "with --engine trl: every N steps, each --probe-estimators' gradient variance, SNR "
                               "and noise scale on the step's rollouts, logged as probe/... (0: off)")
     probe_estimators: str = option("opd,vopd,opd_bstar", "with --engine trl: the estimators the probe compares "
@@ -247,6 +251,7 @@ def check_config(cfg: DistillConfig, world: int) -> dict:
                          f"processes ({world}) so that every process gets the same share")
     if cfg.reduction not in ("sequence_mean", "token_mean"):
         raise InputError(f"reduction must be 'sequence_mean' or 'token_mean', got '{cfg.reduction}'")
+    fs.choose(cfg.logits, cfg.estimator, 0, 0)   # an unknown path, or --logits fused without a fused form
     return params
 
 
@@ -699,15 +704,25 @@ def peak_memory_mb(device) -> float:
 
 
 class TeacherTimer:
-    """Wall time spent in the teacher's forward passes, measured with module hooks."""
+    """Wall time spent in the teacher's forward passes, measured with module hooks on the teacher
+    and on its backbone (the fused path calls only the backbone); nested calls count once."""
 
     def __init__(self, teacher):
-        self.seconds, self._start = 0.0, None
-        teacher.register_forward_pre_hook(lambda *a: setattr(self, "_start", time.perf_counter()))
-        teacher.register_forward_hook(lambda *a: self._stop())
+        self.seconds, self._start, self._depth = 0.0, None, 0
+        modules = [teacher] + ([teacher.base_model] if getattr(teacher, "base_model", teacher) is not teacher else [])
+        for module in modules:
+            module.register_forward_pre_hook(lambda *a: self._enter())
+            module.register_forward_hook(lambda *a: self._exit())
 
-    def _stop(self):
-        self.seconds += time.perf_counter() - self._start
+    def _enter(self):
+        if self._depth == 0:
+            self._start = time.perf_counter()
+        self._depth += 1
+
+    def _exit(self):
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._start
 
 
 # ----------------------------------------------------------------------------- one step
@@ -720,14 +735,13 @@ def estimator_loss(cfg: DistillConfig, batch, params: dict, num_items_in_batch: 
 
     Args:
       cfg: the config (estimator, reduction).
-      batch: this process's TokenBatch.
+      batch: this process's TokenBatch (validated by ``hf.score``) or ``fused_score.FusedScore``.
       params: the estimator's full parameter dict.
       num_items_in_batch: the global count of sequences or unmasked tokens, or None.
     Returns:
       The scalar loss.
     """
-    return est.surrogate_loss(cfg.estimator, batch, reduction=cfg.reduction,   # hf.score validated the batch
-                              num_items_in_batch=num_items_in_batch, validate=False, **params)
+    return fs.loss_of(batch, cfg.estimator, cfg.reduction, num_items_in_batch, params)
 
 
 def local_num_items(batch, reduction: str) -> int:
@@ -803,9 +817,9 @@ def train_step(run, step: int) -> dict:
     run.teacher_timer.seconds = 0.0
     batch = None
     with acc.autocast():
-        try:
-            batch = hf.score(student, run.teacher, rollouts, [cfg.estimator], vocab_size=run.vocab_size,
-                             params={cfg.estimator: run.params})
+        try:    # a TokenBatch (materialised logits) or a fused_score.FusedScore (hidden states)
+            batch = fs.score_either(cfg.logits, student, run.teacher, rollouts, cfg.estimator, run.params,
+                                    run.vocab_size)
         except InputError as err:   # NaN/inf logits are caught by TokenBatch.validate
             if "NaN or inf" not in str(err):
                 raise
@@ -837,9 +851,7 @@ def step_row(run, step, batch, rollouts, records, loss, grad_norm, skipped, time
     """Reduce this step's statistics over processes into one metrics row."""
     acc = run.accelerator
     t0, t1, t2 = times
-    with torch.no_grad():
-        exact = sequence_reverse_kl(batch).sum() if batch is not None and batch.teacher_logits is not None else float("nan")
-        sampled = sampled_reverse_kl(batch).sum() if batch is not None else float("nan")
+    exact, sampled = fs.reverse_kl_sums(batch)
     grades = [tasks.verify(records[int(i)], text) for i, text in zip(rollouts.prompt_index, rollouts.responses(run.tokenizer))]
     local = torch.tensor([float(loss.detach()), float(exact), float(sampled), rollouts.num_rollouts,
                           float(rollouts.response_mask.sum()), sum(g is True for g in grades),

@@ -60,10 +60,11 @@ from .. import divergences as dv
 from .. import estimators as est
 from .. import params as prm
 from ..errors import InputError
+from ..lm import fused_score as fs
 from ..lm import hf, tasks
 from . import checkpoint as ckpt
 from . import loop
-from .evaluate import evaluate_shard, sampled_reverse_kl, sequence_reverse_kl
+from .evaluate import evaluate_shard
 
 TESTED_TRL = ("1.16.0", "1.17.0")      # [low, high): the versions the parity tests ran on
 ROWS_FILE = "vopd_rows.json"          # the metrics rows saved in each Trainer checkpoint
@@ -187,18 +188,20 @@ def _trainer_class():
           reduction: "token_mean" (TRL's) or "sequence_mean".
           vocab_size: the shared vocabulary V (default: the tokenizer's, via ``hf.shared_vocabulary``).
           records: dataset row -> prompt record, for grading completions (the ``row`` column).
+          logits: "auto", "materialised" or "fused" (``fused_score.choose``).
         """
 
         def __init__(self, *args, estimator: str = "vopd", estimator_params: Optional[dict] = None,
                      reduction: str = "token_mean", vocab_size: Optional[int] = None,
-                     records: Optional[list] = None, **kwargs):
+                     records: Optional[list] = None, logits: str = "auto", **kwargs):
             spec = est.get(estimator)
             if spec.analysis_only or spec.group:
                 raise InputError(f"estimator '{estimator}' cannot train in TRL's trainer (it needs "
                                  + ("exact tabular quantities)" if spec.analysis_only else "groups of rollouts)"))
             if reduction not in ("token_mean", "sequence_mean"):
                 raise InputError(f"reduction must be 'token_mean' or 'sequence_mean', got '{reduction}'")
-            self.estimator, self.reduction, self.records = estimator, reduction, records
+            fs.choose(logits, estimator, 0, 0)            # refuses a path the estimator does not have
+            self.estimator, self.reduction, self.records, self.logits = estimator, reduction, records, logits
             self.estimator_params = prm.resolve(estimator, dict(estimator_params or {}))
             super().__init__(*args, **kwargs)
             teacher = self.accelerator.unwrap_model(self.teacher_model)
@@ -232,24 +235,36 @@ def _trainer_class():
                 return num_items_in_batch
             return float(batch.num_sequences * self.args.gradient_accumulation_steps)
 
+        def _score(self, unwrapped_student, rollouts):
+            """``fused_score.FusedScore`` (the ``logits`` path says fused for this batch: both backbones
+            only, the teacher's through its distributed wrapper, as TRL runs it) or ``hf.score``'s batch."""
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            if fs.choose(self.logits, self.estimator, fs.padded_tokens(rollouts), self.vocab_size):
+                def teacher_hidden(model, *args):
+                    return self._forward_redirection(self.teacher_model, teacher, fs.response_hidden, teacher, *args)
+                return fs.score(unwrapped_student, teacher, rollouts, self.estimator, self.estimator_params,
+                                self.vocab_size, teacher_hidden=teacher_hidden)
+            return hf.score(unwrapped_student, self.teacher_model, rollouts, [self.estimator],
+                            vocab_size=self.vocab_size, params={self.estimator: self.estimator_params})
+
         def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
             rollouts = rollouts_from_inputs(inputs)
             self.last_rollouts = rollouts                  # for VarianceProbeCallback
             self.teacher_model.eval()
-            batch = hf.score(unwrapped_student, self.teacher_model, rollouts, [self.estimator],
-                             vocab_size=self.vocab_size, params={self.estimator: self.estimator_params})
-            loss = est.surrogate_loss(self.estimator, batch, reduction=self.reduction,
-                                      num_items_in_batch=self._divisor(batch, num_items_in_batch),
-                                      validate=False, **self.estimator_params)
+            scored = self._score(unwrapped_student, rollouts)
+            loss = fs.loss_of(scored, self.estimator, self.reduction, self._divisor(scored, num_items_in_batch),
+                              self.estimator_params)
             with torch.no_grad():
-                entropy = (dv.entropy(batch.student_logits.detach()) * batch.mask).sum()
+                if isinstance(scored, fs.FusedScore):     # no logits to take the entropy of: logged as None
+                    entropy = torch.tensor(float("nan"), device=loss.device)
+                else:
+                    entropy = (dv.entropy(scored.student_logits.detach()) * scored.mask).sum()
                 if self.model.training:
-                    exact = batch.teacher_logits is not None
+                    exact, sampled = fs.reverse_kl_sums(scored)
                     self.step_stats[:6] += torch.tensor(
-                        [float(loss), float(sequence_reverse_kl(batch).sum()) if exact else 0.0, float(exact),
-                         float(sampled_reverse_kl(batch).sum()), batch.num_sequences, float(batch.mask.sum())],
-                        dtype=torch.float64)
-            return loss, entropy, batch.mask.sum()
+                        [float(loss), 0.0 if exact != exact else exact, float(exact == exact), sampled,
+                         scored.num_sequences, float(scored.mask.sum())], dtype=torch.float64)
+            return loss, entropy, scored.mask.sum()
 
         def take_step_stats(self) -> dict:
             """This step's statistics summed over processes (a collective), and reset."""
@@ -567,7 +582,7 @@ def _train(cfg, asked, args, procs, params, paths, info, prompts, latest, start,
                                         params={cfg.estimator: params}))
     trainer = _trainer_class()(model=pair.student, teacher_model=pair.teacher, args=args, train_dataset=dataset,
                                processing_class=tokenizer, estimator=cfg.estimator, estimator_params=params,
-                               reduction=cfg.reduction, vocab_size=info.vocab_size, records=records,
+                               reduction=cfg.reduction, vocab_size=info.vocab_size, records=records, logits=cfg.logits,
                                callbacks=callbacks)
     for callback in callbacks:
         callback.trainer = trainer

@@ -481,7 +481,8 @@ def response_logits(model, input_ids, attention_mask, cols: torch.Tensor, first_
 @torch.no_grad()
 def teacher_signals(teacher_rows: torch.Tensor, tokens: torch.Tensor, student_rows: torch.Tensor, k: int,
                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
-    """The teacher fields of a ``TokenBatch``, chunked over tokens in float32: per chunk
+    """The teacher fields of a ``TokenBatch``, chunked over tokens in float32 (float64 for float64
+    logits): per chunk
     log pi_T = log_softmax(z_T), and from it
 
         teacher_token_logprobs = log pi_T(y),   teacher_logsumexp = z_T[0] - log pi_T(0),
@@ -498,20 +499,21 @@ def teacher_signals(teacher_rows: torch.Tensor, tokens: torch.Tensor, student_ro
       chunk_tokens: rows per chunk.
 
     Returns:
-      Field name -> tensor: [M] float32 for the first two, [M, k] for the top-k fields.
+      Field name -> tensor: [M] float32 (float64) for the first two, [M, k] for the top-k fields.
     """
     M = tokens.shape[0]
-    out = {name: torch.empty(M, dtype=torch.float32, device=tokens.device)
+    real = torch.float64 if teacher_rows.dtype == torch.float64 else torch.float32
+    out = {name: torch.empty(M, dtype=real, device=tokens.device)
            for name in ("teacher_token_logprobs", "teacher_logsumexp")}
     if k:
-        for name, dtype in (("teacher_topk_ids", torch.long), ("teacher_topk_logprobs", torch.float32),
-                            ("student_topk_ids", torch.long), ("teacher_logprobs_on_student_topk", torch.float32)):
+        for name, dtype in (("teacher_topk_ids", torch.long), ("teacher_topk_logprobs", real),
+                            ("student_topk_ids", torch.long), ("teacher_logprobs_on_student_topk", real)):
             out[name] = torch.empty(M, k, dtype=dtype, device=tokens.device)
     for a in range(0, M, chunk_tokens):
         b = min(a + chunk_tokens, M)
-        logp = torch.log_softmax(teacher_rows[a:b].float(), dim=-1)
+        logp = torch.log_softmax(teacher_rows[a:b].to(real), dim=-1)
         out["teacher_token_logprobs"][a:b] = logp.gather(-1, tokens[a:b, None]).squeeze(-1)
-        out["teacher_logsumexp"][a:b] = teacher_rows[a:b, 0].float() - logp[:, 0]     # z_0 - log p_0
+        out["teacher_logsumexp"][a:b] = teacher_rows[a:b, 0].to(real) - logp[:, 0]     # z_0 - log p_0
         if k:
             top = torch.topk(logp, k, dim=-1)
             out["teacher_topk_ids"][a:b], out["teacher_topk_logprobs"][a:b] = top.indices, top.values

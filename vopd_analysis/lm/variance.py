@@ -38,6 +38,7 @@ from torch.func import functional_call, vjp, vmap
 
 from ..errors import InputError
 from .. import estimators as est
+from . import fused_score as fs
 from . import hf
 
 _PROJECTION_BLOCK = 1 << 20
@@ -252,7 +253,7 @@ METHODS = ("loop", "vmap")
 def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params: Dict[str, dict],
                       named_params, vocab_size=None, mask_token_ids=(), chunk_tokens=hf.DEFAULT_CHUNK_TOKENS,
                       timings: Optional[Dict[str, float]] = None, method: str = "loop",
-                      chunk_size: Optional[int] = None):
+                      chunk_size: Optional[int] = None, logits: str = "auto"):
     """Yield (name, g_i) for every estimator and rollout i: g_i = d v_i / d theta [D] float64, the flattened
     gradient of rollout i's surrogate v_i (``est.surrogate_loss(reduction="none")``).
 
@@ -279,6 +280,9 @@ def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params:
       timings: if given, accumulates seconds under "score" and under each estimator name.
       method: "loop" or "vmap".
       chunk_size: rollouts per vmap call (method "vmap"); None: all of a group.
+      logits: method "loop" only: "auto", "materialised" or "fused" (``fused_score.choose``, per
+        estimator and group: a fused estimator's v_i from hidden states, never [B, T, V] logits);
+        method "vmap" always materialises them ("fused" is refused).
 
     Returns:
       A generator of (estimator name, [D] float64 gradient).
@@ -286,6 +290,10 @@ def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params:
     if method not in METHODS:
         raise InputError(f"unknown gradient method {method!r}; choose 'loop' (one backward per rollout "
                          "and estimator) or 'vmap' (torch.func per-sample gradients)")
+    for name in estimator_params:
+        fs.choose(logits, name, 0, 0)
+    if method == "vmap" and logits == "fused":
+        raise InputError("the vmap gradients need materialised logits; use method='loop' with logits='fused'")
     size = _rollouts_per_prompt(rollouts)
     for name, params in estimator_params.items():
         if est.get(name).group and params["group_size"] != size:
@@ -295,24 +303,35 @@ def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params:
     groups = (rollouts.select(list(range(start, start + size))) for start in range(0, rollouts.num_rollouts, size))
     if method == "vmap":
         return (item for group in groups for item in _vmap_gradients(group, *common, chunk_size=chunk_size))
-    return (item for group in groups for item in _loop_gradients(group, *common))
+    return (item for group in groups for item in _loop_gradients(group, *common, logits=logits))
 
 
 def _loop_gradients(group, student, teacher, estimator_params, named_params, vocab_size, mask_token_ids,
-                    chunk_tokens, timings):
-    """One prompt group, one backward of v_i per rollout i and estimator (retain_graph)."""
+                    chunk_tokens, timings, logits="auto"):
+    """One prompt group, one backward of v_i per rollout i and estimator (retain_graph).
+
+    Estimators that ``fused_score.choose(logits, ...)`` sends to the fused path share one
+    ``fused_score.hidden_batch`` of the group (no [B, T, V] logits) and get v_i from the rows of
+    rollout i alone; the others share one ``hf.score``."""
     tensors = [p for _, p in named_params]
+    num_tokens = fs.padded_tokens(group)
+    fused_names = [n for n in estimator_params if fs.choose(logits, n, num_tokens, vocab_size or 0)]
     clock = time.perf_counter()
-    batch = hf.score(student, teacher, group, list(estimator_params), vocab_size, mask_token_ids, chunk_tokens,
-                     params=estimator_params)
+    materialised = [n for n in estimator_params if n not in fused_names]
+    batch = hf.score(student, teacher, group, materialised, vocab_size, mask_token_ids, chunk_tokens,
+                     params=estimator_params) if materialised else None
+    hidden = fs.hidden_batch(student, teacher, group, vocab_size, mask_token_ids) if fused_names else None
     timings["score"] = timings.get("score", 0.0) + time.perf_counter() - clock
     size = group.num_rollouts
     for n, (name, params) in enumerate(estimator_params.items()):
         clock = time.perf_counter()
-        values = est.surrogate_loss(name, batch, reduction="none", validate=False, **params)  # hf.score validated it
+        if name in fused_names:
+            rows = [fs.values(hidden.rows(slice(i, i + 1)), name, params)[0][0] for i in range(size)]
+        else:
+            rows = est.surrogate_loss(name, batch, reduction="none", validate=False, **params)  # hf.score validated it
         for i in range(size):
             last = n + 1 == len(estimator_params) and i + 1 == size
-            grads = torch.autograd.grad(values[i], tensors, retain_graph=not last, allow_unused=True)
+            grads = torch.autograd.grad(rows[i], tensors, retain_graph=not last, allow_unused=True)
             g = flat_grad_of(tensors, grads)
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - clock
             yield name, g
@@ -436,7 +455,8 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
           max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
           reference: Union[str, torch.Tensor] = "full_kl", vocab_size: Optional[int] = None,
           mask_token_ids: Sequence[int] = (), params: Optional[dict] = None, num_projections: int = 8,
-          chunk_tokens: int = hf.DEFAULT_CHUNK_TOKENS, progress: bool = False, method: str = "loop") -> ProbeResult:
+          chunk_tokens: int = hf.DEFAULT_CHUNK_TOKENS, progress: bool = False, method: str = "loop",
+          logits: str = "auto") -> ProbeResult:
     """Per-estimator gradient statistics on the same student rollouts (common random numbers).
 
     Samples ``num_rollouts`` responses for each prompt once (seeded), then for each estimator
@@ -456,6 +476,7 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
       num_projections: m random projections per gradient (``GradientMoments``); 0: none.
       progress: print each estimator's trace.
       method: "loop" or "vmap" (``rollout_gradients``).
+      logits: "auto", "materialised" or "fused" (``rollout_gradients``).
 
     Returns:
       ``ProbeResult``: ``summary`` (one row per estimator: trace_cov, snr, noise_scale,
@@ -476,7 +497,8 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
         named = trainable_parameters(student)
         groups = parameter_groups(named)
         dim = sum(p.numel() for _, p in named)
-        common = dict(vocab_size=vocab_size, mask_token_ids=mask_token_ids, chunk_tokens=chunk_tokens, method=method)
+        common = dict(vocab_size=vocab_size, mask_token_ids=mask_token_ids, chunk_tokens=chunk_tokens, method=method,
+                      logits=logits)
         est_params = {name: _estimator_params(name, params, num_rollouts) for name in estimators}
         moments = {name: GradientMoments(dim, groups, num_projections, seed, device=named[0][1].device)
                    for name in estimators}

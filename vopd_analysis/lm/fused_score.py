@@ -1,0 +1,234 @@
+"""Scoring rollouts without materialising logits: final hidden states and ``lm_head`` into ``fused``.
+
+``hf.score`` builds [B, T, V] student and teacher logits (3 x B T V x 4 bytes with the student's
+gradient: 15 GB at 8,192 tokens and V = 151,936). Here each model runs its backbone only,
+``response_hidden`` gathers the hidden state h(s_t) before each response token (the row whose
+logits ``hf.response_logits`` would return), ``output_head`` reads the head the model applies
+to it (weight, bias, logit scale, final soft-capping), and ``vopd_analysis.fused`` computes the
+estimator tile by tile: the logits z = c tanh(s (h W^T + b) / c) exist only as tiles.
+
+Which path (``choose``): "materialised" is ``hf.score``; "fused" is this module (for the
+estimators of ``fused.FUSED_ESTIMATORS``); "auto" takes the fused path when the estimator has
+one and the batch has N x V >= ``AUTO_MIN_ELEMENTS`` (one float32 [N, V] tensor of 256 MiB or
+more), the materialised one otherwise (it is faster when the logits are small).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .. import estimators as est
+from .. import fused
+from ..errors import InputError
+from . import hf
+
+PATHS = ("auto", "materialised", "fused")
+AUTO_MIN_ELEMENTS = 2 ** 26
+
+
+def choose(path: str, estimator: str, num_tokens: int, vocab_size: int) -> bool:
+    """Whether to score with the fused path.
+
+    Args:
+      path: "auto", "materialised" or "fused" (an estimator without a fused form is an ``InputError``).
+      estimator: the registry name.
+      num_tokens, vocab_size: N (response positions of the batch) and V.
+    """
+    if path not in PATHS:
+        raise InputError(f"--logits must be one of {', '.join(PATHS)}, got '{path}'")
+    has_fused = estimator in fused.FUSED_ESTIMATORS
+    if path == "fused" and not has_fused:
+        raise InputError(f"--logits fused: estimator '{estimator}' has no fused form; fused estimators: "
+                         f"{', '.join(fused.FUSED_ESTIMATORS)}")
+    return path == "fused" or (path == "auto" and has_fused and num_tokens * vocab_size >= AUTO_MIN_ELEMENTS)
+
+
+@dataclasses.dataclass
+class Head:
+    """What a causal LM applies to its last hidden state: z = c tanh(s (h W^T + b) / c)."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    scale: float
+    softcap: Optional[float]
+
+
+def output_head(model) -> Head:
+    """The model's output layer and logit post-processing, read from its config as transformers'
+    models apply it: ``logit_scale`` (Cohere), else ``output_multiplier``, else ``lm_head_multiplier``
+    (Falcon-H1), else 1 / ``logits_scaling`` (Granite; HyperCLOVA X multiplies by it); and
+    ``final_logit_softcapping`` (Gemma 2). A model whose forward does anything else to its logits
+    is not covered: ``tests/test_fused_score.py`` checks ``h W^T`` against the model's logits."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise InputError(f"{type(model).__name__} has no output embedding (lm_head) to fuse")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if scale is None and getattr(config, name, None) is not None:
+            scale = float(getattr(config, name))
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scale = float(config.logits_scaling) if config.model_type == "hyperclovax" else 1.0 / config.logits_scaling
+    return Head(head.weight, getattr(head, "bias", None), 1.0 if scale is None else scale,
+                getattr(config, "final_logit_softcapping", None))
+
+
+def response_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cols: torch.Tensor,
+                    first_column: int) -> torch.Tensor:
+    """The final hidden states h(s_t) [B, T, d] whose logits ``hf.response_logits`` returns: the
+    backbone (``model.base_model``) with the same position ids, at columns cols[b, t] - 1.
+
+    Args:
+      model: a causal LM; input_ids, attention_mask: [B, L]; cols: [B, T] (``hf.response_index``);
+      first_column: the first column kept (only the rows from it on are gathered).
+    """
+    backbone = model.base_model
+    if backbone is model:
+        raise InputError(f"{type(model).__name__} exposes no backbone (base_model) to take hidden states from")
+    position_ids = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    if "use_cache" not in inspect.signature(backbone.forward).parameters:
+        kwargs.pop("use_cache")
+    hidden = backbone(**kwargs).last_hidden_state
+    rows = torch.arange(cols.shape[0], device=cols.device).unsqueeze(1)
+    return hidden[rows, cols - 1]
+
+
+@dataclasses.dataclass
+class HiddenBatch:
+    """What the fused estimators read of one batch of rollouts: both models' final hidden states at
+    the response positions [B, T, d], their heads, the tokens and mask [B, T] and the shared V."""
+
+    student_hidden: torch.Tensor
+    teacher_hidden: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    student_head: Head
+    teacher_head: Head
+    vocab_size: int
+
+    def rows(self, index) -> "HiddenBatch":
+        """The sequences ``index`` (a slice), sharing the graph of the hidden states."""
+        return dataclasses.replace(self, student_hidden=self.student_hidden[index],
+                                   teacher_hidden=self.teacher_hidden[index], tokens=self.tokens[index],
+                                   mask=self.mask[index])
+
+
+def hidden_batch(student, teacher, rollouts: hf.Rollouts, vocab_size: Optional[int] = None,
+                 mask_token_ids: Sequence[int] = (), teacher_hidden: Callable = response_hidden) -> HiddenBatch:
+    """``hf.score``'s positions, tokens and mask, with hidden states instead of logits; the student's
+    backbone runs with its gradient, the teacher's without.
+
+    Args:
+      student, teacher: causal LMs; rollouts: from ``hf.generate_rollouts``.
+      vocab_size: the shared V (None: the student head's rows, which the teacher's must match).
+      mask_token_ids: tokens left out of the loss.
+      teacher_hidden: how the teacher's hidden states are computed (``response_hidden``'s
+        signature; the TRL engine routes it through the teacher's distributed wrapper).
+    """
+    cols, valid = hf.response_index(rollouts.response_mask)
+    first = int(cols.min()) - 1
+    if first < 0:
+        raise InputError("a response starts at column 0: every rollout needs at least one prompt token")
+    ids, att = rollouts.input_ids, rollouts.attention_mask
+    rows = torch.arange(cols.shape[0], device=cols.device).unsqueeze(1)
+    tokens = torch.where(valid, ids[rows, cols], torch.zeros_like(cols))
+    mask = (valid & ~torch.isin(tokens, torch.as_tensor(list(mask_token_ids), dtype=tokens.dtype,
+                                                         device=tokens.device))).long()
+    s_head, t_head = output_head(student), output_head(teacher)
+    V = vocab_size or s_head.weight.shape[0]
+    if int(tokens.max()) >= V:
+        raise InputError(f"a response contains token id {int(tokens.max())} outside the shared vocabulary [0, {V}); "
+                         f"generate with vocab_size={V} so padded ids are never sampled")
+    h = response_hidden(student, ids, att, cols, first)
+    with torch.no_grad():
+        h_t = teacher_hidden(teacher, ids, att, cols, first)
+    return HiddenBatch(h, h_t, tokens, mask, s_head, t_head, V)
+
+
+def values(hb: HiddenBatch, estimator: str, params: Optional[dict] = None) -> tuple:
+    """(per-sequence surrogate values [B], ``fused.FusedTokenStats``) of ``estimator`` on ``hb``."""
+    s, t = hb.student_head, hb.teacher_head
+    return fused.fused_per_sequence(
+        estimator, hb.student_hidden, s.weight, hb.tokens, hb.mask, hb.teacher_hidden, t.weight,
+        student_bias=s.bias, teacher_bias=t.bias, student_logit_scale=s.scale, teacher_logit_scale=t.scale,
+        student_softcap=s.softcap, teacher_softcap=t.softcap, vocab_size=hb.vocab_size, return_stats=True,
+        **(params or {}))
+
+
+@dataclasses.dataclass
+class FusedScore:
+    """The fused path's result for one batch of rollouts: per-sequence surrogate values [B] (the
+    gradient of their reduction is the estimator's), and what the metrics read."""
+
+    values: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    stats: "fused.FusedTokenStats"
+
+    @property
+    def num_sequences(self) -> int:
+        return self.tokens.shape[0]
+
+    def loss(self, reduction: str, num_items_in_batch: Optional[float] = None) -> torch.Tensor:
+        """``estimators.reduce`` of the values."""
+        return est.reduce(self.values, self.mask, reduction, num_items_in_batch)
+
+    def sampled_reverse_kl(self) -> torch.Tensor:
+        """sum_t m_t (log pi(y_t) - log pi_T(y_t)) per sequence [B], detached."""
+        m = self.mask.to(self.stats.student_logprobs.dtype)
+        return ((self.stats.student_logprobs - self.stats.teacher_logprobs).detach() * m).sum(-1)
+
+    def sequence_reverse_kl(self) -> Optional[torch.Tensor]:
+        """sum_t m_t KL(pi || pi_T)(s_t) per sequence [B], detached."""
+        return (self.stats.kl.detach() * self.mask.to(self.stats.kl.dtype)).sum(-1)
+
+
+def score(student, teacher, rollouts: hf.Rollouts, estimator: str, params: Optional[dict] = None,
+          vocab_size: Optional[int] = None, mask_token_ids: Sequence[int] = (),
+          teacher_hidden: Callable = response_hidden) -> FusedScore:
+    """``hf.score`` + ``estimators.per_sequence`` for one fused estimator, without [B, T, V] logits
+    (``hidden_batch``, then ``values``). Values equal the materialised path's to rounding
+    (``tests/test_fused_score.py``: float64 1e-10 on the tiny pair)."""
+    hb = hidden_batch(student, teacher, rollouts, vocab_size, mask_token_ids, teacher_hidden)
+    vals, stats = values(hb, estimator, params)
+    return FusedScore(vals, hb.tokens, hb.mask, stats)
+
+
+def reverse_kl_sums(scored) -> tuple:
+    """(sum over sequences of the exact sequence reverse KL, or NaN without the teacher's full
+    distribution; sum of the sampled one) of a ``FusedScore`` or a ``TokenBatch``, as floats."""
+    from ..distill.evaluate import sampled_reverse_kl, sequence_reverse_kl
+    if scored is None:
+        return float("nan"), float("nan")
+    with torch.no_grad():
+        if isinstance(scored, FusedScore):
+            return float(scored.sequence_reverse_kl().sum()), float(scored.sampled_reverse_kl().sum())
+        exact = float(sequence_reverse_kl(scored).sum()) if scored.teacher_logits is not None else float("nan")
+        return exact, float(sampled_reverse_kl(scored).sum())
+
+
+def loss_of(scored, estimator: str, reduction: str, num_items_in_batch: Optional[float], params: dict):
+    """The loss of a ``FusedScore`` or of a ``TokenBatch`` (``estimators.surrogate_loss``, batch validated upstream)."""
+    if isinstance(scored, FusedScore):
+        return scored.loss(reduction, num_items_in_batch)
+    return est.surrogate_loss(estimator, scored, reduction=reduction, num_items_in_batch=num_items_in_batch,
+                              validate=False, **params)
+
+
+def padded_tokens(rollouts: hf.Rollouts) -> int:
+    """N = rollouts x the longest response: the positions the materialised logits would hold."""
+    return rollouts.num_rollouts * int(rollouts.response_mask.sum(1).max())
+
+
+def score_either(path: str, student, teacher, rollouts: hf.Rollouts, estimator: str, params: dict,
+                 vocab_size: int, teacher_hidden: Callable = response_hidden):
+    """A ``FusedScore`` or ``hf.score``'s ``TokenBatch``, as ``choose(path, ...)`` says for this batch
+    (N = ``padded_tokens``)."""
+    if choose(path, estimator, padded_tokens(rollouts), vocab_size):
+        return score(student, teacher, rollouts, estimator, params, vocab_size, teacher_hidden=teacher_hidden)
+    return hf.score(student, teacher, rollouts, [estimator], vocab_size=vocab_size, params={estimator: params})
