@@ -7,10 +7,14 @@ download), small enough for a CPU, with the Qwen vocabulary. The rollouts are
 fixed random token sequences, so every estimator sees the same batch and the
 step is: score (student forward with grad + teacher forward + the teacher
 signal the estimator needs), the estimator's loss, and the backward pass.
-Printed: milliseconds per phase, the whole step as a ratio to ``opd`` (rounds
-interleaved in one process, median of paired ratios), tokens/s, the loss as a
-fraction of the step, and peak memory (CUDA: max_memory_allocated; CPU: the
-peak of tensors allocated during the step, from torch.profiler).
+Rows marked "fused" take the fused path (``vopd_analysis.lm.fused_score``: backbone hidden
+states, then the estimator over lm_head tiles, no [B, T, V] logits): "score" is then the two
+backbones, "loss" the fused pass. Printed: milliseconds per phase, the whole step as a ratio
+to ``opd`` (materialised) and, for a fused row, to the same estimator materialised (rounds
+interleaved in one process, median of paired ratios), tokens/s, the loss as a fraction of the
+step, and peak memory (CUDA: max_memory_allocated; CPU: the peak of tensors allocated during
+the step, from torch.profiler). A second table does the same on the committed tiny pair
+(vocabulary 16) at the tiny preset's batch, where ``--logits auto`` keeps the materialised path.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import torch
 
 from vopd_analysis import estimators as est
 
+from vopd_analysis.lm import fused_score as fs
 from vopd_analysis.lm import hf
 from .common import paired_ratio, peak_memory, record, synchronize
 
 QWEN_VOCAB = 151_936
 ESTIMATORS = [("opd", {}), ("vopd", {}), ("vopd_topk", {"k": 16}), ("vopd_topk", {"k": 64}),
-              ("vopd_topk", {"k": 256}), ("full_kl", {}), ("topk_kl", {"k": 64}), ("gkd_jsd", {})]
+              ("vopd_topk", {"k": 256}), ("opd_bstar", {}), ("full_kl", {}), ("topk_kl", {"k": 64}), ("gkd_jsd", {})]
+FUSED = ["opd", "vopd", "opd_bstar", "full_kl"]     # also timed on the fused path
 
 
 def build_pair(device, dtype, hidden: int):
@@ -53,18 +59,24 @@ def fixed_rollouts(num: int, prompt: int, response: int, device) -> hf.Rollouts:
     return hf.Rollouts(ids, att, resp, torch.arange(num, device=device), prompt)
 
 
-def step_phases(student, teacher, rollouts, name, params, device):
-    """Seconds of (score, loss, backward) for one step of estimator ``name``.
+def step_phases(student, teacher, rollouts, name, params, device, fused: bool = False, vocab_size=None):
+    """Seconds of (score, loss, backward) for one step of estimator ``name``, materialised or fused.
 
     Gradient buffers are freed at the end, so every call starts without them and the peak
     memory of each call includes allocating them (the same for every estimator).
     """
     synchronize(device)
     t0 = time.perf_counter()
-    batch = hf.score(student, teacher, rollouts, [name], params={name: params})
+    if fused:
+        hidden = fs.hidden_batch(student, teacher, rollouts, vocab_size)
+    else:
+        batch = hf.score(student, teacher, rollouts, [name], vocab_size=vocab_size, params={name: params})
     synchronize(device)
     t1 = time.perf_counter()
-    loss = est.surrogate_loss(name, batch, **params)
+    if fused:
+        loss = est.reduce(fs.values(hidden, name, params)[0], hidden.mask, "sequence_mean")
+    else:
+        loss = est.surrogate_loss(name, batch, **params)
     synchronize(device)
     t2 = time.perf_counter()
     loss.backward()
@@ -72,6 +84,61 @@ def step_phases(student, teacher, rollouts, name, params, device):
     t3 = time.perf_counter()
     student.zero_grad(set_to_none=True)
     return t1 - t0, t2 - t1, t3 - t2
+
+
+def time_rows(student, teacher, rollouts, rows, rounds, device, vocab_size=None) -> tuple:
+    """(phases, peaks) per row label; rows: label -> (name, params, fused). One warm-up round, then
+    ``rounds`` rounds in a rotated order, then one peak-memory measurement per row."""
+    def call(name, params, fused):
+        return step_phases(student, teacher, rollouts, name, params, device, fused, vocab_size)
+
+    for name, params, fused in rows.values():   # warm-up
+        call(name, params, fused)
+    phases = {label: [] for label in rows}
+    for r in range(rounds):
+        order = list(rows.items())
+        order = order[r % len(order):] + order[:r % len(order)]
+        for label, row in order:
+            phases[label].append(call(*row))
+    peaks = {label: peak_memory(lambda row=row: call(*row), device) for label, row in rows.items()}
+    return phases, peaks
+
+
+def table(rows, phases, peaks, tokens) -> list:
+    """Markdown rows: phases, step / opd, step / the same estimator materialised (fused rows), tokens/s, peaks."""
+    med = statistics.median_high
+    totals = {label: [sum(p) for p in phases[label]] for label in rows}
+    lines = ["| estimator | score ms | loss ms | backward ms | step / opd | step / materialised | loss share of step "
+             "| tokens/s | peak MiB | peak / opd |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, (name, params, fused) in rows.items():
+        score_ms, loss_ms, back_ms = (1e3 * med([p[i] for p in phases[label]]) for i in range(3))
+        step = med(totals[label])
+        same = label.replace(" (fused)", "")
+        versus = f"{paired_ratio(totals[label], totals[same]):.3f}" if fused else ""
+        lines.append(f"| {label} | {score_ms:.0f} | {loss_ms:.1f} | {back_ms:.0f} | "
+                     f"{paired_ratio(totals[label], totals['opd']):.3f} | {versus} | {loss_ms / 1e3 / step:.1%} | "
+                     f"{tokens / step:.0f} | {peaks[label] / 2 ** 20:.0f} | {peaks[label] / peaks['opd']:.2f} |")
+    return lines
+
+
+def tiny_pair_lines(rounds: int, device) -> list:
+    """The tiny preset's step: the committed pair, 32 prompts x 4 rollouts of 8 tokens, vopd and opd_bstar."""
+    from vopd_analysis.lm import tasks, tiny
+    s_path, t_path, _ = tiny.load_or_train_pair(verbose=False)
+    pair = hf.load_pair(s_path, t_path, device=device)
+    pair.student.train()
+    prompts = [r["prompt"] for r in tasks.train_prompts(32, seed=1)]
+    rollouts = hf.generate_rollouts(pair.student, pair.tokenizer, prompts, 4, 8, seed=0,
+                                    vocab_size=pair.info.vocab_size)
+    rows = {"opd": ("opd", {}, False)}
+    for name in ("vopd", "opd_bstar"):
+        rows[name] = (name, {}, False)
+        rows[name + " (fused)"] = (name, {}, True)
+    phases, peaks = time_rows(pair.student, pair.teacher, rollouts, rows, rounds, device, pair.info.vocab_size)
+    tokens = int(rollouts.response_mask.sum())
+    return ["", f"Committed tiny pair (vocabulary {pair.info.vocab_size}), {rollouts.num_rollouts} rollouts, "
+            f"{tokens} response tokens, {rounds} interleaved rounds, medians.", "",
+            *table(rows, phases, peaks, tokens)]
 
 
 def main(argv=None) -> int:
@@ -90,35 +157,17 @@ def main(argv=None) -> int:
     num, prompt, response = (8, 64, 512) if on_gpu else ((2, 16, 32) if args.quick else (4, 16, 64))
     student, teacher = build_pair(device, dtype, hidden)
     rollouts = fixed_rollouts(num, prompt, response, device)
-    labels = [name + (f"@{p['k']}" if "k" in p else "") for name, p in ESTIMATORS]
-    phases = {label: [] for label in labels}
-    for _ in range(1):  # warm-up
-        for name, params in ESTIMATORS:
-            step_phases(student, teacher, rollouts, name, params, device)
-    for r in range(rounds):
-        order = list(zip(labels, ESTIMATORS))
-        order = order[r % len(order):] + order[:r % len(order)]
-        for label, (name, params) in order:
-            phases[label].append(step_phases(student, teacher, rollouts, name, params, device))
-    peaks = {}
-    for label, (name, params) in zip(labels, ESTIMATORS):
-        peaks[label] = peak_memory(lambda n=name, p=params: step_phases(student, teacher, rollouts, n, p, device),
-                                   device)
-
-    totals = {label: [sum(p) for p in phases[label]] for label in labels}
-    tokens = num * response
+    rows = {}
+    for name, params in ESTIMATORS:
+        label = name + (f"@{params['k']}" if "k" in params else "")
+        rows[label] = (name, params, False)
+        if name in FUSED:
+            rows[label + " (fused)"] = (name, params, True)
+    phases, peaks = time_rows(student, teacher, rollouts, rows, rounds, device)
     lines = [f"Student Qwen2 hidden {hidden} x 2 layers, teacher hidden {int(hidden * 1.5)} x 3 layers, "
              f"vocabulary {QWEN_VOCAB:,}, {dtype}, {num} rollouts x {response} response tokens "
              f"(+{prompt} prompt), {rounds} interleaved rounds, medians.", "",
-             "| estimator | score ms | loss ms | backward ms | step / opd | loss share of step | tokens/s | peak MiB | peak / opd |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    med = statistics.median_high
-    for label in labels:
-        score_ms, loss_ms, back_ms = (1e3 * med([p[i] for p in phases[label]]) for i in range(3))
-        step = med(totals[label])
-        lines.append(f"| {label} | {score_ms:.0f} | {loss_ms:.1f} | {back_ms:.0f} | "
-                     f"{paired_ratio(totals[label], totals['opd']):.3f} | {loss_ms / 1e3 / step:.1%} | "
-                     f"{tokens / step:.0f} | {peaks[label] / 2 ** 20:.0f} | {peaks[label] / peaks['opd']:.2f} |")
+             *table(rows, phases, peaks, num * response), *tiny_pair_lines(rounds, device)]
     text = "\n".join(lines)
     print(text)
     if not args.no_record:
