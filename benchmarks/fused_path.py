@@ -1,8 +1,14 @@
-"""Fused (hidden states + lm_head, tiled) vs materialised logits: full_kl and vopd, and TRL 1.16.
+"""Fused (hidden states + lm_head, tiled) vs materialised logits: full_kl, vopd, ... and TRL 1.16.
 
     python -m benchmarks.fused_path --quick            # V = 151,936, d = 896, N in (512, 1024, 2048)
     python -m benchmarks.fused_path                    # N up to 4096
+    python -m benchmarks.fused_path --quick --estimators opd full_kl vopd_topk opd_bstar --k 16
     python -m benchmarks.fused_path --quick --no-record --trl-path /tmp/trl_site --trl-stub-datasets
+
+``--estimators`` picks any of ``fused.FUSED_ESTIMATORS`` (default: full_kl and vopd;
+``TOPK_COMPARISON`` = opd, full_kl, vopd_topk, opd_bstar puts the top-k baseline next to the
+full-vocabulary ones); ``--k`` sets the top-k size of the estimators that have one (default:
+the registry's).
 
 Each cell is one loss forward+backward from the hidden states of both models, gradients to
 the student's h and W (no bias, logit scale 1, no soft-capping; float32 on CPU):
@@ -55,6 +61,7 @@ QUICK_TOKENS = (512, 1024, 2048)
 FULL_TOKENS = (512, 1024, 2048, 4096)
 SEQUENCES = 8
 ESTIMATORS = ("full_kl", "vopd")
+TOPK_COMPARISON = ("opd", "full_kl", "vopd_topk", "opd_bstar")
 REFERENCE = "materialised"
 METHODS = ("materialised", "fused", "trl")
 
@@ -169,8 +176,16 @@ def make_problem(tokens: int, vocab: int, hidden: int, device: torch.device, dty
                    h_t.to(**to), W_t.to(**to), y.to(device), torch.ones(B, T, device=device))
 
 
-def materialised_step(name: str, p: Problem, out: Dict[str, float], key: str) -> Callable[[], None]:
+def estimator_params(name: str, k: Optional[int] = None) -> dict:
+    """{"k": k} for an estimator with a top-k size (when k is given), else {}."""
+    return {"k": k} if k is not None and "k" in E.get(name).defaults else {}
+
+
+def materialised_step(name: str, p: Problem, out: Dict[str, float], key: str,
+                      params: Optional[dict] = None) -> Callable[[], None]:
     """Logits built in full, then the registry estimator (``surrogate_loss(..., 'sum')``)."""
+    params = params or {}
+
     def run():
         p.clear()
         z = p.h_s @ p.W_s.T
@@ -180,19 +195,22 @@ def materialised_step(name: str, p: Problem, out: Dict[str, float], key: str) ->
             t_lp = dv.logprobs_at(t, p.tokens.unsqueeze(-1), t_lse).squeeze(-1)
         batch = TokenBatch(tokens=p.tokens, mask=p.mask, student_logits=z, teacher_token_logprobs=t_lp,
                            teacher_logits=t, teacher_logsumexp=t_lse)
-        loss = E.surrogate_loss(name, batch, reduction="sum")
+        loss = E.surrogate_loss(name, batch, reduction="sum", **params)
         loss.backward()
         out[key] = float(loss.detach())
     return run
 
 
 def fused_step(name: str, p: Problem, out: Dict[str, float], key: str,
-               token_chunk: Optional[int] = None, vocab_chunk: Optional[int] = None) -> Callable[[], None]:
+               token_chunk: Optional[int] = None, vocab_chunk: Optional[int] = None,
+               params: Optional[dict] = None) -> Callable[[], None]:
     """``fused.fused_surrogate_loss(name, ..., reduction='sum')``."""
+    params = params or {}
+
     def run():
         p.clear()
         loss = F.fused_surrogate_loss(name, p.h_s, p.W_s, p.tokens, p.mask, p.h_t, p.W_t, reduction="sum",
-                                      token_chunk=token_chunk, vocab_chunk=vocab_chunk)
+                                      token_chunk=token_chunk, vocab_chunk=vocab_chunk, **params)
         loss.backward()
         out[key] = float(loss.detach())
     return run
@@ -212,15 +230,17 @@ def measure(tokens: int, vocab: int = VOCAB, hidden: int = HIDDEN, device: Optio
             dtype: torch.dtype = torch.float32, repeats: int = 3, warmup: int = 1, min_sample_s: float = 0.05,
             trl_loss: Optional[Callable] = None, estimators: Sequence[str] = ESTIMATORS,
             measure_memory: bool = True, token_chunk: Optional[int] = None,
-            vocab_chunk: Optional[int] = None) -> List[Measurement]:
-    """One row per (estimator, method) for one N: median time, ratios to materialised, peak memory."""
+            vocab_chunk: Optional[int] = None, k: Optional[int] = None) -> List[Measurement]:
+    """One row per (estimator, method) for one N: median time, ratios to materialised, peak memory.
+    ``k``: the top-k size of the estimators that have one (None: the registry's default)."""
     device = torch.device(device) if device is not None else common.default_device()
     p = make_problem(tokens, vocab, hidden, device, dtype)
     values: Dict[str, float] = {}
     fns: Dict[str, Callable[[], None]] = {}
     for name in estimators:
-        fns[f"{name}/materialised"] = materialised_step(name, p, values, f"{name}/materialised")
-        fns[f"{name}/fused"] = fused_step(name, p, values, f"{name}/fused", token_chunk, vocab_chunk)
+        params = estimator_params(name, k)
+        fns[f"{name}/materialised"] = materialised_step(name, p, values, f"{name}/materialised", params)
+        fns[f"{name}/fused"] = fused_step(name, p, values, f"{name}/fused", token_chunk, vocab_chunk, params)
         if trl_loss is not None and name == "full_kl":
             fns[f"{name}/trl"] = trl_step(trl_loss, p, values, f"{name}/trl")
     mem: Dict[str, int] = {}
@@ -284,6 +304,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--vocab", type=int, default=VOCAB)
     p.add_argument("--hidden", type=int, default=HIDDEN)
     p.add_argument("--tokens", type=int, nargs="*", default=None, help="token counts N (overrides the grid)")
+    p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(F.FUSED_ESTIMATORS),
+                   metavar="NAME", help=f"fused estimators to time (default {' '.join(ESTIMATORS)}; "
+                                        f"e.g. {' '.join(TOPK_COMPARISON)})")
+    p.add_argument("--k", type=int, default=None, help="top-k size of the top-k estimators (default: the registry's)")
     p.add_argument("--token-chunk", type=int, default=None, help="fused tile rows (default fused.default_chunks)")
     p.add_argument("--vocab-chunk", type=int, default=None, help="fused tile columns (default fused.default_chunks)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -308,7 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[Measurement] = []
     for n in (args.tokens or grid(args.quick)):
         size_rows = measure(n, args.vocab, args.hidden, device=device, dtype=dtype, repeats=args.repeats,
-                            trl_loss=trl_loss, token_chunk=chunks[0], vocab_chunk=chunks[1])
+                            trl_loss=trl_loss, estimators=args.estimators, token_chunk=chunks[0],
+                            vocab_chunk=chunks[1], k=args.k)
         rows += size_rows
         print(f"N={n:>5}  " + "  ".join(f"{r.estimator}/{r.method} {r.time_s:.2f}s x{r.time_ratio:.2f} "
                                        f"{_mib(r.mem_bytes)}MiB" for r in size_rows), flush=True)
@@ -316,9 +341,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elem = torch.empty(0, dtype=dtype).element_size()
     head_mib = args.vocab * args.hidden * elem / 2**20
     cmd = "`python -m benchmarks.fused_path" + (" --quick" if args.quick else "") + "`"
+    topk = [n for n in args.estimators if "k" in E.get(n).defaults]
+    ks = ", ".join(f"{n} k = {E.get(n).params(**estimator_params(n, args.k))['k']}" for n in topk)
     text = "\n".join([
         f"{cmd}: V = {args.vocab:,}, d_s = d_t = {args.hidden}, {str(dtype).replace('torch.', '')}, "
-        f"{args.repeats} interleaved rounds (median); fused tiles {chunks[0]} x {chunks[1]}.",
+        f"{args.repeats} interleaved rounds (median); fused tiles {chunks[0]} x {chunks[1]}; "
+        f"estimators {', '.join(args.estimators)}" + (f" ({ks})" if ks else "") + ".",
         "",
         "One forward+backward of the loss (sum over tokens) from both models' hidden states, gradients to the "
         "student's h and W. `materialised` = logits h W^T built in full, then the registry estimator "

@@ -132,8 +132,29 @@ def test_token_stats_match_the_divergences(one_thread):
     torch.testing.assert_close(s.teacher_logsumexp, torch.logsumexp(t, -1), **F64)
     torch.testing.assert_close(s.kl.detach(), dv.reverse_kl(z, t), **F64)
     torch.testing.assert_close(s.bstar, dv.optimal_scalar_baseline(log_q, log_p), **F64)
-    assert s.student_logprobs.requires_grad and s.kl.requires_grad
-    assert not (s.student_logsumexp.requires_grad or s.teacher_logprobs.requires_grad or s.bstar.requires_grad)
+    assert s.student_logprobs.requires_grad and s.kl.requires_grad and s.student_logsumexp.requires_grad
+    assert not (s.teacher_logprobs.requires_grad or s.bstar.requires_grad)
+    assert s.topk_ids is None and s.student_topk_logits is None and s.teacher_topk_logprobs is None
+
+
+def test_logsumexp_gradient_matches_autograd(one_thread):
+    # d lse / d z_v = q_v, alone and next to the lp and KL gradients, with soft-capping and a mask
+    p = make(seed=6)
+    kw = dict(student_bias=p["b_s"], teacher_bias=p["b_t"], mask=p["mask"], token_chunk=4, vocab_chunk=6,
+              student_logit_scale=0.8, student_softcap=3.0)
+    t = logits(p["h_t"], p["W_t"], p["b_t"], p["V"]).detach()
+    m = p["mask"].double()
+    w = torch.linspace(0.5, 2.0, m.numel(), dtype=torch.float64).reshape(m.shape)
+    for mix in ((1.0, 0.0, 0.0), (1.0, -0.7, 0.3)):
+        s = F.fused_token_stats(p["h_s"], p["W_s"], p["y"], p["h_t"], p["W_t"], **kw)
+        z = logits(p["h_s"], p["W_s"], p["b_s"], p["V"], 0.8, 3.0)
+        got = _grads(((mix[0] * s.student_logsumexp + mix[1] * s.student_logprobs + mix[2] * s.kl) * w).sum(-1), p)
+        lse = torch.logsumexp(z, -1)
+        want_terms = mix[0] * lse + mix[1] * (z.gather(-1, p["y"][..., None])[..., 0] - lse) \
+            + mix[2] * dv.reverse_kl(z, t)
+        want = _grads((want_terms * w * m).sum(-1), p)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **F64)
 
 
 def test_online_rescaling_survives_rising_maxima(one_thread):
@@ -163,6 +184,154 @@ def test_hard_masked_vocabulary_entries(one_thread):
         got, want = fused(name, p, 3, 8), materialised(name, p)
         assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[1])
         assert_match(got, want, **F64)
+
+
+# ----------------------------------------------------------------------------- top-k supports
+
+TOPK_NAMES = ("vopd_topk", "opd_bstar_topk", "topk_kl", "student_topk_kl", "topk_tail_kl")
+
+
+@pytest.mark.parametrize("name", TOPK_NAMES)
+@pytest.mark.parametrize("R,C", [(3, 8), (1, 5), (64, 64), (21, 37)])
+def test_topk_float64_matches_materialised(one_thread, name, R, C):
+    # k = 6: tiles of 5 (< k: whole tiles join the candidates) and of 8 (> k: the tile's own top-k);
+    # V = 37 and N = 21 divided by neither; values and gradients w.r.t. h, W and b; masked positions
+    p = make(seed=40)
+    assert_match(fused(name, p, R, C, k=6), materialised(name, p, k=6), **F64)
+
+
+@pytest.mark.parametrize("name", TOPK_NAMES)
+@pytest.mark.parametrize("k", [1, 37])
+def test_topk_extreme_sizes(one_thread, name, k):
+    # k = 1 and k = V (the support is the whole vocabulary: the tail bucket has mass ~0)
+    p = make(seed=41)
+    assert_match(fused(name, p, 4, 8, k=k), materialised(name, p, k=k), **F64)
+
+
+@pytest.mark.parametrize("name", TOPK_NAMES)
+def test_topk_registry_defaults(one_thread, name):
+    # no k given: the registry's default (16, or 100 for student_topk_kl: V = 120 here)
+    p = make(seed=42, V=120)
+    assert_match(fused(name, p, 5, 32), materialised(name, p), **F64)
+
+
+@pytest.mark.parametrize("name", TOPK_NAMES)
+def test_topk_padded_heads_and_no_bias(one_thread, name):
+    # heads of 40 and 44 rows over V = 37; padded rows get no gradient and are never in the support
+    p = make(seed=43, V=37, V_s=40, V_t=44)
+    out = fused(name, p, 5, 8, k=7)
+    assert_match(out, materialised(name, p, k=7), **F64)
+    assert torch.count_nonzero(out[1][1][37:]) == 0 and torch.count_nonzero(out[1][2][37:]) == 0
+    p = make(seed=44, V=37, V_s=41, bias=False)
+    assert_match(fused(name, p, 4, 9, k=7), materialised(name, p, k=7), **F64)
+
+
+@pytest.mark.parametrize("name", TOPK_NAMES)
+def test_topk_logit_scale_and_softcapping(one_thread, name):
+    # a negative scale puts the support at the smallest h W^T + b: the top-k is taken of z, not x
+    p = make(seed=45)
+    for kw in (dict(scale=(0.7, 1.3), cap=(4.0, 2.5)), dict(scale=(2.0, 1.0), cap=(None, 3.0)),
+               dict(scale=(-0.6, 1.0), cap=(None, None))):
+        assert_match(fused(name, p, 3, 8, k=5, **kw), materialised(name, p, k=5, **kw), **F64)
+
+
+@pytest.mark.parametrize("name", TOPK_NAMES)
+def test_topk_masked_positions(one_thread, name):
+    # token ids -100 at masked positions: never read; no gradient to masked hidden states; all-masked: zeros
+    p = make(seed=46)
+    ref = materialised(name, p, k=6)
+    p["y"] = torch.where(p["mask"].bool(), p["y"], torch.full_like(p["y"], -100))
+    got = fused(name, p, 3, 8, k=6)
+    assert_match(got, ref, **F64)
+    assert (got[1][0][~p["mask"].bool()] == 0).all()
+    p["mask"] = torch.zeros_like(p["mask"])
+    values, grads = fused(name, p, 3, 8, k=6)
+    assert (values == 0).all() and all((g == 0).all() for g in grads)
+
+
+def test_topk_hard_masked_vocabulary_entries(one_thread):
+    # -inf bias on the same tokens for both models: they are never in the support (k <= finite tokens)
+    p = make(seed=47)
+    with torch.no_grad():
+        for b in (p["b_s"], p["b_t"]):
+            b[[0, 9, 20]] = float("-inf")
+        p["y"] = torch.where(torch.isin(p["y"], torch.tensor([0, 9, 20])), torch.ones_like(p["y"]), p["y"])
+    for name in TOPK_NAMES:
+        got = fused(name, p, 3, 8, k=6)
+        assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[1])
+        assert_match(got, materialised(name, p, k=6), **F64)
+
+
+@pytest.mark.parametrize("support", ["student", "teacher"])
+@pytest.mark.parametrize("k,C", [(1, 4), (6, 4), (6, 11), (16, 16), (37, 5)])
+def test_running_topk_equals_torch_topk(one_thread, support, k, C):
+    # ids (and their order) of the running top-k over tiles equal torch.topk on the full logits;
+    # z and log p on the support equal the materialised ones
+    p = make(seed=48)
+    kw = dict(student_logit_scale=1.1, teacher_softcap=3.0)
+    s = F.fused_token_stats(p["h_s"], p["W_s"], p["y"], p["h_t"], p["W_t"], student_bias=p["b_s"],
+                            teacher_bias=p["b_t"], topk=k, topk_support=support, token_chunk=4, vocab_chunk=C, **kw)
+    z = logits(p["h_s"], p["W_s"], p["b_s"], p["V"], scale=1.1).detach()
+    t = logits(p["h_t"], p["W_t"], p["b_t"], p["V"], cap=3.0)
+    ids = torch.topk(z if support == "student" else t, k, dim=-1).indices
+    assert s.topk_ids.shape == (3, 7, k) and torch.equal(s.topk_ids, ids)
+    torch.testing.assert_close(s.student_topk_logits.detach(), z.gather(-1, ids), **F64)
+    torch.testing.assert_close(s.teacher_topk_logprobs, dv.logprobs_at(t, ids), **F64)
+    assert s.student_topk_logits.requires_grad and not s.teacher_topk_logprobs.requires_grad
+
+
+def test_student_topk_without_teacher(one_thread):
+    p = make(seed=49)
+    s = F.fused_token_stats(p["h_s"], p["W_s"], p["y"], student_bias=p["b_s"], topk=5, token_chunk=3, vocab_chunk=7)
+    z = logits(p["h_s"], p["W_s"], p["b_s"], p["V"]).detach()
+    assert torch.equal(s.topk_ids, torch.topk(z, 5, dim=-1).indices) and s.teacher_topk_logprobs is None
+
+
+@pytest.mark.parametrize("name", TOPK_NAMES)
+def test_topk_float32_tolerance(one_thread, name):
+    """float32 against float64, relative to max(1, max |ref|): at most 2e-5 for values and gradients
+    (measured worst over seeds 50..69, k = 16, V = 257: 5.9e-6 for topk_tail_kl's gradients,
+    <= 2.2e-6 for the others), and at most 3x the materialised float32 path's error + 1e-6 (5x for
+    topk_tail_kl: its gradient is summed from two matmuls, the support's and lse's pass over V, that
+    partly cancel on the support, where the materialised path adds them per logit; measured up to
+    4.2x, worst err / (5 mat + 1e-6) = 0.74; the others' worst err / (3 mat + 1e-6) = 0.70)."""
+    factor = 5 if name == "topk_tail_kl" else 3
+    for seed in range(3):
+        p64 = make(seed=50 + seed, B=3, T=8, d_s=16, d_t=19, V=257)
+        v64, g64 = materialised(name, p64, k=16)
+        p32 = {k: (v.detach().float().requires_grad_(v.requires_grad) if torch.is_tensor(v) and v.is_floating_point()
+                   else v) for k, v in p64.items()}
+        v32, g32 = fused(name, p32, 5, 16, k=16)
+        m32, gm32 = materialised(name, p32, k=16)
+        assert v32.dtype == torch.float32 and all(g.dtype == torch.float32 for g in g32)
+        for got, mat, ref in zip((v32,) + tuple(g32), (m32,) + tuple(gm32), (v64,) + tuple(g64)):
+            err = _relative(got, ref)
+            assert err <= 2e-5
+            assert err <= factor * _relative(mat, ref) + 1e-6
+
+
+def test_topk_errors_name_the_problem():
+    p = make(seed=13)
+    a = (p["h_s"], p["W_s"], p["y"], p["mask"], p["h_t"], p["W_t"])
+    z = logits(p["h_s"], p["W_s"], p["b_s"], p["V"])
+    batch = TokenBatch(tokens=p["y"], mask=p["mask"], student_logits=z, teacher_token_logprobs=torch.zeros(3, 7),
+                       teacher_logits=z.detach())
+    for name in TOPK_NAMES:
+        with pytest.raises(InputError) as want:
+            E.per_sequence(name, batch, k=38)
+        with pytest.raises(InputError) as got:
+            F.fused_per_sequence(name, *a, k=38)
+        assert str(got.value) == str(want.value) and "k must satisfy 1 <= k <= V = 37" in str(got.value)
+    with pytest.raises(InputError, match="student_topk_kl: k must satisfy"):
+        F.fused_per_sequence("student_topk_kl", *a)                     # the default k = 100 > V
+    with pytest.raises(InputError, match="k must be an integer"):
+        F.fused_per_sequence("vopd_topk", *a, k=2.0)
+    with pytest.raises(InputError, match="unknown"):
+        F.fused_per_sequence("vopd", *a, k=4)
+    with pytest.raises(InputError, match="topk_support"):
+        F.fused_token_stats(p["h_s"], p["W_s"], p["y"], topk=3, topk_support="both")
+    with pytest.raises(InputError, match="teacher's top-k support needs"):
+        F.fused_token_stats(p["h_s"], p["W_s"], p["y"], topk=3, topk_support="teacher")
 
 
 # ----------------------------------------------------------------------------- masks
@@ -286,6 +455,25 @@ def test_never_holds_an_n_by_v_tensor(one_thread):
     assert V * d * 4 <= peak < N * V * 4 / 2
 
 
+@pytest.mark.parametrize("name", ["vopd_topk", "topk_kl", "topk_tail_kl"])
+def test_topk_paths_never_hold_an_n_by_v_tensor(one_thread, name):
+    from benchmarks import common
+
+    N, V, d = 64, 8192, 4
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, N, d, generator=g, requires_grad=True)
+    W = torch.randn(V, d, generator=g, requires_grad=True)
+    h_t, W_t = torch.randn(1, N, d, generator=g), torch.randn(V, d, generator=g)
+    y, m = torch.randint(0, V, (1, N), generator=g), torch.ones(1, N)
+
+    def step():
+        h.grad = W.grad = None
+        F.fused_per_sequence(name, h, W, y, m, h_t, W_t, token_chunk=32, vocab_chunk=512, k=64).sum().backward()
+
+    peak = common.peak_memory(step, torch.device("cpu"))
+    assert V * d * 4 <= peak < N * V * 4 / 2
+
+
 def test_errors_name_the_problem():
     p = make(seed=13)
     a = (p["h_s"], p["W_s"], p["y"], p["mask"], p["h_t"], p["W_t"])
@@ -347,3 +535,32 @@ def test_benchmark_main_appends_an_entry(one_thread, tmp_path, monkeypatch, caps
     assert fp.main(["--quick", "--repeats", "1", "--threads", "0", "--vocab", "64", "--hidden", "4",
                     "--results", str(results), "--no-record"]) == 0
     assert results.read_text() == text
+
+
+def test_benchmark_times_topk_and_bstar_next_to_opd_and_full_kl(one_thread):
+    from benchmarks import fused_path as fp
+
+    rows = fp.measure(tokens=16, vocab=300, hidden=8, device=torch.device("cpu"), repeats=1, warmup=1,
+                      min_sample_s=0.0, token_chunk=8, vocab_chunk=64, estimators=fp.TOPK_COMPARISON, k=8,
+                      measure_memory=False)
+    assert [(r.estimator, r.method) for r in rows] == [(n, m) for n in ("opd", "full_kl", "vopd_topk", "opd_bstar")
+                                                      for m in ("materialised", "fused")]
+    for r in rows:
+        assert r.time_s > 0 and math.isfinite(r.time_ratio) and r.value_error < 1e-4
+    assert fp.estimator_params("vopd_topk", 8) == {"k": 8} and fp.estimator_params("opd", 8) == {}
+    assert len(fp.format_table(rows).splitlines()) == 2 + 4
+
+
+def test_benchmark_main_takes_estimators_and_k(one_thread, tmp_path, monkeypatch, capsys):
+    from benchmarks import fused_path as fp
+
+    monkeypatch.setattr(fp, "grid", lambda quick: [8])
+    monkeypatch.setattr(fp.common, "peak_memory", lambda fn, device: (fn(), 1)[1])
+    results = tmp_path / "R.md"
+    assert fp.main(["--quick", "--repeats", "1", "--threads", "0", "--vocab", "64", "--hidden", "4",
+                    "--estimators", "vopd_topk", "opd_bstar", "--k", "4", "--results", str(results)]) == 0
+    text = results.read_text()
+    assert "estimators vopd_topk, opd_bstar (vopd_topk k = 4)" in text
+    assert "| 8 | vopd_topk |" in text and "| 8 | opd_bstar |" in text
+    with pytest.raises(SystemExit):
+        fp.main(["--estimators", "k3", "--no-record"])

@@ -55,19 +55,22 @@ def test_hidden_states_times_head_are_the_models_logits(pair64, rollouts):
 @pytest.mark.parametrize("name", sorted(fused.FUSED_ESTIMATORS))
 def test_values_and_gradients_equal_the_materialised_path(pair64, rollouts, name):
     """float64, masked positions (responses of lengths 1..8) and a masked token id."""
+    params = {"k": 5} if "k" in est.get(name).params() else {}          # top-k ones: k <= V = 16
     mask_ids = [int(rollouts.input_ids[0, rollouts.prompt_width + 1])]
-    scored = fs.score(pair64.student, pair64.teacher, rollouts, name, vocab_size=16, mask_token_ids=mask_ids)
-    batch = hf.score(pair64.student, pair64.teacher, rollouts, [name], vocab_size=16, mask_token_ids=mask_ids)
-    assert torch.equal(scored.mask, batch.mask) and int(batch.mask.sum()) < int(rollouts.response_mask.sum())
-    want_values = est.per_sequence(name, batch)
-    assert (scored.values - want_values).abs().max() < 1e-10
+
+    def fused_score():
+        return fs.score(pair64.student, pair64.teacher, rollouts, name, params, vocab_size=16, mask_token_ids=mask_ids)
+
+    def batch():
+        return hf.score(pair64.student, pair64.teacher, rollouts, [name], vocab_size=16, mask_token_ids=mask_ids,
+                        params={name: params})
+
+    scored, reference = fused_score(), batch()
+    assert torch.equal(scored.mask, reference.mask) and int(reference.mask.sum()) < int(rollouts.response_mask.sum())
+    assert (scored.values - est.per_sequence(name, reference, **params)).abs().max() < 1e-10
     for reduction in ("token_mean", "sequence_mean"):
-        got = grads(pair64.student, scored.loss(reduction) if reduction == "token_mean" else
-                    fs.score(pair64.student, pair64.teacher, rollouts, name, vocab_size=16,
-                             mask_token_ids=mask_ids).loss(reduction))
-        want = grads(pair64.student, est.surrogate_loss(name, hf.score(
-            pair64.student, pair64.teacher, rollouts, [name], vocab_size=16, mask_token_ids=mask_ids),
-            reduction=reduction))
+        got = grads(pair64.student, fused_score().loss(reduction))
+        want = grads(pair64.student, est.surrogate_loss(name, batch(), reduction=reduction, **params))
         assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-10
 
 

@@ -83,13 +83,8 @@ def max_difference(a: dict, b: dict) -> float:
 def test_trl_gradient_equals_surrogate_loss(pair64, rollouts, tmp_path, name, reduction, logits):
     """float64: TRL's compute_loss on the rollouts' micro-batch has surrogate_loss's gradient (same
     normalisation: N = the batch's unmasked tokens, or its sequences), on the materialised and on
-    the fused path (vopd_topk has no fused form and is refused there)."""
-    if logits == "fused" and name not in fused.FUSED_ESTIMATORS:
-        with pytest.raises(InputError, match="has no fused form"):
-            trl_engine.RegistryDistillationTrainer(
-                model=pair64.student, teacher_model=pair64.teacher, args=trl_args(tmp_path),
-                train_dataset=dataset(), processing_class=pair64.tokenizer, estimator=name, logits=logits)
-        return
+    the fused path."""
+    assert name in fused.FUSED_ESTIMATORS
     trainer = trl_engine.RegistryDistillationTrainer(
         model=pair64.student, teacher_model=pair64.teacher, args=trl_args(tmp_path), train_dataset=dataset(),
         processing_class=pair64.tokenizer, estimator=name, reduction=reduction, logits=logits)
@@ -98,6 +93,13 @@ def test_trl_gradient_equals_surrogate_loss(pair64, rollouts, tmp_path, name, re
     batch = hf.score(pair64.student, pair64.teacher, rollouts, [name], vocab_size=16)
     want = gradient(pair64.student, est.surrogate_loss(name, batch, reduction=reduction))
     assert max_difference(got, want) < 1e-10
+
+
+def test_fused_needs_a_fused_form(pair64, tmp_path):
+    with pytest.raises(InputError, match="estimator 'k3' has no fused form"):
+        trl_engine.RegistryDistillationTrainer(
+            model=pair64.student, teacher_model=pair64.teacher, args=trl_args(tmp_path), train_dataset=dataset(),
+            processing_class=pair64.tokenizer, estimator="k3", logits="fused")
 
 
 def test_full_kl_equals_trl_own_reverse_kl(pair64, rollouts, tmp_path):
