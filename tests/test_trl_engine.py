@@ -315,3 +315,19 @@ def test_shipped_accelerate_configs_parse():
     assert [configs[n].num_processes for n in ("one_gpu", "eight_gpus_ddp", "eight_gpus_zero2")] == [1, 8, 8]
     assert configs["eight_gpus_zero2"].deepspeed_config["zero_stage"] == 2
     assert all(c.mixed_precision == "bf16" for c in configs.values())
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(pair64, rollouts, tmp_path):
+    """With TRL's gradient checkpointing on (as Trainer.train turns it on), the loss's gradient is unchanged."""
+    trainer = trl_engine.RegistryDistillationTrainer(
+        model=pair64.student, teacher_model=pair64.teacher, args=trl_args(tmp_path), train_dataset=dataset(),
+        processing_class=pair64.tokenizer, estimator="opd_bstar")
+    trainer.model.train()
+    plain = gradient(trainer.model, trainer.compute_loss(trainer.model, trl_inputs(rollouts)))
+    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        assert trainer.model.is_gradient_checkpointing
+        checkpointed = gradient(trainer.model, trainer.compute_loss(trainer.model, trl_inputs(rollouts)))
+    finally:
+        trainer.model.gradient_checkpointing_disable()
+    assert max_difference(plain, checkpointed) < 1e-10
