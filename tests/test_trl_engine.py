@@ -331,3 +331,27 @@ def test_gradient_checkpointing_gives_the_same_gradient(pair64, rollouts, tmp_pa
     finally:
         trainer.model.gradient_checkpointing_disable()
     assert max_difference(plain, checkpointed) < 1e-10
+
+
+def test_ctrl_c_checkpoints_the_step_and_exits_130(one_thread, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C during step 2 (StopOnSignal.requested from then on): step 2 finishes, its Trainer
+    checkpoint is written, the run exits with 130 and one line saying how to resume; --resume ends it."""
+    out = tmp_path / "run"
+    real = trl_engine._stop_class()
+
+    class CtrlCAtStep2(real):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                self.stop.requested_at = 0.0
+            return super().on_step_end(args, state, control, **kw)
+
+    monkeypatch.setattr(trl_engine, "_stop_class", lambda: CtrlCAtStep2)
+    argv = options(out, "--save-every", "0", "--eval-every", "0", steps=4)
+    assert loop.main(argv) == 130
+    assert "interrupted after step 2 of 4" in capsys.readouterr().out
+    assert [r["step"] for r in rows(out)] == [1, 2] and not (out / "summary.json").exists()
+    assert (out / "checkpoints" / "checkpoint-2" / trl_engine.ROWS_FILE).is_file()
+    assert not (out / loop.LOCK).exists()
+    monkeypatch.setattr(trl_engine, "_stop_class", lambda: real)
+    assert loop.main([*argv, "--resume"]) == 0
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4] and (out / "summary.json").is_file()

@@ -423,6 +423,26 @@ def _probe_class():
     return VarianceProbeCallback
 
 
+@functools.lru_cache(maxsize=None)
+def _stop_class():
+    from transformers import TrainerCallback
+
+    class StopOnRequest(TrainerCallback):
+        """Ctrl-C as in the built-in loop (``loop.StopOnSignal``): after the current optimizer step,
+        every process agrees to stop (``loop.stop_agreed``), a Trainer checkpoint of that step is
+        written and training ends; ``_train`` then raises ``loop.Interrupted`` (exit status 130)."""
+
+        def __init__(self, stop: "loop.StopOnSignal"):
+            self.stop, self.trainer, self.stopped_at = stop, None, None
+
+        def on_step_end(self, args, state, control, **kw):
+            if loop.stop_agreed(self.trainer.accelerator, self.stop):
+                control.should_save = control.should_training_stop = True
+                self.stopped_at = state.global_step
+
+    return StopOnRequest
+
+
 # ----------------------------------------------------------------------------- the run
 
 class _Processes:
@@ -576,7 +596,9 @@ def _train(cfg, asked, args, procs, params, paths, info, prompts, latest, start,
     loop.start_out_dir(out_dir, dataclasses.asdict(asked), procs)
     metrics = loop.Metrics(out_dir, [r for r in rows if r["step"] <= start], procs.is_main_process)
     recorder = _recorder_class()(cfg, prompts, metrics, start)
-    callbacks = [recorder]
+    stop = loop.StopOnSignal()
+    stopper = _stop_class()(stop)
+    callbacks = [recorder, stopper]
     if cfg.probe_every > 0:
         callbacks.append(_probe_class()(probe_names(cfg), every=cfg.probe_every,
                                         params={cfg.estimator: params}))
@@ -589,9 +611,17 @@ def _train(cfg, asked, args, procs, params, paths, info, prompts, latest, start,
     _quiet_console(trainer)
     procs.print(f"distill (trl {check_trl()}): {cfg.estimator} {params}, {procs.num_processes} process(es) on "
                 f"{procs.device}, steps {start + 1}..{cfg.steps} -> {cfg.out_dir}")
-    trainer.train(resume_from_checkpoint=latest)
+    with stop:
+        trainer.train(resume_from_checkpoint=latest)
     metrics.write_csv()
     procs.wait_for_everyone()
+    if stopper.stopped_at is not None and stopper.stopped_at < cfg.steps:
+        message = (f"interrupted after step {stopper.stopped_at} of {cfg.steps}: checkpoint "
+                   f"{Path(args.output_dir) / f'checkpoint-{stopper.stopped_at}'}; continue with: vopd distill "
+                   f"--out {out_dir} --resume" + (f" (launched the same way, {procs.num_processes} processes)"
+                                                  if procs.num_processes > 1 else ""))
+        procs.print(message)
+        raise loop.Interrupted(message)
     summary = None
     student = trainer.accelerator.unwrap_model(trainer.model)
     run_view = dataclasses.make_dataclass("RunView", ["cfg", "params"])(cfg, params)
