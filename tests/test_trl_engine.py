@@ -125,9 +125,10 @@ def test_full_kl_equals_trl_own_reverse_kl(pair64, rollouts, tmp_path):
     assert max_difference(got, {k: v.double() for k, v in want.items()}) < 1e-6 * scale
 
 
-def first_step(out: Path, estimator: str, per_device: int, accum: int, processes: int = 1) -> dict:
+def first_step(out: Path, estimator: str, per_device: int, accum: int, processes: int = 1,
+               logits: str = "materialised") -> dict:
     script = str(REPO / "tests" / "trl_first_step.py")
-    args = [str(out), estimator, str(per_device), str(accum)]
+    args = [str(out), estimator, str(per_device), str(accum), logits]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     if processes == 1:
         cmd = [sys.executable, script, *args]
@@ -143,11 +144,14 @@ def first_step(out: Path, estimator: str, per_device: int, accum: int, processes
 
 def test_two_processes_and_accumulation_give_the_one_process_gradient(tmp_path):
     """The global batch of 4 greedy completions of lengths 1..7: one process (batch 4), one process
-    with 2 accumulation steps of 2, and 2 gloo processes of 2 give the same first-step gradient
-    (float64): TRL's num_items_in_batch normalises by the global token count."""
+    with 2 accumulation steps of 2, and 2 gloo processes of 2 (materialised, and fused under DDP)
+    give the same first-step gradient (float64): TRL's num_items_in_batch normalises by the global
+    token count."""
     one = first_step(tmp_path / "one.pt", "vopd", 4, 1)
     accumulated = first_step(tmp_path / "accum.pt", "vopd", 2, 2)
     two = first_step(tmp_path / "two.pt", "vopd", 2, 1, processes=2)
+    two_fused = first_step(tmp_path / "two_fused.pt", "vopd", 2, 1, processes=2, logits="fused")
+    assert max_difference(one["gradient"], two_fused["gradient"]) < 1e-10
     low, high = one["completion_length_range"].tolist()
     assert low < high                                  # unequal token counts: a mean of means would differ
     assert max_difference(one["gradient"], accumulated["gradient"]) < 1e-10

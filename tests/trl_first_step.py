@@ -1,6 +1,6 @@
 """The first optimizer step's gradient of ``--engine trl``'s trainer, saved for tests/test_trl_engine.py.
 
-    python tests/trl_first_step.py OUT.pt ESTIMATOR PER_DEVICE ACCUM               # one process
+    python tests/trl_first_step.py OUT.pt ESTIMATOR PER_DEVICE ACCUM [LOGITS]      # one process
     accelerate launch --multi_gpu --num_processes 2 tests/trl_first_step.py ...    # (ACCELERATE_USE_CPU=true)
 
 The committed tiny pair in float64, 4 fixed prompts of equal length, greedy completions (so that
@@ -14,7 +14,7 @@ import sys
 import torch
 
 
-def main(out: str, estimator: str, per_device: int, accum: int) -> None:
+def main(out: str, estimator: str, per_device: int, accum: int, logits: str = "materialised") -> None:
     torch.set_num_threads(1)
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -43,7 +43,8 @@ def main(out: str, estimator: str, per_device: int, accum: int) -> None:
 
     trainer = trl_engine.RegistryDistillationTrainer(
         model=pair.student, teacher_model=pair.teacher, args=args, train_dataset=dataset,
-        processing_class=tokenizer, estimator=estimator, reduction="token_mean", callbacks=[SaveGradient()])
+        processing_class=tokenizer, estimator=estimator, reduction="token_mean", logits=logits,
+        callbacks=[SaveGradient()])
     trainer.train()
     if trainer.accelerator.is_main_process:
         log = trainer.state.log_history[0]
@@ -52,4 +53,4 @@ def main(out: str, estimator: str, per_device: int, accum: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:6])
