@@ -186,6 +186,9 @@ def test_cli_writes_the_builtin_schema_and_resumes(one_thread, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(json.loads((builtin / "summary.json").read_text())) <= set(summary)
     assert summary["engine"].startswith("trl 1.16") and summary["steps_done"] == 2
+    assert summary["label"] == "trl:opd_bstar"                # vopd compare tells the engines apart
+    from vopd_analysis.distill import compare
+    assert set(compare.load_runs([builtin, out])["label"]) == {"vopd", "trl:opd_bstar"}
     assert (out / "final" / "config.json").is_file() and (out / "metrics.csv").is_file()
     # resume from the step-2 Trainer checkpoint to step 3: rows 1..3, the first two unchanged
     assert loop.main(options(out, "--estimator", "opd_bstar", "--resume", steps=3)) == 0

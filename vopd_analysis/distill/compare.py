@@ -49,18 +49,21 @@ def present(columns) -> dict:
     return {m: title for m, title in METRICS.items() if m in columns}
 
 
-def run_label(estimator: str, params: Optional[dict] = None) -> str:
-    """The label of a run: the estimator and the parameters it was given, ``vopd_topk`` + {"k": 4} -> ``vopd_topk-k4``.
+def run_label(estimator: str, params: Optional[dict] = None, engine: Optional[str] = None) -> str:
+    """The label of a run: the estimator and the parameters it was given, ``vopd_topk`` + {"k": 4} -> ``vopd_topk-k4``,
+    prefixed by the engine when it is not the built-in loop (``trl:vopd``).
 
     Args:
       estimator: the estimator name.
       params: the parameters given on the command line (None or {}: none), joined as
         ``-<name><value>`` in sorted name order.
+      engine: the run's ``--engine`` (None or "builtin": no prefix).
 
     Returns:
       The label; runs that share one differ by seed only.
     """
-    return "-".join([estimator] + [f"{k}{v}" for k, v in sorted((params or {}).items())])
+    label = "-".join([estimator] + [f"{k}{v}" for k, v in sorted((params or {}).items())])
+    return label if engine in (None, "builtin") else f"{engine}:{label}"
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -129,10 +132,11 @@ def load_runs(paths: Iterable) -> pd.DataFrame:
     frames, seen = [], {}
     for path in find_runs(paths):
         config = json.loads((path / "config.json").read_text())
-        label, seed = run_label(config["estimator"], config.get("estimator_params")), int(config["seed"])
+        label = run_label(config["estimator"], config.get("estimator_params"), config.get("engine"))
+        seed = int(config["seed"])
         if (label, seed) in seen:
             raise InputError(f"{seen[label, seed]} and {path} are both {label} seed {seed}; "
-                             "compare runs that differ in estimator, parameters or seed")
+                             "compare runs that differ in engine, estimator, parameters or seed")
         seen[label, seed] = path
         evals = [r for r in _read_rows(path) if r.get("kind") == "eval"]
         frames.append(pd.DataFrame({"estimator": config["estimator"], "label": label, "seed": seed,

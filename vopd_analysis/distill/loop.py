@@ -905,7 +905,7 @@ def write_summary(run, rows: list, resumed_from: int, wall_seconds: float) -> di
     cfg, out = run.cfg, Path(run.cfg.out_dir)
     train = [r for r in rows if r["kind"] == "train"]
     evals = [{k: r.get(k) for k in EVAL_KEYS} for r in rows if r["kind"] == "eval"]
-    label = run_label(cfg.estimator, cfg.estimator_params)
+    label = run_label(cfg.estimator, cfg.estimator_params, cfg.engine)
     plot_run(rows, out / "curves.png", title=f"{label}, seed {cfg.seed}")
     summary = {"label": label, "estimator": cfg.estimator, "estimator_params": run.params, "seed": cfg.seed,
                "steps_done": train[-1]["step"] if train else 0, "skipped_steps": sum(r["skipped"] for r in train),
