@@ -106,7 +106,7 @@ def probe_batch(pair, config: dict, batch: int, records=None):
         return variance.probe(pair.student, pair.teacher, pair.tokenizer, prompts, estimators,
                               config["num_rollouts"], max_new_tokens=config["max_new_tokens"],
                               seed=1000 * config["seed"] + batch, vocab_size=pair.info.vocab_size,
-                              num_projections=config["num_projections"],
+                              num_projections=config["num_projections"], logits=config.get("logits", "auto"),
                               params={n: {"k": min(k, pair.info.vocab_size)} for n in estimators
                                       if "k" in est.get(n).defaults})
 
@@ -276,6 +276,9 @@ def main() -> None:
     parser.add_argument("--random-init", action="store_true", default=None,
                         help="use random tiny Qwen2 models instead of the trained demo pair (smoke test)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default 1 for the tiny pair)")
+    parser.add_argument("--logits", choices=("auto", "materialised", "fused"),
+                        help="per-rollout gradients from materialised logits or from hidden states and lm_head "
+                             "tiles (default auto: fused when the estimator has it and the batch's N x V >= 2^26)")
     args = parser.parse_args()
     args.out = args.out or common.default_out(args.quick)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("quick", "out")}

@@ -281,8 +281,9 @@ def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params:
       method: "loop" or "vmap".
       chunk_size: rollouts per vmap call (method "vmap"); None: all of a group.
       logits: method "loop" only: "auto", "materialised" or "fused" (``fused_score.choose``, per
-        estimator and group: a fused estimator's v_i from hidden states, never [B, T, V] logits);
-        method "vmap" always materialises them ("fused" is refused).
+        estimator and group: a fused estimator's v_i from hidden states, never [B, T, V] logits;
+        estimators without a fused form are scored materialised whatever the choice); method
+        "vmap" always materialises them ("fused" is refused).
 
     Returns:
       A generator of (estimator name, [D] float64 gradient).
@@ -290,8 +291,7 @@ def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params:
     if method not in METHODS:
         raise InputError(f"unknown gradient method {method!r}; choose 'loop' (one backward per rollout "
                          "and estimator) or 'vmap' (torch.func per-sample gradients)")
-    for name in estimator_params:
-        fs.choose(logits, name, 0, 0)
+    fs.choose(logits, "opd", 0, 0)          # a known path
     if method == "vmap" and logits == "fused":
         raise InputError("the vmap gradients need materialised logits; use method='loop' with logits='fused'")
     size = _rollouts_per_prompt(rollouts)
@@ -310,12 +310,13 @@ def _loop_gradients(group, student, teacher, estimator_params, named_params, voc
                     chunk_tokens, timings, logits="auto"):
     """One prompt group, one backward of v_i per rollout i and estimator (retain_graph).
 
-    Estimators that ``fused_score.choose(logits, ...)`` sends to the fused path share one
-    ``fused_score.hidden_batch`` of the group (no [B, T, V] logits) and get v_i from the rows of
-    rollout i alone; the others share one ``hf.score``."""
+    Estimators with a fused form that ``fused_score.choose(logits, ...)`` sends to the fused path
+    share one ``fused_score.hidden_batch`` of the group (no [B, T, V] logits) and get v_i from the
+    rows of rollout i alone; the others share one ``hf.score``."""
     tensors = [p for _, p in named_params]
     num_tokens = fs.padded_tokens(group)
-    fused_names = [n for n in estimator_params if fs.choose(logits, n, num_tokens, vocab_size or 0)]
+    fused_names = [n for n in estimator_params
+                   if n in fs.fused.FUSED_ESTIMATORS and fs.choose(logits, n, num_tokens, vocab_size or 0)]
     clock = time.perf_counter()
     materialised = [n for n in estimator_params if n not in fused_names]
     batch = hf.score(student, teacher, group, materialised, vocab_size, mask_token_ids, chunk_tokens,
