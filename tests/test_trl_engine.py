@@ -362,3 +362,29 @@ def test_ctrl_c_checkpoints_the_step_and_exits_130(one_thread, tmp_path, monkeyp
     monkeypatch.setattr(trl_engine, "_stop_class", lambda: real)
     assert loop.main([*argv, "--resume"]) == 0
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4] and (out / "summary.json").is_file()
+
+
+def test_non_finite_loss_skips_the_update(one_thread, tmp_path, monkeypatch):
+    """A NaN loss at step 2: that update is dropped (the student after step 2 is the one after step 1),
+    the row says skipped, and training goes on."""
+    from safetensors.torch import load_file
+    cls = trl_engine._trainer_class()
+    real, calls = cls._compute_loss, []
+
+    def nan_on_second_step(self, *args):
+        loss, entropy, n = real(self, *args)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), entropy, n
+
+    monkeypatch.setattr(cls, "_compute_loss", nan_on_second_step)
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="step 2: non-finite loss or gradient; the update was skipped"):
+        assert loop.main(options(out, "--eval-every", "0", "--keep-checkpoints", "0", steps=3)) == 0
+    assert [r["skipped"] for r in rows(out)] == [False, True, False]
+    assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 1
+
+    def weights(step):
+        return load_file(out / "checkpoints" / f"checkpoint-{step}" / "model.safetensors")
+
+    one, two, three = weights(1), weights(2), weights(3)
+    assert all(torch.equal(one[k], two[k]) for k in one) and not all(torch.equal(two[k], three[k]) for k in two)

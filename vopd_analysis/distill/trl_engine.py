@@ -47,10 +47,12 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -209,22 +211,22 @@ def _trainer_class():
                                                                 self.processing_class, teacher,
                                                                 self.processing_class).vocab_size
             self.teacher_timer = loop.TeacherTimer(teacher)
-            self.step_stats = torch.zeros(9, dtype=torch.float64)
+            self.step_stats = dict.fromkeys(self.STATS, 0.0)
+            self.skipped_steps = set()                     # steps whose update SkipNonFinite dropped
 
-        # stats summed over the micro-batches of one optimizer step, by index
-        STATS = ("loss", "exact_kl", "has_exact", "sampled_kl", "sequences", "tokens", "correct", "graded",
-                 "rollout_seconds")
+        # sums over the micro-batches of one optimizer step (``take_step_stats`` reduces them over processes)
+        STATS = ("exact_kl", "has_exact", "sampled_kl", "sequences", "tokens", "correct", "graded", "rollout_seconds")
 
         def _generate_and_score_completions(self, inputs):
             t0 = time.perf_counter()
             out = super()._generate_and_score_completions(inputs)
-            self.step_stats[8] += time.perf_counter() - t0
+            self.step_stats["rollout_seconds"] += time.perf_counter() - t0
             if self.records is not None and "row" in inputs[0]:
                 texts = [self.processing_class.decode(ids[m.bool()], skip_special_tokens=True)
                          for ids, m in zip(out["completion_ids"], out["completion_mask"])]
                 grades = [tasks.verify(self.records[int(x["row"])], t) for x, t in zip(inputs, texts)]
-                self.step_stats[6] += sum(g is True for g in grades)
-                self.step_stats[7] += sum(g is not None for g in grades)
+                self.step_stats["correct"] += sum(g is True for g in grades)
+                self.step_stats["graded"] += sum(g is not None for g in grades)
             return out
 
         def _divisor(self, batch, num_items_in_batch):
@@ -261,16 +263,17 @@ def _trainer_class():
                     entropy = (dv.entropy(scored.student_logits.detach()) * scored.mask).sum()
                 if self.model.training:
                     exact, sampled = fs.reverse_kl_sums(scored)
-                    self.step_stats[:6] += torch.tensor(
-                        [float(loss), 0.0 if exact != exact else exact, float(exact == exact), sampled,
-                         scored.num_sequences, float(scored.mask.sum())], dtype=torch.float64)
+                    for key, value in (("exact_kl", 0.0 if math.isnan(exact) else exact),
+                                       ("has_exact", float(not math.isnan(exact))), ("sampled_kl", sampled),
+                                       ("sequences", scored.num_sequences), ("tokens", float(scored.mask.sum()))):
+                        self.step_stats[key] += value
             return loss, entropy, scored.mask.sum()
 
         def take_step_stats(self) -> dict:
             """This step's statistics summed over processes (a collective), and reset."""
-            local = torch.cat([self.step_stats, torch.tensor([self.teacher_timer.seconds], dtype=torch.float64)])
+            local = torch.tensor([*self.step_stats.values(), self.teacher_timer.seconds], dtype=torch.float64)
             total = self.accelerator.reduce(local.to(self.accelerator.device), "sum").cpu().tolist()
-            self.step_stats.zero_()
+            self.step_stats = dict.fromkeys(self.STATS, 0.0)
             self.teacher_timer.seconds = 0.0
             return dict(zip(self.STATS + ("teacher_seconds",), total))
 
@@ -338,7 +341,7 @@ def _recorder_class():
                 "reverse_kl": s["exact_kl"] / s["sequences"] if s["has_exact"] else float("nan"),
                 "reverse_kl_sampled": s["sampled_kl"] / s["sequences"],
                 "sample_accuracy": s["correct"] / s["graded"] if s["graded"] else None,
-                "grad_norm": float(grad_norm), "skipped": not torch.isfinite(torch.tensor(float(grad_norm))).item(),
+                "grad_norm": float(grad_norm), "skipped": step in self.trainer.skipped_steps,
                 "lr": float(logs.get("learning_rate", float("nan"))), "response_tokens": int(s["tokens"]),
                 "tokens_per_s": s["tokens"] / seconds, "time_rollout": rollout, "time_teacher": teacher,
                 "time_student": seconds - rollout - teacher,
@@ -421,6 +424,38 @@ def _probe_class():
                     tr._metrics["train"][f"probe/{name}/{key}"].append(float(value))
 
     return VarianceProbeCallback
+
+
+@functools.lru_cache(maxsize=None)
+def _skip_class():
+    from transformers import TrainerCallback
+
+    class SkipNonFinite(TrainerCallback):
+        """A non-finite gradient skips the update, as in the built-in loop: before the optimizer step,
+        every gradient is dropped (``p.grad = None``: AdamW leaves such a parameter and its moments
+        untouched) and the step is recorded in ``trainer.skipped_steps``, with a warning. The
+        gradients are the all-reduced ones (DDP), so every process decides alike; under DeepSpeed
+        the engine keeps the gradients and this does nothing. The learning-rate schedule still
+        advances (the built-in loop holds it)."""
+
+        def __init__(self):
+            self.trainer = None
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            tr = self.trainer
+            if tr.is_deepspeed_enabled:
+                return
+            grads = [p.grad for p in tr.model.parameters() if p.grad is not None]
+            if all(bool(torch.isfinite(g).all()) for g in grads):
+                return
+            for p in tr.model.parameters():
+                p.grad = None
+            tr.skipped_steps.add(state.global_step + 1)
+            if state.is_world_process_zero:
+                warnings.warn(f"step {state.global_step + 1}: non-finite loss or gradient; the update was skipped",
+                              RuntimeWarning)
+
+    return SkipNonFinite
 
 
 @functools.lru_cache(maxsize=None)
@@ -598,7 +633,7 @@ def _train(cfg, asked, args, procs, params, paths, info, prompts, latest, start,
     recorder = _recorder_class()(cfg, prompts, metrics, start)
     stop = loop.StopOnSignal()
     stopper = _stop_class()(stop)
-    callbacks = [recorder, stopper]
+    callbacks = [recorder, stopper, _skip_class()()]
     if cfg.probe_every > 0:
         callbacks.append(_probe_class()(probe_names(cfg), every=cfg.probe_every,
                                         params={cfg.estimator: params}))
