@@ -259,6 +259,7 @@ def test_signal_a_teacher_server_cannot_give(no_model_loads, tmp_path, estimator
     (["--trl-arg", "learning_rate=0.1"], "--trl-arg learning_rate: set it with --lr"),
     (["--trl-arg", "gradient_acumulation_steps=2"], "not a field of trl.DistillationConfig"),
     (["--trl-arg", "gradient_accumulation_steps=3"], "must be divisible by processes x gradient_accumulation_steps"),
+    (["--logits", "fused", "--estimator", "k3"], "--logits fused: estimator 'k3' has no fused form"),
 ])
 def test_other_refusals(no_model_loads, tmp_path, argv, match):
     refused(options(tmp_path / "r", *argv), match)
