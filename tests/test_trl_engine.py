@@ -389,3 +389,15 @@ def test_non_finite_loss_skips_the_update(one_thread, tmp_path, monkeypatch):
 
     one, two, three = weights(1), weights(2), weights(3)
     assert all(torch.equal(one[k], two[k]) for k in one) and not all(torch.equal(two[k], three[k]) for k in two)
+
+
+def test_accumulation_rows_match_one_micro_batch(one_thread, tmp_path):
+    """--trl-arg gradient_accumulation_steps=2 halves the micro-batch; the step rows (loss, tokens,
+    gradient norm, sampled reverse KL) are those of the run without accumulation, to float32 round-off."""
+    plain, accumulated = tmp_path / "plain", tmp_path / "accum"
+    assert loop.main(options(plain, "--eval-every", "0")) == 0
+    assert loop.main(options(accumulated, "--eval-every", "0", "--trl-arg", "gradient_accumulation_steps=2")) == 0
+    first_plain, first_accum = rows(plain)[0], rows(accumulated)[0]
+    assert first_plain["response_tokens"] == first_accum["response_tokens"] == 64
+    for key in ("loss", "grad_norm", "reverse_kl", "reverse_kl_sampled"):
+        assert first_accum[key] == pytest.approx(first_plain[key], rel=1e-5), key
