@@ -22,6 +22,7 @@ import torch
 from .. import divergences as dv
 from .. import estimators as est
 from ..lm import hf, tasks
+from ..lm.fused_score import FusedScore
 
 
 @torch.no_grad()
@@ -80,6 +81,19 @@ def sampled_reverse_kl(batch) -> torch.Tensor:
       [B] float, no gradient.
     """
     return est.masked_sum(batch, est.log_ratio(batch, est.student_token_logprobs(batch)))
+
+
+def reverse_kl_sums(scored) -> tuple:
+    """(sum over sequences of ``sequence_reverse_kl``, NaN without the teacher's full distribution;
+    sum of ``sampled_reverse_kl``) of a ``TokenBatch``, or of a ``fused_score.FusedScore`` (its own
+    per-sequence sums from the fused pass), as floats; NaN and NaN for None (a failed step)."""
+    if scored is None:
+        return float("nan"), float("nan")
+    with torch.no_grad():
+        if isinstance(scored, FusedScore):
+            return float(scored.sequence_reverse_kl().sum()), float(scored.sampled_reverse_kl().sum())
+        exact = float(sequence_reverse_kl(scored).sum()) if scored.teacher_logits is not None else float("nan")
+        return exact, float(sampled_reverse_kl(scored).sum())
 
 
 def gradable(record: dict) -> bool:

@@ -77,7 +77,7 @@ from ..errors import InputError, exit_with
 from ..lm import fused_score as fs
 from ..lm import hf, small, tasks, tiny
 from . import checkpoint as ckpt
-from .evaluate import evaluate_shard
+from .evaluate import evaluate_shard, reverse_kl_sums
 
 try:
     import fcntl
@@ -851,7 +851,7 @@ def step_row(run, step, batch, rollouts, records, loss, grad_norm, skipped, time
     """Reduce this step's statistics over processes into one metrics row."""
     acc = run.accelerator
     t0, t1, t2 = times
-    exact, sampled = fs.reverse_kl_sums(batch)
+    exact, sampled = reverse_kl_sums(batch)
     grades = [tasks.verify(records[int(i)], text) for i, text in zip(rollouts.prompt_index, rollouts.responses(run.tokenizer))]
     local = torch.tensor([float(loss.detach()), float(exact), float(sampled), rollouts.num_rollouts,
                           float(rollouts.response_mask.sum()), sum(g is True for g in grades),
@@ -899,8 +899,9 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_summary(run, rows: list, resumed_from: int, wall_seconds: float) -> dict:
-    """Write the run's ``curves.png`` and ``summary.json`` (main process only); return the summary."""
+def write_summary(run, rows: list, resumed_from: int, wall_seconds: float, extra: Optional[dict] = None) -> dict:
+    """Write the run's ``curves.png`` and ``summary.json`` (main process only), with the entries of
+    ``extra`` added (the TRL engine's ``engine``); return the summary."""
     from .compare import plot_run, run_label
     cfg, out = run.cfg, Path(run.cfg.out_dir)
     train = [r for r in rows if r["kind"] == "train"]
@@ -914,7 +915,7 @@ def write_summary(run, rows: list, resumed_from: int, wall_seconds: float) -> di
                "train_seconds": sum(r["time_rollout"] + r["time_teacher"] + r["time_student"] for r in train),
                "units": UNITS, "metrics_jsonl": str(out / "metrics.jsonl"), "metrics_csv": str(out / "metrics.csv"),
                "curves_png": str(out / "curves.png"), "final_model": str(out / "final"),
-               "config": dataclasses.asdict(cfg)}
+               "config": dataclasses.asdict(cfg), **(extra or {})}
     write_json_atomic(out / "summary.json", summary)
     return summary
 
@@ -1136,11 +1137,16 @@ def stop_at(run_, done: int, saved: int, metrics: Metrics) -> None:
     elif done:
         path = out / "checkpoints" / f"step-{done:08d}"
     where = f"checkpoint {path}" if path else "no step done, nothing to checkpoint"
-    how = f"vopd distill --out {out} --resume" + (
-        f" (launched the same way, {acc.num_processes} processes)" if acc.num_processes > 1 else "")
-    message = f"interrupted after step {done} of {cfg.steps}: {where}; continue with: {how}"
+    message = interrupted_message(out, done, cfg.steps, where, acc.num_processes)
     acc.print(message)
     raise Interrupted(message)
+
+
+def interrupted_message(out: Path, done: int, steps: int, where: str, num_processes: int) -> str:
+    """The one line a Ctrl-C leaves: the step reached, ``where`` it was saved, how to resume."""
+    how = f"vopd distill --out {out} --resume" + (
+        f" (launched the same way, {num_processes} processes)" if num_processes > 1 else "")
+    return f"interrupted after step {done} of {steps}: {where}; continue with: {how}"
 
 
 def abandoned(out_dir: Path) -> str:
@@ -1215,9 +1221,9 @@ def train(run_: Run, start: int, metrics: Metrics, started: float) -> dict:
         return finish(run_, start, metrics, started)
 
 
-def finish(run_: Run, start: int, metrics: Metrics, started: float) -> dict:
-    """Write metrics.csv, the final model, curves.png and summary.json, print the closing table;
-    return ``run``'s result dict."""
+def finish(run_: Run, start: int, metrics: Metrics, started: float, extra: Optional[dict] = None) -> dict:
+    """Write metrics.csv, the final model, curves.png and summary.json (with ``extra``'s entries),
+    print the closing table; return ``run``'s result dict."""
     cfg, acc = run_.cfg, run_.accelerator
     metrics.write_csv()
     acc.wait_for_everyone()
@@ -1226,7 +1232,7 @@ def finish(run_: Run, start: int, metrics: Metrics, started: float) -> dict:
         with ckpt.quiet_hf_progress():
             run_.student.save_pretrained(Path(cfg.out_dir) / "final")
             run_.tokenizer.save_pretrained(Path(cfg.out_dir) / "final")
-        summary = write_summary(run_, metrics.rows, start, time.perf_counter() - started)
+        summary = write_summary(run_, metrics.rows, start, time.perf_counter() - started, extra)
         for line in summary_lines(summary, Path(cfg.out_dir) / "summary.json"):
             acc.print(line)
     evals = [r for r in metrics.rows if r["kind"] == "eval"]

@@ -6,8 +6,10 @@ resume, ``report_to``); this module replaces only its loss. ``RegistryDistillati
 overrides ``_compute_loss``: the micro-batch TRL generated (prompt and completion ids and
 masks) becomes ``hf.Rollouts``, ``hf.score`` computes the student's logits and exactly the
 teacher signal the registry says the estimator needs, and ``estimators.surrogate_loss`` is
-the loss. The student's forward runs inside TRL's ``_forward_redirection`` (so DDP/FSDP see
-it) and the teacher is called through its own wrapper.
+the loss; or, where ``--logits`` picks the fused path (``lm.fused_score``), both backbones'
+hidden states go to ``vopd_analysis.fused`` and no [B, T, V] logits exist. The student's
+forward runs inside TRL's ``_forward_redirection`` (so DDP/FSDP see it) and the teacher is
+called through its own wrapper.
 
 Normalisation (TRL's convention, ``num_items_in_batch``): TRL counts N, the unmasked
 completion tokens of the whole generation batch (all processes, all accumulation
@@ -66,7 +68,7 @@ from ..lm import fused_score as fs
 from ..lm import hf, tasks
 from . import checkpoint as ckpt
 from . import loop
-from .evaluate import evaluate_shard
+from .evaluate import reverse_kl_sums
 
 TESTED_TRL = ("1.16.0", "1.17.0")      # [low, high): the versions the parity tests ran on
 ROWS_FILE = "vopd_rows.json"          # the metrics rows saved in each Trainer checkpoint
@@ -127,15 +129,25 @@ def check_teacher(cfg: loop.DistillConfig) -> None:
                      "(sampled and teacher-top-k log-probs only) cannot give; load the teacher locally")
 
 
+def check_per_row(name: str, what: str) -> None:
+    """Refuse an estimator that TRL's batches cannot feed: one needing exact tabular quantities, or a
+    group estimator (TRL samples one completion per dataset row, so K rollouts of a prompt are not
+    kept together). ``what`` starts the message (``estimator 'x'``, ``--probe-estimators: 'x'``)."""
+    spec = est.get(name)
+    if spec.analysis_only:
+        raise InputError(f"{what} needs exact tabular quantities; it cannot run on real models")
+    if spec.group:
+        raise InputError(f"{what} needs K rollouts of each prompt together, which TRL's one-completion-per-row "
+                         "sampler does not keep; use --engine builtin")
+
+
 def probe_names(cfg: loop.DistillConfig) -> list:
     """The estimators of ``--probe-estimators`` (comma-separated registry names)."""
     names = [n.strip() for n in cfg.probe_estimators.split(",") if n.strip()]
     if not names:
         raise InputError("--probe-estimators names no estimator")
     for name in names:
-        spec = est.get(name)
-        if spec.analysis_only or spec.group:
-            raise InputError(f"--probe-estimators: '{name}' cannot be probed on TRL batches (one completion per row)")
+        check_per_row(name, f"--probe-estimators: '{name}'")
     return names
 
 
@@ -153,9 +165,7 @@ def check_engine_config(cfg: loop.DistillConfig, world: int) -> dict:
     check_teacher(cfg)
     if cfg.probe_every > 0:
         probe_names(cfg)
-    if est.get(cfg.estimator).group:
-        raise InputError(f"estimator '{cfg.estimator}' needs K rollouts of each prompt together, which TRL's "
-                         "one-completion-per-row sampler does not keep; use --engine builtin")
+    check_per_row(cfg.estimator, f"estimator '{cfg.estimator}'")
     rows = cfg.prompts_per_step * cfg.rollouts_per_prompt
     accum = int(cfg.trl_args.get("gradient_accumulation_steps", 1))
     if rows % (world * accum):
@@ -196,10 +206,7 @@ def _trainer_class():
         def __init__(self, *args, estimator: str = "vopd", estimator_params: Optional[dict] = None,
                      reduction: str = "token_mean", vocab_size: Optional[int] = None,
                      records: Optional[list] = None, logits: str = "auto", **kwargs):
-            spec = est.get(estimator)
-            if spec.analysis_only or spec.group:
-                raise InputError(f"estimator '{estimator}' cannot train in TRL's trainer (it needs "
-                                 + ("exact tabular quantities)" if spec.analysis_only else "groups of rollouts)"))
+            check_per_row(estimator, f"estimator '{estimator}'")
             if reduction not in ("token_mean", "sequence_mean"):
                 raise InputError(f"reduction must be 'token_mean' or 'sequence_mean', got '{reduction}'")
             fs.choose(logits, estimator, 0, 0)            # refuses a path the estimator does not have
@@ -262,7 +269,7 @@ def _trainer_class():
                 else:
                     entropy = (dv.entropy(scored.student_logits.detach()) * scored.mask).sum()
                 if self.model.training:
-                    exact, sampled = fs.reverse_kl_sums(scored)
+                    exact, sampled = reverse_kl_sums(scored)
                     for key, value in (("exact_kl", 0.0 if math.isnan(exact) else exact),
                                        ("has_exact", float(not math.isnan(exact))), ("sampled_kl", sampled),
                                        ("sequences", scored.num_sequences), ("tokens", float(scored.mask.sum()))):
@@ -301,25 +308,11 @@ def _recorder_class():
 
         def __init__(self, cfg: loop.DistillConfig, prompts: loop.Prompts, metrics: loop.Metrics, start: int):
             self.cfg, self.prompts, self.metrics, self.start = cfg, prompts, metrics, start
-            self.trainer, self.step_began = None, time.perf_counter()
+            self.trainer, self.run, self.step_began = None, None, time.perf_counter()   # both set by _train
 
         def evaluate(self, step: int) -> None:
-            tr, cfg = self.trainer, self.cfg
-            if cfg.eval_every <= 0 or not self.prompts.eval:
-                return
-            acc = tr.accelerator
-            student = acc.unwrap_model(tr.model)
-            shard = self.prompts.eval[acc.process_index::acc.num_processes]
-            was_training = student.training
-            with acc.autocast():
-                local = evaluate_shard(student, tr.teacher_model, tr.processing_class, shard, cfg.max_new_tokens,
-                                       seed=(cfg.seed * 1_000_003 + step) * 1009 + 7919 * (acc.process_index + 1),
-                                       vocab_size=tr.vocab_size)
-            student.train(was_training)
-            s = acc.reduce(local.to(acc.device), "sum").tolist()
-            self.metrics.log({"kind": "eval", "step": step, "eval_accuracy": s[0] / s[1] if s[1] else None,
-                              "eval_reverse_kl": s[2] / s[3] if s[3] else None,
-                              "eval_teacher_logprob": s[4] / s[5] if s[5] else None})
+            if self.cfg.eval_every > 0 and self.prompts.eval:
+                self.metrics.log(loop.evaluate(self.run, step))
 
         def on_train_begin(self, args, state, control, **kw):
             if self.start == 0:
@@ -389,9 +382,7 @@ def _probe_class():
                 raise InputError(f"the probe's interval must be >= 1 step, got {every}")
             names = list(dict.fromkeys([*estimators, reference]))
             for name in names:
-                spec = est.get(name)
-                if spec.analysis_only or spec.group:
-                    raise InputError(f"cannot probe estimator '{name}' on TRL batches (one completion per row)")
+                check_per_row(name, f"probed estimator '{name}'")
             self.estimators, self.every, self.reference, self.trainer = list(estimators), every, reference, trainer
             self.params = {name: prm.resolve(name, dict((params or {}).get(name, {}))) for name in names}
 
@@ -577,15 +568,13 @@ def run(cfg: loop.DistillConfig, resume: bool = False) -> dict:
     asked = dataclasses.replace(cfg)
     out_dir = Path(cfg.out_dir)
     loop.check_out_dir(out_dir)
+    args = trl_config(cfg, world)                      # sets up the process group; loads nothing
+    procs = _Processes(args.distributed_state)
     if resume and (out_dir / "config.json").is_file():
         loop.check_resumable(out_dir, asked)
         summary = loop.finished_run(out_dir, cfg.steps)
         if summary is not None:
-            print(f"{out_dir} already finished {summary['steps_done']} steps; nothing to do", flush=True)
-            return {"out_dir": cfg.out_dir, "rows": [], "first_eval": summary.get("first_eval"),
-                    "last_eval": summary.get("last_eval"), "summary": summary}
-    args = trl_config(cfg, world)                      # sets up the process group; loads nothing
-    procs = _Processes(args.distributed_state)
+            return loop.already_finished(out_dir, summary, procs)
     if procs.device.type == "cpu":
         torch.set_num_threads(cfg.num_threads or 1)
     paths = loop.model_paths(cfg, procs)
@@ -643,33 +632,18 @@ def _train(cfg, asked, args, procs, params, paths, info, prompts, latest, start,
                                callbacks=callbacks)
     for callback in callbacks:
         callback.trainer = trainer
+    recorder.run = loop.Run(cfg, trainer.accelerator, pair.student, trainer.teacher_model, tokenizer, info.vocab_size,
+                            params, prompts, optimizer=None, scheduler=None, teacher_timer=trainer.teacher_timer)
     _quiet_console(trainer)
     procs.print(f"distill (trl {check_trl()}): {cfg.estimator} {params}, {procs.num_processes} process(es) on "
                 f"{procs.device}, steps {start + 1}..{cfg.steps} -> {cfg.out_dir}")
     with stop:
         trainer.train(resume_from_checkpoint=latest)
-    metrics.write_csv()
-    procs.wait_for_everyone()
     if stopper.stopped_at is not None and stopper.stopped_at < cfg.steps:
-        message = (f"interrupted after step {stopper.stopped_at} of {cfg.steps}: checkpoint "
-                   f"{Path(args.output_dir) / f'checkpoint-{stopper.stopped_at}'}; continue with: vopd distill "
-                   f"--out {out_dir} --resume" + (f" (launched the same way, {procs.num_processes} processes)"
-                                                  if procs.num_processes > 1 else ""))
+        metrics.write_csv()
+        where = f"checkpoint {Path(args.output_dir) / f'checkpoint-{stopper.stopped_at}'}"
+        message = loop.interrupted_message(out_dir, stopper.stopped_at, cfg.steps, where, procs.num_processes)
         procs.print(message)
         raise loop.Interrupted(message)
-    summary = None
-    student = trainer.accelerator.unwrap_model(trainer.model)
-    run_view = dataclasses.make_dataclass("RunView", ["cfg", "params"])(cfg, params)
-    if procs.is_main_process:
-        with ckpt.quiet_hf_progress():
-            student.save_pretrained(out_dir / "final")
-            tokenizer.save_pretrained(out_dir / "final")
-        summary = loop.write_summary(run_view, metrics.rows, start, time.perf_counter() - started)
-        summary["engine"] = f"trl {check_trl()}"
-        loop.write_json_atomic(out_dir / "summary.json", summary)
-        for line in loop.summary_lines(summary, out_dir / "summary.json"):
-            print(line, flush=True)
-    evals = [r for r in metrics.rows if r["kind"] == "eval"]
-    procs.wait_for_everyone()
-    return {"out_dir": cfg.out_dir, "rows": metrics.rows, "first_eval": evals[0] if evals else None,
-            "last_eval": evals[-1] if evals else None, "summary": summary, "trainer": trainer}
+    result = loop.finish(recorder.run, start, metrics, started, extra={"engine": f"trl {check_trl()}"})
+    return {**result, "trainer": trainer}

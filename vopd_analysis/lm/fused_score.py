@@ -30,6 +30,11 @@ PATHS = ("auto", "materialised", "fused")
 AUTO_MIN_ELEMENTS = 2 ** 26
 
 
+def has_fused_form(estimator: str) -> bool:
+    """Whether ``vopd_analysis.fused`` computes the estimator (``fused.FUSED_ESTIMATORS``)."""
+    return estimator in fused.FUSED_ESTIMATORS
+
+
 def choose(path: str, estimator: str, num_tokens: int, vocab_size: int) -> bool:
     """Whether to score with the fused path.
 
@@ -40,7 +45,7 @@ def choose(path: str, estimator: str, num_tokens: int, vocab_size: int) -> bool:
     """
     if path not in PATHS:
         raise InputError(f"--logits must be one of {', '.join(PATHS)}, got '{path}'")
-    has_fused = estimator in fused.FUSED_ESTIMATORS
+    has_fused = has_fused_form(estimator)
     if path == "fused" and not has_fused:
         raise InputError(f"--logits fused: estimator '{estimator}' has no fused form; fused estimators: "
                          f"{', '.join(fused.FUSED_ESTIMATORS)}")
@@ -197,19 +202,6 @@ def score(student, teacher, rollouts: hf.Rollouts, estimator: str, params: Optio
     hb = hidden_batch(student, teacher, rollouts, vocab_size, mask_token_ids, teacher_hidden)
     vals, stats = values(hb, estimator, params)
     return FusedScore(vals, hb.tokens, hb.mask, stats)
-
-
-def reverse_kl_sums(scored) -> tuple:
-    """(sum over sequences of the exact sequence reverse KL, or NaN without the teacher's full
-    distribution; sum of the sampled one) of a ``FusedScore`` or a ``TokenBatch``, as floats."""
-    from ..distill.evaluate import sampled_reverse_kl, sequence_reverse_kl
-    if scored is None:
-        return float("nan"), float("nan")
-    with torch.no_grad():
-        if isinstance(scored, FusedScore):
-            return float(scored.sequence_reverse_kl().sum()), float(scored.sampled_reverse_kl().sum())
-        exact = float(sequence_reverse_kl(scored).sum()) if scored.teacher_logits is not None else float("nan")
-        return exact, float(sampled_reverse_kl(scored).sum())
 
 
 def loss_of(scored, estimator: str, reduction: str, num_items_in_batch: Optional[float], params: dict):

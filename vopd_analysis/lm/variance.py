@@ -316,7 +316,7 @@ def _loop_gradients(group, student, teacher, estimator_params, named_params, voc
     tensors = [p for _, p in named_params]
     num_tokens = fs.padded_tokens(group)
     fused_names = [n for n in estimator_params
-                   if n in fs.fused.FUSED_ESTIMATORS and fs.choose(logits, n, num_tokens, vocab_size or 0)]
+                   if fs.has_fused_form(n) and fs.choose(logits, n, num_tokens, vocab_size or 0)]
     clock = time.perf_counter()
     materialised = [n for n in estimator_params if n not in fused_names]
     batch = hf.score(student, teacher, group, materialised, vocab_size, mask_token_ids, chunk_tokens,
