@@ -731,18 +731,8 @@ def fused_surrogate_loss(name: str, *args, reduction: str = "sequence_mean",
       name, *args, **kwargs: as ``fused_per_sequence`` (mask is its fifth argument).
       reduction, num_items_in_batch: as ``estimators.surrogate_loss``.
     """
-    if reduction not in E.REDUCTIONS:
+    if reduction not in E.REDUCTIONS:      # before the pass over the vocabulary
         raise InputError(f"unknown reduction '{reduction}'; choose one of {E.REDUCTIONS}")
     values = fused_per_sequence(name, *args, **kwargs)
-    if reduction == "none":
-        return values
-    if reduction == "sum":
-        return values.sum()
     mask = args[3] if len(args) > 3 else kwargs["mask"]
-    if num_items_in_batch is None:
-        if reduction == "sequence_mean":
-            return values.mean()
-        num_items_in_batch = mask.sum().clamp_min(1)
-    elif not 0 < float(num_items_in_batch) < float("inf"):
-        raise InputError(f"num_items_in_batch must be positive and finite, got {num_items_in_batch}")
-    return values.sum() / torch.as_tensor(num_items_in_batch, dtype=values.dtype, device=values.device)
+    return E.reduce(values, mask, reduction, num_items_in_batch)
