@@ -1411,7 +1411,24 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: {abandoned(Path(cfg.out_dir))}", file=sys.stderr, flush=True)
         return 130
+    finally:
+        end_process_group()
     return 0 if result else 1
+
+
+def end_process_group(settle_s: float = 1.0) -> None:
+    """Tear down the default process group, if a launcher started one, before the interpreter exits.
+
+    A gloo worker thread frees each finished collective after the caller has already returned from
+    waiting on it, and freeing one that holds Python tensors needs the GIL. If the interpreter is
+    shutting down by then, the thread is killed inside a C++ destructor and the process aborts
+    ("terminate called without an active exception", SIGABRT after a finished run); if the main
+    thread is destroying the group, it joins that thread while holding the GIL and hangs. Sleeping
+    ``settle_s`` releases the GIL so the workers finish and go idle; then the group is destroyed
+    (local, no collective, so safe on error paths too)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        time.sleep(settle_s)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
