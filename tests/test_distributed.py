@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from vopd_analysis import estimators as est
 from vopd_analysis.batch import TokenBatch
 from vopd_analysis.distill import loop
+from vopd_analysis.errors import InputError
 
 T, V = 3, 4
 # (sequences per process, mask of all sequences in process order)
@@ -142,3 +143,22 @@ def test_shard_sums_over_the_global_count_make_the_global_mean():
                                num_items_in_batch=n).backward()
             total += theta.grad
         assert torch.allclose(total, global_mean_gradient("opd", reduction, mask), rtol=1e-12, atol=1e-15)
+
+
+def test_vopd_distill_ends_the_process_group_even_on_bad_input(tmp_path):
+    """``loop.main`` destroys a launcher's process group on the way out, after an error too, and
+    after a gather and a barrier whose freed work items hold Python tensors (left to interpreter
+    shutdown, a gloo worker freeing them aborted a finished 2-process run)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        gathered = [torch.zeros(3)]
+        dist.all_gather(gathered, torch.arange(3.0))
+        dist.barrier()
+        with pytest.raises(InputError, match="no_such_estimator"):
+            loop.main(["--estimator", "no_such_estimator", "--out", str(tmp_path / "run")])
+        assert not dist.is_initialized()
+        assert not (tmp_path / "run").exists()
+        loop.end_process_group()                     # no group: nothing to do
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
