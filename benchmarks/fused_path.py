@@ -313,6 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 leaves torch's setting)")
     p.add_argument("--trl-path", default=None, help="a directory to put first on sys.path to find trl")
+    p.add_argument("--no-trl", action="store_true", help="leave out the TRL column (materialised and fused only)")
     p.add_argument("--trl-stub-datasets", action="store_true",
                    help="if `datasets` is missing, import TRL's kernel through a placeholder module")
     p.add_argument("--no-record", "--no-write", dest="no_record", action="store_true",
@@ -324,7 +325,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    trl_loss, trl_line = load_trl(args.trl_path, args.trl_stub_datasets)
+    trl_loss, trl_line = ((None, "TRL column left out (--no-trl)") if args.no_trl
+                          else load_trl(args.trl_path, args.trl_stub_datasets))
     info = common.machine_info(device)
     chunks = (args.token_chunk or F.default_chunks(device)[0], args.vocab_chunk or F.default_chunks(device)[1])
     print(f"# fused path ({'quick' if args.quick else 'full'}) on {common.describe_machine(info)}", flush=True)

@@ -520,6 +520,20 @@ def test_benchmark_main_appends_an_entry(one_thread, tmp_path, monkeypatch, caps
     assert results.read_text() == text
 
 
+def test_benchmark_no_trl_leaves_out_the_trl_column(one_thread, tmp_path, monkeypatch, capsys):
+    from benchmarks import fused_path as fp
+
+    monkeypatch.setattr(fp, "grid", lambda quick: [8])
+    monkeypatch.setattr(fp.common, "peak_memory", lambda fn, device: (fn(), 1)[1])
+    monkeypatch.setattr(fp, "load_trl", lambda *a: pytest.fail("--no-trl imported TRL"))
+    results = tmp_path / "R.md"
+    assert fp.main(["--quick", "--repeats", "1", "--threads", "0", "--vocab", "64", "--hidden", "4",
+                    "--estimators", "full_kl", "--no-trl", "--results", str(results)]) == 0
+    text = results.read_text()
+    assert "TRL column left out (--no-trl)" in text
+    assert text.rstrip().splitlines()[-1].endswith("| - | - | - |")
+
+
 def test_benchmark_times_topk_and_bstar_next_to_opd_and_full_kl(one_thread):
     from benchmarks import fused_path as fp
 
