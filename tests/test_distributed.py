@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             torch.save(results, out)
     finally:
-        dist.destroy_process_group()
+        loop.end_process_group()          # lets gloo's workers free the all-reduced tensors first
 
 
 def free_port() -> int:
