@@ -29,7 +29,7 @@ import torch
 from vopd_analysis import estimators as est
 
 from vopd_analysis.lm import fused_score as fs
-from vopd_analysis.lm import hf
+from vopd_analysis.lm import hf, loading
 from .common import paired_ratio, peak_memory, record, synchronize
 
 QWEN_VOCAB = 151_936
@@ -125,7 +125,7 @@ def tiny_pair_lines(rounds: int, device) -> list:
     """The tiny preset's step: the committed pair, 32 prompts x 4 rollouts of 8 tokens, vopd and opd_bstar."""
     from vopd_analysis.lm import tasks, tiny
     s_path, t_path, _ = tiny.load_or_train_pair(verbose=False)
-    pair = hf.load_pair(s_path, t_path, device=device)
+    pair = loading.load_pair(s_path, t_path, device=device)
     pair.student.train()
     prompts = [r["prompt"] for r in tasks.train_prompts(32, seed=1)]
     rollouts = hf.generate_rollouts(pair.student, pair.tokenizer, prompts, 4, 8, seed=0,

@@ -20,7 +20,7 @@ import tempfile
 
 import pandas as pd
 
-from vopd_analysis.lm import hf, tiny
+from vopd_analysis.lm import loading, tiny
 from vopd_analysis.distill import checkpoint as ckpt
 from vopd_analysis.distill.loop import DistillConfig, run as distill
 
@@ -52,7 +52,7 @@ def train(config: dict, name: str, params: dict, out_dir: str) -> list:
 
 def probe_checkpoint(student: str, teacher: str, config: dict) -> pd.DataFrame:
     """Every probed estimator's per-batch variance ratio to opd at one checkpoint."""
-    pair = hf.load_pair(student, teacher)
+    pair = loading.load_pair(student, teacher)
     probe = {**config["probe"], "num_batches": config["num_batches"]}
     return pd.concat([llm_variance.probe_batch(pair, probe, b)[0] for b in range(config["num_batches"])],
                      ignore_index=True)

@@ -7,13 +7,13 @@ from vopd_analysis import estimators as est
 from vopd_analysis import fused
 from vopd_analysis.errors import InputError
 from vopd_analysis.lm import fused_score as fs
-from vopd_analysis.lm import hf, tasks, tiny
+from vopd_analysis.lm import hf, loading, tasks, tiny
 
 
 @pytest.fixture(scope="module")
 def pair64(one_thread):
     student, teacher, _ = tiny.load_or_train_pair(verbose=False)
-    return hf.load_pair(student, teacher, dtype=torch.float64)
+    return loading.load_pair(student, teacher, dtype=torch.float64)
 
 
 def cut(rollouts, lengths, pad_id):
@@ -85,7 +85,7 @@ def test_metrics_equal_the_evaluation_functions(pair64, rollouts):
 def test_padded_heads(tmp_path, one_thread):
     """Output layers with 48 and 50 rows over a 42-token vocabulary: the first 42 rows are the logits."""
     s_path, t_path = hf.save_tiny_pair(tmp_path, student_vocab=48, teacher_vocab=50)
-    pair = hf.load_pair(s_path, t_path, dtype=torch.float64)
+    pair = loading.load_pair(s_path, t_path, dtype=torch.float64)
     V = pair.info.vocab_size
     rollouts = hf.generate_rollouts(pair.student, pair.tokenizer, ["ab", "abc"], 2, 6, seed=0, vocab_size=V)
     for name in ("vopd", "opd_bstar", "full_kl"):

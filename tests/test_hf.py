@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vopd_analysis.lm import hf, tasks
+from vopd_analysis.lm import hf, loading, tasks
 from vopd_analysis import divergences as dv
 from vopd_analysis.batch import TokenBatch
 from vopd_analysis.errors import InputError
@@ -23,7 +23,7 @@ def pair_paths(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(pair_paths):
-    return hf.load_pair(*pair_paths)
+    return loading.load_pair(*pair_paths)
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +45,18 @@ def test_cross_family_pair_is_refused(pair_paths, tmp_path):
     hf.tiny_qwen2(other).save_pretrained(path)
     other.save_pretrained(path)
     with pytest.raises(InputError, match=r"tokenizers differ.*Examples: '.': student id \d+, teacher id \d+"):
-        hf.load_pair(pair_paths[0], str(path))
+        loading.load_pair(pair_paths[0], str(path))
 
 
 def test_model_smaller_than_tokenizer_is_refused(pair):
     small = hf.tiny_qwen2(pair.tokenizer, vocab_size=30)
     with pytest.raises(InputError, match="30 output rows"):
-        hf.check_compatible(small, pair.tokenizer, pair.teacher, pair.teacher_tokenizer)
+        loading.check_compatible(small, pair.tokenizer, pair.teacher, pair.teacher_tokenizer)
 
 
 def test_missing_path_is_a_clear_error(tmp_path, pair_paths):
     with pytest.raises(InputError, match="student model path does not exist"):
-        hf.load_pair(str(tmp_path / "nope"), pair_paths[1])
+        loading.load_pair(str(tmp_path / "nope"), pair_paths[1])
 
 
 # ----------------------------------------------------------------------------- rollouts

@@ -17,7 +17,7 @@ import pytest
 
 from studies import common, distill_tiny, llm_variance
 from vopd_analysis import InputError
-from vopd_analysis.lm import hf, tiny
+from vopd_analysis.lm import loading, tiny
 RTOL, ATOL = 1e-4, 1e-9
 FIGURES = common.REPO / "figures"
 
@@ -89,7 +89,7 @@ def test_variance_training_probes_each_checkpoint(tmp_path):
     assert np.allclose(opd["ratio_gmean"], 1.0) and (df["batches"] == 2).all()
     # step 0 is the committed student: the same numbers as llm_variance's probe of the same batches
     student, teacher, _ = tiny.load_or_train_pair(verbose=False)
-    pair = hf.load_pair(student, teacher)
+    pair = loading.load_pair(student, teacher)
     rows = pd.concat([llm_variance.probe_batch(pair, {**probe, "num_batches": 2}, b)[0] for b in range(2)])
     start = df[(df["step"] == 0) & (df["estimator"] == "vopd")]["ratio_gmean"].item()
     ratios = rows.loc[rows["estimator"] == "vopd", "variance_ratio_to_opd"]

@@ -15,7 +15,7 @@ from vopd_analysis import estimators as est                      # noqa: E402
 from vopd_analysis import fused                                  # noqa: E402
 from vopd_analysis.distill import loop, trl_engine               # noqa: E402
 from vopd_analysis.errors import InputError                      # noqa: E402
-from vopd_analysis.lm import hf, tasks, tiny                     # noqa: E402
+from vopd_analysis.lm import hf, loading, tasks, tiny                     # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY = ("opd", "vopd", "vopd_topk", "full_kl", "opd_bstar")
@@ -24,7 +24,7 @@ PARITY = ("opd", "vopd", "vopd_topk", "full_kl", "opd_bstar")
 @pytest.fixture(scope="module")
 def pair64(one_thread):
     student, teacher, _ = tiny.load_or_train_pair(verbose=False)
-    pair = hf.load_pair(student, teacher, dtype=torch.float64)
+    pair = loading.load_pair(student, teacher, dtype=torch.float64)
     pair.tokenizer.padding_side = "left"
     return pair
 
@@ -216,8 +216,8 @@ def test_trl_args_reach_the_trainer(one_thread, tmp_path):
 def no_model_loads(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the input was checked")
-    monkeypatch.setattr(hf, "load_pair", refuse)
-    monkeypatch.setattr(hf, "load_model", refuse)
+    monkeypatch.setattr(loading, "load_pair", refuse)
+    monkeypatch.setattr(loading, "load_model", refuse)
 
 
 def refused(argv, match):

@@ -21,10 +21,10 @@ def main(out: str, estimator: str, per_device: int, accum: int, logits: str = "m
     from trl import DistillationConfig
 
     from vopd_analysis.distill import loop, trl_engine
-    from vopd_analysis.lm import hf, tasks, tiny
+    from vopd_analysis.lm import loading, tasks, tiny
 
     student, teacher, _ = tiny.load_or_train_pair(verbose=False)
-    pair = hf.load_pair(student, teacher, dtype=torch.float64)
+    pair = loading.load_pair(student, teacher, dtype=torch.float64)
     tokenizer = pair.tokenizer
     tokenizer.padding_side = "left"
     pair.student.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("1")]
