@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 
 from vopd_analysis import stats
-from vopd_analysis.distill.loop import PRESETS, DistillConfig, run as distill
+from vopd_analysis.distill.loop import DistillConfig, run as distill
+from vopd_analysis.lm.presets import PRESETS
 
 from . import common
 
@@ -166,7 +167,7 @@ def figure(df: pd.DataFrame, metrics: dict = METRICS):
 
 def _with_seconds(table: pd.DataFrame, seconds: dict, preset: str = "tiny") -> tuple:
     """compute's (table, seconds) as run_study's (table, manifest entries: the models' hashes, the machine)."""
-    student, teacher, _ = PRESETS[preset].load_pair(DistillConfig.cache_dir, False)
+    student, teacher = PRESETS[preset].sources(None, False)
     return table, {"train_seconds": seconds, "machine": common.machine(),
                    "weights": common.weights_sha256({"student": student, "teacher": teacher})}
 

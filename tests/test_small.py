@@ -10,7 +10,7 @@ import torch
 
 from vopd_analysis import InputError
 
-from vopd_analysis.lm import hf, pair_card, small, tiny
+from vopd_analysis.lm import hf, loading, pair_card, presets, small, tiny
 from vopd_analysis.distill import compare, loop
 
 
@@ -128,7 +128,7 @@ def test_hand_checked_two_token_distributions():
 
 def test_distribution_statistics_on_rollouts(tmp_path, one_thread):
     student, teacher = hf.save_tiny_pair(tmp_path)
-    pair = hf.load_pair(student, teacher)
+    pair = loading.load_pair(student, teacher)
     same = hf.distribution_statistics(pair.student, pair.student, pair.tokenizer, ["12+", "3+4="], 3, 5, seed=0,
                                       vocab_size=pair.info.vocab_size)
     assert same["reverse_kl"] == pytest.approx(0.0, abs=1e-6)
@@ -164,10 +164,10 @@ def test_distill_small_preset_writes_teacher_logprob(tmp_path, one_thread, capsy
 
 
 def test_small_preset_prompts_and_length_come_from_the_table():
-    preset = loop.PRESETS["small"]
+    preset = presets.PRESETS["small"]
     assert preset.max_new_tokens == small.RESPONSE_TOKENS
     assert preset.eval_prompts(3, 0) == small.eval_prompts(3, 0)
-    assert set(loop.PRESETS) >= {"tiny", "small"}
+    assert set(presets.PRESETS) >= {"tiny", "small", "smollm2", "gemma3"}
     with pytest.raises(SystemExit):
         loop.build_parser().parse_args(["--preset", "huge"])
 
@@ -187,7 +187,7 @@ def test_train_pair_runs_on_a_tiny_config(tmp_path, one_thread):
     assert small.read_corpus(tmp_path / "pair" / small.CORPUS) == few
     assert math.isfinite(card["teacher"]["held_out_cross_entropy"])
     assert small.differences(card, card) == []
-    pair = hf.load_pair(str(tmp_path / "pair" / "student"), str(tmp_path / "pair" / "teacher"))
+    pair = loading.load_pair(str(tmp_path / "pair" / "student"), str(tmp_path / "pair" / "teacher"))
     assert pair.info.vocab_size == 400
 
 

@@ -67,7 +67,7 @@ import time
 import typing
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -75,7 +75,8 @@ from .. import estimators as est
 from .. import params as prm
 from ..errors import InputError, exit_with
 from ..lm import fused_score as fs
-from ..lm import hf, small, tasks, tiny
+from ..lm import hf, loading, tasks
+from ..lm.presets import PRESETS
 from . import checkpoint as ckpt
 from .evaluate import evaluate_shard, reverse_kl_sums
 
@@ -83,28 +84,6 @@ try:
     import fcntl
 except ImportError:   # pragma: no cover - not on Windows: the lock falls back to the recorded pid
     fcntl = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """A built-in task with its committed student/teacher pair."""
-
-    help: str
-    load_pair: Callable        # (cache_dir, verbose) -> (student path, teacher path, tokenizer)
-    train_prompts: Callable    # (n, seed) -> n records {"prompt", ...}
-    eval_prompts: Callable     # (n, seed) -> n held-out records
-    max_new_tokens: int        # default response length
-
-
-PRESETS = {
-    "tiny": Preset("3-digit addition with written carries, tiny Qwen2 pair, 16-token vocabulary (graded)",
-                   lambda cache_dir, verbose: tiny.load_or_train_pair(cache_dir, verbose=verbose),
-                   tasks.train_prompts, tasks.eval_prompts, tasks.DEFAULT_TASK.response_tokens),
-    "small": Preset(f"continue Python documentation for {small.RESPONSE_TOKENS} tokens, small Qwen2 pair, "
-                    "8,192-token BPE vocabulary (no verifier: no accuracy)",
-                    lambda cache_dir, verbose: small.load_or_train_pair(verbose=verbose),
-                    small.train_prompts, small.eval_prompts, small.RESPONSE_TOKENS),
-}
 
 
 def option(default=dataclasses.MISSING, help: str = "", **cli):
@@ -164,7 +143,9 @@ class DistillConfig:
     save_every: int = option(100, "steps between checkpoints")
     keep_checkpoints: int = option(2, "checkpoints kept")
     out_dir: str = option("runs/distill", "the run's folder", flag="--out")
-    cache_dir: str = option(".cache/vopd_tiny", "where the tiny preset's retrained models are cached")
+    cache_dir: Optional[str] = option(None, "where presets keep what they build (default: each preset's own; "
+                                            "the pretrained presets' dequantised models go to $VOPD_CACHE or "
+                                            "~/.cache/vopd_analysis)")
     num_threads: Optional[int] = option(None, "torch threads per process on CPU (default 1)")
     engine: str = option("builtin", "the training loop: builtin (this module) or trl (TRL 1.16's DistillationTrainer "
                          "with the registry's loss, trl_engine.py; pip install 'vopd-analysis[trl]')",
@@ -182,7 +163,8 @@ class DistillConfig:
 DEFAULTS = dataclasses.asdict(DistillConfig())
 
 # fields that may differ when a run is resumed
-RESUMABLE = {"steps", "eval_every", "save_every", "keep_checkpoints", "out_dir", "num_threads", "num_eval"}
+RESUMABLE = {"steps", "eval_every", "save_every", "keep_checkpoints", "out_dir", "num_threads", "num_eval",
+             "cache_dir"}
 
 
 # ----------------------------------------------------------------------------- setup
@@ -307,7 +289,7 @@ def model_paths(cfg: DistillConfig, accelerator):
     """(student, teacher) paths: the config's, or the preset's (checked, or trained, on the main process first)."""
     if cfg.preset is not None and (cfg.student is None or cfg.teacher is None):
         with accelerator.main_process_first():
-            student, teacher, _ = PRESETS[cfg.preset].load_pair(cfg.cache_dir, accelerator.is_main_process)
+            student, teacher = PRESETS[cfg.preset].sources(cfg.cache_dir, accelerator.is_main_process)
         return cfg.student or student, cfg.teacher or teacher
     return cfg.student, cfg.teacher
 
@@ -322,17 +304,12 @@ def model_context(path: str, role: str) -> Optional[int]:
     """The ``max_position_embeddings`` of the model at ``path`` (its config only is read), or None.
 
     Args:
-      path: a model directory or hub id.
+      path: a model source (``loading.parse_source``: folder, GGUF file, package, hub id).
       role: "student" or "teacher", for error messages.
     Returns:
       The context length in tokens, None if the config has none.
     """
-    from transformers import AutoConfig
-    try:
-        config = AutoConfig.from_pretrained(**hf._resolve(path, role))
-    except (OSError, ValueError) as err:
-        raise InputError(f"could not load the {role} from {path!r}: {err}") from None
-    return getattr(config, "max_position_embeddings", None)
+    return getattr(loading.load_config(path, role), "max_position_embeddings", None)
 
 
 def prompt_check(cfg: DistillConfig, student: str, teacher: str, defaulted: bool = False) -> tasks.PromptCheck:
@@ -346,11 +323,7 @@ def prompt_check(cfg: DistillConfig, student: str, teacher: str, defaulted: bool
     Returns:
       The ``PromptCheck``.
     """
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(**hf._resolve(student, "student"))
-    except (OSError, ValueError) as err:
-        raise InputError(f"could not load the student's tokenizer from {student!r}: {err}") from None
+    tokenizer = loading.load_tokenizer(student, "student")
     contexts = [c for c in (model_context(student, "student"), model_context(teacher, "teacher")) if c is not None]
     context = min(contexts) if contexts else None
     if context is not None and cfg.max_new_tokens >= context:
@@ -819,7 +792,7 @@ def train_step(run, step: int) -> dict:
     with acc.autocast():
         try:    # a TokenBatch (materialised logits) or a fused_score.FusedScore (hidden states)
             batch = fs.score_either(cfg.logits, student, run.teacher, rollouts, cfg.estimator, run.params,
-                                    run.vocab_size)
+                                    run.vocab_size, max_new_tokens=cfg.max_new_tokens)
         except InputError as err:   # NaN/inf logits are caught by TokenBatch.validate
             if "NaN or inf" not in str(err):
                 raise
@@ -992,7 +965,7 @@ def make_accelerator(cfg: DistillConfig):
 
 
 def load_models(latest: Optional[Path], paths: tuple, device):
-    """The student (from checkpoint ``latest`` when resuming) and the teacher (``hf.load_pair``); a
+    """The student (from checkpoint ``latest`` when resuming) and the teacher (``loading.load_pair``); a
     checkpoint's model that cannot be read is an ``InputError`` naming it.
 
     Args:
@@ -1000,13 +973,13 @@ def load_models(latest: Optional[Path], paths: tuple, device):
       paths: (student, teacher) paths from ``model_paths``.
       device: where the models go.
     Returns:
-      The ``hf.ModelPair``.
+      The ``loading.ModelPair``.
     """
     with ckpt.quiet_hf_progress():
         if latest is None:
-            return hf.load_pair(paths[0], paths[1], device=device)
+            return loading.load_pair(paths[0], paths[1], device=device)
         try:
-            return hf.load_pair(str(latest / "model"), paths[1], device=device)
+            return loading.load_pair(str(latest / "model"), paths[1], device=device)
         except InputError:
             raise
         except Exception as err:   # a truncated safetensors file, a broken config.json ...

@@ -1,8 +1,8 @@
-"""Real Hugging Face causal LMs as a student/teacher pair: loading, checks, rollouts, scoring.
+"""Real Hugging Face causal LMs as a student/teacher pair: rollouts and scoring.
 
 The pipeline is
 
-    load_pair -> check_compatible -> generate_rollouts (student samples) -> score -> TokenBatch
+    loading.load_pair -> generate_rollouts (student samples) -> score -> TokenBatch
 
 ``score`` runs one student forward (with gradient) and one teacher forward (no gradient)
 over the rollouts and keeps, at the response positions only, what the requested
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 import torch
@@ -38,182 +37,6 @@ from ..errors import InputError
 from .. import estimators as est
 
 DEFAULT_CHUNK_TOKENS = 1024
-
-
-# ----------------------------------------------------------------------------- loading and checks
-
-@dataclasses.dataclass
-class VocabInfo:
-    """Result of ``check_compatible``: the shared real vocabulary and the models' output sizes."""
-
-    vocab_size: int            # V: both models' logits are sliced to [..., :V]
-    student_output_size: int
-    teacher_output_size: int
-    num_tokens: int            # tokens in the (shared) tokenizer vocabulary
-
-
-@dataclasses.dataclass
-class ModelPair:
-    """Result of ``load_pair``: both models (the teacher frozen), their tokenizers and the shared vocabulary."""
-
-    student: torch.nn.Module
-    teacher: torch.nn.Module
-    tokenizer: object           # the student's tokenizer (the pair shares its vocabulary)
-    teacher_tokenizer: object
-    info: VocabInfo
-
-
-def _resolve(name_or_path: str, role: str) -> dict:
-    """Keyword arguments for ``from_pretrained``: a local directory is loaded offline.
-
-    Anything that looks like a filesystem path (absolute, ./, ../, ~) but does not exist is an
-    ``InputError``; otherwise the string is treated as a hub id.
-    """
-    text = str(name_or_path)
-    path = Path(text).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise InputError(f"{role} path {path} is a file; expected a model directory (save_pretrained output)")
-        return {"pretrained_model_name_or_path": str(path), "local_files_only": True}
-    if text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or "\\" in text:
-        raise InputError(f"{role} model path does not exist: {text}")
-    return {"pretrained_model_name_or_path": text}
-
-
-def load_model(name_or_path: str, role: str = "model", dtype=None, device="cpu"):
-    """Load a causal LM and its tokenizer; a local directory is read offline.
-
-    Args:
-      name_or_path: a hub id or a ``save_pretrained`` directory (a path-like string that does
-        not exist is an ``InputError``, not a hub id).
-      role: names the model in error messages.
-      dtype: a torch dtype, its name ("bfloat16"), "auto" or None (the checkpoint's default).
-      device: where the model is put.
-
-    Returns:
-      (model in eval mode, tokenizer).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = _resolve(name_or_path, role)
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(**kwargs)
-        model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=dtype)
-    except OSError as err:
-        raise InputError(f"could not load the {role} from {name_or_path!r}: {err}") from None
-    return model.to(device).eval(), tokenizer
-
-
-def load_pair(student: str, teacher: str, dtype=None, device="cpu") -> ModelPair:
-    """Load a student and a teacher (``load_model``), freeze the teacher, check their vocabularies.
-
-    Args:
-      student, teacher: hub ids or local directories.
-      dtype, device: as for ``load_model``, for both.
-
-    Returns:
-      A ``ModelPair`` whose ``info`` is ``check_compatible``'s result; an ``InputError`` if the
-      pair cannot be compared token by token.
-    """
-    s_model, s_tok = load_model(student, "student", dtype, device)
-    t_model, t_tok = load_model(teacher, "teacher", dtype, device)
-    for p in t_model.parameters():
-        p.requires_grad_(False)
-    info = check_compatible(s_model, s_tok, t_model, t_tok)
-    return ModelPair(s_model, t_model, s_tok, t_tok, info)
-
-
-def output_size(model) -> int:
-    """V_out, the rows of the model's output layer (the width of its logits; ``config.vocab_size``
-    if the model exposes no output embedding)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    return int(model.config.vocab_size)
-
-
-def _vocab_mismatches(student_vocab: dict, teacher_vocab: dict, limit: int = 5) -> List[str]:
-    """Up to ``limit`` human-readable differences between two token -> id maps."""
-    out = []
-    for token in sorted(set(student_vocab) | set(teacher_vocab), key=lambda t: (student_vocab.get(t, teacher_vocab.get(t)), t)):
-        s, t = student_vocab.get(token), teacher_vocab.get(token)
-        if s != t:
-            out.append(f"{token!r}: student id {s}, teacher id {t}")
-            if len(out) >= limit:
-                break
-    return out
-
-
-def check_compatible(student_model, student_tok, teacher_model, teacher_tok) -> VocabInfo:
-    """Check that student and teacher score the same token ids, and return the shared vocabulary
-    (``shared_vocabulary`` on the tokenizers and the models' output sizes).
-
-    Args:
-      student_model, student_tok: the student and its tokenizer.
-      teacher_model, teacher_tok: the teacher and its tokenizer.
-
-    Returns:
-      ``VocabInfo`` (V, both output sizes, the tokenizer's size); an ``InputError`` otherwise.
-    """
-    return shared_vocabulary(student_tok, teacher_tok, output_size(student_model), output_size(teacher_model))
-
-
-def check_compatible_files(student: str, teacher: str) -> VocabInfo:
-    """``check_compatible`` from the tokenizers and configs alone, before any weight is loaded:
-    the output sizes are the configs' ``vocab_size`` (the rows of a HF causal LM's ``lm_head``).
-
-    Args:
-      student, teacher: hub ids or local model directories.
-
-    Returns:
-      ``VocabInfo``; an ``InputError`` naming the problem otherwise.
-    """
-    from transformers import AutoConfig, AutoTokenizer
-
-    loaded = []
-    for role, path in (("student", student), ("teacher", teacher)):
-        kwargs = _resolve(path, role)
-        try:
-            loaded.append((AutoTokenizer.from_pretrained(**kwargs), AutoConfig.from_pretrained(**kwargs)))
-        except (OSError, ValueError) as err:
-            raise InputError(f"could not load the {role}'s tokenizer or config from {path!r}: {err}") from None
-    (s_tok, s_cfg), (t_tok, t_cfg) = loaded
-    sizes = [int(getattr(c.get_text_config(), "vocab_size", 0) or 0) for c in (s_cfg, t_cfg)]
-    return shared_vocabulary(s_tok, t_tok, *sizes)
-
-
-def shared_vocabulary(student_tok, teacher_tok, student_output_size: int, teacher_output_size: int) -> VocabInfo:
-    """The vocabulary two models share, or an ``InputError`` saying why they share none.
-
-    The tokenizers must map every token to the same id (``get_vocab()``, added tokens
-    included): a cross-family pair is refused, naming mismatching tokens. The shared real
-    vocabulary is V = 1 + the largest token id; output layers may be padded beyond V
-    (their extra rows are dropped by slicing logits to ``[..., :V]``) but not be smaller.
-
-    Args:
-      student_tok, teacher_tok: the tokenizers.
-      student_output_size, teacher_output_size: the rows of each model's output layer.
-
-    Returns:
-      ``VocabInfo``.
-    """
-    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if s_vocab != t_vocab:
-        examples = _vocab_mismatches(s_vocab, t_vocab)
-        n_bad = sum(s_vocab.get(tok) != t_vocab.get(tok) for tok in set(s_vocab) | set(t_vocab))
-        raise InputError(
-            f"student and teacher tokenizers differ ({len(s_vocab)} vs {len(t_vocab)} tokens, {n_bad} tokens "
-            f"map to different ids), so their log-probs cannot be compared token by token; on-policy "
-            f"distillation needs a same-family pair. Examples: " + "; ".join(examples))
-    vocab = 1 + max(s_vocab.values())
-    for role, size in (("student", student_output_size), ("teacher", teacher_output_size)):
-        if size < vocab:
-            raise InputError(f"the {role} model has {size} output rows but its tokenizer uses ids up to "
-                             f"{vocab - 1}; the model and tokenizer do not belong together")
-    return VocabInfo(vocab_size=vocab, student_output_size=student_output_size,
-                     teacher_output_size=teacher_output_size, num_tokens=len(s_vocab))
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -630,6 +453,46 @@ def token_distribution_statistics(student_logits: torch.Tensor, teacher_logits: 
     return {**{name: total / M for name, total in sums.items()}, "tokens": M, "vocab_size": V}
 
 
+ENTROPY_EDGES = (0.0, 0.25, 1.0, 2.0, 3.0, 4.5, float("inf"))   # teacher-entropy bins (nats) of the states
+
+
+@torch.no_grad()
+def entropy_binned_score_variance(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                                  edges: Sequence[float] = ENTROPY_EDGES,
+                                  chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> List[dict]:
+    """The states binned by the teacher's entropy H(pi_T(s)), and per bin the sums over its states of the
+    logit-space one-token score variance (``divergences.score_variance``) with no baseline (opd), vOPD's
+    KL baseline and the optimal b*: what each baseline leaves at a state, whatever the vocabulary.
+
+    Args:
+      student_logits, teacher_logits: [M, V] rows of visited states.
+      edges: increasing bin edges in nats; bin i holds edges[i] <= H < edges[i + 1].
+      chunk_tokens: rows per float32 chunk.
+
+    Returns:
+      One dict per bin: {"low", "high", "states", "opd", "vopd", "bstar"} (sums over the bin's states).
+    """
+    from .. import divergences as dv
+    bins = [{"low": lo, "high": hi, "states": 0, "opd": 0.0, "vopd": 0.0, "bstar": 0.0}
+            for lo, hi in zip(edges[:-1], edges[1:])]
+    bounds = torch.tensor(list(edges[1:-1]), dtype=torch.float64)
+    rows = max(1, min(chunk_tokens, (1 << 23) // teacher_logits.shape[-1]))      # float64 chunks of 64 MiB
+    for a in range(0, teacher_logits.shape[0], rows):
+        lp = torch.log_softmax(teacher_logits[a:a + rows].double(), dim=-1)
+        lq = torch.log_softmax(student_logits[a:a + rows].double(), dim=-1)
+        entropy = -(lp.exp() * lp).sum(-1)
+        index = torch.bucketize(entropy, bounds, right=True)
+        kl = dv.reverse_kl(lq, lp)
+        values = {"opd": dv.score_variance(lq, lp, torch.zeros_like(kl)), "vopd": dv.score_variance(lq, lp, kl),
+                  "bstar": dv.score_variance(lq, lp, dv.optimal_scalar_baseline(lq, lp))}
+        for i, b in enumerate(bins):
+            rows = index == i
+            b["states"] += int(rows.sum())
+            for key, v in values.items():
+                b[key] += float(v[rows].sum())
+    return bins
+
+
 @torch.no_grad()
 def distribution_statistics(student, teacher, tokenizer, prompts: Sequence[str], num_rollouts: int,
                             max_new_tokens: int, seed: Optional[int] = None, vocab_size: Optional[int] = None,
@@ -648,7 +511,8 @@ def distribution_statistics(student, teacher, tokenizer, prompts: Sequence[str],
 
     Returns:
       ``token_distribution_statistics``'s dict plus ``teacher_token_logprob``, the mean of
-      log pi_T(y_t | s_t) over the sampled tokens, and ``mean_response_tokens``.
+      log pi_T(y_t | s_t) over the sampled tokens, ``mean_response_tokens``, and ``by_entropy``
+      (``entropy_binned_score_variance`` of the visited states).
     """
     rollouts = generate_rollouts(student, tokenizer, prompts, num_rollouts, max_new_tokens, seed=seed,
                                  vocab_size=vocab_size)
@@ -658,6 +522,8 @@ def distribution_statistics(student, teacher, tokenizer, prompts: Sequence[str],
     student.train(was_training)
     keep = batch.mask.bool()
     out = token_distribution_statistics(batch.student_logits[keep], batch.teacher_logits[keep], top_k, chunk_tokens)
+    out["by_entropy"] = entropy_binned_score_variance(batch.student_logits[keep], batch.teacher_logits[keep],
+                                                      chunk_tokens=chunk_tokens)
     out["teacher_token_logprob"] = float(batch.teacher_token_logprobs[keep].double().mean())
     out["mean_response_tokens"] = float(rollouts.response_mask.sum(1).double().mean())
     return out
