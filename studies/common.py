@@ -12,10 +12,7 @@ to 10 significant digits so a second run with the same seed gives the same bytes
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +22,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+
+from vopd_analysis import provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FLOAT_FORMAT = "%.10g"
@@ -52,60 +50,19 @@ def start(defaults: dict, quick: bool, overrides: Optional[dict]) -> tuple:
 
 
 def git_revision() -> dict:
-    """{"revision": HEAD sha or None, "dirty": whether tracked files differ from HEAD, or None}.
-
-    Untracked files (a user's runs, scratch notes) and the outputs themselves (``figures/``,
-    ``benchmarks/RESULTS.md``, rewritten while ``run_all`` runs) do not make the checkout dirty."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                     ":(exclude)figures", ":(exclude)benchmarks/RESULTS.md"], cwd=REPO,
-                                    capture_output=True, text=True, check=True).stdout.strip())
-        return {"revision": rev, "dirty": dirty}
-    except (OSError, subprocess.CalledProcessError):
-        return {"revision": None, "dirty": None}
+    """``provenance.git_revision`` of this checkout (``REPO``)."""
+    return provenance.git_revision(REPO)
 
 
-def versions() -> dict:
-    import scipy
-    import torch
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__, "pandas": pd.__version__}
-
-
-def machine() -> dict:
-    """What decides float round-off on a CPU: torch threads, the SIMD kernels torch picked, the CPU model
-    and its vector flags, and the Hugging Face versions (real-model manifests)."""
-    import torch
-    import transformers
-    import tokenizers
-    info = {"torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.machine(), "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__, "cpu_model": None, "cpu_flags": None}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    info["cpu_model"] = fields.get("model name")
-    vector = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512", "amx", "asimd", "sve")
-    info["cpu_flags"] = sorted(f for f in fields.get("flags", fields.get("Features", "")).split()
-                               if f.startswith(vector))
-    return info
+versions = provenance.versions
+machine = provenance.machine
 
 
 def weights_sha256(models: dict) -> dict:
-    """{role: {file: sha256}} of the weight files (``*.safetensors``, ``*.bin``) of each local model
-    directory in ``models`` ({role: path}); None for a hub id that is not a local directory."""
-    from vopd_analysis.lm.tiny import file_sha256
-    out = {}
-    for role, path in models.items():
-        root = Path(str(path))
-        out[role] = ({p.name: file_sha256(p) for p in sorted(root.iterdir()) if p.suffix in (".safetensors", ".bin")}
-                     if root.is_dir() else None)
-    return out
+    """{role: {file: sha256}} of the weight files of each local model source in ``models`` ({role: source}:
+    a folder's ``*.safetensors``/``*.bin``, or a GGUF file); None for a hub id."""
+    from vopd_analysis.lm import loading
+    return {role: loading.weights_sha256(source, role) for role, source in models.items()}
 
 
 def style() -> None:
@@ -126,12 +83,7 @@ def finish(name: str, df: pd.DataFrame, config: dict, out_dir, quick: bool, star
         if not quick:
             fig.savefig(out / f"{name}.pdf", bbox_inches="tight")
         plt.close(fig)
-    manifest = {"study": name, "mode": "quick" if quick else "full",
-                "seed": config.get("seed") if seed is None else seed, "config": config,
-                "versions": versions(), "git": git_revision(),
-                "wall_time_s": round(time.perf_counter() - started, 3), "rows": len(df),
-                "columns": list(df.columns), **(extra or {})}
-    (out / f"{name}.json").write_text(json.dumps(manifest, indent=2, default=_jsonable) + "\n")
+    provenance.write_json(out / f"{name}.json", provenance.manifest(name, config, started, df, quick, seed, extra, REPO))
     return df
 
 
@@ -176,16 +128,6 @@ def run_study(name: str, defaults: dict, compute: Callable, figure: Optional[Cal
     if said.markdown is not None:
         (Path(out_dir) / f"{name}.md").write_text(said.markdown)
     return df
-
-
-def _jsonable(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 def markdown_table(df: pd.DataFrame) -> str:

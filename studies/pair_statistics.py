@@ -1,7 +1,9 @@
-"""What the estimators see on each committed pair at the start of distillation.
+"""What the estimators see on each pair of the registry at the start of distillation.
 
 For each preset's pair (``tiny``: 3-digit addition, 16 tokens; ``small``: Python documentation,
-8,192 tokens) and each of ``num_batches`` independent batches (the preset's training prompts drawn
+8,192 tokens; ``smollm2``: pretrained SmolLM2-135M-Instruct and its layer-pruned student, 49,152
+tokens; ``gemma3``: pretrained Gemma 3 270M and its student, 262,144 tokens) and each of
+``num_batches`` independent batches (the preset's training prompts drawn
 with seed ``1000 seed + batch``, fresh rollouts with the same seed), the committed student samples
 ``num_rollouts`` responses of the preset's length per prompt, and at every sampled token
 ``vopd_analysis.lm.hf.distribution_statistics`` measures, with teacher and student both conditioned
@@ -14,7 +16,12 @@ on the student's own prefix:
 Each statistic is the mean over a batch's tokens; the table gives, per pair, the mean over
 batches with a Student-t 95% interval (``vopd_analysis.stats.mean_interval``). The tabular
 studies show that the vocabulary and the teacher's sharpness decide whether vOPD's baseline
-helps; this table places the two real pairs on those axes.
+helps; this table places the real pairs on those axes.
+
+``pair_statistics_entropy.csv`` bins the visited states by the teacher's entropy and gives, per pair,
+batch and bin, the sums over the bin's states of the logit-space one-token score variance with no
+baseline (opd), vOPD's KL baseline and the optimal b* (``hf.entropy_binned_score_variance``), which
+``vocab_effect`` compares across vocabularies at equal teacher entropy.
 
     python -m studies.pair_statistics [--quick]
 """
@@ -22,13 +29,14 @@ helps; this table places the two real pairs on those axes.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 
-from vopd_analysis.lm import hf
+from vopd_analysis.lm import hf, loading
 
 from vopd_analysis import stats
-from vopd_analysis.distill.loop import PRESETS, DistillConfig
+from vopd_analysis.lm.presets import PRESETS
 
 from . import common
 
@@ -38,8 +46,10 @@ STATS = {"teacher_entropy": "teacher entropy (nats)", "teacher_top1_mass": "teac
          "reverse_kl": "reverse KL per token (nats)", "student_entropy": "student entropy (nats)",
          "teacher_token_logprob": "teacher log-prob of sampled token (nats)"}
 DEFAULTS = {
-    "quick": {"pairs": ["tiny", "small"], "num_batches": 6, "num_prompts": 8, "num_rollouts": 4, "seed": 0},
-    "full": {"pairs": ["tiny", "small"], "num_batches": 16, "num_prompts": 16, "num_rollouts": 8, "seed": 0},
+    "quick": {"pairs": ["tiny", "small", "smollm2", "gemma3"], "num_batches": 6, "num_prompts": 8, "num_rollouts": 4,
+              "seed": 0},
+    "full": {"pairs": ["tiny", "small", "smollm2", "gemma3"], "num_batches": 16, "num_prompts": 16, "num_rollouts": 8,
+             "seed": 0},
 }
 
 
@@ -53,12 +63,14 @@ def batch_statistics(pair, preset, config: dict, batch: int) -> dict:
 
 def compute(config: dict):
     """One row per pair: mean over batches and 95% t-interval of every statistic; per-batch values to the manifest."""
-    rows, per_batch, weights = [], [], {}
+    rows, per_batch, weights, bins = [], [], {}, []
     for name in config["pairs"]:
         preset = PRESETS[name]
-        student, teacher, _ = preset.load_pair(DistillConfig.cache_dir, False)
-        pair = hf.load_pair(student, teacher)
+        student, teacher = preset.sources(None, False)
+        pair = loading.load_pair(student, teacher)
         batches = [batch_statistics(pair, preset, config, b) for b in range(config["num_batches"])]
+        bins += [{"pair": name, "vocab_size": pair.info.vocab_size, "batch": b, **row}
+                 for b, s in enumerate(batches) for row in s.pop("by_entropy")]
         per_batch += [{"pair": name, "batch": b, **s} for b, s in enumerate(batches)]
         V = pair.info.vocab_size
         row = {"pair": name, "vocab_size": V, "log_vocab": math.log(V), "batches": len(batches),
@@ -70,7 +82,8 @@ def compute(config: dict):
             row.update(zip((f"{key}_mean", f"{key}_low", f"{key}_high"), interval))
         rows.append(row)
         weights[name] = common.weights_sha256({"student": student, "teacher": teacher})
-    return pd.DataFrame(rows), {"per_batch": per_batch, "weights": weights, "machine": common.machine()}
+    return pd.DataFrame(rows), {"per_batch": per_batch, "weights": weights, "machine": common.machine(),
+                                "entropy_bins": bins}
 
 
 def report(df: pd.DataFrame, config: dict) -> common.Report:
@@ -113,15 +126,23 @@ def figure(df: pd.DataFrame):
     bars(axes[2], ["reverse_kl"], ["KL(student || teacher)"])
     axes[2].set_ylabel("nats per token")
     axes[2].set_title("per-token reverse KL on student samples")
-    fig.suptitle("committed pairs at the start of distillation: mean over prompt batches, 95% t-interval",
+    fig.suptitle("the pairs at the start of distillation: mean over prompt batches, 95% t-interval",
                  fontsize=10)
     fig.tight_layout()
     return fig
 
 
 def run(quick: bool = True, out_dir="figures", config=None, plot: bool = True) -> pd.DataFrame:
-    return common.run_study(NAME, DEFAULTS, compute, figure, report=report, quick=quick, out_dir=out_dir,
-                            config=config, plot=plot, seed="seed")
+    bins = []
+
+    def computed(cfg):
+        table, extra = compute(cfg)
+        bins.extend(extra.pop("entropy_bins"))
+        return table, {**extra, "entropy_csv": f"{NAME}_entropy.csv"}
+    df = common.run_study(NAME, DEFAULTS, computed, figure, report=report, quick=quick, out_dir=out_dir,
+                          config=config, plot=plot, seed="seed")
+    pd.DataFrame(bins).to_csv(Path(out_dir) / f"{NAME}_entropy.csv", index=False, float_format=common.FLOAT_FORMAT)
+    return df
 
 
 if __name__ == "__main__":

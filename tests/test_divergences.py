@@ -271,3 +271,21 @@ def test_student_mask_alone_is_q_zero_and_teacher_mask_under_student_mass_is_inf
     tm[:, 0] = float("-inf")
     assert torch.all(dv.reverse_kl(z, tm) == math.inf)
     assert torch.all(dv.reverse_kl_to_fixed_teacher(z, tm) == math.inf)
+
+
+def test_score_variance_matches_enumeration_and_b_star_minimises_it():
+    """Var_b = sum_y q_y |(l_y - b)(e_y - q) - mean|^2 by enumerating y; b* gives the least of any b."""
+    g = torch.Generator().manual_seed(3)
+    z, t = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    lq, lp = torch.log_softmax(z, -1), torch.log_softmax(t, -1)
+    q, l = lq.exp(), lq - lp
+    kl = (q * l).sum(-1)
+    for b in (torch.zeros(4, dtype=torch.float64), kl, dv.optimal_scalar_baseline(lq, lp), torch.full((4,), 0.7, dtype=torch.float64)):
+        eye = torch.eye(6, dtype=torch.float64)
+        terms = (l - b[:, None])[:, :, None] * (eye[None] - q[:, None, :])          # [S, y, V]: G_b(y)
+        mean = (q[:, :, None] * terms).sum(1)
+        brute = (q * ((terms - mean[:, None, :]) ** 2).sum(-1)).sum(-1)
+        torch.testing.assert_close(dv.score_variance(lq, lp, b), brute, rtol=1e-12, atol=1e-14)
+    best = dv.score_variance(lq, lp, dv.optimal_scalar_baseline(lq, lp))
+    for b in (torch.zeros(4, dtype=torch.float64), kl, kl + 0.3):
+        assert (dv.score_variance(lq, lp, b) >= best - 1e-12).all()

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vopd_analysis.lm import hf, tasks, variance
+from vopd_analysis.lm import hf, loading, tasks, variance
 from vopd_analysis.errors import InputError
 from vopd_analysis.estimators import surrogate_loss
 from vopd_analysis.lm.variance import GradientMoments
@@ -113,7 +113,7 @@ def test_group_key():
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     paths = hf.save_tiny_pair(tmp_path_factory.mktemp("pair"), student_vocab=48, teacher_vocab=64)
-    return hf.load_pair(*paths)
+    return loading.load_pair(*paths)
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +192,10 @@ def test_llm_variance_study_smoke(tmp_path):
     assert vopd["ratio_high"] == pytest.approx(np.exp(logs.mean() + half), rel=1e-6)
     assert vopd["ratio_p_value"] == pytest.approx(sps.ttest_1samp(logs, 0.0).pvalue, rel=1e-6)
     manifest = json.loads((tmp_path / "llm_variance.json").read_text())
+    traces = batches.pivot(index="batch", columns="estimator", values="trace_cov")
+    contrast = {(c["numerator"], c["denominator"]): c for c in manifest["contrasts"]}[("opd_bstar", "vopd")]
+    assert contrast["ratio_gmean"] == pytest.approx(np.exp(np.log(traces["opd_bstar"] / traces["vopd"]).mean()), rel=1e-6)
+    assert manifest["verdict"]["best"] in set(df["estimator"])
     assert manifest["config"]["model_source"] == "random-init tiny Qwen2"
     assert {"transformers", "torch_threads", "cpu_capability"} <= set(manifest["machine"])
     assert set(manifest["weights"]["student"]) == {"model.safetensors"}

@@ -9,6 +9,8 @@
     vopd distill ...                              the distillation loop (vopd distill --help)
     vopd sweep --estimators opd,vopd --seeds 0,1 --out DIR ...   distill runs, estimators x seeds
     vopd compare RUN_DIR... [--reference NAME]    final evals over seeds, paired differences, curves
+    vopd probe --preset NAME | --student S --teacher T --prompts F [--estimators ...] --out DIR
+                                                  gradient variance per estimator on a real pair
 
 Estimator parameters (``vopd_analysis.params``): ``--param NAME=VALUE`` (repeatable, value read
 as JSON), ``--k K`` short for ``--param k=K``; unset ones take the registry's defaults, a default
@@ -361,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sweep", help="distill runs for estimators x seeds in one folder (vopd sweep --help)",
                    add_help=False)
     sub.add_parser("compare", help="compare distill runs over seeds (vopd compare --help)", add_help=False)
+    sub.add_parser("probe", help="gradient variance of estimators on a real pair (vopd probe --help)", add_help=False)
     return parser
 
 
@@ -382,6 +385,8 @@ def main(argv=None) -> int:
         if argv[:1] in (["distill"], ["sweep"], ["compare"]):
             module = {"distill": "loop"}.get(argv[0], argv[0])
             return importlib.import_module(f".distill.{module}", __package__).main(argv[1:]) or 0
+        if argv[:1] == ["probe"]:
+            return importlib.import_module(".lm.probe", __package__).main(argv[1:]) or 0
         args = build_parser().parse_args(argv)
         {"estimators": cmd_estimators, "exact": cmd_exact, "mc": cmd_mc, "study": cmd_study}[args.command](args)
         sys.stdout.flush()

@@ -328,6 +328,31 @@ def optimal_scalar_baseline(student_logprobs: torch.Tensor, teacher_logprobs: to
     return (w * l).sum(-1) / w.sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
 
 
+def score_variance(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
+                   baseline: torch.Tensor) -> torch.Tensor:
+    """The logit-space trace variance, over the next token y ~ q at one state, of the one-token score-function
+    term G_b(y) = (l_y - b)(e_y - q), l_y = log q_y - log p_y:
+
+        Var_b = E_q |G_b|^2 - |E_q G_b|^2 = sum_y w_y (l_y - b)^2 - sum_v q_v^2 (l_v - KL)^2,
+
+    with w_y = q_y |e_y - q|^2 (``logit_score_weights``) and E_q G_b = (q_v (l_v - KL))_v, the same
+    for every b (a state baseline adds no bias). b = 0 is opd, b = KL vOPD, b = b* its minimiser.
+    Tokens with q_y = 0 contribute 0.
+
+    Args:
+      student_logprobs, teacher_logprobs: log q and log p over the full vocabulary [..., V].
+      baseline: b per state [...].
+    Returns:
+      [...] Var_b.
+    """
+    q = student_logprobs.exp()
+    l = student_logprobs - teacher_logprobs
+    l = torch.where(student_logprobs == _NEG_INF, torch.zeros((), dtype=l.dtype, device=l.device), l)
+    kl = (q * l).sum(-1, keepdim=True)
+    second = (logit_score_weights(q) * (l - baseline.unsqueeze(-1)) ** 2).sum(-1)
+    return second - (q * q * (l - kl) ** 2).sum(-1)
+
+
 def student_topk_optimal_baseline(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
     """b* on a support S (the last axis), both distributions renormalised on S:
 

@@ -65,7 +65,7 @@ from .. import estimators as est
 from .. import params as prm
 from ..errors import InputError
 from ..lm import fused_score as fs
-from ..lm import hf, tasks
+from ..lm import hf, loading, tasks
 from . import checkpoint as ckpt
 from . import loop
 from .evaluate import reverse_kl_sums
@@ -198,7 +198,7 @@ def _trainer_class():
         Extra keyword arguments:
           estimator: registry name; estimator_params: its parameters (registry defaults otherwise).
           reduction: "token_mean" (TRL's) or "sequence_mean".
-          vocab_size: the shared vocabulary V (default: the tokenizer's, via ``hf.shared_vocabulary``).
+          vocab_size: the shared vocabulary V (default: the tokenizer's, via ``loading.shared_vocabulary``).
           records: dataset row -> prompt record, for grading completions (the ``row`` column).
           logits: "auto", "materialised" or "fused" (``fused_score.choose``).
         """
@@ -214,7 +214,7 @@ def _trainer_class():
             self.estimator_params = prm.resolve(estimator, dict(estimator_params or {}))
             super().__init__(*args, **kwargs)
             teacher = self.accelerator.unwrap_model(self.teacher_model)
-            self.vocab_size = vocab_size or hf.check_compatible(self.accelerator.unwrap_model(self.model),
+            self.vocab_size = vocab_size or loading.check_compatible(self.accelerator.unwrap_model(self.model),
                                                                 self.processing_class, teacher,
                                                                 self.processing_class).vocab_size
             self.teacher_timer = loop.TeacherTimer(teacher)
@@ -248,7 +248,8 @@ def _trainer_class():
             """``fused_score.FusedScore`` (the ``logits`` path says fused for this batch: both backbones
             only, the teacher's through its distributed wrapper, as TRL runs it) or ``hf.score``'s batch."""
             teacher = self.accelerator.unwrap_model(self.teacher_model)
-            if fs.choose(self.logits, self.estimator, fs.padded_tokens(rollouts), self.vocab_size):
+            if fs.choose(self.logits, self.estimator,
+                         fs.planned_tokens(rollouts, self.args.max_completion_length), self.vocab_size):
                 def teacher_hidden(model, *args):
                     return self._forward_redirection(self.teacher_model, teacher, fs.response_hidden, teacher, *args)
                 return fs.score(unwrapped_student, teacher, rollouts, self.estimator, self.estimator_params,
@@ -578,7 +579,7 @@ def run(cfg: loop.DistillConfig, resume: bool = False) -> dict:
     if procs.device.type == "cpu":
         torch.set_num_threads(cfg.num_threads or 1)
     paths = loop.model_paths(cfg, procs)
-    info = hf.check_compatible_files(*paths)           # vocabularies, before any weight is read
+    info = loading.check_compatible_files(*paths)           # vocabularies, before any weight is read
     defaulted = cfg.max_new_tokens is None
     if defaulted:
         cfg.max_new_tokens = loop.default_max_new_tokens(cfg)
@@ -602,7 +603,7 @@ def run(cfg: loop.DistillConfig, resume: bool = False) -> dict:
 def _train(cfg, asked, args, procs, params, paths, info, prompts, latest, start, rows, started) -> dict:
     """Load the pair, build the trainer, train, write the final model and ``summary.json``."""
     with ckpt.quiet_hf_progress():
-        pair = hf.load_pair(*paths)
+        pair = loading.load_pair(*paths)
     if cfg.bf16:
         pair.teacher.to(torch.bfloat16)
     params, capped = prm.cap_to_vocab(cfg.estimator, params, cfg.estimator_params, info.vocab_size)

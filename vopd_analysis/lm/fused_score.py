@@ -212,15 +212,18 @@ def loss_of(scored, estimator: str, reduction: str, num_items_in_batch: Optional
                               validate=False, **params)
 
 
-def padded_tokens(rollouts: hf.Rollouts) -> int:
-    """N = rollouts x the longest response: the positions the materialised logits would hold."""
-    return rollouts.num_rollouts * int(rollouts.response_mask.sum(1).max())
+def planned_tokens(rollouts: hf.Rollouts, max_new_tokens: Optional[int] = None) -> int:
+    """N = rollouts x the response budget (``max_new_tokens``; None: the generated width): the positions
+    the materialised logits hold when no response ends early. The "auto" choice reads this, not the
+    longest response, so a batch whose responses all end early takes the same path as a full one."""
+    budget = max_new_tokens if max_new_tokens is not None else rollouts.input_ids.shape[1] - rollouts.prompt_width
+    return rollouts.num_rollouts * int(budget)
 
 
 def score_either(path: str, student, teacher, rollouts: hf.Rollouts, estimator: str, params: dict,
-                 vocab_size: int, teacher_hidden: Callable = response_hidden):
+                 vocab_size: int, teacher_hidden: Callable = response_hidden, max_new_tokens: Optional[int] = None):
     """A ``FusedScore`` or ``hf.score``'s ``TokenBatch``, as ``choose(path, ...)`` says for this batch
-    (N = ``padded_tokens``)."""
-    if choose(path, estimator, padded_tokens(rollouts), vocab_size):
+    (N = ``planned_tokens(rollouts, max_new_tokens)``)."""
+    if choose(path, estimator, planned_tokens(rollouts, max_new_tokens), vocab_size):
         return score(student, teacher, rollouts, estimator, params, vocab_size, teacher_hidden=teacher_hidden)
     return hf.score(student, teacher, rollouts, [estimator], vocab_size=vocab_size, params={estimator: params})

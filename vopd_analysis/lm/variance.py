@@ -64,6 +64,64 @@ def trainable_parameters(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Par
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def select_parameters(model: torch.nn.Module, spec: str = "all") -> List[str]:
+    """Make the probe's gradient cover only the parameters ``spec`` names (``requires_grad``), return their names.
+
+    ``spec``:
+
+    * ``"all"``: every parameter (a tied output layer is the input embedding, counted once);
+    * ``"last:N"``: the last N decoder layers (``model.layers.<i>``), the final norm (``model.norm``) and
+      an untied output layer; a tied one is left out, since its gradient is the input embedding's and
+      reaches the whole vocabulary through the input side;
+    * ``"regex:PATTERN"``: the parameters whose name matches PATTERN (``re.search``).
+
+    The gradient restricted to a subset of coordinates is the projection of the full one: its
+    trace variance is the sum of those coordinates' variances, so ratios between estimators on a
+    subset can differ from the full-parameter ratios (the probe's per-group table shows by how much).
+
+    Args:
+      model: the student.
+      spec: as above.
+
+    Returns:
+      The names of the selected parameters, in ``named_parameters`` order (an ``InputError`` if none).
+    """
+    import re
+    names = [n for n, _ in model.named_parameters()]
+    if spec == "all":
+        chosen = set(names)
+    elif spec.startswith("last:"):
+        try:
+            count = int(spec[len("last:"):])
+        except ValueError:
+            raise InputError(f"parameter selection {spec!r}: expected last:N with N an integer") from None
+        layers = sorted({int(m.group(1)) for n in names for m in [re.match(r"model\.layers\.(\d+)\.", n)] if m})
+        if not layers:
+            raise InputError(f"parameter selection {spec!r}: the model has no model.layers.<i> parameters; "
+                             "use regex:PATTERN")
+        if not 1 <= count <= len(layers):
+            raise InputError(f"parameter selection {spec!r}: N must be in 1..{len(layers)} (the model's layers)")
+        last = {str(i) for i in layers[-count:]}
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        tied = head is not None and embed is not None and head.weight is embed.weight
+        chosen = {n for n in names if (re.match(r"model\.layers\.(\d+)\.", n) and n.split(".")[2] in last)
+                  or n.startswith("model.norm.") or (n.startswith("lm_head.") and not tied)}
+    elif spec.startswith("regex:"):
+        try:
+            pattern = re.compile(spec[len("regex:"):])
+        except re.error as err:
+            raise InputError(f"parameter selection {spec!r}: bad regular expression ({err})") from None
+        chosen = {n for n in names if pattern.search(n)}
+    else:
+        raise InputError(f"parameter selection {spec!r}: expected all, last:N or regex:PATTERN")
+    if not chosen:
+        raise InputError(f"parameter selection {spec!r} selects no parameter of the student")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in chosen)
+    return [n for n in names if n in chosen]
+
+
 def parameter_groups(named_params: Sequence[Tuple[str, torch.Tensor]]) -> Dict[str, List[Tuple[int, int]]]:
     """The parameter groups (``group_key``) as ranges of the flattened parameter vector.
 
@@ -127,7 +185,7 @@ class GradientMoments:
         self.count += 1
         delta = g - self.mean
         self.mean += delta / self.count
-        prod = delta * (g - self.mean)
+        prod = delta.mul_(g - self.mean)            # in place: two [D] temporaries besides g, not four
         self.m2 += float(prod.sum())
         sums = torch.stack([prod[a:b].sum() for ranges in self.groups.values() for a, b in ranges]).tolist()
         i = 0
@@ -229,13 +287,15 @@ def project(g: torch.Tensor, num_directions: int, seed: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class ProbeResult:
-    """``summary``: one row per estimator; ``layers``: one row per (estimator, parameter group)."""
+    """``summary``: one row per estimator; ``layers``: one row per (estimator, parameter group);
+    ``timings``: seconds spent scoring (``"score"``, shared) and in each estimator's losses and backward passes."""
 
     summary: "object"          # pandas.DataFrame
     layers: "object"           # pandas.DataFrame
     moments: Dict[str, GradientMoments]
     reference: torch.Tensor
     rollouts: hf.Rollouts
+    timings: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _estimator_params(name: str, params: Optional[dict], num_rollouts: int) -> dict:
@@ -253,7 +313,8 @@ METHODS = ("loop", "vmap")
 def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params: Dict[str, dict],
                       named_params, vocab_size=None, mask_token_ids=(), chunk_tokens=hf.DEFAULT_CHUNK_TOKENS,
                       timings: Optional[Dict[str, float]] = None, method: str = "loop",
-                      chunk_size: Optional[int] = None, logits: str = "auto"):
+                      chunk_size: Optional[int] = None, logits: str = "auto",
+                      max_new_tokens: Optional[int] = None):
     """Yield (name, g_i) for every estimator and rollout i: g_i = d v_i / d theta [D] float64, the flattened
     gradient of rollout i's surrogate v_i (``est.surrogate_loss(reduction="none")``).
 
@@ -281,9 +342,11 @@ def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params:
       method: "loop" or "vmap".
       chunk_size: rollouts per vmap call (method "vmap"); None: all of a group.
       logits: method "loop" only: "auto", "materialised" or "fused" (``fused_score.choose``, per
-        estimator and group: a fused estimator's v_i from hidden states, never [B, T, V] logits;
-        estimators without a fused form are scored materialised whatever the choice); method
-        "vmap" always materialises them ("fused" is refused).
+        estimator, for a group of the planned size, ``fused_score.planned_tokens``: a fused estimator's
+        v_i from hidden states, never [B, T, V] logits; estimators without a fused form are scored
+        materialised whatever the choice); method "vmap" always materialises them ("fused" is refused).
+      max_new_tokens: the response budget the rollouts were sampled with, which sizes a group for the
+        "auto" choice (None: the generated width), so the choice never depends on where responses ended.
 
     Returns:
       A generator of (estimator name, [D] float64 gradient).
@@ -303,18 +366,19 @@ def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params:
     groups = (rollouts.select(list(range(start, start + size))) for start in range(0, rollouts.num_rollouts, size))
     if method == "vmap":
         return (item for group in groups for item in _vmap_gradients(group, *common, chunk_size=chunk_size))
-    return (item for group in groups for item in _loop_gradients(group, *common, logits=logits))
+    return (item for group in groups for item in _loop_gradients(group, *common, logits=logits,
+                                                                 max_new_tokens=max_new_tokens))
 
 
 def _loop_gradients(group, student, teacher, estimator_params, named_params, vocab_size, mask_token_ids,
-                    chunk_tokens, timings, logits="auto"):
+                    chunk_tokens, timings, logits="auto", max_new_tokens=None):
     """One prompt group, one backward of v_i per rollout i and estimator (retain_graph).
 
     Estimators with a fused form that ``fused_score.choose(logits, ...)`` sends to the fused path
     share one ``fused_score.hidden_batch`` of the group (no [B, T, V] logits) and get v_i from the
     rows of rollout i alone; the others share one ``hf.score``."""
     tensors = [p for _, p in named_params]
-    num_tokens = fs.padded_tokens(group)
+    num_tokens = fs.planned_tokens(group, max_new_tokens)
     fused_names = [n for n in estimator_params
                    if fs.has_fused_form(n) and fs.choose(logits, n, num_tokens, vocab_size or 0)]
     clock = time.perf_counter()
@@ -457,7 +521,7 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
           reference: Union[str, torch.Tensor] = "full_kl", vocab_size: Optional[int] = None,
           mask_token_ids: Sequence[int] = (), params: Optional[dict] = None, num_projections: int = 8,
           chunk_tokens: int = hf.DEFAULT_CHUNK_TOKENS, progress: bool = False, method: str = "loop",
-          logits: str = "auto") -> ProbeResult:
+          logits: str = "auto", rollouts: Optional[hf.Rollouts] = None) -> ProbeResult:
     """Per-estimator gradient statistics on the same student rollouts (common random numbers).
 
     Samples ``num_rollouts`` responses for each prompt once (seeded), then for each estimator
@@ -478,6 +542,8 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
       progress: print each estimator's trace.
       method: "loop" or "vmap" (``rollout_gradients``).
       logits: "auto", "materialised" or "fused" (``rollout_gradients``).
+      rollouts: rollouts already sampled from the student for ``prompts`` (``num_rollouts`` per prompt,
+        e.g. shared by several probes of one batch); None: sampled here.
 
     Returns:
       ``ProbeResult``: ``summary`` (one row per estimator: trace_cov, snr, noise_scale,
@@ -493,13 +559,14 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
     modes = (student.training, teacher.training)
     student.eval(), teacher.eval()
     try:
-        rollouts = hf.generate_rollouts(student, tokenizer, list(prompts), num_rollouts, max_new_tokens,
-                                        temperature=temperature, seed=seed, vocab_size=vocab_size)
+        if rollouts is None:
+            rollouts = hf.generate_rollouts(student, tokenizer, list(prompts), num_rollouts, max_new_tokens,
+                                            temperature=temperature, seed=seed, vocab_size=vocab_size)
         named = trainable_parameters(student)
         groups = parameter_groups(named)
         dim = sum(p.numel() for _, p in named)
         common = dict(vocab_size=vocab_size, mask_token_ids=mask_token_ids, chunk_tokens=chunk_tokens, method=method,
-                      logits=logits)
+                      logits=logits, max_new_tokens=max_new_tokens)
         est_params = {name: _estimator_params(name, params, num_rollouts) for name in estimators}
         moments = {name: GradientMoments(dim, groups, num_projections, seed, device=named[0][1].device)
                    for name in estimators}
@@ -523,7 +590,7 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
     ref_vec = ref_vec.detach().reshape(-1).to(torch.float64)
     summary = pd.DataFrame([_summary_row(n, moments[n], seconds[n], ref_vec, params, num_rollouts) for n in estimators])
     layers = pd.DataFrame([row for n in estimators for row in _layer_rows(n, moments[n])])
-    return ProbeResult(summary, layers, moments, ref_vec, rollouts)
+    return ProbeResult(summary, layers, moments, ref_vec, rollouts, timings)
 
 
 def _summary_row(name, m: GradientMoments, seconds: float, ref: torch.Tensor, params, num_rollouts) -> dict:
