@@ -25,6 +25,7 @@ initialised tiny Qwen2 models with ``--random-init`` (a smoke test that needs no
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from vopd_analysis import params as prm
+from vopd_analysis import provenance
 from vopd_analysis.errors import InputError
 from vopd_analysis.lm import hf, loading, probe, tasks
 from vopd_analysis.lm.presets import PRESETS
@@ -138,6 +140,52 @@ def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot:
     print(probe.report(tables))
     probe.write(tables, out_dir, output_name(cfg), cfg, started, quick=quick, plot=plot, repo=common.REPO)
     return tables.summary
+
+
+# pretrained pairs on a 2-core CPU: the gradient covers the last 2 decoder layers and the final norm (the tied
+# embedding / output matrix excluded), each rollout is scored alone (the same gradients, less work per backward),
+# and a batch is 2 x 4 rollouts (quick) or 4 x 8 (full); full mode also probes every parameter on the first
+# ``check_batches`` batches to show whether the restricted ratios agree with the full-parameter ones.
+PRETRAINED = {
+    "quick": {"num_batches": 8, "num_prompts": 2, "num_rollouts": 4, "parameters": "last:2", "per_rollout": True,
+              "threads": None, "check_batches": 0},
+    "full": {"num_batches": 16, "num_prompts": 4, "num_rollouts": 8, "parameters": "last:2", "per_rollout": True,
+             "threads": None, "check_batches": 2},
+}
+CHECK_ESTIMATORS = ["opd", "vopd", "opd_bstar", "full_kl"]
+
+
+def parameter_check(restricted: pd.DataFrame, full: pd.DataFrame) -> list:
+    """Per estimator and batch: the variance ratio to opd with the restricted gradient and with every parameter,
+    on the same rollouts (the same batches and seeds), and their quotient."""
+    merged = restricted.merge(full, on=["batch", "estimator"], suffixes=("_restricted", "_all"))
+    return [{"estimator": r["estimator"], "batch": int(r["batch"]),
+             "ratio_restricted": float(r["variance_ratio_to_opd_restricted"]),
+             "ratio_all_parameters": float(r["variance_ratio_to_opd_all"]),
+             "restricted_over_all": float(r["variance_ratio_to_opd_restricted"] / r["variance_ratio_to_opd_all"])}
+            for _, r in merged.iterrows() if r["estimator"] != "opd"]
+
+
+def run_pretrained(pair: str, quick: bool = True, out_dir="figures", config: dict | None = None,
+                   plot: bool = True) -> pd.DataFrame:
+    """``llm_variance`` on a pretrained pair with the ``PRETRAINED`` settings; in full mode, then the
+    all-parameter probe of the first batches (``llm_variance_<pair>_all.*``) and its comparison
+    (``parameter_check``, in the main manifest)."""
+    settings = {**PRETRAINED["quick" if quick else "full"], "pair": pair, **(config or {})}
+    check = settings.pop("check_batches")
+    summary = run(quick=quick, out_dir=out_dir, config=settings, plot=plot)
+    if check:
+        name = f"{NAME}_{pair}"
+        run(quick=quick, out_dir=out_dir, plot=plot,
+            config={**settings, "parameters": "all", "num_batches": check, "estimators": CHECK_ESTIMATORS,
+                    "topk_extra": [], "name": f"{name}_all"})
+        out = Path(out_dir)
+        rows = parameter_check(pd.read_csv(out / f"{name}_batches.csv"), pd.read_csv(out / f"{name}_all_batches.csv"))
+        manifest = json.loads((out / f"{name}.json").read_text())
+        manifest["parameter_check"] = {"all_parameters": f"{name}_all.csv", "batches": check, "rows": rows}
+        provenance.write_json(out / f"{name}.json", manifest)
+        print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    return summary
 
 
 def main() -> None:

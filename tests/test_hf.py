@@ -210,3 +210,23 @@ def test_padded_token_ids_are_refused(pair, rollouts):
 def test_vocab_width_mismatch_without_vocab_size(pair, rollouts):
     with pytest.raises(InputError, match="different widths"):
         hf.score(pair.student, pair.teacher, rollouts, ["opd"])
+
+
+def test_entropy_binned_score_variance_sums_the_states_of_each_bin():
+    """Chunking does not change the sums; each state lands in the bin of its teacher entropy; the sums are
+    the per-state ``score_variance`` values."""
+    from vopd_analysis import divergences as dv
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(11, 6, generator=g, dtype=torch.float64)
+    t = torch.randn(11, 6, generator=g, dtype=torch.float64) * torch.linspace(0.1, 6, 11, dtype=torch.float64)[:, None]
+    edges = (0.0, 0.5, 1.2, float("inf"))
+    whole = hf.entropy_binned_score_variance(z, t, edges)
+    for a, b in zip(hf.entropy_binned_score_variance(z, t, edges, chunk_tokens=3), whole):
+        assert a == pytest.approx(b)
+    lp, lq = torch.log_softmax(t, -1), torch.log_softmax(z, -1)
+    entropy = -(lp.exp() * lp).sum(-1)
+    opd = dv.score_variance(lq, lp, torch.zeros(11, dtype=torch.float64))
+    for b in whole:
+        rows = (entropy >= b["low"]) & (entropy < b["high"])
+        assert b["states"] == int(rows.sum()) and b["opd"] == pytest.approx(float(opd[rows].sum()))
+    assert sum(b["states"] for b in whole) == 11 and min(b["states"] for b in whole) > 0

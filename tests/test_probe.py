@@ -26,8 +26,6 @@ def test_plan_labels_parameters_and_refusals():
     assert [p.label for p in planned] == ["opd", "vopd", "vopd_topk(k=2)", "vopd_topk(k=4)", "topk_kl"]
     assert [p.params.get("k") for p in planned] == [None, None, 2, 4, 4]         # the preset's k where none given
     assert probe.plan(["vopd_topk"], vocab_size=8)[1].params["k"] == 8           # a default above V is capped
-    assert [[p.label for p in r] for r in probe.rounds(planned)] == [
-        ["opd", "vopd", "vopd_topk(k=2)", "topk_kl"], ["vopd_topk(k=4)"]]
     with pytest.raises(InputError, match="listed twice"):
         probe.plan(["vopd_topk:k=2", "vopd_topk:k=2"], vocab_size=16)
     with pytest.raises(InputError, match="k must satisfy 1 <= k <= V = 16"):
@@ -95,7 +93,7 @@ def test_vopd_probe_command(tmp_path, capsys):
             "--out", str(out)]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
-    assert "lowest variance per unit of compute" in printed and "logits: materialised" in printed
+    assert "lowest variance per unit of compute" in printed and "logits: materialised (scored 1 rollout(s) at a time" in printed
     summary = pd.read_csv(out / "probe.csv")
     assert list(summary["estimator"]) == ["opd", "vopd", "vopd_topk(k=2)", "vopd_topk(k=4)", "full_kl"]
     batches = pd.read_csv(out / "probe_batches.csv")
@@ -141,8 +139,9 @@ def test_too_few_prompts_in_a_file(tmp_path, capsys):
     assert "holds 2 prompts; 2 batches of 2 need 4" in capsys.readouterr().err
 
 
-def test_probe_batch_shares_rollouts_across_rounds(tiny_pair):
-    """vopd_topk at two k in two rounds: the same rollouts, so at k = V it equals vopd to float32 round-off."""
+def test_labels_share_one_scoring(tiny_pair):
+    """vopd_topk at two k on one scoring: at k = V it equals vopd to float32 round-off; the top-k fields are
+    scored for the largest k and each label reads its own first k."""
     planned = probe.plan(["vopd", "vopd_topk:k=16", "vopd_topk:k=2"], vocab_size=16)
     config = {"num_rollouts": 3, "max_new_tokens": 6, "seed": 0, "num_projections": 0}
     rows, _, _ = probe.probe_batch(tiny_pair, planned, ["12+34=", "5+6="], config, batch=0)
@@ -151,3 +150,25 @@ def test_probe_batch_shares_rollouts_across_rounds(tiny_pair):
     assert by.loc["vopd_topk(k=2)", "trace_cov"] != pytest.approx(by.loc["vopd", "trace_cov"], rel=1e-6)
     assert est.get("vopd_topk").target({"k": 2}) == "token"
     torch.testing.assert_close(torch.tensor(by["num_rollouts"].to_numpy()), torch.full((4,), 6))
+
+
+def test_per_rollout_scoring_gives_the_grouped_gradients(tiny_pair):
+    """Scoring each rollout alone changes the work per backward, not the gradients (float32 round-off)."""
+    rollouts = hf.generate_rollouts(tiny_pair.student, tiny_pair.tokenizer, ["12+34=", "5+67="], 3, 8, seed=1,
+                                    vocab_size=16)
+    named = variance.trainable_parameters(tiny_pair.student)
+    params = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 4}}
+
+    def gradients(per_rollout):
+        out = {}
+        for name, g in variance.rollout_gradients(tiny_pair.student, tiny_pair.teacher, rollouts, params, named,
+                                                  vocab_size=16, per_rollout=per_rollout):
+            out.setdefault(name, []).append(g)
+        return {name: torch.stack(g) for name, g in out.items()}
+    grouped, alone = gradients(False), gradients(True)
+    for name in params:
+        error = (alone[name] - grouped[name]).norm(dim=1) / grouped[name].norm(dim=1)
+        assert error.max() < 1e-5, (name, error)            # float32 sums in another order
+    with pytest.raises(InputError, match="group estimators"):
+        list(variance.rollout_gradients(tiny_pair.student, tiny_pair.teacher, rollouts, {"seq_rloo": {"group_size": 3}},
+                                        named, vocab_size=16, per_rollout=True))

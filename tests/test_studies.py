@@ -234,3 +234,17 @@ def test_manifest_dirty_flag_counts_tracked_code_only(tmp_path, monkeypatch):
     assert common.git_revision()["dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert common.git_revision()["dirty"] is True
+
+
+def test_pair_statistics_bins_states_by_teacher_entropy(tmp_path, one_thread):
+    """The tiny pair alone: one row of means, and per batch and entropy bin the sums of the exact one-token
+    score variance, b* never above vOPD's baseline or none (it is their minimiser)."""
+    from studies import pair_statistics
+    config = {"pairs": ["tiny"], "num_batches": 2, "num_prompts": 2, "num_rollouts": 2}
+    df = pair_statistics.run(quick=True, out_dir=tmp_path, config=config, plot=False)
+    assert list(df["pair"]) == ["tiny"] and df["vocab_size"].item() == 16
+    bins = pd.read_csv(tmp_path / "pair_statistics_entropy.csv")
+    assert set(bins["batch"]) == {0, 1} and (bins["states"] >= 0).all()
+    per_batch = json.loads((tmp_path / "pair_statistics.json").read_text())["per_batch"]
+    assert bins.groupby("batch")["states"].sum().tolist() == [r["tokens"] for r in per_batch]   # every state binned
+    assert (bins["bstar"] <= bins[["opd", "vopd"]].min(axis=1) + 1e-9).all()

@@ -571,6 +571,12 @@ REGISTRY: Dict[str, Estimator] = {e.name: token_selectable(e) for e in [
 ]}
 
 
+def base_name(label: str) -> str:
+    """The registry name in a label that carries parameters: ``vopd_topk(k=64)`` -> ``vopd_topk`` (no
+    registry name contains a parenthesis)."""
+    return label.split("(", 1)[0]
+
+
 def get(name: str) -> Estimator:
     """The registry entry called ``name``; unknown names list the known ones."""
     try:

@@ -486,10 +486,10 @@ def entropy_binned_score_variance(student_logits: torch.Tensor, teacher_logits: 
         values = {"opd": dv.score_variance(lq, lp, torch.zeros_like(kl)), "vopd": dv.score_variance(lq, lp, kl),
                   "bstar": dv.score_variance(lq, lp, dv.optimal_scalar_baseline(lq, lp))}
         for i, b in enumerate(bins):
-            rows = index == i
-            b["states"] += int(rows.sum())
+            in_bin = index == i
+            b["states"] += int(in_bin.sum())
             for key, v in values.items():
-                b[key] += float(v[rows].sum())
+                b[key] += float(v[in_bin].sum())
     return bins
 
 

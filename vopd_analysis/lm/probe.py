@@ -10,14 +10,13 @@ mean with the t-interval of the log ratios (``stats.ratio_interval``). One batch
 result: on the tiny pair it moves by a factor of two between batches.
 
 Cost: within a batch each estimator is charged its own loss and backward time plus an equal share
-of the scoring of the first round (student and teacher forwards), and its cost ratio is that over
-opd's. ``efficiency`` = variance ratio x cost ratio, the variance per unit of compute relative to
+of the scoring (student and teacher forwards), and its cost ratio is that over opd's. ``efficiency`` = variance ratio x cost ratio, the variance per unit of compute relative to
 opd (lower is better), summarised like the variance ratio; ``verdict`` names the estimator, among
 those unbiased for the token-level target, with the lowest one, the runner-up and whether their
 intervals overlap.
 
-An estimator can be probed at several parameter values on the same rollouts: ``vopd_topk:k=64``
-is labelled ``vopd_topk(k=64)``. A plan is run in rounds of distinct registry names.
+An estimator can be probed at several parameter values on the same rollouts, all from one scoring:
+``vopd_topk:k=64`` is labelled ``vopd_topk(k=64)``.
 
     vopd probe --preset smollm2 --num-batches 8 --params last:2 --out runs/probe-smollm2
     vopd probe --student STUDENT --teacher TEACHER --prompts prompts.jsonl --estimators opd,vopd,vopd_topk:k=64
@@ -110,20 +109,6 @@ def plan(items: Sequence, vocab_size: int, topk: Optional[int] = None, common: O
     return out
 
 
-def rounds(probed: Sequence[Probed]) -> List[List[Probed]]:
-    """``probed`` split into consecutive rounds of distinct registry names, in order (the first
-    round holds the first occurrence of every name)."""
-    out: List[List[Probed]] = []
-    for p in probed:
-        for group in out:
-            if p.name not in {q.name for q in group}:
-                group.append(p)
-                break
-        else:
-            out.append([p])
-    return out
-
-
 # ----------------------------------------------------------------------------- one batch
 
 def probe_batch(pair: loading.ModelPair, probed: Sequence[Probed], prompts: Sequence[str], config: dict,
@@ -135,37 +120,26 @@ def probe_batch(pair: loading.ModelPair, probed: Sequence[Probed], prompts: Sequ
       probed: the plan (``plan``), opd included.
       prompts: the batch's prompts.
       config: ``num_rollouts``, ``max_new_tokens``, ``seed`` (the batch's rollouts are seeded by
-        1000 seed + batch), ``num_projections``, ``logits``, optional ``temperature``.
+        1000 seed + batch), ``num_projections``, ``logits``, optional ``temperature`` and ``per_rollout``
+        (``variance.rollout_gradients``: each rollout scored alone, the same gradients, faster on large models).
       batch: the batch index.
 
     Returns:
       (rows: one per label, with ``variance_ratio_to_opd``, ``cost_ratio_to_opd``, ``efficiency``;
       layer rows: one per label and parameter group; mean response tokens).
     """
-    import pandas as pd
     seed = 1000 * config["seed"] + batch
     rollouts = hf.generate_rollouts(pair.student, pair.tokenizer, list(prompts), config["num_rollouts"],
                                     config["max_new_tokens"], temperature=config.get("temperature", 1.0), seed=seed,
                                     vocab_size=pair.info.vocab_size)
-    rows, layers, reference, score_share = [], [], "full_kl", None
-    for group in rounds(probed):
-        result = variance.probe(pair.student, pair.teacher, pair.tokenizer, prompts, [p.name for p in group],
-                                config["num_rollouts"], max_new_tokens=config["max_new_tokens"], seed=seed,
-                                reference=reference, vocab_size=pair.info.vocab_size,
-                                params={p.name: p.params for p in group}, num_projections=config["num_projections"],
-                                logits=config.get("logits", "auto"), rollouts=rollouts)
-        if score_share is None:
-            score_share = result.timings["score"] / len(group)
-            reference = result.reference
-        labels = {p.name: p.label for p in group}
-        rows.append(result.summary.assign(estimator=result.summary["estimator"].map(labels),
-                                          seconds=result.summary["estimator"].map(
-                                              lambda n: result.timings[n] + score_share)))
-        layers.append(result.layers.assign(estimator=result.layers["estimator"].map(labels)))
-    order = {p.label: i for i, p in enumerate(probed)}                 # the plan's order, not the rounds'
-    rows = pd.concat(rows, ignore_index=True).sort_values("estimator", key=lambda c: c.map(order), kind="stable")
-    layers = pd.concat(layers, ignore_index=True).sort_values("estimator", key=lambda c: c.map(order), kind="stable")
-    rows, layers = rows.reset_index(drop=True), layers.reset_index(drop=True)
+    result = variance.probe(pair.student, pair.teacher, pair.tokenizer, prompts, [p.label for p in probed],
+                            config["num_rollouts"], max_new_tokens=config["max_new_tokens"], seed=seed,
+                            vocab_size=pair.info.vocab_size, params={p.label: p.params for p in probed},
+                            num_projections=config["num_projections"], logits=config.get("logits", "auto"),
+                            rollouts=rollouts, per_rollout=config.get("per_rollout", False))
+    share = result.timings["score"] / len(probed)
+    rows = result.summary.assign(seconds=result.summary["estimator"].map(lambda n: result.timings[n] + share))
+    layers = result.layers
     opd = rows.set_index("estimator").loc["opd"]
     rows = rows.assign(batch=batch, variance_ratio_to_opd=rows["trace_cov"] / opd["trace_cov"],
                        cost_ratio_to_opd=rows["seconds"] / opd["seconds"])
@@ -313,7 +287,8 @@ def run(pair: loading.ModelPair, probed: Sequence[Probed], config: dict, records
     import pandas as pd
     from tqdm.auto import tqdm
     names = variance.select_parameters(pair.student, config.get("parameters") or "all")
-    planned = config["num_rollouts"] * config["max_new_tokens"]
+    group = 1 if config.get("per_rollout") else config["num_rollouts"]      # rollouts scored together
+    planned = group * config["max_new_tokens"]
     paths = {p.label: ("fused" if fs.has_fused_form(p.name) and fs.choose(config.get("logits", "auto"), p.name, planned,
                                                                          pair.info.vocab_size) else "materialised")
              for p in probed}
@@ -449,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--logits", default="auto", choices=fs.PATHS,
                         help="materialised logits or hidden states and lm_head tiles (default auto: fused when the "
                              "estimator has it and rollouts x max new tokens x V >= 2^26)")
+    parser.add_argument("--score", choices=("rollout", "group"), default=None,
+                        help="score each rollout alone (default: the same gradients, a backward pass touches one "
+                             "rollout's rows) or each prompt's rollouts together (one [K, T, V] batch; needed by "
+                             "group estimators, and where the fused path matters)")
     parser.add_argument("--num-projections", type=int, default=0, help="random projections per gradient (default 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"])
@@ -513,7 +492,9 @@ def main(argv=None) -> int:
               "max_new_tokens": args.max_new_tokens or (preset.max_new_tokens if preset else 32),
               "parameters": args.params, "logits": args.logits, "num_projections": args.num_projections,
               "seed": args.seed, "dtype": args.dtype, "device": args.device,
-              "estimators": [p.label for p in probed]}
+              "estimators": [p.label for p in probed],
+              "per_rollout": args.score == "rollout" or (args.score is None
+                                                         and not any(est.get(p.name).group for p in probed))}
     if records is not None:
         batch_prompts(config, 0, records)                       # enough prompts for every batch
     tables = run(pair, probed, config, records, preset.train_prompts if preset and records is None else None)
@@ -522,7 +503,8 @@ def main(argv=None) -> int:
     folder = write(tables, out, args.name, config, started, quick=True, plot=not args.no_plot,
                    extra={"weights": weights})
     paths = sorted(set(tables.extra["logits_path"].values()))
-    print(f"logits: {', '.join(paths)} ({config['num_rollouts']} rollouts x {config['max_new_tokens']} tokens x "
+    group = 1 if config["per_rollout"] else config["num_rollouts"]
+    print(f"logits: {', '.join(paths)} (scored {group} rollout(s) at a time x {config['max_new_tokens']} tokens x "
           f"V = {pair.info.vocab_size:,})")
     print(f"wrote {folder / args.name}.csv, {args.name}_batches.csv, {args.name}_layers.csv, {args.name}.json"
           + ("" if args.no_plot else f", {args.name}.png") + f"; {time.perf_counter() - started:.0f} s")

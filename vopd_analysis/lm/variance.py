@@ -299,12 +299,24 @@ class ProbeResult:
 
 
 def _estimator_params(name: str, params: Optional[dict], num_rollouts: int) -> dict:
-    """Parameters for ``name`` (defaults filled in); group estimators default to group_size = rollouts per prompt."""
-    spec = est.get(name)
+    """Parameters for ``name``, a registry name or a label such as ``vopd_topk(k=64)`` (defaults filled in);
+    group estimators default to group_size = rollouts per prompt."""
+    spec = est.get(est.base_name(name))
     chosen = dict((params or {}).get(name, {}))
     if spec.group:
         chosen.setdefault("group_size", num_rollouts)
     return spec.params(**chosen)
+
+
+def _score_params(labels: Sequence[str], estimator_params: Dict[str, dict]) -> Dict[str, dict]:
+    """``hf.score``'s parameters for several labelled estimators: per registry name, the parameters with
+    the largest top-k size among its labels (a top-k estimator reads the first k of the batch's top-K fields)."""
+    out: Dict[str, dict] = {}
+    for label in labels:
+        name, params = est.base_name(label), estimator_params[label]
+        if name not in out or params.get("k", 0) > out[name].get("k", 0):
+            out[name] = params
+    return out
 
 
 METHODS = ("loop", "vmap")
@@ -314,7 +326,7 @@ def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params:
                       named_params, vocab_size=None, mask_token_ids=(), chunk_tokens=hf.DEFAULT_CHUNK_TOKENS,
                       timings: Optional[Dict[str, float]] = None, method: str = "loop",
                       chunk_size: Optional[int] = None, logits: str = "auto",
-                      max_new_tokens: Optional[int] = None):
+                      max_new_tokens: Optional[int] = None, per_rollout: bool = False):
     """Yield (name, g_i) for every estimator and rollout i: g_i = d v_i / d theta [D] float64, the flattened
     gradient of rollout i's surrogate v_i (``est.surrogate_loss(reduction="none")``).
 
@@ -335,7 +347,8 @@ def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params:
     Args:
       student, teacher: the pair; ``named_params`` are the student parameters differentiated.
       rollouts: N rollouts, the same number K per prompt, a prompt's rows consecutive.
-      estimator_params: estimator name -> its full parameters (group_size = K for group estimators).
+      estimator_params: estimator name, or a label such as ``vopd_topk(k=64)`` (``estimators.base_name``:
+        one estimator at several parameter values), -> its full parameters (group_size = K for group estimators).
       named_params: (name, parameter) of the student, in the flattening order (``trainable_parameters``).
       vocab_size, mask_token_ids, chunk_tokens: passed to ``hf.score``.
       timings: if given, accumulates seconds under "score" and under each estimator name.
@@ -347,6 +360,11 @@ def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params:
         materialised whatever the choice); method "vmap" always materialises them ("fused" is refused).
       max_new_tokens: the response budget the rollouts were sampled with, which sizes a group for the
         "auto" choice (None: the generated width), so the choice never depends on where responses ended.
+      per_rollout: method "loop": score each rollout alone (a group of one) instead of each prompt's
+        group together. The gradients are the same (v_i depends on rollout i only), but a backward
+        pass then runs through one rollout's rows instead of the group's: K times less work per
+        backward for K rollouts per prompt, for K separate forwards. Not with group estimators,
+        whose baseline needs the whole group.
 
     Returns:
       A generator of (estimator name, [D] float64 gradient).
@@ -359,11 +377,14 @@ def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params:
         raise InputError("the vmap gradients need materialised logits; use method='loop' with logits='fused'")
     size = _rollouts_per_prompt(rollouts)
     for name, params in estimator_params.items():
-        if est.get(name).group and params["group_size"] != size:
+        if est.get(est.base_name(name)).group and params["group_size"] != size:
             raise InputError(f"{name}: group_size {params['group_size']} must equal the rollouts per prompt ({size})")
     timings = {} if timings is None else timings
     common = (student, teacher, estimator_params, named_params, vocab_size, mask_token_ids, chunk_tokens, timings)
-    groups = (rollouts.select(list(range(start, start + size))) for start in range(0, rollouts.num_rollouts, size))
+    if per_rollout and any(est.get(est.base_name(name)).group for name in estimator_params):
+        raise InputError("per_rollout scoring cannot serve group estimators (their baseline needs the whole group)")
+    step = 1 if per_rollout and method == "loop" else size
+    groups = (rollouts.select(list(range(start, start + step))) for start in range(0, rollouts.num_rollouts, step))
     if method == "vmap":
         return (item for group in groups for item in _vmap_gradients(group, *common, chunk_size=chunk_size))
     return (item for group in groups for item in _loop_gradients(group, *common, logits=logits,
@@ -379,21 +400,21 @@ def _loop_gradients(group, student, teacher, estimator_params, named_params, voc
     rows of rollout i alone; the others share one ``hf.score``."""
     tensors = [p for _, p in named_params]
     num_tokens = fs.planned_tokens(group, max_new_tokens)
-    fused_names = [n for n in estimator_params
-                   if fs.has_fused_form(n) and fs.choose(logits, n, num_tokens, vocab_size or 0)]
+    fused_names = [n for n in estimator_params if fs.has_fused_form(est.base_name(n))
+                   and fs.choose(logits, est.base_name(n), num_tokens, vocab_size or 0)]
     clock = time.perf_counter()
     materialised = [n for n in estimator_params if n not in fused_names]
-    batch = hf.score(student, teacher, group, materialised, vocab_size, mask_token_ids, chunk_tokens,
-                     params=estimator_params) if materialised else None
+    batch = hf.score(student, teacher, group, [est.base_name(n) for n in materialised], vocab_size, mask_token_ids,
+                     chunk_tokens, params=_score_params(materialised, estimator_params)) if materialised else None
     hidden = fs.hidden_batch(student, teacher, group, vocab_size, mask_token_ids) if fused_names else None
     timings["score"] = timings.get("score", 0.0) + time.perf_counter() - clock
     size = group.num_rollouts
     for n, (name, params) in enumerate(estimator_params.items()):
         clock = time.perf_counter()
         if name in fused_names:
-            rows = [fs.values(hidden.rows(slice(i, i + 1)), name, params)[0][0] for i in range(size)]
-        else:
-            rows = est.surrogate_loss(name, batch, reduction="none", validate=False, **params)  # hf.score validated it
+            rows = [fs.values(hidden.rows(slice(i, i + 1)), est.base_name(name), params)[0][0] for i in range(size)]
+        else:   # hf.score validated the batch
+            rows = est.surrogate_loss(est.base_name(name), batch, reduction="none", validate=False, **params)
         for i in range(size):
             last = n + 1 == len(estimator_params) and i + 1 == size
             grads = torch.autograd.grad(rows[i], tensors, retain_graph=not last, allow_unused=True)
@@ -456,15 +477,16 @@ def _vmap_gradients(group, student, teacher, estimator_params, named_params, voc
     names = list(estimator_params)
     clock = time.perf_counter()
     with torch.no_grad():
-        batch = hf.score(student, teacher, group, names, vocab_size, mask_token_ids, chunk_tokens,
-                         params=estimator_params)
+        batch = hf.score(student, teacher, group, [est.base_name(n) for n in names], vocab_size, mask_token_ids,
+                         chunk_tokens, params=_score_params(names, estimator_params))
     timings["score"] = timings.get("score", 0.0) + time.perf_counter() - clock
     z = batch.student_logits.detach().requires_grad_()
     scored = dataclasses.replace(batch, student_logits=z)
     cotangents = []
     for name, params in estimator_params.items():
         clock = time.perf_counter()
-        values = est.surrogate_loss(name, scored, reduction="none", validate=False, **params)  # hf.score validated it
+        values = est.surrogate_loss(est.base_name(name), scored, reduction="none", validate=False,  # validated
+                                    **params)
         cotangents.append(torch.autograd.grad(values.sum(), z)[0])
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - clock
     cotangents = torch.stack(cotangents, 1)                                         # [B, E, T, V]
@@ -521,7 +543,7 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
           reference: Union[str, torch.Tensor] = "full_kl", vocab_size: Optional[int] = None,
           mask_token_ids: Sequence[int] = (), params: Optional[dict] = None, num_projections: int = 8,
           chunk_tokens: int = hf.DEFAULT_CHUNK_TOKENS, progress: bool = False, method: str = "loop",
-          logits: str = "auto", rollouts: Optional[hf.Rollouts] = None) -> ProbeResult:
+          logits: str = "auto", rollouts: Optional[hf.Rollouts] = None, per_rollout: bool = False) -> ProbeResult:
     """Per-estimator gradient statistics on the same student rollouts (common random numbers).
 
     Samples ``num_rollouts`` responses for each prompt once (seeded), then for each estimator
@@ -531,19 +553,21 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
     Args:
       student, teacher, tokenizer: the pair.
       prompts: P prompts.
-      estimators: distinct estimator names.
+      estimators: distinct estimator names or labels (``vopd_topk(k=64)``: the registry name before the
+        parenthesis, its parameters from ``params[label]``), all scored once per group.
       num_rollouts: K rollouts per prompt.
       max_new_tokens, temperature, seed, vocab_size: passed to ``hf.generate_rollouts``.
       reference: an estimator name (its mean gradient over these rollouts; reused if it is
         also probed) or a [D] vector g_ref.
       mask_token_ids, chunk_tokens: passed to ``hf.score``.
-      params: estimator name -> parameter overrides.
+      params: estimator name or label -> parameter overrides.
       num_projections: m random projections per gradient (``GradientMoments``); 0: none.
       progress: print each estimator's trace.
       method: "loop" or "vmap" (``rollout_gradients``).
       logits: "auto", "materialised" or "fused" (``rollout_gradients``).
       rollouts: rollouts already sampled from the student for ``prompts`` (``num_rollouts`` per prompt,
         e.g. shared by several probes of one batch); None: sampled here.
+      per_rollout: score each rollout alone (``rollout_gradients``): faster for large models.
 
     Returns:
       ``ProbeResult``: ``summary`` (one row per estimator: trace_cov, snr, noise_scale,
@@ -555,7 +579,7 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
     if len(set(estimators)) != len(estimators) or not estimators:
         raise InputError(f"estimators must be a non-empty list of distinct names, got {list(estimators)}")
     for name in estimators:
-        est.get(name)
+        est.get(est.base_name(name))
     modes = (student.training, teacher.training)
     student.eval(), teacher.eval()
     try:
@@ -566,7 +590,7 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
         groups = parameter_groups(named)
         dim = sum(p.numel() for _, p in named)
         common = dict(vocab_size=vocab_size, mask_token_ids=mask_token_ids, chunk_tokens=chunk_tokens, method=method,
-                      logits=logits, max_new_tokens=max_new_tokens)
+                      logits=logits, max_new_tokens=max_new_tokens, per_rollout=per_rollout)
         est_params = {name: _estimator_params(name, params, num_rollouts) for name in estimators}
         moments = {name: GradientMoments(dim, groups, num_projections, seed, device=named[0][1].device)
                    for name in estimators}
@@ -594,7 +618,7 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
 
 
 def _summary_row(name, m: GradientMoments, seconds: float, ref: torch.Tensor, params, num_rollouts) -> dict:
-    spec = est.get(name)
+    spec = est.get(est.base_name(name))
     trace = m.trace()
     ref_sq = float(ref @ ref)
     boot = m.bootstrap_trace(200, seed=0) if m.num_projections and m.count > 2 else np.array([np.nan])

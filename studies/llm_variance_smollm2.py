@@ -1,0 +1,22 @@
+"""``llm_variance`` on the pretrained smollm2 pair (vocabulary 49,152): ``python -m studies.llm_variance_smollm2 [--quick]``.
+
+The teacher is the pretrained model from its package, the student the teacher without the layers its card
+names (``vopd_analysis.lm.pretrained``). On a 2-core CPU the gradient covers the last two decoder layers
+and the final norm; full mode also probes every parameter on two batches (``llm_variance_smollm2_all.*``)
+and records in the manifest whether the restricted ratios agree with the full-parameter ones
+(``llm_variance.run_pretrained``). Writes ``llm_variance_smollm2.*``.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from . import common, llm_variance
+
+
+def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
+    return llm_variance.run_pretrained("smollm2", quick=quick, out_dir=out_dir, config=config, plot=plot)
+
+
+if __name__ == "__main__":
+    common.main(run, __doc__)
