@@ -25,7 +25,8 @@ from . import common
 STUDIES = ["unbiasedness", "test_calibration", "variance_landscape", "baseline_quality", "topk", "sequence_bias",
            "training_dynamics", "estimator_zoo", "pair_statistics", "llm_variance", "llm_variance_small",
            "llm_variance_smollm2", "llm_variance_gemma3", "vocab_effect",
-           "variance_training", "distill_tiny", "distill_bstar", "distill_engines", "distill_small", "distill_smollm2"]
+           "variance_training", "distill_tiny", "distill_bstar", "distill_engines", "distill_small", "distill_smollm2",
+           "distill_tuned"]
 
 
 def study(name: str):

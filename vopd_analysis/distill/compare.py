@@ -10,6 +10,15 @@ differ by seed. For each label the final evaluation of each seed (its last eval 
   the same interval for mean(d) and the two-sided paired t-test p-value
   2 P(T_{n-1} > |mean(d)| / (sd(d) / sqrt(n)))  (``paired_difference``).
 
+Learning rate is a grouping variable: when the runs do not all share one ``lr``, each label gets it
+as a suffix, ``vopd@lr=3e-4`` (``format_lr``), so runs that differ in learning rate are compared
+side by side (the table, CSV and JSON also carry an ``lr`` column); runs of one learning rate keep
+their plain labels. ``--best-lr METRIC`` then keeps, per estimator label, the runs of one learning
+rate chosen by a rule fixed in advance (``best_lrs``): the lowest mean final ``eval_reverse_kl``
+over seeds (the highest mean for ``eval_accuracy`` or ``eval_teacher_logprob``), ties to the smaller
+lr; it prints each choice, warns when a choice is at an edge of its grid, and the paired differences
+compare each estimator at its own chosen lr on the seeds both have.
+
 With fewer than two values the interval and p-value are NaN; so is every accuracy entry of runs on
 a task without a verifier (the small preset), and the accuracy panels say so. The formulae live in
 ``vopd_analysis.stats``; they are re-exported here with the run readers, so that a study can
@@ -17,12 +26,14 @@ take ``load_runs`` / ``summary_table`` / ``mean_interval`` / ``paired_difference
 
     vopd compare runs/sweep                          # a folder of runs (e.g. a sweep)
     vopd compare runs/a runs/b --reference vopd --plot cmp.png --csv cmp.csv
+    vopd compare runs/lr-sweep --best-lr                # each estimator at its best learning rate
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Iterable, List, Optional
 
@@ -32,16 +43,20 @@ import pandas as pd
 from ..errors import InputError
 from ..stats import mean_interval, paired_difference
 
-__all__ = ["mean_interval", "paired_difference", "run_label", "find_runs", "load_runs", "summary_table",
-           "format_table", "plot_curves", "plot_run", "report", "main"]
+__all__ = ["mean_interval", "paired_difference", "run_label", "format_lr", "find_runs", "load_runs", "summary_table",
+           "best_lrs", "keep_best_lrs", "format_table", "plot_curves", "plot_run", "report", "main"]
 
 METRICS = {"eval_accuracy": "held-out greedy accuracy (fraction correct)",
            "eval_reverse_kl": "held-out sequence reverse KL (nats)",
            "eval_teacher_logprob": "teacher log-prob of student samples (nats per token)"}
 DEFAULT_REFERENCE = "opd"
-# config fields that do not change what a run measures (left out of the "runs differ in" note)
+# --best-lr: the metric of the default rule, and the metrics where lower is better (higher for the others)
+DEFAULT_BEST_LR = "eval_reverse_kl"
+LOWER_IS_BETTER = {"eval_reverse_kl"}
+# config fields that do not change what a run measures, and lr, shown in the labels when it differs (all left
+# out of the "runs differ in" note)
 _BOOKKEEPING = {"estimator", "estimator_params", "seed", "out_dir", "num_threads", "cache_dir", "save_every",
-                "keep_checkpoints"}
+                "keep_checkpoints", "lr"}
 
 
 def present(columns) -> dict:
@@ -64,6 +79,17 @@ def run_label(estimator: str, params: Optional[dict] = None, engine: Optional[st
     """
     label = "-".join([estimator] + [f"{k}{v}" for k, v in sorted((params or {}).items())])
     return label if engine in (None, "builtin") else f"{engine}:{label}"
+
+
+def format_lr(lr: float) -> str:
+    """A learning rate as short, stable text for labels and folder names: the mantissa of its
+    12-significant-digit scientific form without trailing zeros, then ``e`` and the exponent without
+    ``+`` or leading zeros (none for exponent 0): 3e-4 -> ``3e-4``, 0.0015 -> ``1.5e-3``, 1.0 -> ``1``,
+    0.0009000000000000001 -> ``9e-4``. ``float(format_lr(x))`` gives x back to 12 digits.
+    """
+    mantissa, exponent = f"{float(lr):.11e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return mantissa if int(exponent) == 0 else f"{mantissa}e{int(exponent)}"
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -118,34 +144,40 @@ def _read_rows(path: Path) -> list:
 
 def load_runs(paths: Iterable) -> pd.DataFrame:
     """Every eval row of the runs in ``paths``: columns estimator, label, seed, step, eval_accuracy,
-    eval_reverse_kl, eval_teacher_logprob, run (the run folder); a metric a run did not record (no
-    verifier, or a run from before the metric existed) is NaN. Two runs with the same label and seed
-    are refused.
+    eval_reverse_kl, eval_teacher_logprob, run (the run folder), lr (the run's learning rate) and
+    base_label (the label without the learning rate); a metric a run did not record (no verifier, or a
+    run from before the metric existed) is NaN. When the runs with eval rows do not all share one
+    learning rate, ``label`` is ``base_label@lr=<format_lr(lr)>`` (``vopd@lr=3e-4``), else it is
+    ``base_label``. Two runs with the same base label, learning rate and seed are refused.
 
     Args:
       paths: as for ``find_runs``.
 
     Returns:
-      A DataFrame with one row per eval row of each run (``step`` and ``seed`` int, metrics float);
+      A DataFrame with one row per eval row of each run (``step`` and ``seed`` int, metrics and lr float);
       ``InputError`` if no run has an eval row.
     """
     frames, seen = [], {}
     for path in find_runs(paths):
         config = json.loads((path / "config.json").read_text())
         label = run_label(config["estimator"], config.get("estimator_params"), config.get("engine"))
-        seed = int(config["seed"])
-        if (label, seed) in seen:
-            raise InputError(f"{seen[label, seed]} and {path} are both {label} seed {seed}; "
-                             "compare runs that differ in engine, estimator, parameters or seed")
-        seen[label, seed] = path
+        seed, lr = int(config["seed"]), float(config.get("lr", math.nan))
+        if (label, lr, seed) in seen:
+            raise InputError(f"{seen[label, lr, seed]} and {path} are both {label} lr {format_lr(lr)} seed {seed}; "
+                             "compare runs that differ in engine, estimator, parameters, learning rate or seed")
+        seen[label, lr, seed] = path
         evals = [r for r in _read_rows(path) if r.get("kind") == "eval"]
         frames.append(pd.DataFrame({"estimator": config["estimator"], "label": label, "seed": seed,
                                     "step": [r["step"] for r in evals],
-                                    **{m: [r.get(m) for r in evals] for m in METRICS}, "run": str(path)}))
+                                    **{m: [r.get(m) for r in evals] for m in METRICS}, "run": str(path),
+                                    "lr": lr, "base_label": label}))
     df = pd.concat(frames, ignore_index=True)
     if df.empty:
         raise InputError("none of the runs has an evaluation yet (runs with --eval-every 0 cannot be compared)")
-    return df.astype({"step": int, "seed": int, **{m: float for m in METRICS}})
+    df = df.astype({"step": int, "seed": int, "lr": float, **{m: float for m in METRICS}})
+    if df["lr"].nunique() > 1:
+        df["label"] = [f"{base}@lr={format_lr(lr)}" for base, lr in zip(df["base_label"], df["lr"])]
+    return df
 
 
 # ----------------------------------------------------------------------------- the table
@@ -163,14 +195,22 @@ def final_evals(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _reference(labels: list, df: pd.DataFrame, reference: Optional[str]) -> Optional[str]:
+    """The reference label: ``reference`` itself if it is a label, else the one label whose base label
+    (the label without ``@lr=``) or estimator it is; without ``reference``, ``opd`` resolved the same way
+    by label or base label, or None when there is no such single label."""
+    asked, matches = DEFAULT_REFERENCE if reference is None else reference, []
+    if asked in labels:
+        return asked
+    columns = ["base_label"] if reference is None else ["base_label", "estimator"]
+    for column in (c for c in columns if c in df):
+        matches = sorted(set(df.loc[df[column] == asked, "label"]))
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            break
     if reference is None:
-        return DEFAULT_REFERENCE if DEFAULT_REFERENCE in labels else None
-    if reference in labels:
-        return reference
-    by_name = sorted(set(df.loc[df["estimator"] == reference, "label"]))
-    if len(by_name) == 1:
-        return by_name[0]
-    raise InputError(f"reference '{reference}' is {'ambiguous' if by_name else 'not among the runs'}; "
+        return None
+    raise InputError(f"reference '{reference}' is {'ambiguous' if matches else 'not among the runs'}; "
                      f"labels: {', '.join(labels)}")
 
 
@@ -192,7 +232,8 @@ def summary_table(df: pd.DataFrame, reference: Optional[str] = None, confidence:
       confidence: c, the intervals' confidence level.
 
     Returns:
-      A DataFrame with columns label, estimator, seeds, step and the per-metric columns above.
+      A DataFrame with columns label, estimator, lr (when ``df`` has it), seeds, step and the
+      per-metric columns above.
     """
     final = final_evals(df)
     labels = list(dict.fromkeys(df["label"]))
@@ -204,7 +245,8 @@ def summary_table(df: pd.DataFrame, reference: Optional[str] = None, confidence:
     rows = []
     for label in labels:
         g = by_seed[label]
-        row = {"label": label, "estimator": g["estimator"].iloc[0], "seeds": len(g), "step": int(g["step"].max())}
+        row = {"label": label, "estimator": g["estimator"].iloc[0],
+               **({"lr": float(g["lr"].iloc[0])} if "lr" in g else {}), "seeds": len(g), "step": int(g["step"].max())}
         for m in present(df.columns):
             row.update(zip((f"{m}_mean", f"{m}_low", f"{m}_high"), mean_interval(g[m], confidence)))
             d = {"mean": np.nan, "low": np.nan, "high": np.nan, "p_value": np.nan, "n": 0}
@@ -218,6 +260,81 @@ def summary_table(df: pd.DataFrame, reference: Optional[str] = None, confidence:
     table = pd.DataFrame(rows)
     table.attrs["reference"] = ref
     return table
+
+
+def best_lrs(final: pd.DataFrame, metric: str = DEFAULT_BEST_LR, by: str = "base_label") -> pd.DataFrame:
+    """Each estimator's learning rate, chosen by a rule fixed before looking at the results.
+
+    For each value of ``by`` (an estimator label) and each learning rate of its grid, the mean of the
+    final ``metric`` over the seeds; the chosen lr has the lowest mean when ``metric`` is in
+    ``LOWER_IS_BETTER`` (``eval_reverse_kl``), the highest otherwise (accuracy, teacher log-prob), and
+    among equal means the smaller lr. A learning rate whose mean is not finite (a seed that diverged to
+    NaN or inf) ranks last; a group with no finite mean at all is refused (``InputError``). ``edge`` says
+    where the choice lies in its grid: "low" or "high" when it is the smallest or largest of two or more
+    learning rates (the best one may lie outside: extend the grid on that side), "" inside the grid,
+    "single" for a grid of one.
+
+    Args:
+      final: one row per run with the columns ``by``, ``lr``, ``seed`` and ``metric`` (``final_evals``).
+      metric: the metric the rule reads.
+      by: the column naming the estimator.
+
+    Returns:
+      One row per group, in order of first appearance: ``by``, lr (the choice), mean (its mean over
+      seeds), seeds (their number), grid (the group's learning rates, ascending), means (the mean at
+      each of them) and edge.
+    """
+    sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
+    rows = []
+    for key, g in final.groupby(by, sort=False):
+        per_lr = g.groupby("lr")[metric]
+        means = per_lr.apply(lambda x: float(np.mean(x.to_numpy(float))))   # NaN/inf kept: a diverged seed counts
+        if not np.isfinite(means.to_numpy(float)).any():
+            raise InputError(f"{key} has no finite final {metric} at any learning rate; "
+                             "choose another --best-lr metric")
+        score = np.where(np.isfinite(means.to_numpy(float)), sign * means.to_numpy(float), np.inf)
+        best = int(np.argmin(score))          # the first minimum: grid ascending, so ties go to the smaller lr
+        grid = [float(lr) for lr in means.index]
+        edge = ("single" if len(grid) == 1 else "low" if best == 0 else "high" if best == len(grid) - 1 else "")
+        rows.append({by: key, "lr": grid[best], "mean": float(means.iloc[best]),
+                     "seeds": int(per_lr.size().iloc[best]), "grid": grid, "means": means.to_list(), "edge": edge})
+    return pd.DataFrame(rows, columns=[by, "lr", "mean", "seeds", "grid", "means", "edge"])
+
+
+def keep_best_lrs(df: pd.DataFrame, metric: str = DEFAULT_BEST_LR) -> tuple:
+    """The runs of each estimator label at its chosen learning rate (``best_lrs`` on the final evals).
+
+    Args:
+      df: the table of ``load_runs``.
+      metric: the metric of the rule.
+
+    Returns:
+      (the rows of ``df`` at the chosen learning rates, the table of ``best_lrs``).
+    """
+    choice = best_lrs(final_evals(df), metric, by="base_label")
+    chosen = set(zip(choice["base_label"], choice["lr"]))
+    keep = [(base, lr) in chosen for base, lr in zip(df["base_label"], df["lr"])]
+    return df[keep], choice
+
+
+def best_lr_rule(metric: str) -> str:
+    """The rule of ``best_lrs`` in words."""
+    return (f"the {'lowest' if metric in LOWER_IS_BETTER else 'highest'} mean final {metric} over seeds, "
+            "ties to the smaller lr")
+
+
+def best_lr_lines(choice: pd.DataFrame, metric: str, by: str = "base_label") -> List[str]:
+    """The choices of ``best_lrs`` as text: the rule, then per estimator the chosen lr, its mean, the
+    grid, and "at the edge of the grid: extend it" when the choice is the smallest or largest lr."""
+    width = max([len("estimator"), *map(len, choice[by])])
+    out = [f"learning rate per estimator: {best_lr_rule(metric)}"]
+    for r in choice.to_dict("records"):
+        where = {"low": "at the edge of the grid: extend it (the smallest lr tried)",
+                 "high": "at the edge of the grid: extend it (the largest lr tried)",
+                 "single": "one lr only: nothing was chosen"}.get(r["edge"], "inside the grid")
+        out.append(f"  {r[by]:{width}s} lr {format_lr(r['lr']):>7s}  mean {_num(r['mean'], '.4g')} over "
+                   f"{r['seeds']} seed(s)  grid {', '.join(map(format_lr, r['grid']))}  {where}")
+    return out
 
 
 def _num(x: float, fmt: str) -> str:
@@ -391,7 +508,7 @@ def plot_run(rows: list, path, title: str = "") -> Path:
 # ----------------------------------------------------------------------------- command line
 
 def report(paths: list, reference: Optional[str] = None, plot=None, csv=None, as_json: bool = False,
-           confidence: float = 0.95) -> pd.DataFrame:
+           confidence: float = 0.95, best_lr: Optional[str] = None) -> pd.DataFrame:
     """``vopd compare``: print the table (or one JSON object), write the figure (and the CSV).
 
     Args:
@@ -400,28 +517,41 @@ def report(paths: list, reference: Optional[str] = None, plot=None, csv=None, as
       plot: the figure's path (None: ``<folder>/compare.png`` for one folder of runs, else
         ``./compare.png``).
       csv: also write the table there (None: do not).
-      as_json: print {"reference", "confidence", "plot", "csv", "notes", "rows"} instead of text.
+      as_json: print {"reference", "confidence", "plot", "csv", "notes", "best_lr", "rows"} instead of text.
       confidence: the intervals' confidence level.
+      best_lr: a metric: keep each estimator label's runs at the learning rate ``best_lrs`` chooses by it
+        (table, differences and figure), and say which (``best_lr`` in the JSON: metric, rule and one
+        entry per estimator); None keeps every learning rate.
 
     Returns:
       The table of ``summary_table``.
     """
-    df = load_runs(paths)
+    every = df = load_runs(paths)
+    choice = None
+    if best_lr is not None:
+        df, choice = keep_best_lrs(every, best_lr)
     table = summary_table(df, reference, confidence)
     if plot is None:
         plot = Path(paths[0]) / "compare.png" if len(paths) == 1 and not _is_run(Path(paths[0])) else "compare.png"
     plot = plot_curves(df, plot, confidence)
     if csv:
         table.to_csv(csv, index=False)
-    remarks = notes(paths, df)
+    remarks = notes(paths, every)
+    if best_lr is None and table.attrs["reference"] is None and "lr" in table and table["lr"].nunique() > 1:
+        remarks.append("no reference: the runs have several learning rates; give --reference LABEL, or --best-lr "
+                       "to keep each estimator's best one")
     if as_json:
+        chosen = None if choice is None else {"metric": best_lr, "rule": best_lr_rule(best_lr),
+                                              "choices": json.loads(choice.to_json(orient="records"))}
         print(json.dumps({"reference": table.attrs["reference"], "confidence": confidence, "plot": str(plot),
-                          "csv": str(csv) if csv else None, "notes": remarks,
+                          "csv": str(csv) if csv else None, "notes": remarks, "best_lr": chosen,
                           "rows": json.loads(table.to_json(orient="records"))}))
         return table
     n_runs = df["run"].nunique()
     print(f"{len(table)} estimator(s), {n_runs} run(s); {confidence:.0%} t-intervals over seeds"
           + (f"; differences to {table.attrs['reference']} paired by seed" if table.attrs["reference"] else ""))
+    if choice is not None:
+        print("\n".join(best_lr_lines(choice, best_lr)))
     print()
     print(format_table(table, confidence))
     print()
@@ -444,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="also write the table as CSV")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--best-lr", dest="best_lr", nargs="?", const=DEFAULT_BEST_LR, choices=tuple(METRICS),
+                   metavar="METRIC", help="when the runs differ in learning rate: keep each estimator's runs at "
+                   "the lr with the best mean final METRIC over seeds (default METRIC eval_reverse_kl, lowest wins; "
+                   "eval_accuracy and eval_teacher_logprob: highest wins; ties to the smaller lr), say which, and "
+                   "warn when it is at an edge of the grid; give it after the run folders, or with its METRIC")
     return p
 
 
@@ -452,5 +587,5 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 < args.confidence < 1:
         raise InputError(f"--confidence must be in (0, 1), got {args.confidence}")
-    report(args.paths, args.reference, args.plot, args.csv, args.json, args.confidence)
+    report(args.paths, args.reference, args.plot, args.csv, args.json, args.confidence, args.best_lr)
     return 0

@@ -2,6 +2,7 @@
 
     vopd sweep --estimators opd,vopd,vopd_topk:k=4 --seeds 0,1,2 --steps 200 --out runs/sweep
     vopd sweep --estimators opd,vopd --num-seeds 4 --jobs 2 --out runs/sweep    # 2 processes at a time
+    vopd sweep --estimators opd,vopd --lrs 1e-4,3e-4,1e-3 --num-seeds 3 --out runs/lr-sweep
 
 Each run is a normal ``vopd distill`` folder, ``OUT/<label>-seed<S>/`` with the label of
 ``compare.run_label`` (``vopd_topk-k4``); every ``vopd distill`` option is passed to all runs.
@@ -10,6 +11,13 @@ comparable pairs. Calling the same sweep again skips the finished runs (those wi
 ``summary.json`` covering the requested steps), resumes the unfinished ones from their last
 checkpoint (``vopd distill --resume``) and starts the rest; a run whose saved config differs
 from the sweep's is refused before anything runs. ``OUT/sweep.json`` holds the plan.
+
+``--lrs 1e-4,3e-4,1e-3`` (instead of ``--lr``) crosses the estimators and seeds with a grid of learning
+rates: the folders are then ``OUT/<label>-lr<LR>-seed<S>/`` with LR written by ``compare.format_lr``
+(``vopd_topk-k4-lr3e-4-seed0``), runs go seed by seed, then learning rate, then estimator, and
+``sweep.json`` records the grid (``lrs``, and each run's ``lr``). The closing table groups runs by
+estimator and learning rate (``vopd@lr=3e-4``, so ``--reference`` names one: ``opd@lr=3e-4``);
+``vopd compare OUT --best-lr`` keeps each estimator's best learning rate.
 
 ``--jobs 1`` (the default) trains in this process; ``--jobs N`` runs N ``vopd distill``
 processes at a time, each logging to ``OUT/logs/<run>.log``, with ``CUDA_VISIBLE_DEVICES``
@@ -23,6 +31,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import json
+import math
 import os
 import queue
 import subprocess
@@ -40,7 +49,7 @@ from . import compare, loop
 
 @dataclasses.dataclass
 class PlannedRun:
-    name: str                     # the folder under the sweep: <label>-seed<S>
+    name: str                     # the folder under the sweep: <label>-seed<S> (<label>-lr<LR>-seed<S> with --lrs)
     cfg: loop.DistillConfig
 
     @property
@@ -96,14 +105,44 @@ def parse_seeds(seeds: Optional[str], num_seeds: Optional[int]) -> List[int]:
     return out
 
 
-def plan(base: loop.DistillConfig, estimators: list, seeds: List[int], out: Path) -> List[PlannedRun]:
-    """One run per (seed, estimator), seed-major; each config checked, and an existing folder's
-    saved config checked against it."""
+def parse_lrs(text: str) -> List[float]:
+    """``"1e-4,3e-4"`` -> ``[1e-4, 3e-4]``: each value a finite number > 0, in the order given, no value
+    twice (compared as the text of ``compare.format_lr``, which names the folders); else ``InputError``."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise InputError("--lrs is empty; give comma-separated learning rates such as 1e-4,3e-4,1e-3")
+    lrs = []
+    for item in items:
+        try:
+            lr = float(item)
+        except ValueError:
+            raise InputError(f"--lrs expects comma-separated numbers, got {item!r}") from None
+        if not (math.isfinite(lr) and lr > 0):
+            raise InputError(f"--lrs values must be finite numbers > 0, got {item!r}")
+        lrs.append(lr)
+    names = [compare.format_lr(lr) for lr in lrs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"--lrs lists {', '.join(twice)} twice")
+    return lrs
+
+
+def run_folder(label: str, seed: int, lr: Optional[float] = None) -> str:
+    """A run's folder in the sweep: ``<label>-seed<S>``, or ``<label>-lr<LR>-seed<S>`` when the sweep
+    has a learning-rate grid (LR as ``compare.format_lr``: ``vopd-lr3e-4-seed0``)."""
+    return f"{label}-seed{seed}" if lr is None else f"{label}-lr{compare.format_lr(lr)}-seed{seed}"
+
+
+def plan(base: loop.DistillConfig, estimators: list, seeds: List[int], out: Path,
+         lrs: Optional[List[float]] = None) -> List[PlannedRun]:
+    """One run per (seed, estimator), seed-major, or with ``lrs`` per (seed, lr, estimator) with the lr
+    in the folder name (``run_folder``); each config checked, and an existing folder's saved config
+    checked against it."""
     runs = []
-    for seed, (name, params) in itertools.product(seeds, estimators):
-        folder = f"{compare.run_label(name, params)}-seed{seed}"
+    for seed, lr, (name, params) in itertools.product(seeds, lrs or [None], estimators):
+        folder = run_folder(compare.run_label(name, params), seed, lr)
         cfg = dataclasses.replace(base, estimator=name, estimator_params=dict(params), seed=seed,
-                                  out_dir=str(out / folder))
+                                  out_dir=str(out / folder), **({} if lr is None else {"lr": lr}))
         loop.check_config(cfg, world=1)
         if (Path(cfg.out_dir) / "config.json").is_file():
             loop.check_resumable(Path(cfg.out_dir), cfg)
@@ -111,14 +150,18 @@ def plan(base: loop.DistillConfig, estimators: list, seeds: List[int], out: Path
     return runs
 
 
-def write_plan(out: Path, runs: List[PlannedRun], estimators: list, seeds: List[int], jobs: int) -> None:
-    base = {k: v for k, v in dataclasses.asdict(runs[0].cfg).items()
-            if k not in ("estimator", "estimator_params", "seed", "out_dir")}
+def write_plan(out: Path, runs: List[PlannedRun], estimators: list, seeds: List[int], jobs: int,
+               lrs: Optional[List[float]] = None) -> None:
+    """``OUT/sweep.json``: the estimators, seeds, jobs, the runs' shared config and one entry per run; with
+    ``lrs`` also the grid (``lrs``) and each run's ``lr`` (then left out of the shared config)."""
+    varying = ("estimator", "estimator_params", "seed", "out_dir") + (("lr",) if lrs else ())
+    base = {k: v for k, v in dataclasses.asdict(runs[0].cfg).items() if k not in varying}
+    grid = {"lrs": lrs} if lrs else {}
     loop.write_json_atomic(out / "sweep.json", {
         "estimators": [{"estimator": n, "params": p, "label": compare.run_label(n, p)} for n, p in estimators],
-        "seeds": seeds, "jobs": jobs, "config": base,
+        "seeds": seeds, **grid, "jobs": jobs, "config": base,
         "runs": [{"folder": r.name, "estimator": r.cfg.estimator, "params": r.cfg.estimator_params,
-                  "seed": r.cfg.seed} for r in runs]})
+                  "seed": r.cfg.seed, **({"lr": r.cfg.lr} if lrs else {})} for r in runs]})
 
 
 # ----------------------------------------------------------------------------- running
@@ -209,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimators", "--estimator", default="opd,vopd",
                    help="comma-separated, parameters after colons: opd,vopd,vopd_topk:k=4 (default opd,vopd)")
     p.add_argument("--seeds", "--seed", help="comma-separated seeds (default 0)")
+    p.add_argument("--lrs", help="comma-separated learning rates crossed with the estimators and seeds (instead of "
+                                 "--lr); folders <label>-lr<LR>-seed<S>")
     p.add_argument("--num-seeds", dest="num_seeds", type=int, help="seeds 0..N-1")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process when > 1 "
                                                        "(round-robin over the GPUs if any)")
@@ -223,6 +268,14 @@ def main(argv=None) -> int:
     estimators_text, jobs, out = given.pop("estimators"), given.pop("jobs"), Path(given.pop("out_dir"))
     seeds = parse_seeds(given.pop("seeds", None), given.pop("num_seeds", None))
     reference = given.pop("reference", None)
+    lrs = given.pop("lrs", None)
+    if lrs is not None:
+        if "lr" in given:
+            raise InputError("give --lrs or --lr, not both")
+        lrs = parse_lrs(lrs)
+        if reference is not None and len(lrs) > 1 and "@lr=" not in reference:
+            raise InputError(f"with several --lrs the closing table's labels carry the learning rate: give "
+                             f"--reference {reference}@lr={compare.format_lr(lrs[0])} (for example)")
     given.pop("resume", None)
     common = prm.with_shorthand(prm.parse_assignments(given.pop("param", [])), given.pop("k", None))
     if jobs < 1:
@@ -230,16 +283,19 @@ def main(argv=None) -> int:
     if (out / "metrics.jsonl").is_file():
         raise InputError(f"{out} is a vopd distill run, not a sweep folder; choose another --out")
     estimators = parse_estimators(estimators_text, common)
-    runs = plan(loop.config_from_args(argparse.Namespace(**given)), estimators, seeds, out)
+    runs = plan(loop.config_from_args(argparse.Namespace(**given)), estimators, seeds, out, lrs)
     out.mkdir(parents=True, exist_ok=True)
-    write_plan(out, runs, estimators, seeds, jobs)
-    print(f"sweep: {len(estimators)} estimator(s) x {len(seeds)} seed(s) = {len(runs)} runs -> {out} "
+    write_plan(out, runs, estimators, seeds, jobs, lrs)
+    grid = f" x {len(lrs)} learning rate(s)" if lrs else ""
+    print(f"sweep: {len(estimators)} estimator(s){grid} x {len(seeds)} seed(s) = {len(runs)} runs -> {out} "
           f"(plan in {out / 'sweep.json'})", flush=True)
     failures = execute(runs, out, jobs)
     done = [str(r.out) for r in runs if r.state() == "finished"]
     if done:
         print()
         compare.report(done, reference=reference, plot=out / "compare.png")
+        if lrs and len(lrs) > 1:
+            print(f"each estimator at its best learning rate: vopd compare {out} --best-lr")
     for line in failures:
         print(f"failed: {line}", file=sys.stderr)
     return 1 if failures else 0
