@@ -328,29 +328,50 @@ def optimal_scalar_baseline(student_logprobs: torch.Tensor, teacher_logprobs: to
     return (w * l).sum(-1) / w.sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
 
 
-def score_variance(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
-                   baseline: torch.Tensor) -> torch.Tensor:
-    """The logit-space trace variance, over the next token y ~ q at one state, of the one-token score-function
-    term G_b(y) = (l_y - b)(e_y - q), l_y = log q_y - log p_y:
+def score_moments(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> dict:
+    """Row sums from which the one-token score variance of every state baseline follows (``score_variance``):
 
-        Var_b = E_q |G_b|^2 - |E_q G_b|^2 = sum_y w_y (l_y - b)^2 - sum_v q_v^2 (l_v - KL)^2,
+        S0 = sum_y w_y,  S1 = sum_y w_y l_y,  S2 = sum_y w_y l_y^2,  M = sum_v q_v^2 (l_v - KL)^2,  KL = sum_y q_y l_y,
 
-    with w_y = q_y |e_y - q|^2 (``logit_score_weights``) and E_q G_b = (q_v (l_v - KL))_v, the same
-    for every b (a state baseline adds no bias). b = 0 is opd, b = KL vOPD, b = b* its minimiser.
-    Tokens with q_y = 0 contribute 0.
+    with w_y = q_y |e_y - q|^2 (``logit_score_weights``) and l_y = log q_y - log p_y (0 where q_y = 0).
+    b* = S1 / S0 (``optimal_scalar_baseline``).
 
     Args:
       student_logprobs, teacher_logprobs: log q and log p over the full vocabulary [..., V].
-      baseline: b per state [...].
     Returns:
-      [...] Var_b.
+      {"s0", "s1", "s2", "m", "kl"}, each [...].
     """
     q = student_logprobs.exp()
     l = student_logprobs - teacher_logprobs
     l = torch.where(student_logprobs == _NEG_INF, torch.zeros((), dtype=l.dtype, device=l.device), l)
-    kl = (q * l).sum(-1, keepdim=True)
-    second = (logit_score_weights(q) * (l - baseline.unsqueeze(-1)) ** 2).sum(-1)
-    return second - (q * q * (l - kl) ** 2).sum(-1)
+    acc = torch.promote_types(q.dtype, torch.float64)          # elementwise in the input dtype, sums in float64
+    w = logit_score_weights(q)
+    wl = w * l
+    kl = (q * l).sum(-1, dtype=acc)
+    return {"s0": w.sum(-1, dtype=acc), "s1": wl.sum(-1, dtype=acc), "s2": (wl * l).sum(-1, dtype=acc),
+            "m": (q * q * (l - kl.unsqueeze(-1).to(l.dtype)) ** 2).sum(-1, dtype=acc), "kl": kl}
+
+
+def score_variance(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
+                   baseline: torch.Tensor, moments: Optional[dict] = None) -> torch.Tensor:
+    """The logit-space trace variance, over the next token y ~ q at one state, of the one-token score-function
+    term G_b(y) = (l_y - b)(e_y - q), l_y = log q_y - log p_y:
+
+        Var_b = E_q |G_b|^2 - |E_q G_b|^2 = sum_y w_y (l_y - b)^2 - sum_v q_v^2 (l_v - KL)^2
+              = S2 - 2 b S1 + b^2 S0 - M        (``score_moments``),
+
+    with w_y = q_y |e_y - q|^2 and E_q G_b = (q_v (l_v - KL))_v, the same for every b (a state baseline adds
+    no bias). b = 0 is opd, b = KL vOPD, b = b* = S1 / S0 its minimiser. Tokens with q_y = 0 contribute 0.
+
+    Args:
+      student_logprobs, teacher_logprobs: log q and log p over the full vocabulary [..., V].
+      baseline: b per state [...].
+      moments: ``score_moments`` of the same rows, if already computed.
+    Returns:
+      [...] Var_b.
+    """
+    m = score_moments(student_logprobs, teacher_logprobs) if moments is None else moments
+    return m["s2"] - 2 * baseline * m["s1"] + baseline ** 2 * m["s0"] - m["m"]
 
 
 def student_topk_optimal_baseline(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:

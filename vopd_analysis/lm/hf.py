@@ -467,7 +467,8 @@ def entropy_binned_score_variance(student_logits: torch.Tensor, teacher_logits: 
     Args:
       student_logits, teacher_logits: [M, V] rows of visited states.
       edges: increasing bin edges in nats; bin i holds edges[i] <= H < edges[i + 1].
-      chunk_tokens: rows per float32 chunk.
+      chunk_tokens: rows per chunk (at most 64 MiB of float32; elementwise in float32, or float64 for
+        float64 logits, sums in float64).
 
     Returns:
       One dict per bin: {"low", "high", "states", "opd", "vopd", "bstar"} (sums over the bin's states).
@@ -476,15 +477,16 @@ def entropy_binned_score_variance(student_logits: torch.Tensor, teacher_logits: 
     bins = [{"low": lo, "high": hi, "states": 0, "opd": 0.0, "vopd": 0.0, "bstar": 0.0}
             for lo, hi in zip(edges[:-1], edges[1:])]
     bounds = torch.tensor(list(edges[1:-1]), dtype=torch.float64)
-    rows = max(1, min(chunk_tokens, (1 << 23) // teacher_logits.shape[-1]))      # float64 chunks of 64 MiB
+    rows = max(1, min(chunk_tokens, (1 << 24) // teacher_logits.shape[-1]))      # float32 chunks of 64 MiB
+    real = torch.promote_types(teacher_logits.dtype, torch.float32)
     for a in range(0, teacher_logits.shape[0], rows):
-        lp = torch.log_softmax(teacher_logits[a:a + rows].double(), dim=-1)
-        lq = torch.log_softmax(student_logits[a:a + rows].double(), dim=-1)
-        entropy = -(lp.exp() * lp).sum(-1)
+        lp = torch.log_softmax(teacher_logits[a:a + rows].to(real), dim=-1)
+        lq = torch.log_softmax(student_logits[a:a + rows].to(real), dim=-1)
+        entropy = -(lp.exp() * lp).sum(-1, dtype=torch.float64)
         index = torch.bucketize(entropy, bounds, right=True)
-        kl = dv.reverse_kl(lq, lp)
-        values = {"opd": dv.score_variance(lq, lp, torch.zeros_like(kl)), "vopd": dv.score_variance(lq, lp, kl),
-                  "bstar": dv.score_variance(lq, lp, dv.optimal_scalar_baseline(lq, lp))}
+        m = dv.score_moments(lq, lp)                          # one pass gives every baseline's variance
+        baselines = {"opd": torch.zeros_like(m["kl"]), "vopd": m["kl"], "bstar": m["s1"] / m["s0"].clamp_min(1e-300)}
+        values = {key: dv.score_variance(lq, lp, b, m) for key, b in baselines.items()}
         for i, b in enumerate(bins):
             in_bin = index == i
             b["states"] += int(in_bin.sum())
