@@ -56,10 +56,18 @@ def report(df: pd.DataFrame, config: dict) -> common.Report:
                                            "summary_note": said.extra["summary_note"]})
 
 
-def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
-    return common.run_study(NAME, DEFAULTS, lambda cfg: distill_tiny._with_seconds(*distill_tiny.compute(cfg), "small"),
+def run_text_preset(name: str, defaults: dict, quick: bool = True, out_dir="figures", config: dict | None = None,
+                    plot: bool = True) -> pd.DataFrame:
+    """A paired distillation study on a preset without a verifier (``METRICS``: reverse KL and the teacher's
+    log-likelihood, with the power columns): the body of this study and of ``distill_smollm2``."""
+    preset = defaults["quick"]["preset"]
+    return common.run_study(name, defaults, lambda cfg: distill_tiny._with_seconds(*distill_tiny.compute(cfg), preset),
                             lambda df: distill_tiny.figure(df, METRICS), report=report, quick=quick,
                             out_dir=out_dir, config=config, plot=plot)
+
+
+def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
+    return run_text_preset(NAME, DEFAULTS, quick, out_dir, config, plot)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from . import common, distill_small, distill_tiny
+from . import common, distill_small
 
 NAME = "distill_smollm2"
 ESTIMATORS = {"opd": {}, "vopd": {}, "opd_bstar": {}, "full_kl": {}}
@@ -33,18 +33,8 @@ DEFAULTS = {
 }
 
 
-def report(df: pd.DataFrame, config: dict) -> common.Report:
-    said = distill_tiny.report(df, config, METRICS)
-    table = pd.DataFrame(said.extra["summary"]).merge(distill_small.power_columns(df), on="estimator", how="left")
-    text = said.extra["summary_note"] + "\n" + table.to_string(index=False, float_format=lambda x: f"{x:.4g}")
-    return common.Report(text=text, extra={"summary": table.to_dict(orient="records"),
-                                           "summary_note": said.extra["summary_note"]})
-
-
 def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
-    return common.run_study(NAME, DEFAULTS, lambda cfg: distill_tiny._with_seconds(*distill_tiny.compute(cfg), "smollm2"),
-                            lambda df: distill_tiny.figure(df, METRICS), report=report, quick=quick,
-                            out_dir=out_dir, config=config, plot=plot)
+    return distill_small.run_text_preset(NAME, DEFAULTS, quick, out_dir, config, plot)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def test_plan_labels_parameters_and_refusals():
         probe.plan(["vopd_topk:k=32"], vocab_size=16)
     with pytest.raises(InputError, match="exact tabular quantities"):
         probe.plan(["rtg_oracle"], vocab_size=16)
-    with pytest.raises(InputError, match="no probed estimator takes parameter gamma"):
+    with pytest.raises(InputError, match="no estimator in --estimators takes parameter gamma"):
         probe.plan(["vopd"], vocab_size=16, common={"gamma": 0.5})
 
 

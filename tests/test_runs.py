@@ -223,7 +223,7 @@ def test_parse_estimators_and_seeds():
     assert sweep.parse_estimators("opd, vopd_topk:k=4", {"k": 8}) == [("opd", {}), ("vopd_topk", {"k": 4})]
     assert sweep.parse_estimators("opd,topk_kl", {"k": 8}) == [("opd", {}), ("topk_kl", {"k": 8})]
     for text, common, needle in [("opd,bogus", {}, "unknown estimator"), ("opd,opd", {}, "listed twice"),
-                                 ("opd,vopd", {"k": 4}, "no estimator in the sweep takes k"),
+                                 ("opd,vopd", {"k": 4}, "no estimator in --estimators takes parameter k"),
                                  ("vopd_topk:k", {}, "expects NAME=VALUE")]:
         with pytest.raises(InputError, match=needle):
             sweep.parse_estimators(text, common)

@@ -168,6 +168,45 @@ def distribute(names: Sequence[str], given: Optional[Mapping]) -> Dict[str, dict
             for name, d in defaults.items()}
 
 
+def parse_estimator_items(items: Iterable, common: Optional[Mapping] = None, what: str = "--estimators") -> list:
+    """Estimator items with their own parameters: ``["opd", "vopd_topk:k=4"]`` (or one comma-separated
+    string) -> ``[("opd", {}), ("vopd_topk", {"k": 4})]``; a (name, params) pair passes as it is.
+
+    Args:
+      items: names, ``NAME:PARAM=VALUE[:...]`` strings or (name, params) pairs; or one string of them
+        separated by commas.
+      common: parameters meant for every estimator that takes them (``--param``, ``--k``); one that no
+        item's estimator takes is an error (they are not merged here: callers decide how).
+      what: how messages name the list.
+
+    Returns:
+      [(registry name, the item's own parameters)], names checked against the registry.
+
+    Raises:
+      InputError: an empty list, an unknown estimator, a malformed assignment, or a ``common``
+        parameter that none of the estimators takes.
+    """
+    if isinstance(items, str):
+        items = items.split(",")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            if not item.strip():
+                continue
+            name, *assignments = item.strip().split(":")
+            own = parse_assignments(assignments, option=f"'{item.strip()}'")
+        else:
+            name, own = item[0], dict(item[1])
+        est.get(name)
+        out.append((name, own))
+    if not out:
+        raise InputError(f"{what} is empty")
+    unused = sorted(set(common or {}) - {k for name, _ in out for k in est.get(name).defaults})
+    if unused:
+        raise InputError(f"no estimator in {what} takes parameter {', '.join(unused)}")
+    return out
+
+
 def cap_to_vocab(estimator: str, params: Mapping, explicit: Iterable[str], vocab: int) -> Tuple[dict, List[dict]]:
     """Fit a top-k size to the vocabulary: ``k`` must satisfy 1 <= k <= V.
 

@@ -70,18 +70,8 @@ def parse_estimators(text: str, common: Optional[dict] = None) -> list:
     """``"opd,vopd_topk:k=4"`` -> ``[("opd", {}), ("vopd_topk", {"k": 4})]``. Parameters in ``common``
     (``--param``, ``--k``) go to every estimator that takes them; an estimator's own win."""
     common = common or {}
-    out = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, *assignments = item.split(":")
-        spec = est.get(name)
-        params = {k: v for k, v in common.items() if k in spec.defaults}
-        params.update(prm.parse_assignments(assignments, option=f"'{item}'"))
-        out.append((name, params))
-    if not out:
-        raise InputError("--estimators is empty")
-    unused = sorted(set(common) - {k for name, _ in out for k in est.get(name).defaults})
-    if unused:
-        raise InputError(f"no estimator in the sweep takes {', '.join(unused)}")
+    out = [(name, {**{k: v for k, v in common.items() if k in est.get(name).defaults}, **own})
+           for name, own in prm.parse_estimator_items(text, common)]
     labels = [compare.run_label(name, params) for name, params in out]
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:

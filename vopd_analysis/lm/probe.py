@@ -74,22 +74,10 @@ def plan(items: Sequence, vocab_size: int, topk: Optional[int] = None, common: O
       The ``Probed`` list, in order; labels carry an item's own parameters (``label_of``).
     """
     common = dict(common or {})
-    parsed = []
-    for item in items:
-        if isinstance(item, str):
-            name, *assignments = item.split(":")
-            own = prm.parse_assignments(assignments, option=f"'{item}'")
-        else:
-            name, own = item[0], dict(item[1])
-        spec = est.get(name)
-        if spec.analysis_only:
+    parsed = prm.parse_estimator_items(items, common)
+    for name, _ in parsed:
+        if est.get(name).analysis_only:
             raise InputError(f"estimator '{name}' needs exact tabular quantities; it cannot be probed on a model")
-        parsed.append((name, own))
-    if not parsed:
-        raise InputError("no estimator to probe")
-    unused = sorted(set(common) - {k for name, _ in parsed for k in est.get(name).defaults})
-    if unused:
-        raise InputError(f"no probed estimator takes parameter {', '.join(unused)}")
     out = []
     for name, own in parsed:
         spec = est.get(name)
