@@ -48,7 +48,7 @@ STATS = {"teacher_entropy": "teacher entropy (nats)", "teacher_top1_mass": "teac
 DEFAULTS = {
     "quick": {"pairs": ["tiny", "small", "smollm2", "gemma3"], "num_batches": 6, "num_prompts": 8, "num_rollouts": 4,
               "seed": 0},
-    "full": {"pairs": ["tiny", "small", "smollm2", "gemma3"], "num_batches": 16, "num_prompts": 16, "num_rollouts": 8,
+    "full": {"pairs": ["tiny", "small", "smollm2", "gemma3"], "num_batches": 16, "num_prompts": 8, "num_rollouts": 4,
              "seed": 0},
 }
 
