@@ -172,3 +172,14 @@ def test_per_rollout_scoring_gives_the_grouped_gradients(tiny_pair):
     with pytest.raises(InputError, match="group estimators"):
         list(variance.rollout_gradients(tiny_pair.student, tiny_pair.teacher, rollouts, {"seq_rloo": {"group_size": 3}},
                                         named, vocab_size=16, per_rollout=True))
+
+
+def test_parameter_check_compares_the_same_batches():
+    from studies import llm_variance
+    restricted = pd.DataFrame({"batch": [0, 0, 1, 1, 2, 2], "estimator": ["opd", "vopd"] * 3,
+                               "variance_ratio_to_opd": [1.0, 0.5, 1.0, 0.6, 1.0, 0.7]})
+    full = pd.DataFrame({"batch": [0, 0, 1, 1], "estimator": ["opd", "vopd"] * 2,
+                         "variance_ratio_to_opd": [1.0, 0.4, 1.0, 0.6]})
+    rows = llm_variance.parameter_check(restricted, full)
+    assert [(r["batch"], r["estimator"]) for r in rows] == [(0, "vopd"), (1, "vopd")]     # batch 2: restricted only
+    assert [r["restricted_over_all"] for r in rows] == pytest.approx([1.25, 1.0])

@@ -9,6 +9,7 @@ about 1e-7 relative and reaches the float64 variance traces amplified by at most
 hundred.
 """
 
+import json
 import shutil
 
 import numpy as np
@@ -99,7 +100,7 @@ def test_variance_training_probes_each_checkpoint(tmp_path):
     assert (tmp_path / "variance_training.png").stat().st_size > 0
 
 
-def test_vocab_effect_reads_both_pairs_and_names_a_missing_table(tmp_path):
+def test_vocab_effect_reads_the_four_pairs_and_names_a_missing_table(tmp_path):
     from studies import vocab_effect
     config = {"vocab": [2, 4], "seeds": [0]}
     with pytest.raises(InputError, match="llm_variance.csv is missing"):
@@ -107,13 +108,23 @@ def test_vocab_effect_reads_both_pairs_and_names_a_missing_table(tmp_path):
     for name in vocab_effect.REAL.values():
         for suffix in (".csv", "_batches.csv", ".json"):
             shutil.copy(FIGURES / name.replace(".csv", suffix), tmp_path / name.replace(".csv", suffix))
+    with pytest.raises(InputError, match="pair_statistics_entropy.csv is missing"):
+        vocab_effect.run(quick=True, out_dir=tmp_path, config=config, plot=False)
+    shutil.copy(FIGURES / vocab_effect.ENTROPY, tmp_path / vocab_effect.ENTROPY)
     df = vocab_effect.run(quick=True, out_dir=tmp_path, config=config)
     tab = df[df["source"] == "tabular (exact)"].set_index(["vocab", "estimator"])["ratio"]
     assert tab[(2, "vopd")] > 1 > tab[(2, "full_kl")]          # the exact V=2 values of variance_landscape
     tiny = pd.read_csv(FIGURES / "llm_variance.csv").set_index("estimator")
-    real = df[(df["vocab"] == 16)].set_index("estimator")
+    real = df[(df["vocab"] == 16) & df["source"].str.startswith("real pair")].set_index("estimator")
     assert real.loc["vopd", "ratio"] == tiny.loc["vopd", "ratio_gmean"]
-    assert set(df["vocab"]) == {2, 4, 16, 8192}
+    assert set(df["vocab"]) == {2, 4, 16, 8192, 49152, 262144}
+    bins = pd.read_csv(FIGURES / vocab_effect.ENTROPY)
+    g = bins[(bins["pair"] == "gemma3") & (bins["low"] == 3.0)]
+    row = df[(df["pair"] == "gemma3") & (df["estimator"] == "vopd") & df["source"].str.contains(r"\[3, 4.5\)")]
+    assert row["ratio"].item() == pytest.approx(np.exp(np.log(g["vopd"] / g["opd"]).mean()))
+    contrasts = json.loads((tmp_path / "vocab_effect.json").read_text())["contrasts"]
+    assert {(c["numerator"], c["denominator"]) for c in contrasts} == {
+        ("small", "tiny"), ("smollm2", "tiny"), ("smollm2", "small"), ("gemma3", "tiny"), ("gemma3", "smollm2")}
 
 
 def test_detectable_difference_closed_form():
