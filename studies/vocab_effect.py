@@ -130,7 +130,9 @@ def figure(df: pd.DataFrame):
         ax.errorbar(lm["vocab"], lm["ratio"], yerr=[lm["ratio"] - lm["ratio_low"], lm["ratio_high"] - lm["ratio"]],
                     fmt="s", color=f"C{i}", capsize=4, mfc="white", label=f"{name}, real pairs (95% interval)")
     states = df[(df["estimator"] == "vopd") & df["source"].str.startswith("states")]
-    for j, (label, g) in enumerate(states.groupby("source", sort=False)):
+    bins = sorted(states["source"].unique(), key=lambda text: float(text.split("[")[1].split(",")[0]))
+    for j, label in enumerate(bins):
+        g = states[states["source"] == label]
         g = g.sort_values("vocab")
         bx.errorbar(g["vocab"] * (1.06 ** j), g["ratio"], yerr=[g["ratio"] - g["ratio_low"], g["ratio_high"] - g["ratio"]],
                     marker="o", capsize=3, label=label.replace("states, teacher entropy ", "H(teacher) "))
