@@ -144,12 +144,12 @@ def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot:
 
 # pretrained pairs on a 2-core CPU: the gradient covers the last 2 decoder layers and the final norm (the tied
 # embedding / output matrix excluded), each rollout is scored alone (the same gradients, less work per backward),
-# and a batch is 2 x 4 rollouts (quick) or 4 x 8 (full); full mode also probes every parameter on the first
+# and a batch is 2 x 4 rollouts (quick) or 2 x 8 (full); full mode also probes every parameter on the first
 # ``check_batches`` batches to show whether the restricted ratios agree with the full-parameter ones.
 PRETRAINED = {
     "quick": {"num_batches": 8, "num_prompts": 2, "num_rollouts": 4, "parameters": "last:2", "per_rollout": True,
               "threads": None, "check_batches": 0},
-    "full": {"num_batches": 16, "num_prompts": 4, "num_rollouts": 8, "parameters": "last:2", "per_rollout": True,
+    "full": {"num_batches": 16, "num_prompts": 2, "num_rollouts": 8, "parameters": "last:2", "per_rollout": True,
              "threads": None, "check_batches": 2},
 }
 CHECK_ESTIMATORS = ["opd", "vopd", "opd_bstar", "full_kl"]
