@@ -416,3 +416,54 @@ def test_hard_masked_vocabulary_equals_the_smaller_vocabulary(name):
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
     assert torch.all(grads[0][..., masked] == 0)
     torch.testing.assert_close(grads[0][..., keep], grads[1], rtol=1e-11, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- 5: metadata and answers read back
+
+def test_records_name_the_file_and_the_field(tmp_path):
+    from vopd_analysis import records
+    path = tmp_path / "x.json"
+    for text, needle in [("{oops", f"thing {path} is not JSON (line 1, column 2: "),
+                         ("[1]", f"thing {path} must hold a JSON object, not a JSON array"),
+                         ('{"a": "1"}', f"{path}: field 'a' must be an integer, got \"1\""),
+                         ('{"b": 1}', f"{path}: field 'a' is missing"),
+                         ('{"a": 1, "c": 2}', f"{path}: unknown field 'c'"),
+                         ('{"a": true}', f"{path}: field 'a' must be an integer, got true")]:
+        path.write_text(text)
+        with pytest.raises(InputError) as info:
+            records.read_record(path, "thing", {"a": int, "b": (float, type(None))}, required=("a",), closed=True)
+        assert str(info.value).startswith(needle) and "\n" not in str(info.value), (text, str(info.value))
+    with pytest.raises(InputError, match=f"thing {re.escape(str(tmp_path / 'none.json'))} is missing"):
+        records.read_json(tmp_path / "none.json", "thing")
+    rows = tmp_path / "m.jsonl"
+    rows.write_text('{"kind": "train", "step": 1}\n{"kind": "eval"}\n')
+    with pytest.raises(InputError, match=r"m\.jsonl:2: field 'step' is missing"):
+        records.read_rows(rows)
+    rows.write_text('{"kind": "train", "step": 1}\n{"kind": "tr')        # cut off by an interruption
+    assert records.read_rows(rows) == [{"kind": "train", "step": 1}]
+
+
+@pytest.mark.parametrize("card, needle", [("{not json", "tiny pair card {card} is not JSON (line 1, column 2"),
+                                          ('{"teacher": {}}', "{card}: field 'files' is missing"),
+                                          ('{"files": {"a.bin": 5}}', "{card}: files: field 'a.bin' must be a string")])
+def test_damaged_pair_card_is_one_line(tmp_path, card, needle):
+    from vopd_analysis.lm import pair_card
+    (tmp_path / pair_card.CARD).write_text(card)
+    with pytest.raises(InputError) as info:
+        pair_card.verify_pair(tmp_path, "tiny", "vopd_analysis.lm.tiny")
+    assert str(info.value).startswith(needle.format(card=tmp_path / pair_card.CARD)), str(info.value)
+
+
+def test_plain_number_answers_are_graded_and_other_answers_refused(tmp_path):
+    from vopd_analysis.lm import tasks
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "123+456=", "answer": "579"}\n{"prompt": "001+002=", "answer": 3}\n')
+    first, second = tasks.read_jsonl(path)
+    assert tasks.verify(first, "9.7.5.0") is True and tasks.verify(first, "579") is True     # worked or plain
+    assert tasks.verify(first, "9.7.6.0") is False and tasks.verify(second, "3.0.0.0") is True
+    assert tasks.verify({"prompt": "q", "answer": "yes"}, " yes ") is True
+    for answer in ("true", "4.5", "[1]", "{}"):
+        path.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "1+1=", "answer": ' + answer + '}\n')
+        with pytest.raises(InputError, match=r"p\.jsonl:2: field 'answer' must be a string or an integer .*, got "
+                                             + re.escape(answer)):
+            tasks.read_jsonl(path)

@@ -130,6 +130,35 @@ def test_ctrl_c_checkpoints_the_last_step_and_resume_matches(ctrl_c, pair, tmp_p
     same_metrics(out, reference)
 
 
+def test_sigterm_checkpoints_the_last_step_and_exits_143(pair, tmp_path):
+    """A scheduler's stop (SIGTERM) is a Ctrl-C: the step finishes, is checkpointed, one line, status 143."""
+    out = tmp_path / "run"
+    proc = start_run(pair, out, save_every=50)
+    wait_for_rows(proc, out, 2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
+    assert "\nSIGTERM: finishing the current step, then saving a checkpoint" in stderr
+    done = rows(out)[-1]["step"]
+    assert stdout.strip().splitlines()[-1] == (
+        f"interrupted by SIGTERM after step {done} of 1000: checkpoint {out / 'checkpoints' / f'step-{done:08d}'}; "
+        f"continue with: vopd distill --out {out} --resume")
+    assert ckpt.verify(ckpt.latest(out)) == [] and not (out / loop.LOCK).exists()
+
+
+@pytest.mark.parametrize("entry", [["vopd_analysis.cli", "distill"], ["vopd_analysis.distill.loop"]])
+def test_ctrl_c_while_torch_imports_says_interrupted(tmp_path, entry):
+    """Ctrl-C in the first second (torch still importing): "interrupted", status 130, no traceback, nothing written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", *entry, "--out", str(tmp_path / "run")], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.startswith("interrupted") and "Traceback" not in stderr, stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def killed(pair, tmp_path_factory):
     """A run killed (SIGKILL) after 5 train rows: its lock file stays behind."""
@@ -257,6 +286,123 @@ def test_checkpoint_without_manifest_loads_unverified_or_names_the_bad_file(fini
     assert ckpt.verify(ckpt.latest(out)) == []       # the new checkpoints have manifests
 
 
+def copied(finished, tmp_path, unfinished=False):
+    """A copy of the finished 3-step run (``unfinished``: without its summary.json, as if stopped after its
+    last checkpoint)."""
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    if unfinished:
+        (out / "summary.json").unlink()
+    return out
+
+
+def stamps(out):
+    return {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+
+def test_hand_edited_config_is_refused_on_resume(finished, tmp_path):
+    out = copied(finished, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "lr": 0.02}))
+    before = stamps(out)
+    code, _, err = call("distill", "--out", out, "--resume", "--steps", 4)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: cannot resume {out}: its config.json was edited after the run started "
+                          "(lr: 0.01 then, 0.02 now)")
+    assert stamps(out) == before
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")      # put back: it resumes
+    code, _, err = call("distill", "--out", out, "--resume", "--steps", 4)
+    assert code == 0, err
+    same_metrics(out, finished[1], evals=False)
+
+
+def test_rewritten_prompts_file_is_refused_on_resume(pair, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [f"{i:03d}+001=" for i in range(30)])
+    out = tmp_path / "run"
+    assert call("distill", *options(pair, out, steps=1, max_new_tokens=8), "--prompts", prompts)[0] == 0
+    recorded = json.loads((out / loop.INPUTS).read_text())["files"]["prompts"]
+    assert recorded["path"] == str(prompts) and recorded["sha256"] == ckpt.file_digest(prompts)["sha256"]
+    write_jsonl(prompts, [f"{i:03d}+002=" for i in range(30)])
+    before = stamps(out)
+    code, _, err = call("distill", "--out", out, "--resume", "--steps", 2)
+    assert code == 2 and err.count("\n") == 1
+    assert f"error: cannot resume {out}: --prompts {prompts} changed since the run started" in err
+    assert "the run would go on with other prompts" in err and stamps(out) == before
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"bogus": 1}, "unknown field 'bogus'"),
+    ({"steps": "ten"}, "field 'steps' must be an integer, got \"ten\""),
+    ({"estimator_params": [1]}, "field 'estimator_params' must be a JSON object, got [1]"),
+    ({"lr": True}, "field 'lr' must be a number, got true"),
+])
+def test_damaged_config_is_one_line_naming_the_field(finished, tmp_path, edit, needle):
+    out = copied(finished, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, **edit}))
+    code, _, err = call("distill", "--out", out, "--resume", "--steps", 4)
+    assert code == 2 and err.count("\n") == 1 and err == f"error: {out / 'config.json'}: {needle}\n", err
+    (out / "config.json").write_text("{not json")
+    code, _, err = call("distill", "--out", out, "--resume", "--steps", 4)
+    assert code == 2 and err == (f"error: the run's config {out / 'config.json'} is not JSON (line 1, column 2: "
+                                 "Expecting property name enclosed in double quotes)\n")
+
+
+def test_checkpoints_replaced_by_a_file_touch_nothing(finished, tmp_path):
+    out = copied(finished, tmp_path, unfinished=True)
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").write_text("not a folder")
+    before = stamps(out)
+    code, _, err = call("distill", "--out", out, "--resume", "--steps", 4)
+    assert code == 2 and err == (f"error: --out {out}: {out / 'checkpoints'} is a file where the run keeps its "
+                                 "checkpoints folder; move it away (nothing was changed)\n")
+    assert stamps(out) == before
+
+
+def test_steps_below_the_steps_done_are_refused(finished, tmp_path):
+    out = copied(finished, tmp_path, unfinished=True)
+    before = stamps(out)
+    code, _, err = call("distill", "--out", out, "--resume", "--steps", 2)
+    assert code == 2 and err == (f"error: --steps 2 is below the 3 steps the run in {out} has done (checkpoint "
+                                 "step-00000003); give --steps 3 or more to continue it (nothing was changed)\n")
+    assert stamps(out) == before
+
+
+def test_damaged_summary_is_rebuilt_on_resume(finished, tmp_path):
+    out = copied(finished, tmp_path)
+    (out / "summary.json").write_text("garbage")
+    code, _, err = call("distill", "--out", out, "--resume")
+    assert code == 0 and err.startswith(f"warning: the run's summary {out / 'summary.json'} is not JSON")
+    assert "the run counts as unfinished" in err
+    assert json.loads((out / "summary.json").read_text())["steps_done"] == 3
+    assert rows(out) == rows(finished[0]) and rows(out, "eval") == rows(finished[0], "eval")
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_resume_is_exact(pair, finished, tmp_path, monkeypatch):
+    import errno
+    real = ckpt.torch.save
+
+    def full_at_step_2(obj, path, *args, **kwargs):
+        if Path(path).name == "state.pt" and Path(path).parent.name.startswith("step-00000002"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, path, *args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(ckpt.torch, "save", full_at_step_2)
+    code, _, err = call("distill", *options(pair, out))
+    monkeypatch.setattr(ckpt.torch, "save", real)
+    line = err.splitlines()[-1]                      # after the progress bar
+    assert code == 2 and err.count("error: ") == 1 and "Traceback" not in err
+    assert line.startswith(f"error: the disk is full: cannot write checkpoint step-00000002 into {out} (OSError: "
+                           "[Errno 28] No space left on device; ")
+    assert line.endswith(f"free some space, then continue with: vopd distill --out {out} --resume")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]     # no half-written one
+    assert not (out / loop.LOCK).exists()
+    code, _, err = call("distill", "--out", out, "--resume", "--steps", 3)
+    assert code == 0, err
+    same_metrics(out, finished[0])
+
+
 # ----------------------------------------------------------------------------- validate before creating anything
 
 def write_jsonl(path, prompts):
@@ -277,6 +423,12 @@ BAD = {   # options -> what the one-line error says
     "num_eval": (["--num-eval", "-1"], "--num-eval must be an integer >= 0, got -1"),
     "grad_clip": (["--grad-clip", "-1"], "--grad-clip must be a finite number >= 0, got -1.0"),
     "context": (["--max-new-tokens", "64"], "--max-new-tokens 64 does not fit the model's context of 64 tokens"),
+    # estimator parameters out of range: tried on a batch of the step's shape before --out exists
+    "rho": (["--param", "rho=0"], "token selection needs 0 < rho <= 1, got rho=0"),
+    "rtg gamma": (["--estimator", "rtg", "--param", "gamma=-1"], "rtg needs 0 <= gamma <= 1, got gamma=-1"),
+    "group_size": (["--estimator", "seq_rloo", "--param", "group_size=3"],
+                   "seq_rloo needs group_size >= 2 dividing the number of sequences (8), got group_size=3"),
+    "gkd beta": (["--estimator", "gkd_jsd", "--param", "beta=5"], "gkd_jsd needs 0 <= beta <= 1, got beta=5"),
     "default context": (["--prompts", REPO / "pyproject.toml"],   # no preset: 256, refused before the file is read
                         "--max-new-tokens 256 (the default without a preset) does not fit the model's context of 64"),
 }
@@ -329,6 +481,20 @@ def test_out_that_is_a_file_or_not_writable_is_refused(pair, tmp_path):
     locked.mkdir(mode=0o500)
     code, _, err = call("distill", *options(pair, locked / "run"))
     assert code == 2 and "is not writable" in err and not (locked / "run").exists()
+
+
+def test_empty_out_or_a_sweep_folder_is_refused(pair, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                      # --out '' (an unset variable) would be this folder
+    code, _, err = call("distill", *options(pair, ""))
+    assert code == 2 and err == "error: --out is empty (an unset shell variable?); give a path\n"
+    assert list(tmp_path.iterdir()) == []
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.json").write_text("{}")
+    code, _, err = call("distill", *options(pair, sweep_dir))
+    assert code == 2 and err.count("\n") == 1
+    assert f"--out {sweep_dir} is a vopd sweep folder (it holds sweep.json)" in err
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["sweep.json"]
 
 
 def test_failure_after_the_checks_removes_the_folder_it_created(pair, tmp_path, monkeypatch):

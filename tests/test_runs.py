@@ -4,6 +4,12 @@ import contextlib
 import io
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +21,10 @@ from vopd_analysis import cli
 
 from vopd_analysis.lm import tiny
 from vopd_analysis.errors import InputError
+from vopd_analysis.distill import checkpoint as ckpt
 from vopd_analysis.distill import compare, loop, sweep
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +264,90 @@ def test_sweep_jobs_run_worker_processes(pair, tmp_path):
     assert code == 0 and "done opd-seed0" in printed
     assert json.loads((out / "opd-seed0" / "summary.json").read_text())["steps_done"] == 2
     assert "summary: " + str(out / "opd-seed0" / "summary.json") in (out / "logs" / "opd-seed0.log").read_text()
+
+
+# ----------------------------------------------------------------------------- damaged folders, bad places, signals
+
+def test_compare_names_a_damaged_config(swept, tmp_path):
+    run = tmp_path / "opd-seed0"
+    shutil.copytree(swept[0] / "opd-seed0", run)
+    config = json.loads((run / "config.json").read_text())
+    for text, needle in [("{oops", f"error: run config {run / 'config.json'} is not JSON (line 1, column 2: "),
+                         (json.dumps({k: v for k, v in config.items() if k != "estimator"}),
+                          f"error: {run / 'config.json'}: field 'estimator' is missing\n"),
+                         (json.dumps({**config, "seed": "0"}),
+                          f"error: {run / 'config.json'}: field 'seed' must be an integer, got \"0\"\n")]:
+        (run / "config.json").write_text(text)
+        code, _, err = call("compare", run, "--plot", tmp_path / "c.png")
+        assert code == 2 and err.count("\n") == 1 and err.startswith(needle), err
+    (run / "config.json").write_text(json.dumps(config))
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write('{"kind": "eval"}\n{"kind": "train", "step": 9}\n')
+    bad_line = len((run / "metrics.jsonl").read_text().splitlines()) - 1
+    code, _, err = call("compare", run, "--plot", tmp_path / "c.png")
+    assert code == 2 and err == f"error: {run / 'metrics.jsonl'}:{bad_line}: field 'step' is missing\n", err
+
+
+def test_compare_outputs_are_checked_before_the_work(swept, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    nowhere = tmp_path / "no-such-run"               # refused later: the outputs are checked first
+    for option, path, needle in [("--csv", afile / "t.csv", f"--csv {afile / 't.csv'}: {afile} is a file, so the "
+                                                             "file cannot be made"),
+                                 ("--plot", tmp_path, f"--plot {tmp_path} is a folder, not a file"),
+                                 ("--csv", "", "--csv is empty"),
+                                 ("--plot", tmp_path / ("x" * 300 + ".png"), "cannot be written: File name too long")]:
+        code, _, err = call("compare", nowhere, option, path)
+        assert code == 2 and err.count("\n") == 1 and needle in err, err
+    code, _, err = call("compare", swept[0] / "opd-seed0", "--plot", tmp_path / "new" / "c.png", "--csv",
+                        tmp_path / "new" / "deeper" / "t.csv")           # missing folders are made
+    assert code == 0 and (tmp_path / "new" / "deeper" / "t.csv").is_file() and (tmp_path / "new" / "c.png").is_file()
+    if os.geteuid() != 0:
+        locked = tmp_path / "ro"
+        locked.mkdir(mode=0o500)
+        code, _, err = call("compare", nowhere, "--csv", locked / "t.csv")
+        assert code == 2 and "is not writable" in err
+
+
+def test_sweep_rebuilds_a_damaged_summary_and_refuses_a_second_sweep(swept, tmp_path, one_thread):
+    out = tmp_path / "sw"
+    shutil.copytree(swept[0], out)
+    (out / "opd-seed0" / "summary.json").write_text("garbage")
+    held = loop.RunLock(out, sweep.LOCK, "vopd sweep")      # another sweep on the folder
+    assert held.acquire() is None
+    try:
+        code, _, err = call(*swept[1][:-2], "--out", out)
+        assert code == 2 and err.startswith(f"error: {out} is in use by another vopd sweep (pid {os.getpid()} on ")
+    finally:
+        held.release()
+    code, printed, err = call(*swept[1][:-2], "--out", out)
+    assert code == 0 and f"warning: the run's summary {out / 'opd-seed0' / 'summary.json'} is not JSON" in err
+    assert "resume opd-seed0" in printed and printed.count("skip ") == 3
+    assert json.loads((out / "opd-seed0" / "summary.json").read_text())["steps_done"] == 2
+    assert not (out / sweep.LOCK).exists()
+
+
+def test_ctrl_c_on_sweep_jobs_reports_resumable_runs(pair, tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the process group) on --jobs 2: each worker finishes its step and
+    checkpoints, the sweep says so, starts nothing new and exits 130; the logs hold no traceback."""
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "vopd_analysis.cli", "sweep", "--estimators", "opd,vopd", "--seeds", "0,1",
+           "--jobs", "2", *options(pair, out=out, steps=1000, save_every=50, eval_every=100)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not all((out / run / "metrics.jsonl").is_file() and '"train"' in (out / run / "metrics.jsonl").read_text()
+                  for run in ("opd-seed0", "vopd-seed0")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 130 and "Traceback" not in stderr, (stdout, stderr)
+    for run in ("opd-seed0", "vopd-seed0"):
+        assert f"interrupted {run}: stopped by a signal after its last checkpoint" in stdout
+        assert "Traceback" not in (out / "logs" / f"{run}.log").read_text()
+        assert ckpt.verify(ckpt.latest(out / run)) == [] and not (out / run / loop.LOCK).exists()
+    assert "FAILED" not in stdout and "start opd-seed1" not in stdout
+    assert stdout.strip().splitlines()[-1].startswith("interrupted: 2 run(s) stopped after a checkpoint")
+    assert not (out / sweep.LOCK).exists()

@@ -203,7 +203,8 @@ def test_run_all_compares_fresh_tables_with_the_committed_ones(tmp_path):
     new.write_text("name,x,tiny\na,1.0,1e-15\nb,2.0,0\n")
     assert run_all.compare_table(new, old) == "identical"
     new.write_text("name,x,tiny\na,1.0,2e-15\nb,2.2,0\n")
-    assert run_all.compare_table(new, old) == "same shape, max diff 1 of the column's scale"  # tiny: 1e-15 of 1e-15
+    assert run_all.compare_table(new, old) == ("same shape, max diff 0.1 of the column's scale (in x); "
+                                               "round-off in tiny")                # tiny: 1e-15 against 2e-15
     new.write_text("name,x,tiny\na,1.0,1e-15\nb,2.0,0\nc,3.0,0\n")
     assert run_all.compare_table(new, old) == "rows 2 committed -> 3 now"
     new.write_text("name,y\na,1\n")

@@ -1,7 +1,9 @@
 """--engine trl: the registry's estimators inside TRL 1.16's DistillationTrainer (vopd_analysis/distill/trl_engine.py)."""
 
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ pytest.importorskip("trl")
 
 from vopd_analysis import estimators as est                      # noqa: E402
 from vopd_analysis import fused                                  # noqa: E402
+from vopd_analysis.distill import checkpoint as ckpt             # noqa: E402
 from vopd_analysis.distill import loop, trl_engine               # noqa: E402
 from vopd_analysis.errors import InputError                      # noqa: E402
 from vopd_analysis.lm import hf, loading, tasks, tiny                     # noqa: E402
@@ -260,6 +263,16 @@ def test_signal_a_teacher_server_cannot_give(no_model_loads, tmp_path, estimator
     (["--trl-arg", "gradient_acumulation_steps=2"], "not a field of trl.DistillationConfig"),
     (["--trl-arg", "gradient_accumulation_steps=3"], "must be divisible by processes x gradient_accumulation_steps"),
     (["--logits", "fused", "--estimator", "k3"], "--logits fused: estimator 'k3' has no fused form"),
+    (["--trl-arg", "gradient_accumulation_steps=0"], "--trl-arg gradient_accumulation_steps must be at least 1, got 0"),
+    (["--trl-arg", "gradient_accumulation_steps=abc"],
+     "--trl-arg gradient_accumulation_steps=\"abc\": trl.DistillationConfig's gradient_accumulation_steps must be an "
+     "integer"),
+    (["--trl-arg", "gradient_accumulation_steps=2.5"], "gradient_accumulation_steps=2.5: .* must be an integer"),
+    (["--trl-arg", "lr_scheduler_type=bogus"],
+     "--trl-arg lr_scheduler_type=\"bogus\": trl.DistillationConfig refuses it: ValueError: bogus is not a valid "
+     "SchedulerType"),
+    pytest.param(["--trl-arg", "report_to=wandb"], r"--trl-arg report_to: wandb is not installed \(pip install wandb\)",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")),
 ])
 def test_other_refusals(no_model_loads, tmp_path, argv, match):
     refused(options(tmp_path / "r", *argv), match)
@@ -401,3 +414,60 @@ def test_accumulation_rows_match_one_micro_batch(one_thread, tmp_path):
     assert first_plain["response_tokens"] == first_accum["response_tokens"] == 64
     for key in ("loss", "grad_norm", "reverse_kl", "reverse_kl_sampled"):
         assert first_accum[key] == pytest.approx(first_plain[key], rel=1e-5), key
+
+
+def test_sigterm_stops_like_ctrl_c_with_status_143(one_thread, tmp_path, monkeypatch, capsys):
+    """A SIGTERM during step 2 (a scheduler's stop): step 2 finishes and is checkpointed, status 143."""
+    out = tmp_path / "run"
+    real = trl_engine._stop_class()
+
+    class SigtermAtStep2(real):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)      # caught by loop.StopOnSignal around trainer.train
+            return super().on_step_end(args, state, control, **kw)
+
+    monkeypatch.setattr(trl_engine, "_stop_class", lambda: SigtermAtStep2)
+    assert loop.main(options(out, "--save-every", "0", "--eval-every", "0", steps=4)) == 143
+    printed = capsys.readouterr()
+    assert "interrupted by SIGTERM after step 2 of 4: checkpoint" in printed.out and "SIGTERM: finishing" in printed.err
+    assert ckpt.verify(out / "checkpoints" / "checkpoint-2") == []         # the Trainer checkpoint has a manifest
+    assert not (out / loop.LOCK).exists()
+
+
+def test_damaged_trainer_checkpoint_falls_back_to_the_newest_intact_one(one_thread, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert loop.main(options(out, "--eval-every", "0", steps=2)) == 0
+    first = rows(out)
+    (out / "summary.json").unlink()                                        # as if stopped after its last step
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(InputError, match=r"--steps 1 is below the 2 steps the run in .* has done \(checkpoint "
+                                         r"checkpoint-2\)"):
+        loop.main(options(out, "--eval-every", "0", "--resume", steps=1))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    weights = out / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:size // 2])
+    capsys.readouterr()
+    assert loop.main(options(out, "--eval-every", "0", "--resume", steps=3)) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: checkpoint {out / 'checkpoints' / 'checkpoint-2'} is damaged (model.safetensors: "
+            f"{size // 2:,} bytes, expected {size:,}); set aside as checkpoint-2.corrupt, resuming from "
+            "checkpoint-1") in err
+    assert [r["step"] for r in rows(out)] == [1, 2, 3] and rows(out)[0] == first[0]
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 1
+
+
+def test_trainer_checkpoint_without_manifest(tmp_path):
+    """Written before manifests: loaded unverified if its rows are there, else incomplete; garbage rows are one line."""
+    procs = type("Procs", (), {"is_main_process": True, "num_processes": 1})()
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+    (root / "checkpoint-1" / trl_engine.ROWS_FILE).write_text('[{"kind": "train", "step": 1}]')
+    latest, step, got = trl_engine.resume_point(tmp_path, procs)      # checkpoint-2 has no rows: incomplete
+    assert (Path(latest).name, step, got) == ("checkpoint-1", 1, [{"kind": "train", "step": 1}])
+    assert (root / "checkpoint-2.corrupt").is_dir()
+    (root / "checkpoint-1" / trl_engine.ROWS_FILE).write_text("garbage")
+    with pytest.raises(InputError, match=r"the checkpoint's metrics rows .*checkpoint-1/vopd_rows\.json is not JSON"):
+        trl_engine.resume_point(tmp_path, procs)

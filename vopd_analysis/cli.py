@@ -18,9 +18,10 @@ top-k size above the vocabulary V is capped at V (and the output says so). ``vop
 each parameter to every selected estimator that takes it, and refuses one that none takes.
 
 Bad input prints one line ``error: ...`` naming the problem and exits with status 2, argparse's
-own complaints (a missing or malformed option) included. ``--json`` output is strict JSON: a
-result that is not finite in float64 is written as null and its path listed under
-``non_finite`` (the text output prints a note).
+own complaints (a missing or malformed option) included. A Ctrl-C prints ``interrupted`` and exits
+with status 130, also while torch is still importing (the package imports it only inside ``main``).
+``--json`` output is strict JSON: a result that is not finite in float64 is written as null and its
+path listed under ``non_finite`` (the text output prints a note).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import math
 import os
 import sys
 
-from .errors import InputError
+from .errors import InputError, interrupt_exits_at_once
 
 # [S, V] float64 arrays the exact engines hold at once: the tables and tree_quantities' about a
 # dozen, and per estimator its mean gradient and that mean as a Python list for the output
@@ -382,11 +383,12 @@ def _silence_broken_pipe() -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] in (["distill"], ["sweep"], ["compare"]):
-            module = {"distill": "loop"}.get(argv[0], argv[0])
-            return importlib.import_module(f".distill.{module}", __package__).main(argv[1:]) or 0
-        if argv[:1] == ["probe"]:
-            return importlib.import_module(".lm.probe", __package__).main(argv[1:]) or 0
+        if argv[:1] in (["distill"], ["sweep"], ["compare"], ["probe"]):
+            name = {"distill": ".distill.loop", "sweep": ".distill.sweep", "compare": ".distill.compare",
+                    "probe": ".lm.probe"}[argv[0]]
+            with interrupt_exits_at_once():          # torch imports for seconds: a Ctrl-C then ends it at once
+                module = importlib.import_module(name, __package__)
+            return module.main(argv[1:]) or 0
         args = build_parser().parse_args(argv)
         {"estimators": cmd_estimators, "exact": cmd_exact, "mc": cmd_mc, "study": cmd_study}[args.command](args)
         sys.stdout.flush()
@@ -395,9 +397,9 @@ def main(argv=None) -> int:
         return 2
     except BrokenPipeError:
         return _silence_broken_pipe()
-    except KeyboardInterrupt:   # a run saves its checkpoint and says how to resume before this
+    except KeyboardInterrupt as err:   # a run saves its checkpoint and says how to resume before this
         print("interrupted", file=sys.stderr)
-        return 130
+        return getattr(err, "status", 130)   # 143 after a SIGTERM (distill.loop.Interrupted)
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from .. import records
 from ..errors import InputError
 
 MANIFEST = "manifest.json"
@@ -110,22 +112,30 @@ def write_manifest(folder: Path, step: int) -> Path:
     return folder / MANIFEST
 
 
-def verify(path: Path) -> Optional[List[str]]:
+def verify(path: Path, required=()) -> Optional[List[str]]:
     """Check a checkpoint against its manifest.
 
     Args:
       path: a checkpoint folder.
+      required: files a checkpoint without a manifest must hold (a Trainer checkpoint's rows: without
+        them the save did not finish).
     Returns:
-      None if it has no manifest (unverifiable); else one line per bad file ("state.pt: 1,024
-      bytes, expected 2,048"), [] when every file is intact.
+      None if it has no manifest (unverifiable) and holds every ``required`` file; else one line per
+      bad file ("state.pt: 1,024 bytes, expected 2,048"), [] when every file is intact.
     """
     manifest = Path(path) / MANIFEST
     if not manifest.is_file():
-        return None
+        missing = [f"{name}: missing, and no {MANIFEST} (the save did not finish)" for name in required
+                   if not (Path(path) / name).is_file()]
+        return missing or None
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        return [f"{MANIFEST}: unreadable ({type(err).__name__})"]
+        files = records.read_record(manifest, "manifest", {"files": dict}, required=("files",))["files"]
+        records.check_fields(files, f"{manifest}: files", dict.fromkeys(files, dict))
+        for name, want in files.items():
+            records.check_fields(want, f"{manifest}: files: {name}", {"size": int, "sha256": str},
+                                 required=("size", "sha256"))
+    except InputError as err:
+        return [f"{MANIFEST}: unreadable ({err})"]
     problems = []
     for name, want in files.items():
         file = Path(path) / name
@@ -154,18 +164,21 @@ class Choice:
     verified: bool
 
 
-def choose(out_dir) -> Choice:
+def choose(out_dir, dirs: Optional[List[Path]] = None, required=()) -> Choice:
     """The newest checkpoint of ``out_dir`` that passes ``verify`` (or has no manifest), newest first.
 
     Args:
       out_dir: the run folder.
+      dirs: its checkpoints, oldest first (default ``checkpoint_dirs(out_dir)``; the TRL engine's
+        ``checkpoint-N`` folders).
+      required: passed to ``verify``.
     Returns:
       A ``Choice``; an ``InputError`` naming every bad file if the run has checkpoints but none
       is intact (resuming from scratch would silently rewrite its metrics).
     """
-    dirs, bad = checkpoint_dirs(out_dir), []
+    dirs, bad = checkpoint_dirs(out_dir) if dirs is None else dirs, []
     for path in reversed(dirs):
-        problems = verify(path)
+        problems = verify(path, required)
         if not problems:
             return Choice(path, bad, problems is not None)
         bad.append((path, problems))
@@ -174,6 +187,11 @@ def choose(out_dir) -> Choice:
             f"{p.name}: {', '.join(problems)}" for p, problems in bad)
             + ". Start the run again with another --out (or delete this folder)")
     return Choice(None, [], False)
+
+
+def step_of(path) -> int:
+    """The step of a checkpoint folder: ``step-00000020`` (this loop's) or ``checkpoint-20`` (a Trainer's) -> 20."""
+    return int(re.fullmatch(r"(?:step|checkpoint)-(\d+)", Path(path).name).group(1))
 
 
 def set_aside(path: Path) -> Path:
@@ -233,26 +251,70 @@ def save(accelerator, out_dir, step: int, model, tokenizer, optimizer, scheduler
         raise RuntimeError(f"refusing to checkpoint step {step}: the student has non-finite parameters")
     final = Path(out_dir) / "checkpoints" / f"step-{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
+    try:
+        with disk_full_is_input_error(out_dir, f"checkpoint {final.name}"):
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            torch.save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+            if accelerator.is_main_process:
+                with quiet_hf_progress():
+                    model.save_pretrained(tmp / "model")
+                    tokenizer.save_pretrained(tmp / "model")
+                torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "rows": rows, "world_size": accelerator.num_processes}, tmp / "state.pt")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_manifest(tmp, step)
+    except BaseException:
+        if accelerator.is_main_process:       # a half-written checkpoint holds space and is never read
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        with quiet_hf_progress():
-            model.save_pretrained(tmp / "model")
-            tokenizer.save_pretrained(tmp / "model")
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rows": rows, "world_size": accelerator.num_processes}, tmp / "state.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_manifest(tmp, step)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+LOW_SPACE = 64 * 2**20     # bytes free below which torch's "file write failed" is taken for a full disk
+
+
+def disk_full(err: BaseException, folder) -> bool:
+    """Whether an error raised while writing under ``folder`` is the disk running out of space: an
+    ``OSError`` ENOSPC or EDQUOT (or one as the cause of another error), or torch's serialisation error
+    ("PytorchStreamWriter failed writing file ...: file write failed", which does not say why) with
+    less than ``LOW_SPACE`` bytes left there."""
+    for e in (err, err.__cause__, err.__context__):
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return True
+    return isinstance(err, RuntimeError) and "write failed" in str(err) and free_bytes(folder) < LOW_SPACE
+
+
+def free_bytes(folder) -> int:
+    """Bytes free for this user on the filesystem of ``folder`` (or of its nearest existing parent)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+@contextlib.contextmanager
+def disk_full_is_input_error(out_dir, what: str):
+    """A full disk while writing ``what`` into the run folder ``out_dir`` (``disk_full``) becomes one
+    ``InputError`` line naming the folder and how to continue once there is room; other errors pass."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if not disk_full(err, out_dir):
+            raise
+        raise InputError(f"the disk is full: cannot write {what} into {out_dir} ({first_line(err)}; "
+                         f"{free_bytes(out_dir) / 2**20:,.0f} MiB free there); free some space, then continue "
+                         f"with: vopd distill --out {out_dir} --resume") from None
 
 
 def load_state(accelerator, path: Path, optimizer, scheduler) -> dict:

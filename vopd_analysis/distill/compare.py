@@ -40,6 +40,7 @@ from typing import Iterable, List, Optional
 import numpy as np
 import pandas as pd
 
+from .. import records
 from ..errors import InputError
 from ..stats import mean_interval, paired_difference
 
@@ -129,17 +130,15 @@ def find_runs(paths: Iterable) -> List[Path]:
     return list(dict.fromkeys(runs))
 
 
-def _read_rows(path: Path) -> list:
-    """The rows of ``metrics.jsonl``; a last line cut off by an interruption is left out."""
-    lines = (path / "metrics.jsonl").read_text().splitlines()
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise InputError(f"{path / 'metrics.jsonl'} line {i + 1} is not JSON") from None
-    return rows
+# what compare reads of a run's config.json (a run of any version has these)
+RUN_CONFIG = {"estimator": str, "seed": int, "estimator_params": (dict, type(None)), "engine": (str, type(None)),
+              "lr": (float, type(None))}
+
+
+def read_run_config(path: Path) -> dict:
+    """The ``config.json`` of the run in ``path``, with the fields compare reads checked
+    (``records``: one ``InputError`` line naming the file and the field)."""
+    return records.read_record(path / "config.json", "run config", RUN_CONFIG, required=("estimator", "seed"))
 
 
 def load_runs(paths: Iterable) -> pd.DataFrame:
@@ -159,14 +158,14 @@ def load_runs(paths: Iterable) -> pd.DataFrame:
     """
     frames, seen = [], {}
     for path in find_runs(paths):
-        config = json.loads((path / "config.json").read_text())
+        config = read_run_config(path)
         label = run_label(config["estimator"], config.get("estimator_params"), config.get("engine"))
-        seed, lr = int(config["seed"]), float(config.get("lr", math.nan))
+        seed, lr = config["seed"], math.nan if config.get("lr") is None else float(config["lr"])
         if (label, lr, seed) in seen:
             raise InputError(f"{seen[label, lr, seed]} and {path} are both {label} lr {format_lr(lr)} seed {seed}; "
                              "compare runs that differ in engine, estimator, parameters, learning rate or seed")
         seen[label, lr, seed] = path
-        evals = [r for r in _read_rows(path) if r.get("kind") == "eval"]
+        evals = [r for r in records.read_rows(path / "metrics.jsonl") if r["kind"] == "eval"]
         frames.append(pd.DataFrame({"estimator": config["estimator"], "label": label, "seed": seed,
                                     "step": [r["step"] for r in evals],
                                     **{m: [r.get(m) for r in evals] for m in METRICS}, "run": str(path),
@@ -397,7 +396,7 @@ def notes(paths: Iterable, df: pd.DataFrame) -> List[str]:
     if last["step"].nunique() > 1:
         out.append("final evals are at different steps: " + ", ".join(
             f"{r.label} seed {r.seed} at {r.step}" for r in last.itertuples()))
-    configs = [json.loads((p / "config.json").read_text()) for p in runs]
+    configs = [read_run_config(p) for p in runs]
     for key in sorted({k for c in configs for k in c} - _BOOKKEEPING):
         values = [json.dumps(c.get(key)) for c in configs]
         if len(set(values)) > 1:
@@ -515,8 +514,9 @@ def report(paths: list, reference: Optional[str] = None, plot=None, csv=None, as
       paths: as for ``find_runs``.
       reference: as for ``summary_table``.
       plot: the figure's path (None: ``<folder>/compare.png`` for one folder of runs, else
-        ``./compare.png``).
-      csv: also write the table there (None: do not).
+        ``./compare.png``); missing folders are created.
+      csv: also write the table there (None: do not); missing folders are created. Both paths are
+        checked before any run is read (``records.check_output``).
       as_json: print {"reference", "confidence", "plot", "csv", "notes", "best_lr", "rows"} instead of text.
       confidence: the intervals' confidence level.
       best_lr: a metric: keep each estimator label's runs at the learning rate ``best_lrs`` chooses by it
@@ -526,15 +526,19 @@ def report(paths: list, reference: Optional[str] = None, plot=None, csv=None, as
     Returns:
       The table of ``summary_table``.
     """
+    if plot is None:
+        plot = Path(paths[0]) / "compare.png" if len(paths) == 1 and not _is_run(Path(paths[0])) else "compare.png"
+    records.check_output(plot, "--plot")                   # before the work: an impossible place is one line
+    if csv is not None:
+        csv = records.check_output(csv, "--csv")
     every = df = load_runs(paths)
     choice = None
     if best_lr is not None:
         df, choice = keep_best_lrs(every, best_lr)
     table = summary_table(df, reference, confidence)
-    if plot is None:
-        plot = Path(paths[0]) / "compare.png" if len(paths) == 1 and not _is_run(Path(paths[0])) else "compare.png"
     plot = plot_curves(df, plot, confidence)
-    if csv:
+    if csv is not None:
+        csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(csv, index=False)
     remarks = notes(paths, every)
     if best_lr is None and table.attrs["reference"] is None and "lr" in table and table["lr"].nunique() > 1:

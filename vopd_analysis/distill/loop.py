@@ -18,12 +18,16 @@ give exactly the metrics of an uninterrupted run: rollout seeds depend only on
 run writes ``summary.json`` (config, first and last evaluation, wall time, paths) and
 ``curves.png``; a run without ``summary.json`` is unfinished.
 
-Run safety (``run``): the whole config and the prompt files are checked before ``--out`` is
-created, so a refused invocation leaves nothing behind; the run folder is locked
-(``run.lock``: pid, host, start; ``RunLock``) while its run lives, so a second run on it is
-refused; Ctrl-C finishes the current step, checkpoints it and exits with status 130
-(``StopOnSignal``); resume verifies the newest checkpoint's manifest and falls back to the
-newest intact one (``checkpoint.choose``); ``--resume`` on a finished run does nothing.
+Run safety (``run``): the whole config (estimator parameters tried on a small batch,
+``try_parameters``), the prompt files and the run folder's place (``check_out_dir``) are checked
+before ``--out`` is created, so a refused invocation leaves nothing behind; the run folder is
+locked (``run.lock``: pid, host, start; ``RunLock``) while its run lives, so a second run on it
+is refused; Ctrl-C finishes the current step, checkpoints it and exits with status 130, SIGTERM
+likewise with 143 (``StopOnSignal``); ``inputs.json`` records the config and the prompt files'
+sha256 at every start, and a resume is refused when they changed (``check_inputs``); resume
+verifies the newest checkpoint's manifest and falls back to the newest intact one
+(``checkpoint.choose``); ``--resume`` on a finished run does nothing, and ``--steps`` below the
+steps done is refused; a full disk while checkpointing is one line, and the run resumes exactly.
 
     vopd distill --preset tiny --estimator vopd --out runs/tiny-vopd   # ~2 min on 2 cores
     vopd distill --preset small --estimator vopd --out runs/small-vopd # text, 8,192-token vocabulary
@@ -69,16 +73,22 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import torch
+from ..errors import InputError, exit_with, quiet_interrupt_while_starting
 
-from .. import estimators as est
-from .. import params as prm
-from ..errors import InputError, exit_with
-from ..lm import fused_score as fs
-from ..lm import hf, loading, tasks
-from ..lm.presets import PRESETS
-from . import checkpoint as ckpt
-from .evaluate import evaluate_shard, reverse_kl_sums
+if __name__ == "__main__":            # python -m: a Ctrl-C while torch imports is "interrupted", exit 130
+    quiet_interrupt_while_starting()
+
+import torch  # noqa: E402
+
+from .. import estimators as est  # noqa: E402
+from .. import params as prm  # noqa: E402
+from .. import records  # noqa: E402
+from ..batch import TokenBatch  # noqa: E402
+from ..lm import fused_score as fs  # noqa: E402
+from ..lm import hf, loading, tasks  # noqa: E402
+from ..lm.presets import PRESETS  # noqa: E402
+from . import checkpoint as ckpt  # noqa: E402
+from .evaluate import evaluate_shard, reverse_kl_sums  # noqa: E402
 
 try:
     import fcntl
@@ -234,7 +244,30 @@ def check_config(cfg: DistillConfig, world: int) -> dict:
     if cfg.reduction not in ("sequence_mean", "token_mean"):
         raise InputError(f"reduction must be 'sequence_mean' or 'token_mean', got '{cfg.reduction}'")
     fs.choose(cfg.logits, cfg.estimator, 0, 0)   # an unknown path, or --logits fused without a fused form
+    try_parameters(cfg.estimator, params, cfg.prompts_per_step // world * cfg.rollouts_per_prompt)
     return params
+
+
+def try_parameters(estimator: str, params: dict, rows: int) -> None:
+    """Run the estimator once on a random batch of a step's shape (``rows`` sequences, as each process
+    holds, of 2 positions), so that a parameter outside its range (``rho=0``, ``rtg`` with ``gamma=-1``,
+    ``gkd_jsd`` with ``beta=5``, a ``group_size`` that does not divide the batch) is refused now, by
+    the estimator's own check (``estimators.py``), before ``--out`` exists, not at the first step.
+
+    The vocabulary is the top-k size (at least 2); a ``k`` below 1 is left to ``params.cap_to_vocab``,
+    whose message names the model's vocabulary.
+    """
+    k = params.get("k")
+    if isinstance(k, int) and k < 1:
+        return
+    V = max(k if isinstance(k, int) else 0, 2)
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, rows, 2, V, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(V, (rows, 2), generator=gen)
+    batch = TokenBatch(tokens=tokens, mask=torch.ones(rows, 2), student_logits=student,
+                       teacher_token_logprobs=teacher.log_softmax(-1).gather(-1, tokens[..., None])[..., 0],
+                       teacher_logits=teacher, teacher_logsumexp=teacher.logsumexp(-1))
+    est.per_sequence(estimator, batch, **params)
 
 
 class Prompts:
@@ -340,60 +373,144 @@ def _effective_bf16(value) -> bool:
     return bool(value) and torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true"
 
 
+def _json_kind(annotation):
+    """The JSON kind (``records.is_kind``) of a ``DistillConfig`` field annotation: ``Optional[int]`` ->
+    ``(int, NoneType)``."""
+    return tuple(typing.get_args(annotation)) if typing.get_origin(annotation) is typing.Union else annotation
+
+
 def read_config(path: Path) -> dict:
-    """A run's saved ``config.json``; one that is not a JSON object is an ``InputError`` naming it."""
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read the run's config {path}: {ckpt.first_line(err)}") from None
-    if not isinstance(saved, dict):
-        raise InputError(f"cannot read the run's config {path}: not a JSON object")
-    return saved
+    """A run's saved ``config.json``: a JSON object whose every field is a ``DistillConfig`` field of its
+    type (a field missing, as in a config from an older version, takes its default); anything else is an
+    ``InputError`` naming the file and the field."""
+    kinds = {name: _json_kind(hint) for name, hint in typing.get_type_hints(DistillConfig).items()}
+    return records.read_record(path, "the run's config", kinds, closed=True)
+
+
+def changed_fields(before: dict, after: dict) -> list:
+    """The fields outside ``RESUMABLE`` whose value in ``after`` differs from ``before`` (a field
+    ``before`` lacks, saved by an older version: its default; ``bf16`` compared as the effective value on
+    this machine: config.json records False for a CPU run that asked for bf16), sorted."""
+    def same(key, value):
+        if key == "bf16":
+            return _effective_bf16(before.get(key)) == _effective_bf16(value)
+        return before.get(key, DEFAULTS.get(key)) == value
+
+    return sorted(k for k, v in after.items() if k not in RESUMABLE and not same(k, v))
 
 
 def check_resumable(out_dir: Path, cfg: DistillConfig) -> None:
-    """Refuse to continue the run in ``out_dir`` with a config that differs from its saved one
-    in a field outside ``RESUMABLE`` (``bf16`` compared as the effective value on this machine:
-    config.json records False for a CPU run that asked for bf16)."""
+    """Refuse to continue the run in ``out_dir`` when its inputs changed since it started
+    (``check_inputs``) or ``cfg`` differs from its saved config in a field outside ``RESUMABLE``."""
+    check_inputs(out_dir)
     saved = read_config(out_dir / "config.json")
-
-    def same(key, value):
-        if key == "bf16":
-            return _effective_bf16(saved.get(key)) == _effective_bf16(value)
-        return saved.get(key, DEFAULTS.get(key)) == value   # a key added since the run was saved: its default
-
-    changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and not same(k, v))
+    changed = changed_fields(saved, dataclasses.asdict(cfg))
     if changed:
         raise InputError(f"cannot resume {out_dir}: its run used different " + ", ".join(
             f"{k} ({saved.get(k)!r} there, {getattr(cfg, k)!r} now)" for k in changed))
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse an ``--out`` that cannot become a run folder (a file, below a file, not writable),
-    before anything is written.
+# ----------------------------------------------------------------------------- what a run started from
+
+INPUTS = "inputs.json"
+PROMPT_FILES = ("prompts", "eval_prompts")
+
+
+def record_inputs(out_dir: Path, config: dict) -> None:
+    """Write ``inputs.json``: the config as ``config.json`` gets it and the size and sha256 of each prompts
+    file it names, so that ``check_inputs`` can tell a hand-edited config or a rewritten prompts file."""
+    files = {name: {"path": config[name], **ckpt.file_digest(Path(config[name]))} for name in PROMPT_FILES
+             if config.get(name) and Path(config[name]).is_file()}
+    write_json_atomic(out_dir / INPUTS, {"config": config, "files": files})
+
+
+def check_inputs(out_dir: Path) -> None:
+    """Refuse to resume the run in ``out_dir`` when its ``config.json`` was edited since the run (last)
+    started in a field a resume cannot change, or a prompts file it trains on no longer has the sha256
+    recorded then (``inputs.json``, ``record_inputs``); a run from before ``inputs.json`` is not checked,
+    a prompts file that is gone is left to the prompt reader.
 
     Args:
-      out_dir: the run folder (it may not exist yet).
+      out_dir: the run folder.
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {out_dir} is a file, not a folder; choose another --out")
-    probe = out_dir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise InputError(f"--out {out_dir}: {probe} is a file, so the folder cannot be made; choose another --out")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out_dir} is not writable ({probe}: permission denied); choose another --out")
+    path = out_dir / INPUTS
+    if not path.is_file():
+        return
+    record = records.read_record(path, "the run's record of its inputs", {"config": dict, "files": dict},
+                                 required=("config", "files"))
+    saved = read_config(out_dir / "config.json")
+    edited = changed_fields(record["config"], saved)
+    if edited:
+        raise InputError(f"cannot resume {out_dir}: its config.json was edited after the run started (" + ", ".join(
+            f"{k}: {record['config'].get(k)!r} then, {saved.get(k)!r} now" for k in edited)
+            + "); a run's settings cannot change on resume: put the file back, or start a new run with another --out")
+    records.check_fields(record["files"], f"{path}: files", dict.fromkeys(record["files"], dict))
+    for name, entry in record["files"].items():
+        want = records.check_fields(entry, f"{path}: files: {name}", {"path": str, "size": int, "sha256": str},
+                                    required=("path", "size", "sha256"))
+        file = Path(want["path"])
+        got = ckpt.file_digest(file) if file.is_file() else None
+        if got is not None and got != {"size": want["size"], "sha256": want["sha256"]}:
+            raise InputError(f"cannot resume {out_dir}: {_flag(name)} {file} changed since the run started "
+                             f"({got['size']:,} bytes, sha256 {got['sha256'][:16]}...; it had {want['size']:,} bytes, "
+                             f"sha256 {want['sha256'][:16]}...), so the run would go on with other prompts: put the "
+                             "file back, or start a new run with another --out")
+
+
+# ----------------------------------------------------------------------------- the run folder's place
+
+# what a run keeps in its folder: True for a folder, False for a file
+RUN_ENTRIES = {"checkpoints": True, "final": True, "config.json": False, INPUTS: False, "metrics.jsonl": False,
+               "metrics.csv": False, "summary.json": False, "curves.png": False}
+
+
+def check_out_dir(out_dir) -> Path:
+    """Refuse an ``--out`` that cannot become (or stay) a run folder, before anything is written: empty (an
+    unset shell variable), a file, below a file, not writable (``records.check_output``); a ``vopd sweep``
+    folder (its runs would be hidden from ``vopd compare``); a folder where the run keeps a file or the
+    reverse (``checkpoints`` replaced by a file).
+
+    Args:
+      out_dir: the run folder as given (it may not exist yet).
+    Returns:
+      It as a ``Path``.
+    """
+    out = records.check_output(out_dir, "--out", folder=True)
+    if (out / "sweep.json").exists():
+        raise InputError(f"--out {out} is a vopd sweep folder (it holds sweep.json); give the run a folder of its "
+                         f"own, e.g. --out {out / 'my-run'}")
+    for name, folder in RUN_ENTRIES.items():
+        entry = out / name
+        if entry.exists() and entry.is_dir() != folder:
+            kind, other = ("folder", "file") if folder else ("file", "folder")
+            raise InputError(f"--out {out}: {entry} is a {other} where the run keeps its {name} {kind}; move it "
+                             "away (nothing was changed)")
+    return out
 
 
 def finished_run(out_dir: Path, steps: int) -> Optional[dict]:
-    """The ``summary.json`` of a finished run in ``out_dir`` that reached ``steps``, else None."""
+    """The ``summary.json`` of a finished run in ``out_dir`` that reached ``steps``, else None; a
+    damaged one is warned about and counts as unfinished (``--resume`` writes it again from the newest
+    checkpoint)."""
     path = out_dir / "summary.json"
-    try:
-        summary = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
+    if not path.is_file():
         return None
-    return summary if isinstance(summary, dict) and summary.get("steps_done", 0) >= steps else None
+    try:
+        summary = records.read_record(path, "the run's summary", {"steps_done": int}, required=("steps_done",))
+    except InputError as err:
+        print(f"warning: {err}; the run counts as unfinished (--resume writes it again from the newest "
+              "checkpoint)", file=sys.stderr, flush=True)
+        return None
+    return summary if summary["steps_done"] >= steps else None
+
+
+def check_steps_left(out_dir: Path, steps: int, newest: Optional[Path]) -> None:
+    """Refuse ``--steps`` below the step of the run's newest checkpoint ``newest``: nothing would be
+    trained, and config.json would record fewer steps than were done."""
+    done = ckpt.step_of(newest) if newest is not None else 0
+    if steps < done:
+        raise InputError(f"--steps {steps} is below the {done} steps the run in {out_dir} has done (checkpoint "
+                         f"{newest.name}); give --steps {done} or more to continue it (nothing was changed)")
 
 
 def on_main(accelerator, fn):
@@ -445,10 +562,15 @@ class RunLock:
     A lock file left by a process that is gone (killed) is stale: taken over with a warning. A
     lock held by a live process is an ``InputError`` naming the folder and the pid; so is one
     recorded by another host (its pid cannot be checked from here).
+
+    Args:
+      out_dir: the folder locked.
+      name: the lock file's name in it (``vopd sweep`` locks its folder with ``sweep.lock``).
+      holder: what holds it, in messages ("vopd distill run").
     """
 
-    def __init__(self, out_dir: Path):
-        self.out_dir, self.path, self.fd = Path(out_dir), Path(out_dir) / LOCK, None
+    def __init__(self, out_dir: Path, name: str = LOCK, holder: str = "vopd distill run"):
+        self.out_dir, self.path, self.fd, self.holder = Path(out_dir), Path(out_dir) / name, None, holder
 
     def acquire(self) -> Optional[str]:
         """Take the lock.
@@ -523,7 +645,7 @@ class RunLock:
         """The one-line refusal naming the folder and the holder's pid and host."""
         who = (f"pid {holder['pid']} on {holder.get('host')}, started {holder.get('started')}" if holder
                else "a process that has not written its pid yet")
-        return (f"{self.out_dir} is in use by another vopd distill run ({who}); wait for it to end or stop it, "
+        return (f"{self.out_dir} is in use by another {self.holder} ({who}); wait for it to end or stop it, "
                 "or choose another --out")
 
     def _previous(self, holder: Optional[dict], flocked: bool) -> Optional[str]:
@@ -594,17 +716,18 @@ def claim_out_dir(out_dir: Path, accelerator) -> Claim:
     return claim
 
 
-def choose_checkpoint(out_dir: Path) -> Optional[Path]:
+def choose_checkpoint(out_dir: Path, dirs: Optional[list] = None, required=()) -> Optional[Path]:
     """The checkpoint to resume from (``checkpoint.choose``), with a warning per damaged newer one
     (set aside as ``.corrupt``, naming each bad file with its expected and actual size or hash) and
     for an unverified one (no manifest: written before manifests existed). Main process only.
 
     Args:
       out_dir: the run folder.
+      dirs, required: as ``checkpoint.choose`` (the TRL engine's Trainer checkpoints and their rows file).
     Returns:
       The checkpoint folder, or None if the run has none.
     """
-    choice = ckpt.choose(out_dir)
+    choice = ckpt.choose(out_dir, dirs, required)
     for path, problems in choice.bad:
         moved = ckpt.set_aside(path)
         print(f"warning: checkpoint {path} is damaged ({'; '.join(problems)}); set aside as {moved.name}, "
@@ -639,11 +762,13 @@ def prepare_out_dir(out_dir: Path, cfg: DistillConfig, resume: bool, accelerator
 
 
 def start_out_dir(out_dir: Path, record: dict, accelerator) -> None:
-    """Mark the run as started: ``config.json`` written (atomically) and a previous ``summary.json``
-    removed (a continued run is unfinished until it ends). Main process, after every process checked."""
+    """Mark the run as started: ``inputs.json`` (``record_inputs``) and ``config.json`` written (atomically)
+    and a previous ``summary.json`` removed (a continued run is unfinished until it ends). Main process,
+    after every process checked."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (out_dir / "summary.json").unlink(missing_ok=True)
+        record_inputs(out_dir, record)
         write_json_atomic(out_dir / "config.json", record)
 
 
@@ -1041,43 +1166,66 @@ def eval_postfix(row: dict) -> dict:
 # ----------------------------------------------------------------------------- Ctrl-C
 
 class Interrupted(KeyboardInterrupt):
-    """Raised by ``run`` after a Ctrl-C, once the last completed step is checkpointed and the
-    console told how to resume (``main`` exits with status 130)."""
+    """Raised by ``run`` after a Ctrl-C or a SIGTERM, once the last completed step is checkpointed and
+    the console told how to resume; ``status`` is the exit status (``main``): 130 after SIGINT, 143
+    after SIGTERM (128 + the signal's number)."""
+
+    def __init__(self, message: str = "", status: int = 128 + signal.SIGINT):
+        super().__init__(message)
+        self.status = status
 
 
 class StopOnSignal:
-    """Ctrl-C (SIGINT) as a request to stop between steps, for the ``with`` block.
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's stop) as a request to stop between steps, for the
+    ``with`` block.
 
-    The first Ctrl-C sets ``requested`` (the loop finishes its step, checkpoints and stops); one
-    more than ``grace`` seconds later raises ``KeyboardInterrupt`` at once (one within ``grace``
-    is the same Ctrl-C forwarded by a launcher such as torchrun). Installed only in the main
-    thread; elsewhere Ctrl-C keeps its default behaviour.
+    The first signal sets ``requested`` and ``signum`` (the loop finishes its step, checkpoints and
+    stops) and calls ``forward(signum)`` if given (``vopd sweep`` passes it to its workers); one more
+    than ``grace`` seconds later raises ``KeyboardInterrupt`` at once (one within ``grace`` is the same
+    Ctrl-C forwarded by a launcher such as torchrun). Installed only in the main thread; elsewhere
+    the signals keep their default behaviour.
+
+    Args:
+      grace: seconds within which a second signal counts as the first one, forwarded.
+      message: what the first signal prints, after "interrupt: " (or "SIGTERM: ").
+      forward: called with the signal's number on the first signal.
     """
 
-    def __init__(self, grace: float = 2.0):
-        self.grace, self.requested_at, self._installed, self._previous = grace, None, False, None
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, grace: float = 2.0, message: str = "finishing the current step, then saving a checkpoint",
+                 forward=None):
+        self.grace, self.message, self.forward = grace, message, forward
+        self.requested_at, self.signum, self._previous = None, None, {}
 
     @property
     def requested(self) -> bool:
         return self.requested_at is not None
 
+    @property
+    def status(self) -> int:
+        """The exit status a stop by this signal gets: 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + (self.signum or signal.SIGINT)
+
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        """The SIGINT handler: note the first request, raise on a later one past ``grace``."""
+        """The handler: note the first request, raise on a later one past ``grace``."""
         now = time.monotonic()
         if self.requested_at is None:
-            self.requested_at = now
-            print("\ninterrupt: finishing the current step, then saving a checkpoint (Ctrl-C again to stop at once)",
-                  file=sys.stderr, flush=True)
+            self.requested_at, self.signum = now, signum
+            what = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\n{what}: {self.message} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            if self.forward is not None:
+                self.forward(signum)
         elif now - self.requested_at > self.grace:
             raise KeyboardInterrupt
 
@@ -1091,7 +1239,7 @@ def stop_agreed(acc, stop: StopOnSignal) -> bool:
     return flag > 0
 
 
-def stop_at(run_, done: int, saved: int, metrics: Metrics) -> None:
+def stop_at(run_, done: int, saved: int, metrics: Metrics, stop: StopOnSignal) -> None:
     """Checkpoint step ``done`` (unless ``saved``, the newest checkpoint, is that step), print one
     line saying where and how to resume, and raise ``Interrupted``.
 
@@ -1100,6 +1248,7 @@ def stop_at(run_, done: int, saved: int, metrics: Metrics) -> None:
       done: the last completed step (0: none).
       saved: the step of the newest checkpoint (0: none).
       metrics: the rows so far (saved in the checkpoint).
+      stop: the ``StopOnSignal`` that asked (its signal sets the message and the exit status).
     """
     cfg, acc, out = run_.cfg, run_.accelerator, Path(run_.cfg.out_dir)
     path = None
@@ -1110,16 +1259,19 @@ def stop_at(run_, done: int, saved: int, metrics: Metrics) -> None:
     elif done:
         path = out / "checkpoints" / f"step-{done:08d}"
     where = f"checkpoint {path}" if path else "no step done, nothing to checkpoint"
-    message = interrupted_message(out, done, cfg.steps, where, acc.num_processes)
+    message = interrupted_message(out, done, cfg.steps, where, acc.num_processes, stop.signum)
     acc.print(message)
-    raise Interrupted(message)
+    raise Interrupted(message, stop.status)
 
 
-def interrupted_message(out: Path, done: int, steps: int, where: str, num_processes: int) -> str:
-    """The one line a Ctrl-C leaves: the step reached, ``where`` it was saved, how to resume."""
+def interrupted_message(out: Path, done: int, steps: int, where: str, num_processes: int,
+                        signum: Optional[int] = None) -> str:
+    """The one line a Ctrl-C (or another ``signum``, named) leaves: the step reached, ``where`` it was
+    saved, how to resume."""
     how = f"vopd distill --out {out} --resume" + (
         f" (launched the same way, {num_processes} processes)" if num_processes > 1 else "")
-    return f"interrupted after step {done} of {steps}: {where}; continue with: {how}"
+    by = "" if signum in (None, signal.SIGINT) else f" by {signal.Signals(signum).name}"
+    return f"interrupted{by} after step {done} of {steps}: {where}; continue with: {how}"
 
 
 def abandoned(out_dir: Path) -> str:
@@ -1138,7 +1290,7 @@ def already_finished(out_dir: Path, summary: dict, acc) -> dict:
     acc.print(f"{out_dir} is finished: {summary['steps_done']} steps (its summary.json); nothing to do, nothing "
               f"changed (--steps above {summary['steps_done']} continues it)")
     path = out_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = records.read_rows(path) if path.is_file() else []
     evals = [r for r in rows if r.get("kind") == "eval"]
     return {"out_dir": str(out_dir), "rows": rows, "first_eval": evals[0] if evals else None,
             "last_eval": evals[-1] if evals else None, "summary": summary if acc.is_main_process else None}
@@ -1190,7 +1342,7 @@ def train(run_: Run, start: int, metrics: Metrics, started: float) -> dict:
         finally:
             bar.close()
         if done < cfg.steps:
-            stop_at(run_, done, saved, metrics)
+            stop_at(run_, done, saved, metrics, stop)
         return finish(run_, start, metrics, started)
 
 
@@ -1202,10 +1354,10 @@ def finish(run_: Run, start: int, metrics: Metrics, started: float, extra: Optio
     acc.wait_for_everyone()
     summary = None
     if acc.is_main_process:
-        with ckpt.quiet_hf_progress():
+        with ckpt.quiet_hf_progress(), ckpt.disk_full_is_input_error(cfg.out_dir, "the final model and summary"):
             run_.student.save_pretrained(Path(cfg.out_dir) / "final")
             run_.tokenizer.save_pretrained(Path(cfg.out_dir) / "final")
-        summary = write_summary(run_, metrics.rows, start, time.perf_counter() - started, extra)
+            summary = write_summary(run_, metrics.rows, start, time.perf_counter() - started, extra)
         for line in summary_lines(summary, Path(cfg.out_dir) / "summary.json"):
             acc.print(line)
     evals = [r for r in metrics.rows if r["kind"] == "eval"]
@@ -1245,13 +1397,13 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
     cfg.bf16 = bool(cfg.bf16) and acc.device.type == "cuda"   # what the run gets; config.json records it
     asked = dataclasses.replace(cfg)                          # as asked: max_new_tokens unresolved
     params = check_config(cfg, acc.num_processes)
-    out_dir = Path(cfg.out_dir)
-    check_out_dir(out_dir)
+    out_dir = check_out_dir(cfg.out_dir)
     if resume and (out_dir / "config.json").is_file():
         check_resumable(out_dir, asked)
         summary = finished_run(out_dir, cfg.steps)
         if summary is not None:
             return already_finished(out_dir, summary, acc)
+        check_steps_left(out_dir, cfg.steps, ckpt.latest(out_dir))
     paths = model_paths(cfg, acc)
     defaulted = cfg.max_new_tokens is None
     if defaulted:
@@ -1292,7 +1444,9 @@ what the numbers mean (metrics.jsonl, one train row per step, eval rows every --
 the run folder (--out): config.json, metrics.jsonl/.csv, checkpoints/ (each with a manifest of
 sizes and sha256, verified on --resume), final/, summary.json and curves.png when finished.
 It is locked (run.lock) while its run lives: a second run on it is refused. Ctrl-C finishes
-the current step, checkpoints it and exits with status 130; --resume continues it exactly.
+the current step, checkpoints it and exits with status 130 (SIGTERM: the same, status 143);
+--resume continues it exactly, and is refused if config.json or a prompts file changed since the
+run started (inputs.json holds their record).
 """
 
 
@@ -1362,8 +1516,9 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     if "prompts" in given and "preset" not in given:
         given["preset"] = None
     base = {}
-    saved = Path(given.get("out_dir", DistillConfig.out_dir)) / "config.json"
-    if resume and saved.is_file():
+    out = str(given.get("out_dir", DistillConfig.out_dir))
+    saved = Path(out) / "config.json"
+    if resume and out.strip() and saved.is_file():          # an empty --out is refused by check_out_dir
         base = read_config(saved)
     if params or "estimator_params" not in base:
         given["estimator_params"] = params
@@ -1373,14 +1528,21 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 
 
 def main(argv=None) -> int:
-    """``vopd distill``: 0 when the run finished (or already had), 130 after a Ctrl-C (with one line
-    saying how to resume, no traceback); bad input raises ``InputError`` (the entry points print it)."""
+    """``vopd distill``: 0 when the run finished (or already had), 130 after a Ctrl-C and 143 after a
+    SIGTERM (with one line saying how to resume, no traceback); bad input raises ``InputError`` (the
+    entry points print it)."""
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
+    return run_command(config_from_args(args), resume=getattr(args, "resume", False))
+
+
+def run_command(cfg: DistillConfig, resume: bool) -> int:
+    """``run`` as a command (``vopd distill``, a ``vopd sweep`` worker): its exit status, 0 when the run
+    finished; after a stop by a signal, ``Interrupted``'s status (130 or 143), and 130 with one line
+    saying what was left when it came before the first step or twice."""
     try:
-        result = run(cfg, resume=getattr(args, "resume", False))
-    except Interrupted:
-        return 130
+        result = run(cfg, resume=resume)
+    except Interrupted as err:
+        return err.status
     except KeyboardInterrupt:
         print(f"interrupted: {abandoned(Path(cfg.out_dir))}", file=sys.stderr, flush=True)
         return 130

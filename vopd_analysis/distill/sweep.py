@@ -22,6 +22,11 @@ estimator and learning rate (``vopd@lr=3e-4``, so ``--reference`` names one: ``o
 ``--jobs 1`` (the default) trains in this process; ``--jobs N`` runs N ``vopd distill``
 processes at a time, each logging to ``OUT/logs/<run>.log``, with ``CUDA_VISIBLE_DEVICES``
 set round-robin over the visible GPUs when there are any.
+
+The sweep folder is locked (``OUT/sweep.lock``, ``loop.RunLock``) while the sweep runs, so a second
+sweep on it is refused at once. A Ctrl-C (or SIGTERM) lets every running run finish its step and
+checkpoint, starts no new one, says which runs stopped (resumable by calling the sweep again) and
+exits with status 130 (143).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import json
 import math
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -41,10 +47,17 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .. import estimators as est
-from .. import params as prm
-from ..errors import InputError
-from . import compare, loop
+from ..errors import InputError, exit_with, quiet_interrupt_while_starting
+
+if __name__ == "__main__":            # a worker (python -m ... --one): a Ctrl-C while torch imports exits 130
+    quiet_interrupt_while_starting()
+
+from .. import estimators as est  # noqa: E402
+from .. import params as prm  # noqa: E402
+from .. import records  # noqa: E402
+from . import compare, loop  # noqa: E402
+
+LOCK = "sweep.lock"
 
 
 @dataclasses.dataclass
@@ -57,9 +70,9 @@ class PlannedRun:
         return Path(self.cfg.out_dir)
 
     def state(self) -> str:
-        """"finished", "unfinished" (it can be resumed) or "new"."""
-        summary = self.out / "summary.json"
-        if summary.is_file() and json.loads(summary.read_text())["steps_done"] >= self.cfg.steps:
+        """"finished", "unfinished" (it can be resumed; also a run whose summary.json is damaged, with a
+        warning: resuming writes it again) or "new"."""
+        if loop.finished_run(self.out, self.cfg.steps) is not None:
             return "finished"
         if (self.out / "config.json").is_file() or (self.out / "metrics.jsonl").is_file():
             return "unfinished"
@@ -169,30 +182,69 @@ def run_in_process(run: PlannedRun, resume: bool) -> None:
     loop.run(run.cfg, resume=resume)
 
 
+class RunStopped(Exception):
+    """A worker process stopped by a signal after checkpointing its last step: the run is resumable."""
+
+
+# a worker's exit status after a stop by SIGINT or SIGTERM (its own, or the signal's if it died of it)
+STOPPED = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
+
+
+_WORKERS = set()              # the worker processes running now, to pass a stop signal on to
+_WORKERS_LOCK = threading.Lock()
+
+
+def forward_to_workers(signum: int) -> None:
+    """Send signal ``signum`` to every running worker process (a SIGTERM sent to the sweep alone
+    reaches its runs; a Ctrl-C in a terminal reaches them twice, which they take as one)."""
+    with _WORKERS_LOCK:
+        for proc in _WORKERS:
+            proc.send_signal(signum)
+
+
 def run_in_subprocess(run: PlannedRun, resume: bool, device: Optional[str], log: Path) -> None:
-    """``python -m vopd_analysis.distill.sweep --one CONFIG_JSON`` with its output in ``log``."""
+    """``python -m vopd_analysis.distill.sweep --one CONFIG_JSON`` with its output in ``log``; raises
+    ``RunStopped`` when it stopped on a signal (exit status 130 or 143), ``RuntimeError`` when it failed."""
     cmd = [sys.executable, "-m", "vopd_analysis.distill.sweep", "--one", json.dumps(dataclasses.asdict(run.cfg))]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as fh:
-        code = subprocess.run(cmd + (["--resume"] if resume else []), stdout=fh, stderr=subprocess.STDOUT,
-                              env=env).returncode
+        proc = subprocess.Popen(cmd + (["--resume"] if resume else []), stdout=fh, stderr=subprocess.STDOUT, env=env)
+        with _WORKERS_LOCK:
+            _WORKERS.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            with _WORKERS_LOCK:
+                _WORKERS.discard(proc)
+    if code in STOPPED:
+        raise RunStopped(f"stopped by a signal after its last checkpoint; see {log}")
     if code:
         raise RuntimeError(f"exit status {code}; see {log}")
 
 
 def execute(runs: List[PlannedRun], out: Path, jobs: int) -> List[str]:
-    """Train the runs that are not finished; return one line per failed run."""
+    """Train the runs that are not finished; return one line per failed run.
+
+    With ``jobs`` > 1 a Ctrl-C (or SIGTERM) lets every running worker finish its step and checkpoint
+    (``forward_to_workers``) and starts no new run; then ``loop.Interrupted`` is raised (status 130 or
+    143) after one line per run saying it stopped and is resumable. With ``jobs`` = 1 the run in this
+    process stops the same way (``loop.run``).
+    """
     todo = [(r, r.state()) for r in runs]
     for r, state in todo:
         if state == "finished":
             print(f"skip {r.name}: finished ({r.out / 'summary.json'})")
     todo = [(r, state) for r, state in todo if state != "finished"]
-    failures, lock = [], threading.Lock()
+    failures, stopped, lock = [], [], threading.Lock()
+    stop = loop.StopOnSignal(message="every running run finishes its step and saves a checkpoint; no new run "
+                                     "starts", forward=forward_to_workers)
 
     def one(i, r, state, device=None):
+        if stop.requested:
+            return
         with lock:
             where = f" on GPU {device}" if device is not None else ""
             print(f"[{i}/{len(todo)}] {'resume' if state == 'unfinished' else 'start'} {r.name}{where}", flush=True)
@@ -202,6 +254,11 @@ def execute(runs: List[PlannedRun], out: Path, jobs: int) -> List[str]:
                 run_in_process(r, state == "unfinished")
             else:
                 run_in_subprocess(r, state == "unfinished", device, out / "logs" / f"{r.name}.log")
+        except RunStopped as err:
+            with lock:
+                stopped.append(r.name)
+                print(f"[{i}/{len(todo)}] interrupted {r.name}: {err}", flush=True)
+            return
         except Exception as err:   # the other runs go on; this one stays resumable
             with lock:
                 failures.append(f"{r.name}: {err}")
@@ -226,8 +283,14 @@ def execute(runs: List[PlannedRun], out: Path, jobs: int) -> List[str]:
         finally:
             slots.put(device)
 
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    with stop, concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         list(pool.map(lambda item: in_slot(item[0], *item[1]), enumerate(todo, 1)))
+    if stop.requested or stopped:
+        message = (f"interrupted: {len(stopped)} run(s) stopped after a checkpoint"
+                   + (f" ({', '.join(stopped)})" if stopped else "") + (f", {len(failures)} failed" if failures else "")
+                   + "; the same vopd sweep again resumes them")
+        print(message, flush=True)
+        raise loop.Interrupted(message, stop.status)
     return failures
 
 
@@ -255,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     given = vars(build_parser().parse_args(argv))
-    estimators_text, jobs, out = given.pop("estimators"), given.pop("jobs"), Path(given.pop("out_dir"))
+    estimators_text, jobs = given.pop("estimators"), given.pop("jobs")
+    out = records.check_output(given.pop("out_dir"), "--out", folder=True)
     seeds = parse_seeds(given.pop("seeds", None), given.pop("num_seeds", None))
     reference = given.pop("reference", None)
     lrs = given.pop("lrs", None)
@@ -275,32 +339,35 @@ def main(argv=None) -> int:
     estimators = parse_estimators(estimators_text, common)
     runs = plan(loop.config_from_args(argparse.Namespace(**given)), estimators, seeds, out, lrs)
     out.mkdir(parents=True, exist_ok=True)
-    write_plan(out, runs, estimators, seeds, jobs, lrs)
-    grid = f" x {len(lrs)} learning rate(s)" if lrs else ""
-    print(f"sweep: {len(estimators)} estimator(s){grid} x {len(seeds)} seed(s) = {len(runs)} runs -> {out} "
-          f"(plan in {out / 'sweep.json'})", flush=True)
-    failures = execute(runs, out, jobs)
-    done = [str(r.out) for r in runs if r.state() == "finished"]
-    if done:
-        print()
-        compare.report(done, reference=reference, plot=out / "compare.png")
-        if lrs and len(lrs) > 1:
-            print(f"each estimator at its best learning rate: vopd compare {out} --best-lr")
+    lock = loop.RunLock(out, LOCK, "vopd sweep")
+    stale = lock.acquire()                  # a second sweep on this folder is refused at once
+    if stale:
+        print(f"warning: {stale}", file=sys.stderr, flush=True)
+    try:
+        write_plan(out, runs, estimators, seeds, jobs, lrs)
+        grid = f" x {len(lrs)} learning rate(s)" if lrs else ""
+        print(f"sweep: {len(estimators)} estimator(s){grid} x {len(seeds)} seed(s) = {len(runs)} runs -> {out} "
+              f"(plan in {out / 'sweep.json'})", flush=True)
+        failures = execute(runs, out, jobs)
+        done = [str(r.out) for r in runs if r.state() == "finished"]
+        if done:
+            print()
+            compare.report(done, reference=reference, plot=out / "compare.png")
+            if lrs and len(lrs) > 1:
+                print(f"each estimator at its best learning rate: vopd compare {out} --best-lr")
+    finally:
+        lock.release()
     for line in failures:
         print(f"failed: {line}", file=sys.stderr)
     return 1 if failures else 0
 
 
 def _one(argv: list) -> int:
-    """A sweep's worker process: ``--one CONFIG_JSON [--resume]``."""
+    """A sweep's worker process: ``--one CONFIG_JSON [--resume]``; its exit status is ``vopd distill``'s
+    (130 or 143 after a stop by a signal, with the run checkpointed)."""
     cfg = loop.DistillConfig(**json.loads(argv[1]))
-    loop.run(cfg, resume="--resume" in argv[2:])
-    return 0
+    return loop.run_command(cfg, resume="--resume" in argv[2:])
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(_one(sys.argv[1:]) if sys.argv[1:2] == ["--one"] else main(sys.argv[1:]))
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_with(lambda: _one(sys.argv[1:]) if sys.argv[1:2] == ["--one"] else main(sys.argv[1:]))

@@ -48,12 +48,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
 import sys
 import time
+import types
+import typing
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -66,6 +67,7 @@ from .. import params as prm
 from ..errors import InputError
 from ..lm import fused_score as fs
 from ..lm import hf, loading, tasks
+from ..records import check_rows, describe, is_kind, read_json, short
 from . import checkpoint as ckpt
 from . import loop
 from .evaluate import reverse_kl_sums
@@ -102,16 +104,36 @@ OWN_ARGS = {"output_dir": "--out", "max_steps": "--steps", "learning_rate": "--l
 
 
 def check_trl_args(trl_args: dict) -> None:
-    """Every ``--trl-arg`` must name a ``DistillationConfig`` field that ``vopd distill`` does not set."""
+    """Every ``--trl-arg`` must name a ``DistillationConfig`` field that ``vopd distill`` does not set,
+    with a value of the field's type where that is a plain one (an integer, a number, true or false, a
+    string, or null where allowed); ``gradient_accumulation_steps`` must be at least 1. Values of other
+    types are left to ``DistillationConfig`` itself (``trl_config``)."""
     from trl import DistillationConfig
     fields = {f.name for f in dataclasses.fields(DistillationConfig)}
-    for name in trl_args:
+    hints = typing.get_type_hints(DistillationConfig)
+    for name, value in trl_args.items():
         if name in OWN_ARGS:
             raise InputError(f"--trl-arg {name}: set it with {OWN_ARGS[name]}")
         if name not in fields:
             close = [f for f in sorted(fields) if name.replace("-", "_") == f or name in f][:3]
             raise InputError(f"--trl-arg {name}: not a field of trl.DistillationConfig"
                              + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        kind = _plain_kind(hints.get(name))
+        if kind is not None and not is_kind(value, kind):
+            raise InputError(f"--trl-arg {name}={short(value)}: trl.DistillationConfig's {name} must be "
+                             f"{describe(kind)}")
+    accumulation = trl_args.get("gradient_accumulation_steps", 1)
+    if accumulation < 1:
+        raise InputError(f"--trl-arg gradient_accumulation_steps must be at least 1, got {accumulation}")
+
+
+def _plain_kind(annotation):
+    """The JSON kind (``vopd_analysis.records.is_kind``) of a field annotation made of int, float, bool, str and None
+    (``int``, ``str | None``), else None."""
+    plain = (int, float, bool, str, type(None))
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    return (args if len(args) > 1 else args[0]) if args and all(a in plain for a in args) else None
 
 
 def check_teacher(cfg: loop.DistillConfig) -> None:
@@ -167,7 +189,7 @@ def check_engine_config(cfg: loop.DistillConfig, world: int) -> dict:
         probe_names(cfg)
     check_per_row(cfg.estimator, f"estimator '{cfg.estimator}'")
     rows = cfg.prompts_per_step * cfg.rollouts_per_prompt
-    accum = int(cfg.trl_args.get("gradient_accumulation_steps", 1))
+    accum = cfg.trl_args.get("gradient_accumulation_steps", 1)
     if rows % (world * accum):
         raise InputError(f"prompts_per_step x rollouts_per_prompt ({rows}) must be divisible by processes x "
                          f"gradient_accumulation_steps ({world} x {accum})")
@@ -305,7 +327,8 @@ def _recorder_class():
     class RunRecorder(TrainerCallback):
         """Writes the built-in loop's metrics rows from a ``RegistryDistillationTrainer``: a train row
         at each optimizer step (from TRL's log of it, on every process), an eval row at step 0 and
-        every ``eval_every`` steps, the rows into each Trainer checkpoint (``ROWS_FILE``)."""
+        every ``eval_every`` steps, the rows into each Trainer checkpoint (``ROWS_FILE``), then the
+        checkpoint's manifest of sizes and sha256 (``checkpoint.write_manifest``), as the built-in loop's."""
 
         def __init__(self, cfg: loop.DistillConfig, prompts: loop.Prompts, metrics: loop.Metrics, start: int):
             self.cfg, self.prompts, self.metrics, self.start = cfg, prompts, metrics, start
@@ -346,9 +369,11 @@ def _recorder_class():
             self.step_began = time.perf_counter()
 
         def on_save(self, args, state, control, **kw):
+            self.trainer.accelerator.wait_for_everyone()     # every process's files are in the checkpoint
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 loop.write_json_atomic(folder / ROWS_FILE, self.metrics.rows)
+                ckpt.write_manifest(folder, state.global_step)     # last: a checkpoint with one is complete
                 self.metrics.write_csv()
 
     return RunRecorder
@@ -455,9 +480,10 @@ def _stop_class():
     from transformers import TrainerCallback
 
     class StopOnRequest(TrainerCallback):
-        """Ctrl-C as in the built-in loop (``loop.StopOnSignal``): after the current optimizer step,
-        every process agrees to stop (``loop.stop_agreed``), a Trainer checkpoint of that step is
-        written and training ends; ``_train`` then raises ``loop.Interrupted`` (exit status 130)."""
+        """Ctrl-C or SIGTERM as in the built-in loop (``loop.StopOnSignal``): after the current optimizer
+        step, every process agrees to stop (``loop.stop_agreed``), a Trainer checkpoint of that step is
+        written and training ends; ``_train`` then raises ``loop.Interrupted`` (exit status 130, 143
+        after SIGTERM)."""
 
         def __init__(self, stop: "loop.StopOnSignal"):
             self.stop, self.trainer, self.stopped_at = stop, None, None
@@ -498,9 +524,11 @@ class _Processes:
 def trl_config(cfg: loop.DistillConfig, world: int):
     """TRL's ``DistillationConfig`` for this run: ``vopd distill``'s options (``OWN_ARGS``) plus
     ``--trl-arg``s; AdamW betas (0.9, 0.95), linear warm-up then a constant rate, one log per step,
-    as the built-in loop."""
+    as the built-in loop. A value TRL refuses (``lr_scheduler_type=bogus``) or a ``report_to`` tracker that
+    is not installed is an ``InputError`` naming the ``--trl-arg``; nothing is loaded."""
     from trl import DistillationConfig
-    accum = int(cfg.trl_args.get("gradient_accumulation_steps", 1))
+    from transformers.integrations import get_available_reporting_integrations
+    accum = cfg.trl_args.get("gradient_accumulation_steps", 1)
     per_device = cfg.prompts_per_step * cfg.rollouts_per_prompt // (world * accum)
     cpu = not torch.cuda.is_available()
     settings = dict(output_dir=str(Path(cfg.out_dir) / "checkpoints"), max_steps=cfg.steps, learning_rate=cfg.lr,
@@ -514,7 +542,17 @@ def trl_config(cfg: loop.DistillConfig, world: int):
                     lr_scheduler_type="constant_with_warmup", adam_beta1=0.9, adam_beta2=0.95, logging_steps=1,
                     report_to="none", gradient_checkpointing=False, disable_tqdm=False)
     settings.update(cfg.trl_args)
-    return DistillationConfig(**settings)
+    try:
+        args = DistillationConfig(**settings)
+    except (ValueError, TypeError) as err:
+        given = ", ".join(f"{k}={short(v)}" for k, v in cfg.trl_args.items())
+        raise InputError(f"--trl-arg {given}: trl.DistillationConfig refuses it: {ckpt.first_line(err, 200)}") from None
+    installed = get_available_reporting_integrations()
+    missing = [name for name in args.report_to or [] if name not in installed]
+    if missing:
+        raise InputError(f"--trl-arg report_to: {', '.join(missing)} is not installed (pip install {missing[0]}); "
+                         f"installed trackers: {', '.join(installed) or 'none'}")
+    return args
 
 
 def _quiet_console(trainer) -> None:
@@ -542,16 +580,27 @@ def step_dataset(cfg: loop.DistillConfig, prompts: loop.Prompts):
     return Dataset.from_list(rows), records
 
 
-def resume_point(out_dir: Path) -> tuple:
-    """(the newest Trainer checkpoint in ``out_dir/checkpoints`` or None, its step, its metrics rows)."""
-    from transformers.trainer_utils import get_last_checkpoint
-    folder = out_dir / "checkpoints"
-    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-    if last is None:
+def trainer_checkpoints(out_dir: Path) -> list:
+    """The Trainer checkpoints ``out_dir/checkpoints/checkpoint-N`` of a run, oldest first ([] if none)."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(dirs, key=ckpt.step_of)
+
+
+def resume_point(out_dir: Path, procs) -> tuple:
+    """(the Trainer checkpoint to resume from or None, its step, its metrics rows): the newest one that
+    passes its manifest, newer damaged ones set aside with a warning naming each bad file, as the
+    built-in loop (``loop.choose_checkpoint``, on the main process); one without a manifest is loaded
+    unverified if its rows file is there (written before manifests existed), else it is incomplete."""
+    loop.on_main(procs, lambda: loop.choose_checkpoint(out_dir, trainer_checkpoints(out_dir), required=(ROWS_FILE,)))
+    dirs = trainer_checkpoints(out_dir)
+    if not dirs:
         return None, 0, []
-    rows_file = Path(last) / ROWS_FILE
-    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
-    return last, int(Path(last).name.split("-")[-1]), rows
+    rows_file = dirs[-1] / ROWS_FILE
+    rows = check_rows(read_json(rows_file, "the checkpoint's metrics rows", list), rows_file)
+    return str(dirs[-1]), ckpt.step_of(dirs[-1]), rows
 
 
 def run(cfg: loop.DistillConfig, resume: bool = False) -> dict:
@@ -567,8 +616,7 @@ def run(cfg: loop.DistillConfig, resume: bool = False) -> dict:
     params = check_engine_config(cfg, world)
     cfg.bf16 = bool(cfg.bf16) and torch.cuda.is_available()
     asked = dataclasses.replace(cfg)
-    out_dir = Path(cfg.out_dir)
-    loop.check_out_dir(out_dir)
+    out_dir = loop.check_out_dir(cfg.out_dir)
     args = trl_config(cfg, world)                      # sets up the process group; loads nothing
     procs = _Processes(args.distributed_state)
     if resume and (out_dir / "config.json").is_file():
@@ -576,6 +624,7 @@ def run(cfg: loop.DistillConfig, resume: bool = False) -> dict:
         summary = loop.finished_run(out_dir, cfg.steps)
         if summary is not None:
             return loop.already_finished(out_dir, summary, procs)
+        loop.check_steps_left(out_dir, cfg.steps, (trainer_checkpoints(out_dir) or [None])[-1])
     if procs.device.type == "cpu":
         torch.set_num_threads(cfg.num_threads or 1)
     paths = loop.model_paths(cfg, procs)
@@ -592,7 +641,7 @@ def run(cfg: loop.DistillConfig, resume: bool = False) -> dict:
         has_run = (out_dir / "config.json").exists() or (out_dir / "metrics.jsonl").exists()
         if has_run and not resume:
             raise InputError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
-        latest, start, rows = resume_point(out_dir) if resume else (None, 0, [])
+        latest, start, rows = resume_point(out_dir, procs) if resume else (None, 0, [])
         result = _train(cfg, asked, args, procs, params, paths, info, prompts, latest, start, rows, started)
         begun = True
         return result
@@ -638,13 +687,14 @@ def _train(cfg, asked, args, procs, params, paths, info, prompts, latest, start,
     _quiet_console(trainer)
     procs.print(f"distill (trl {check_trl()}): {cfg.estimator} {params}, {procs.num_processes} process(es) on "
                 f"{procs.device}, steps {start + 1}..{cfg.steps} -> {cfg.out_dir}")
-    with stop:
+    with stop, ckpt.disk_full_is_input_error(out_dir, "a Trainer checkpoint"):
         trainer.train(resume_from_checkpoint=latest)
     if stopper.stopped_at is not None and stopper.stopped_at < cfg.steps:
         metrics.write_csv()
         where = f"checkpoint {Path(args.output_dir) / f'checkpoint-{stopper.stopped_at}'}"
-        message = loop.interrupted_message(out_dir, stopper.stopped_at, cfg.steps, where, procs.num_processes)
+        message = loop.interrupted_message(out_dir, stopper.stopped_at, cfg.steps, where, procs.num_processes,
+                                           stop.signum)
         procs.print(message)
-        raise loop.Interrupted(message)
+        raise loop.Interrupted(message, stop.status)
     result = loop.finish(recorder.run, start, metrics, started, extra={"engine": f"trl {check_trl()}"})
     return {**result, "trainer": trainer}

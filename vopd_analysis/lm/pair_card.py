@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
+from .. import records
 from ..errors import InputError
 
 CARD = "card.json"
@@ -72,8 +73,9 @@ def write_card(root, card: dict) -> dict:
 def verify_pair(root, preset: str, module: str) -> dict:
     """The card of the ``preset`` pair in ``root``, after checking every file it lists against its sha256.
 
-    A missing card, a missing file or a file whose bytes changed raises ``InputError``
-    naming the file and the hash the card expects; ``module`` (``python -m module --retrain``)
+    A missing card, a card that is not JSON or lacks its ``files`` (``records``), a missing file or a
+    file whose bytes changed raises ``InputError`` naming the file (and field, or the hash the card
+    expects); ``module`` (``python -m module --retrain``)
     is how the message says to retrain. Files under ``root`` that the card does not list
     are not checked.
 
@@ -91,7 +93,8 @@ def verify_pair(root, preset: str, module: str) -> dict:
     if not card_path.is_file():
         raise InputError(f"{preset} pair card {card_path} is missing; restore it with git or retrain the pair "
                          f"({retrain})")
-    card = json.loads(card_path.read_text())
+    card = records.read_record(card_path, f"{preset} pair card", {"files": dict}, required=("files",))
+    records.check_fields(card["files"], f"{card_path}: files", dict.fromkeys(card["files"], str))
     for rel, expected in card["files"].items():
         path = root / rel
         if not path.is_file():

@@ -14,7 +14,8 @@ accuracy in a few minutes on a CPU; a briefly trained one gets carries wrong. (W
 written carries, a model of this size stalls at ~10% accuracy.)
 
 User prompts come from JSONL files, one ``{"prompt": ..., "answer": ...}`` per line; the
-answer is optional and, when given, the verifier compares it to the response.
+answer (a string or an integer) is optional and, when given, the verifier compares it to the
+response: a plain-number answer ("579") also matches a worked solution that states it.
 """
 
 from __future__ import annotations
@@ -140,13 +141,16 @@ def check(prompt: str, response: str, answer: Optional[str] = None, task: Additi
     """True iff the response's final answer is right.
 
     With ``answer`` given (user prompts), the stripped response must equal the stripped
-    answer (integers compared by value). Otherwise the prompt must be an addition prompt of
-    ``task`` and the response a worked solution whose stated sum is a + b.
+    answer; an answer written as a plain number is compared by value with a plain number or
+    with the sum a worked solution of ``task`` states ("9.7.5.0" states 579). Otherwise the
+    prompt must be an addition prompt of ``task`` and the response a worked solution whose
+    stated sum is a + b.
     """
     if answer is not None:
         got, want = response.strip(), str(answer).strip()
-        if got.isdigit() and want.isdigit():
-            return int(got) == int(want)
+        if want.isdigit():
+            got = parse_answer(got, task) or got
+            return got.isdigit() and int(got) == int(want)
         return got == want
     a, b = task.operands(prompt)
     return parse_answer(response, task) == str(a + b)
@@ -273,8 +277,10 @@ def read_jsonl(path, check: Optional[PromptCheck] = None) -> List[dict]:
             raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         if not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
             raise InputError(f"{path}:{lineno}: missing or empty string field 'prompt'")
-        if "answer" in rec and rec["answer"] is not None and not isinstance(rec["answer"], (str, int)):
-            raise InputError(f"{path}:{lineno}: field 'answer' must be a string or integer")
+        answer = rec.get("answer")
+        if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int))):
+            raise InputError(f"{path}:{lineno}: field 'answer' must be a string or an integer (\"579\" or 579), "
+                             f"got {json.dumps(answer)}")
         if check is not None:
             check(rec["prompt"], f"{path}:{lineno}")
         records.append({"prompt": rec["prompt"],
