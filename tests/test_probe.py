@@ -183,3 +183,11 @@ def test_parameter_check_compares_the_same_batches():
     rows = llm_variance.parameter_check(restricted, full)
     assert [(r["batch"], r["estimator"]) for r in rows] == [(0, "vopd"), (1, "vopd")]     # batch 2: restricted only
     assert [r["restricted_over_all"] for r in rows] == pytest.approx([1.25, 1.0])
+
+
+def test_vopd_probe_checks_its_out_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out, message in ((str(tmp_path / "file"), "is a file, not a folder"), ("", "--out is empty"),
+                         (str(tmp_path / "file" / "below"), "is a file, so the folder cannot be made")):
+        assert cli.main(["probe", "--preset", "tiny", "--out", out]) == 2
+        assert message in capsys.readouterr().err

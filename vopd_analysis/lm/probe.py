@@ -35,7 +35,7 @@ import torch
 
 from .. import estimators as est
 from .. import params as prm
-from .. import provenance, stats
+from .. import provenance, records, stats
 from ..errors import InputError, exit_with
 from . import fused_score as fs
 from . import hf, loading, tasks, variance
@@ -450,12 +450,10 @@ def main(argv=None) -> int:
         raise InputError("give --preset NAME, or --student and --teacher (with --prompts)")
     if preset is None and not args.prompts:
         raise InputError("without --preset give --prompts FILE.jsonl")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
+    out = records.check_output(args.out, "--out", folder=True)
     if (out / f"{args.name}.json").exists():
         raise InputError(f"--out {out} already holds {args.name}.json; choose another --out or --name")
-    records = tasks.read_jsonl(args.prompts) if args.prompts else None
+    prompt_records = tasks.read_jsonl(args.prompts) if args.prompts else None
     common = prm.with_shorthand(prm.parse_assignments(args.param), args.k)
     items = args.estimators.split(",") if args.estimators else list(DEFAULT_ESTIMATORS)
     topk = preset.topk if preset is not None else None
@@ -483,9 +481,10 @@ def main(argv=None) -> int:
               "estimators": [p.label for p in probed],
               "per_rollout": args.score == "rollout" or (args.score is None
                                                          and not any(est.get(p.name).group for p in probed))}
-    if records is not None:
-        batch_prompts(config, 0, records)                       # enough prompts for every batch
-    tables = run(pair, probed, config, records, preset.train_prompts if preset and records is None else None)
+    if prompt_records is not None:
+        batch_prompts(config, 0, prompt_records)                       # enough prompts for every batch
+    tables = run(pair, probed, config, prompt_records,
+                 preset.train_prompts if preset and prompt_records is None else None)
     print(report(tables))
     weights = {"student": loading.weights_sha256(student, "student"), "teacher": loading.weights_sha256(teacher, "teacher")}
     folder = write(tables, out, args.name, config, started, quick=True, plot=not args.no_plot,
