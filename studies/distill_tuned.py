@@ -18,7 +18,7 @@ still at an edge.
 
 Confirmation. Fresh seeds 0..9, paired across estimators (seed s gives every estimator the same
 training prompts; the held-out set is the same for all), each estimator at its chosen learning
-rate for ``steps`` (400) steps, evaluated every 50. Reported per estimator over the seeds: the
+rate for ``steps`` (300) steps, evaluated every 50. Reported per estimator over the seeds: the
 final held-out accuracy and reverse KL (mean, 95% t-interval), the paired differences to opd and
 to vopd (mean, 95% t-interval, paired t-test p-value; ``distill_tiny.summary``), the steps to reach
 ``kl_threshold`` nats, and whether the curves flattened: the least-squares slope of the reverse KL
@@ -38,11 +38,11 @@ reverse KL and accuracy with 95% intervals. Every run is a ``vopd distill`` fold
 Quick mode (opd and vopd, 2 learning rates, 1 selection seed, 2 confirmation seeds, 20 steps) only
 checks the pipeline and decides nothing. Full mode: 5 x 4 x 3 = 60 selection runs of 200 steps
 (12,000 steps), at most 30 more if every estimator's grid is extended twice (6,000 steps), and 5 x
-10 = 50 confirmation runs of 400 steps (20,000 steps): 32,000 to 38,000 steps with ``jobs`` 2.
+10 = 50 confirmation runs of 300 steps (15,000 steps): 27,000 to 33,000 steps with ``jobs`` 2.
 distill_tiny's full mode (50 runs x 400 steps of the same size, 2 processes) took 2,870 s of wall
-time on 2 cores, 0.14 s per step with evaluations; so about 75 to 90 minutes, plus about 5
+time on 2 cores, 0.14 s per step with evaluations; so about 65 to 80 minutes, plus about 5
 minutes of process start-up (one process per run). (600 confirmation steps, two hours in all, did not fit
-the compute this study was given; the tail slopes say whether 400 were enough.)
+the compute this study was given; the tail slopes say whether 300 were enough.)
 
     python -m studies.distill_tuned [--quick]
 """
@@ -76,7 +76,7 @@ DEFAULTS = {
               "selection_steps": 20, "max_extensions": 1, "seeds": [0, 1], "steps": 20, "eval_every": 10,
               "num_eval": 50, "kl_threshold": 7.5, "jobs": 1, "work_dir": None, "note": QUICK_NOTE, **LOOP},
     "full": {"estimators": ESTIMATORS, "lrs": [1e-4, 3e-4, 1e-3, 3e-3], "selection_seeds": [100, 101, 102],
-             "selection_steps": 200, "max_extensions": 2, "seeds": list(range(10)), "steps": 400, "eval_every": 50,
+             "selection_steps": 200, "max_extensions": 2, "seeds": list(range(10)), "steps": 300, "eval_every": 50,
              "num_eval": 200, "kl_threshold": 4.0, "jobs": 2, "work_dir": "runs/distill_tuned_full", "note": None,
              **LOOP},
 }

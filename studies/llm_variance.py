@@ -25,7 +25,6 @@ initialised tiny Qwen2 models with ``--random-init`` (a smoke test that needs no
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from vopd_analysis import params as prm
-from vopd_analysis import provenance
+from vopd_analysis import provenance, records
 from vopd_analysis.errors import InputError
 from vopd_analysis.lm import hf, loading, probe, tasks
 from vopd_analysis.lm.presets import PRESETS
@@ -144,11 +143,11 @@ def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot:
 
 # pretrained pairs on a 2-core CPU: the gradient covers the last 2 decoder layers and the final norm (the tied
 # embedding / output matrix excluded), each rollout is scored alone (the same gradients, less work per backward),
-# and a batch is 2 x 4 rollouts (quick) or 2 x 8 (full); full mode also probes every parameter on the first
+# and a batch is 2 x 4 rollouts (quick) or 2 x 8 (full); both modes then probe every parameter on the first
 # ``check_batches`` batches to show whether the restricted ratios agree with the full-parameter ones.
 PRETRAINED = {
     "quick": {"num_batches": 8, "num_prompts": 2, "num_rollouts": 4, "parameters": "last:2", "per_rollout": True,
-              "threads": None, "check_batches": 0},
+              "threads": None, "check_batches": 2},
     "full": {"num_batches": 16, "num_prompts": 2, "num_rollouts": 8, "parameters": "last:2", "per_rollout": True,
              "threads": None, "check_batches": 2},
 }
@@ -168,24 +167,30 @@ def parameter_check(restricted: pd.DataFrame, full: pd.DataFrame) -> list:
 
 def run_pretrained(pair: str, quick: bool = True, out_dir="figures", config: dict | None = None,
                    plot: bool = True) -> pd.DataFrame:
-    """``llm_variance`` on a pretrained pair with the ``PRETRAINED`` settings; in full mode, then the
-    all-parameter probe of the first batches (``llm_variance_<pair>_all.*``) and its comparison
-    (``parameter_check``, in the main manifest)."""
+    """``llm_variance`` on a pretrained pair with the ``PRETRAINED`` settings, then ``check_parameters``."""
     settings = {**PRETRAINED["quick" if quick else "full"], "pair": pair, **(config or {})}
     check = settings.pop("check_batches")
     summary = run(quick=quick, out_dir=out_dir, config=settings, plot=plot)
     if check:
-        name = f"{NAME}_{pair}"
-        run(quick=quick, out_dir=out_dir, plot=plot,
-            config={**settings, "parameters": "all", "num_batches": check, "estimators": CHECK_ESTIMATORS,
-                    "topk_extra": [], "name": f"{name}_all"})
-        out = Path(out_dir)
-        rows = parameter_check(pd.read_csv(out / f"{name}_batches.csv"), pd.read_csv(out / f"{name}_all_batches.csv"))
-        manifest = json.loads((out / f"{name}.json").read_text())
-        manifest["parameter_check"] = {"all_parameters": f"{name}_all.csv", "batches": check, "rows": rows}
-        provenance.write_json(out / f"{name}.json", manifest)
-        print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+        check_parameters(pair, settings, check, quick, out_dir, plot)
     return summary
+
+
+def check_parameters(pair: str, settings: dict, batches: int, quick: bool, out_dir, plot: bool = True) -> list:
+    """The all-parameter probe of the first ``batches`` batches of a restricted probe already in ``out_dir``
+    (``llm_variance_<pair>_all.*``, same settings and seeds, so the same rollouts) and its comparison with the
+    restricted ratios (``parameter_check``, added to the restricted probe's manifest)."""
+    name = f"{NAME}_{pair}"
+    run(quick=quick, out_dir=out_dir, plot=plot,
+        config={**settings, "parameters": "all", "num_batches": batches, "estimators": CHECK_ESTIMATORS,
+                "topk_extra": [], "name": f"{name}_all"})
+    out = Path(out_dir)
+    rows = parameter_check(pd.read_csv(out / f"{name}_batches.csv"), pd.read_csv(out / f"{name}_all_batches.csv"))
+    manifest = records.read_json(out / f"{name}.json", "the restricted probe's manifest")
+    manifest["parameter_check"] = {"all_parameters": f"{name}_all.csv", "batches": batches, "rows": rows}
+    provenance.write_json(out / f"{name}.json", manifest)
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    return rows
 
 
 def main() -> None:
