@@ -26,6 +26,7 @@ from vopd_analysis.tabular.targets import tree_quantities
 from . import common
 
 NAME = "baseline_quality"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 COUNTEREXAMPLE = {"vocab": 3, "horizon": 3, "coupling": 1.0, "seed": 1}
 DEFAULTS = {
     "quick": {"vocab": [3, 8, 32], "horizon": [3], "divergence": [0.25, 0.5, 1.0, 2.0, 4.0],

@@ -35,6 +35,7 @@ from vopd_analysis.lm.presets import PRESETS
 from . import common
 
 NAME = "distill_tiny"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 ESTIMATORS = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 4}, "full_kl": {}, "topk_kl": {"k": 4}}
 LOOP = {"lr": 3e-4, "prompts_per_step": 32, "rollouts_per_prompt": 4}
 DEFAULTS = {

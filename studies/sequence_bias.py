@@ -24,6 +24,7 @@ from vopd_analysis.tabular.enumeration import exact_moments
 from . import common
 
 NAME = "sequence_bias"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 PAIRS = {"opd vs rtg": ("opd", "rtg_g1"), "vopd vs rtg_vopd": ("vopd", "rtg_vopd"),
          "full_kl vs rb_seq": ("full_kl", "rb_seq")}
 DEFAULTS = {

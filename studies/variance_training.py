@@ -27,6 +27,7 @@ from vopd_analysis.distill.loop import DistillConfig, run as distill
 from . import common, llm_variance
 
 NAME = "variance_training"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 # the estimators of the committed tables (llm_variance.ESTIMATORS has grown since)
 PROBE = {"pair": "tiny", "num_prompts": 4, "num_rollouts": 8, "max_new_tokens": 8,
          "estimators": ["opd", "vopd", "vopd_topk", "full_kl", "topk_kl"],

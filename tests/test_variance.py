@@ -276,3 +276,19 @@ def test_probe_vmap_equals_loop(pair, result):
     for name, m in result.moments.items():
         torch.testing.assert_close(fast.moments[name].mean, m.mean, rtol=1e-5, atol=1e-7)
         assert fast.moments[name].trace() == pytest.approx(m.trace(), rel=1e-5)
+
+
+def test_the_pair_registry_chooses_the_models_and_probe_settings():
+    """llm_variance's models and top-k sizes come from the pair registry (vopd_analysis.lm.presets)."""
+    from vopd_analysis.errors import InputError
+    from vopd_analysis.lm import presets
+
+    small = presets.PRESETS["small"]
+    assert presets.probe_settings("small") == {"topk": small.topk, "topk_extra": list(small.topk_extra),
+                                               "max_new_tokens": small.max_new_tokens}
+    assert presets.probe_settings("custom") == presets.CUSTOM_PROBE
+    student, teacher, source = presets.pair_models("tiny")
+    assert source == "tiny (preset; card vopd_analysis/lm/pairs/tiny/card.json)"
+    assert (student, teacher) == presets.PRESETS["tiny"].sources(None, False)
+    with pytest.raises(InputError, match="unknown pair 'huge'"):
+        presets.pair_models("huge")
