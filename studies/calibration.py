@@ -36,9 +36,14 @@ from synthetic.tree import make_tree  # noqa: E402
 from vopd_analysis import estimators as est  # noqa: E402
 from vopd_analysis import stats  # noqa: E402
 from vopd_analysis.tabular.enumeration import exact_moments  # noqa: E402
+from vopd_analysis.tabular.montecarlo import (  # noqa: E402
+    NOT_REJECTED_SHARE,
+    SIZE_ERROR_SHARE,
+    sample_gradients,
+    sequence_draws,
+    unbiasedness_test,
+)
 from vopd_analysis.tabular.targets import target_gradient, tree_quantities  # noqa: E402
-from vopd_analysis.tabular.montecarlo import (NOT_REJECTED_SHARE, SIZE_ERROR_SHARE, sample_gradients,  # noqa: E402
-                                     sequence_draws, unbiasedness_test)
 
 from . import common  # noqa: E402
 from .unbiasedness import ENVS as UNBIASEDNESS_ENVS  # noqa: E402

@@ -20,6 +20,7 @@ from __future__ import annotations
 import pandas as pd
 
 from vopd_analysis import stats
+
 from . import common, distill_tiny
 
 NAME = "distill_small"

@@ -68,6 +68,7 @@ from vopd_analysis.tabular import analysis
 from vopd_analysis.tabular.dp import dp_moments
 from vopd_analysis.tabular.enumeration import exact_moments
 from vopd_analysis.tabular.targets import target_gradient, tree_quantities
+
 from . import baseline_quality, common
 
 NAME = "estimator_zoo"

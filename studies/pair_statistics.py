@@ -33,9 +33,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from vopd_analysis.lm import hf, loading
-
 from vopd_analysis import stats
+from vopd_analysis.lm import hf, loading
 from vopd_analysis.lm.presets import PRESETS
 
 from . import common

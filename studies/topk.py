@@ -16,8 +16,9 @@ import itertools
 import pandas as pd
 
 from synthetic.tree import make_tree
-from vopd_analysis.tabular.targets import bias_report, tree_quantities
 from vopd_analysis.tabular.enumeration import exact_moments
+from vopd_analysis.tabular.targets import bias_report, tree_quantities
+
 from . import common
 
 NAME = "topk"

@@ -19,9 +19,9 @@ from synthetic.tree import bandit, make_tree
 from vopd_analysis import estimators as est
 from vopd_analysis.errors import InputError
 from vopd_analysis.tabular.analysis import estimator_specs
-from vopd_analysis.tabular.targets import bias_report, target_gradient, tree_quantities
 from vopd_analysis.tabular.enumeration import exact_moments
 from vopd_analysis.tabular.montecarlo import sample_gradients, unbiasedness_test
+from vopd_analysis.tabular.targets import bias_report, target_gradient, tree_quantities
 
 from . import common
 

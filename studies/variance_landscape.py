@@ -14,6 +14,7 @@ import pandas as pd
 from synthetic.tree import make_tree
 from vopd_analysis.tabular.enumeration import exact_moments
 from vopd_analysis.tabular.targets import tree_quantities
+
 from . import common
 
 NAME = "variance_landscape"

@@ -20,9 +20,10 @@ import tempfile
 
 import pandas as pd
 
-from vopd_analysis.lm import loading, tiny
 from vopd_analysis.distill import checkpoint as ckpt
-from vopd_analysis.distill.loop import DistillConfig, run as distill
+from vopd_analysis.distill.loop import DistillConfig
+from vopd_analysis.distill.loop import run as distill
+from vopd_analysis.lm import loading, tiny
 
 from . import common, llm_variance
 

@@ -32,6 +32,7 @@ from scipy import stats as sps
 
 from vopd_analysis import stats
 from vopd_analysis.errors import InputError
+
 from . import common, variance_landscape
 
 NAME = "vocab_effect"

@@ -6,6 +6,8 @@ import numpy as np
 
 from synthetic.tree import make_tree
 from vopd_analysis import cli
+
+
 def run(capsys, *argv):
     code = cli.main(list(argv))
     out = capsys.readouterr()

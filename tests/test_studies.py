@@ -6,10 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from studies import baseline_quality, run_all, sequence_bias, topk, training_dynamics, unbiasedness
-from studies import estimator_zoo
-from studies import calibration
-from studies import variance_landscape
+from studies import (
+    baseline_quality,
+    calibration,
+    estimator_zoo,
+    run_all,
+    sequence_bias,
+    topk,
+    training_dynamics,
+    unbiasedness,
+    variance_landscape,
+)
 from synthetic.tree import make_tree
 from vopd_analysis.tabular.baseline_quality import baseline_quality as quality
 
@@ -240,6 +247,7 @@ def test_run_all_compares_fresh_tables_with_the_committed_ones(tmp_path):
 
 def test_manifest_dirty_flag_counts_tracked_code_only(tmp_path, monkeypatch):
     import subprocess
+
     from studies import common
 
     def git(*args):

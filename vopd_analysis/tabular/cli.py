@@ -70,7 +70,8 @@ def _environment_size(args) -> tuple:
     """(S, V) of the environment ``args`` generate, after the checks that need no tables: V >= 2,
     H >= 1, and for a prefix tree the limits of enumeration (``vopd mc``, ``--method enumerate``)
     or of the DP, without computing V^H when it is huge."""
-    from synthetic import markov, tree as tr
+    from synthetic import markov
+    from synthetic import tree as tr
     V, H = args.vocab, args.horizon
     tr.check_size(V, H)
     if args.markov:
@@ -88,7 +89,8 @@ def _environment_size(args) -> tuple:
 def _tree_from_args(args, copies: float = ENGINE_COPIES):
     """The environment of ``--tables`` or of the generator options, refused (``InputError``, with the
     estimate) when ``copies`` float64 [S, V] tables would not fit in memory."""
-    from synthetic import markov, tree as tr
+    from synthetic import markov
+    from synthetic import tree as tr
     _check_knobs(args)
     what = f"vopd {args.command}"
     if args.tables:
@@ -215,9 +217,11 @@ def _check_mc_size(tree, samples: int, group: int) -> None:
 def cmd_mc(args) -> None:
     from synthetic.markov import MarkovChain
     from synthetic.tree import MAX_EXACT_SEQUENCES
-    from . import montecarlo as mc, targets
+
     from ..estimators import get
     from ..params import cap_to_vocab, describe, resolve
+    from . import montecarlo as mc
+    from . import targets
     _check_mc_options(args)
     entry = get(args.estimator)
     given = _given_params(args)

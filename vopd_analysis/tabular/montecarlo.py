@@ -78,7 +78,8 @@ import numpy as np
 import torch
 from scipy import special, stats
 
-from synthetic.tree import PrefixTree   # or a synthetic.markov.MarkovChain: both sample and fold
+from synthetic.tree import PrefixTree  # or a synthetic.markov.MarkovChain: both sample and fold
+
 from .. import estimators as est
 from ..errors import InputError
 from .targets import fold_onto_states, tree_quantities
