@@ -23,9 +23,11 @@ from synthetic.tree import make_tree
 from vopd_analysis import divergences as dv
 from vopd_analysis.tabular.baseline_quality import baseline_quality, optimal_baseline
 from vopd_analysis.tabular.targets import tree_quantities
+
 from . import common
 
 NAME = "baseline_quality"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 COUNTEREXAMPLE = {"vocab": 3, "horizon": 3, "coupling": 1.0, "seed": 1}
 DEFAULTS = {
     "quick": {"vocab": [3, 8, 32], "horizon": [3], "divergence": [0.25, 0.5, 1.0, 2.0, 4.0],
@@ -72,7 +74,7 @@ def per_state(vocab: int, horizon: int, coupling: float, seed: int) -> pd.DataFr
 
 def explain(states: pd.DataFrame, quality: dict, spec: dict) -> str:
     worst = states.sort_values("vopd_minus_none", ascending=False).head(3)
-    lines = [f"# Baseline quality: why vOPD's baseline can increase the variance\n",
+    lines = ["# Baseline quality: why vOPD's baseline can increase the variance\n",
              f"Tree make_tree({spec['vocab']}, {spec['horizon']}, coupling={spec['coupling']}, seed={spec['seed']}): "
              f"var(b=0) = {quality['var_no_baseline']:.4g}, var(b=KL) = {quality['var_baseline']:.4g}, "
              f"var(b*) = {quality['var_optimal']:.4g}.\n",

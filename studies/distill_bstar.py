@@ -23,6 +23,7 @@ from vopd_analysis import stats
 from . import common, distill_tiny
 
 NAME = "distill_bstar"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 ESTIMATORS = {"opd": {}, "vopd": {}, "opd_bstar": {}}
 DEFAULTS = {
     "quick": {**distill_tiny.DEFAULTS["quick"], "estimators": ESTIMATORS, "seeds": [0], "steps": 50,

@@ -23,6 +23,7 @@ from vopd_analysis import stats
 from . import common, distill_tiny
 
 NAME = "distill_engines"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 ENGINES = ("builtin", "trl")
 DEFAULTS = {
     "quick": {**distill_tiny.DEFAULTS["quick"], "estimators": {"vopd": {}}, "seeds": [0, 1, 2], "steps": 60,

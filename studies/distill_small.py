@@ -20,9 +20,11 @@ from __future__ import annotations
 import pandas as pd
 
 from vopd_analysis import stats
+
 from . import common, distill_tiny
 
 NAME = "distill_small"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 ESTIMATORS = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 16}, "full_kl": {}}
 METRICS = {"eval_reverse_kl": ("kl", "sequence reverse KL (nats)"),
            "eval_teacher_logprob": ("tlogp", "teacher log-prob of student samples (nats/token)")}

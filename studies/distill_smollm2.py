@@ -24,6 +24,7 @@ import pandas as pd
 from . import common, distill_small
 
 NAME = "distill_smollm2"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 ESTIMATORS = {"opd": {}, "vopd": {}, "full_kl": {}}
 METRICS = distill_small.METRICS
 # lr: a pilot of opd alone (seed 100, 10 steps, lr 1e-6, 3e-6, 1e-5, 3e-5; rule fixed before running: the lowest

@@ -29,12 +29,14 @@ import numpy as np
 import pandas as pd
 
 from vopd_analysis import stats
-from vopd_analysis.distill.loop import DistillConfig, run as distill
+from vopd_analysis.distill.loop import DistillConfig
+from vopd_analysis.distill.loop import run as distill
 from vopd_analysis.lm.presets import PRESETS
 
 from . import common
 
 NAME = "distill_tiny"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 ESTIMATORS = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 4}, "full_kl": {}, "topk_kl": {"k": 4}}
 LOOP = {"lr": 3e-4, "prompts_per_step": 32, "rollouts_per_prompt": 4}
 DEFAULTS = {

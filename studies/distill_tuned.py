@@ -63,6 +63,7 @@ from vopd_analysis.distill import compare, sweep
 from . import common, distill_tiny
 
 NAME = "distill_tuned"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 ESTIMATORS = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 4}, "opd_bstar": {}, "full_kl": {}}
 METRICS = distill_tiny.METRICS            # eval_accuracy, eval_reverse_kl
 RULE_METRIC = "eval_reverse_kl"           # the selection rule: lowest mean final value, ties to the smaller lr

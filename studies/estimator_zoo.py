@@ -37,12 +37,10 @@ keep in mind when reading the table: at V = 3, k = 2 leaves a one-token tail, so
 exactly full_kl there (unbiased on those trees). Other parameters are the registry defaults, so
 vopd_scaled (alpha = 1) is vopd and k2 is opd on every sample; they are kept as checks.
 
-Crossovers against opd (per tree and target g, d_b = |bias_x|^2 - |bias_opd|^2 and
-d_v = var_opd - var_x): the batch-B MSE of x is below opd's iff d_b < d_v / B, so x wins for
-B < B* = d_v / d_b when d_b > 0 < d_v ("below"), at every B when d_b <= 0 <= d_v (not both 0,
-"always"), at no B when d_b >= 0 >= d_v ("never"), for B > B* when d_b < 0 > d_v ("above"),
-"tie" when both vanish (d_b is taken as 0 when |E g_x - E g_opd| <= 1e-10 |g|, the same expectation
-up to round-off; d_v as 0 when |d_v| <= 1e-9 var_opd).
+Crossovers against opd (per tree and target, ``vopd_analysis.stats.mse_crossover`` with y = opd): the
+batch sizes B where x's batch-B MSE is below opd's: B < B* ("below"), every B ("always"), none
+("never"), B > B* ("above"), or "tie"; the squared-bias gap is taken as 0 when |E g_x - E g_opd| <=
+1e-10 |g| (the same expectation up to round-off).
 
 Tree sets: quick mode runs the whole 540-tree quick grid except that the 180 trees with V = 32
 are thinned to seed 0 (60 trees; 420 trees in all): one V = 32 tree costs ~2.5 s of the engines'
@@ -65,13 +63,16 @@ import pandas as pd
 
 from synthetic.tree import make_tree
 from vopd_analysis import estimators as est
+from vopd_analysis import stats
 from vopd_analysis.tabular import analysis
 from vopd_analysis.tabular.dp import dp_moments
 from vopd_analysis.tabular.enumeration import exact_moments
 from vopd_analysis.tabular.targets import target_gradient, tree_quantities
+
 from . import baseline_quality, common
 
 NAME = "estimator_zoo"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 GRID_KEYS = ("vocab", "horizon", "divergence", "teacher_temperature", "coupling", "teacher_shape", "seeds")
 TREE_KEYS = ("vocab", "horizon", "divergence", "teacher_temperature", "coupling", "teacher_shape", "seed")
 COST = {"sampled": "1 log-prob", "topk": "k log-probs", "full": "V logits", "oracle": "oracle"}
@@ -162,23 +163,6 @@ def _cos(x, y) -> float:
     return float((x * y).sum()) / (nx * ny) if nx > UNBIASED_TOL * ny and ny > 0 else np.nan
 
 
-def crossover(bias_sq_x: float, var_x: float, bias_sq_opd: float, var_opd: float, same_mean: bool) -> tuple:
-    """(B*, regime) of x against opd for one target (module docstring); ``same_mean``: E g_x = E g_opd up to
-    round-off (then d_b = 0 exactly, not the difference of two rounded squared norms)."""
-    d_b, d_v = (0.0 if same_mean else bias_sq_x - bias_sq_opd), var_opd - var_x
-    if abs(d_v) <= 1e-9 * var_opd:
-        d_v = 0.0
-    if d_b == 0.0 and d_v == 0.0:
-        return np.nan, "tie"
-    if d_b > 0 and d_v > 0:
-        return d_v / d_b, "below"
-    if d_b < 0 and d_v < 0:
-        return d_v / d_b, "above"
-    if d_b <= 0 <= d_v:
-        return np.inf, "always"
-    return 0.0, "never"
-
-
 def compute(config: dict) -> tuple:
     rows = []
     timing = {"dp": 0.0, "enumeration": 0.0, "trees": 0}
@@ -222,7 +206,7 @@ def compute(config: dict) -> tuple:
                 row[f"mse_sequence_B{B}"] = mom.mse(seq, B)
             for tname, tsq, bx in (("token", tok_sq, b_tok), ("sequence", seq_sq, b_seq)):
                 b_opd = bias["opd"][0 if tname == "token" else 1]
-                row[f"crossover_{tname}_B"], row[f"crossover_{tname}_regime"] = crossover(
+                row[f"crossover_{tname}_B"], row[f"crossover_{tname}_regime"] = stats.mse_crossover(
                     bx, mom.total_variance, b_opd, var_opd, gap[label] <= UNBIASED_TOL ** 2 * tsq)
             rows.append(row)
     timing = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in timing.items()}

@@ -25,7 +25,6 @@ initialised tiny Qwen2 models with ``--random-init`` (a smoke test that needs no
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,12 +33,13 @@ import pandas as pd
 from vopd_analysis import params as prm
 from vopd_analysis import provenance, records
 from vopd_analysis.errors import InputError
-from vopd_analysis.lm import hf, loading, probe, tasks
+from vopd_analysis.lm import loading, presets, probe, tasks
 from vopd_analysis.lm.presets import PRESETS
 
 from . import common
 
 NAME = "llm_variance"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 ESTIMATORS = list(probe.DEFAULT_ESTIMATORS)
 DEFAULTS = {
     "quick": {"pair": "tiny", "num_batches": 8, "num_prompts": 4, "num_rollouts": 8, "estimators": ESTIMATORS,
@@ -47,7 +47,6 @@ DEFAULTS = {
     "full": {"pair": "tiny", "num_batches": 16, "num_prompts": 8, "num_rollouts": 16, "estimators": ESTIMATORS,
              "num_projections": 0, "seed": 0, "dtype": None, "device": "cpu"},
 }
-CUSTOM = {"topk": 16, "topk_extra": [], "max_new_tokens": 32}
 
 
 def output_name(config: dict) -> str:
@@ -55,25 +54,6 @@ def output_name(config: dict) -> str:
     if config.get("name"):
         return config["name"]
     return NAME if config["pair"] == "tiny" else f"{NAME}_{config['pair']}"
-
-
-def random_models(reason: str):
-    """Randomly initialised tiny Qwen2 student/teacher saved to a temporary directory."""
-    directory = tempfile.mkdtemp(prefix="vopd_random_pair_")
-    student, teacher = hf.save_tiny_pair(directory, seed=0)
-    print(f"NOTE: {reason}; using RANDOMLY INITIALISED tiny Qwen2 models saved under {directory} "
-          "(the numbers describe untrained models)")
-    return student, teacher, "random-init tiny Qwen2"
-
-
-def default_models(pair: str, random_init: bool = False):
-    """(student, teacher, source): the pair of preset ``pair``, or random tiny Qwen2 models."""
-    if random_init:
-        return random_models("--random-init given")
-    if pair not in PRESETS:
-        raise InputError(f"unknown pair '{pair}'; presets: {', '.join(PRESETS)}")
-    student, teacher = PRESETS[pair].sources(None, True)
-    return student, teacher, f"{pair} (preset; card {PRESETS[pair].card.relative_to(common.REPO)})"
 
 
 def estimator_plan(config: dict, vocab_size: int) -> list:
@@ -119,12 +99,10 @@ def resolve_models(cfg: dict) -> dict:
             raise InputError("give both --student and --teacher, or neither (for a preset's pair)")
         cfg["pair"] = "custom"
     else:
-        cfg["student"], cfg["teacher"], cfg["model_source"] = default_models(cfg["pair"], cfg.get("random_init", False))
+        cfg["student"], cfg["teacher"], cfg["model_source"] = presets.pair_models(cfg["pair"],
+                                                                                  cfg.get("random_init", False))
         cfg.setdefault("threads", 1 if cfg["pair"] in ("tiny", "small") else None)   # small models: 1 thread
-    preset = PRESETS.get(cfg["pair"])
-    defaults = CUSTOM if preset is None else {"topk": preset.topk, "topk_extra": list(preset.topk_extra),
-                                              "max_new_tokens": preset.max_new_tokens}
-    for key, value in defaults.items():
+    for key, value in presets.probe_settings(cfg["pair"]).items():
         cfg.setdefault(key, value)
     return cfg
 

@@ -13,6 +13,8 @@ import pandas as pd
 
 from . import common, llm_variance
 
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
+
 
 def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
     return llm_variance.run_pretrained("gemma3", quick=quick, out_dir=out_dir, config=config, plot=plot)

@@ -33,14 +33,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from vopd_analysis.lm import hf, loading
-
 from vopd_analysis import stats
+from vopd_analysis.lm import hf, loading
 from vopd_analysis.lm.presets import PRESETS
 
 from . import common
 
 NAME = "pair_statistics"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 STATS = {"teacher_entropy": "teacher entropy (nats)", "teacher_top1_mass": "teacher top-1 mass",
          "teacher_top16_mass": "teacher top-16 mass", "teacher_top256_mass": "teacher top-256 mass",
          "reverse_kl": "reverse KL per token (nats)", "student_entropy": "student entropy (nats)",

@@ -1,7 +1,8 @@
 """Run every study: ``python -m studies.run_all [--quick] [--out DIR] [--only a,b] [--compare DIR]``.
 
-Each study module exposes ``run(quick, out_dir) -> DataFrame``. The LLM studies use the
-committed pairs (vopd_analysis/lm/pairs). By default the outputs go to a fresh folder,
+Each study module exposes ``run(quick, out_dir) -> DataFrame`` and ``READS``, the studies whose
+outputs it reads from the output folder; they run in ``order``, each after those it reads. The LLM
+studies use the committed pairs (vopd_analysis/lm/pairs). By default the outputs go to a fresh folder,
 ``runs/figures-quick`` (or ``runs/figures-full``), and every table written is then compared
 with the committed one of the same name (``figures`` or ``figures/full``): identical bytes,
 the same rows and columns with the largest relative difference (columns that differ by float
@@ -18,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from tqdm import tqdm
 
 from . import common
 
-STUDIES = ["unbiasedness", "test_calibration", "variance_landscape", "baseline_quality", "topk", "sequence_bias",
+# every study, by module name; the order they run in is ``order(STUDIES)``, from what each declares it reads
+STUDIES = ["unbiasedness", "calibration", "variance_landscape", "baseline_quality", "topk", "sequence_bias",
            "training_dynamics", "estimator_zoo", "pair_statistics", "llm_variance", "llm_variance_small",
            "llm_variance_smollm2", "llm_variance_gemma3", "vocab_effect",
            "variance_training", "distill_tiny", "distill_bstar", "distill_engines", "distill_small", "distill_smollm2",
@@ -35,6 +36,26 @@ def study(name: str):
     if name not in STUDIES:
         raise SystemExit(f"error: unknown study '{name}'; known studies: {', '.join(STUDIES)}")
     return importlib.import_module(f"studies.{name}").run
+
+
+def reads(name: str) -> tuple:
+    """The studies whose outputs study ``name`` reads: its module's ``READS``."""
+    return tuple(importlib.import_module(f"studies.{name}").READS)
+
+
+def order(names: list, reads=reads) -> list:
+    """``names`` in an order where every study runs after the studies it reads (``reads(name)``; those not in
+    ``names`` are left out: their outputs must already be there), otherwise as given (a stable topological
+    sort: each step takes the first study whose inputs have run). A cycle raises ``SystemExit``."""
+    waiting = {name: set(reads(name)) & set(names) for name in names}
+    done = []
+    while waiting:
+        ready = next((name for name in names if name in waiting and not waiting[name] - set(done)), None)
+        if ready is None:
+            raise SystemExit(f"error: the studies {', '.join(waiting)} read each other's outputs in a cycle")
+        done.append(ready)
+        del waiting[ready]
+    return done
 
 
 # Round-off rule of compare_table: a pair of entries (new, committed) is round-off when both are at most
@@ -107,13 +128,13 @@ def main() -> None:
     args.out = args.out or f"runs/figures-{'quick' if args.quick else 'full'}"
     args.compare = args.compare or common.default_out(args.quick)
     names = args.only.split(",") if args.only else STUDIES
-    runs = [(name, study(name)) for name in names]
+    runs = {name: study(name) for name in names}     # an unknown name is refused before any study runs
     timings = {}
-    bar = tqdm(runs, desc="studies", unit="study")
-    for name, run in bar:
+    bar = tqdm(order(names), desc="studies", unit="study")
+    for name in bar:
         bar.set_postfix_str(name)
         started = time.perf_counter()
-        run(quick=args.quick, out_dir=args.out)
+        runs[name](quick=args.quick, out_dir=args.out)
         timings[name] = time.perf_counter() - started
     for name, seconds in timings.items():
         print(f"{name:20s} {seconds:7.1f} s")

@@ -19,11 +19,13 @@ import numpy as np
 import pandas as pd
 
 from synthetic.tree import make_tree
-from vopd_analysis.tabular.targets import bias_report, tree_quantities
 from vopd_analysis.tabular.enumeration import exact_moments
+from vopd_analysis.tabular.targets import bias_report, tree_quantities
+
 from . import common
 
 NAME = "sequence_bias"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 PAIRS = {"opd vs rtg": ("opd", "rtg_g1"), "vopd vs rtg_vopd": ("vopd", "rtg_vopd"),
          "full_kl vs rb_seq": ("full_kl", "rb_seq")}
 DEFAULTS = {

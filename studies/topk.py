@@ -16,11 +16,13 @@ import itertools
 import pandas as pd
 
 from synthetic.tree import make_tree
-from vopd_analysis.tabular.targets import bias_report, tree_quantities
 from vopd_analysis.tabular.enumeration import exact_moments
+from vopd_analysis.tabular.targets import bias_report, tree_quantities
+
 from . import common
 
 NAME = "topk"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 DEFAULTS = {
     "quick": {"vocab": 64, "horizon": 2, "zipf_exponent": [1.0, 1.5], "divergence": [0.5, 1.0],
               "coupling": 0.5, "ks": [1, 2, 4, 8, 16, 32, 64], "seeds": [0]},

@@ -20,6 +20,7 @@ from vopd_analysis.tabular.training import train
 from . import common
 
 NAME = "training_dynamics"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 ESTIMATORS = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 2}, "full_kl": {}, "topk_kl": {"k": 2}, "rtg": {},
               "rtg_vopd": {}}
 TREE = {"vocab": 8, "horizon": 3, "teacher_shape": "zipf", "coupling": 0.5, "divergence": 1.0, "seed": 0}

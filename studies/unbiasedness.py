@@ -5,7 +5,7 @@ teacher) and each registered single-sequence estimator: the exact relative bias
 against g_tok and against grad J (exact.py), and a Monte Carlo test
 (montecarlo.unbiasedness_test: Bonferroni t-tests along fixed directions, inconclusive when the draws are too
 few for the t approximation) of H0: E g = claimed target (estimators whose claim is 'none' are tested against
-g_tok, so the test should reject the biased ones). studies/test_calibration.py measures the test's
+g_tok, so the test should reject the biased ones). studies/calibration.py measures the test's
 false-positive rate and power on these environments.
 """
 
@@ -19,13 +19,14 @@ from synthetic.tree import bandit, make_tree
 from vopd_analysis import estimators as est
 from vopd_analysis.errors import InputError
 from vopd_analysis.tabular.analysis import estimator_specs
-from vopd_analysis.tabular.targets import bias_report, target_gradient, tree_quantities
 from vopd_analysis.tabular.enumeration import exact_moments
 from vopd_analysis.tabular.montecarlo import sample_gradients, unbiasedness_test
+from vopd_analysis.tabular.targets import bias_report, target_gradient, tree_quantities
 
 from . import common
 
 NAME = "unbiasedness"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 ENVS = {
     "bandit": lambda seed: bandit(6, seed=seed),
     "tree": lambda seed: make_tree(3, 3, coupling=0.0, seed=seed),

@@ -14,9 +14,11 @@ import pandas as pd
 from synthetic.tree import make_tree
 from vopd_analysis.tabular.enumeration import exact_moments
 from vopd_analysis.tabular.targets import tree_quantities
+
 from . import common
 
 NAME = "variance_landscape"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 TOKEN = ["opd", "vopd", "vopd_topk", "full_kl", "opd_bstar"]
 SEQUENCE = ["rtg", "rtg_vopd", "rb_seq"]
 BASE = {"vocab": 4, "horizon": 3, "divergence": 1.0, "teacher_temperature": 1.0, "coupling": 0.5}

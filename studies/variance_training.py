@@ -20,13 +20,15 @@ import tempfile
 
 import pandas as pd
 
-from vopd_analysis.lm import loading, tiny
 from vopd_analysis.distill import checkpoint as ckpt
-from vopd_analysis.distill.loop import DistillConfig, run as distill
+from vopd_analysis.distill.loop import DistillConfig
+from vopd_analysis.distill.loop import run as distill
+from vopd_analysis.lm import loading, tiny
 
 from . import common, llm_variance
 
 NAME = "variance_training"
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 # the estimators of the committed tables (llm_variance.ESTIMATORS has grown since)
 PROBE = {"pair": "tiny", "num_prompts": 4, "num_rollouts": 8, "max_new_tokens": 8,
          "estimators": ["opd", "vopd", "vopd_topk", "full_kl", "topk_kl"],

@@ -32,9 +32,11 @@ from scipy import stats as sps
 
 from vopd_analysis import stats
 from vopd_analysis.errors import InputError
+
 from . import common, variance_landscape
 
 NAME = "vocab_effect"
+READS = ("llm_variance", "llm_variance_small", "llm_variance_smollm2", "llm_variance_gemma3", "pair_statistics")
 RATIOS = ["vopd", "full_kl"]
 REAL = {"tiny": "llm_variance.csv", "small": "llm_variance_small.csv", "smollm2": "llm_variance_smollm2.csv",
         "gemma3": "llm_variance_gemma3.csv"}

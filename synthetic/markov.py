@@ -14,10 +14,22 @@ import dataclasses
 import numpy as np
 import torch
 
-from vopd_analysis.errors import InputError
 from vopd_analysis.batch import TokenBatch
-from .tree import (GENERATION_COPIES, PrefixTree, _base_logits, check_generated, check_knobs, check_logit_values,
-                   check_memory, check_size, env_token_batch, level_offset, num_states)
+from vopd_analysis.errors import InputError
+
+from .tree import (
+    GENERATION_COPIES,
+    PrefixTree,
+    _base_logits,
+    check_generated,
+    check_knobs,
+    check_logit_values,
+    check_memory,
+    check_size,
+    env_token_batch,
+    level_offset,
+    num_states,
+)
 
 
 def markov_num_states(vocab: int, horizon: int) -> int:

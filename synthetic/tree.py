@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from vopd_analysis.batch import TokenBatch
-
 from vopd_analysis.errors import InputError
+
 MAX_EXACT_SEQUENCES = 1 << 23   # enumeration (and Monte Carlo tests against exact targets)
 MAX_DP_STATES = 1 << 22         # dynamic programming on a prefix tree
 # Largest max - min logit of one table row. The engines compute in float64, where a probability

@@ -20,6 +20,7 @@ from vopd_analysis import cli
 from vopd_analysis import estimators as est
 from vopd_analysis.batch import TokenBatch
 from vopd_analysis.errors import InputError
+from vopd_analysis.tabular import cli as tabular_cli
 from vopd_analysis.tabular import montecarlo as mc
 
 BASE = ("--vocab", "3", "--horizon", "2")
@@ -92,7 +93,7 @@ def test_extreme_rows_are_refused_in_python_and_the_limit_is_finite_everywhere()
     from vopd_analysis.tabular.analysis import analyse
     s[1, 0] = s[1].min() + MAX_LOGIT_SPREAD * 0.999
     result = analyse(from_arrays(s, tree.teacher_logits, 2))
-    assert list(cli._non_finite_paths(result)) == []
+    assert list(tabular_cli._non_finite_paths(result)) == []
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -360,8 +361,7 @@ def test_mc_help_documents_every_option_with_its_default(capsys):
                    "(default: gaussian)", "(default: 0)", "(default: False)", "normal (CLT) interval",
                    "--estimator ESTIMATOR a registered estimator", "--tables TABLES", "--k K"):
         assert needle in out, needle
-    parser = cli.build_parser()
-    mc_parser = parser._subparsers._group_actions[0].choices["mc"]
+    mc_parser = tabular_cli.build_mc_parser()
     assert all(action.help for action in mc_parser._actions)
 
 

@@ -4,7 +4,9 @@ import numpy as np
 import torch
 
 from synthetic.tree import make_tree
-from vopd_analysis.tabular import baseline_quality as baselines, enumeration, targets
+from vopd_analysis.tabular import baseline_quality as baselines
+from vopd_analysis.tabular import enumeration, targets
+
 TREE = make_tree(3, 3, coupling=1.0, seed=1)
 
 

@@ -6,6 +6,8 @@ import numpy as np
 
 from synthetic.tree import make_tree
 from vopd_analysis import cli
+
+
 def run(capsys, *argv):
     code = cli.main(list(argv))
     out = capsys.readouterr()
@@ -126,11 +128,11 @@ def test_exact_dp_leaves_out_only_what_it_cannot_compute(capsys):
 
 
 def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
-    from vopd_analysis import cli
+    from vopd_analysis import cli, estimators_cli
 
-    def interrupted(args):
+    def interrupted(as_json):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_estimators", interrupted)
+    monkeypatch.setattr(estimators_cli, "print_registry", interrupted)
     assert cli.main(["estimators"]) == 130
     assert capsys.readouterr().err == "interrupted\n"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vopd_analysis.lm import tiny
-from vopd_analysis.errors import InputError
 from vopd_analysis.distill import checkpoint as ckpt
 from vopd_analysis.distill import loop
+from vopd_analysis.errors import InputError
+from vopd_analysis.lm import tiny
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from vopd_analysis import divergences as dv
+
+
 def reference(z, y, t=None):
     """Plain autograd: log_softmax(z)[y] and, with t, KL(softmax(z) || softmax(t))."""
     lp = torch.log_softmax(z, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)

@@ -6,8 +6,9 @@ import torch
 
 from synthetic.markov import make_markov
 from synthetic.tree import make_tree
-from vopd_analysis import InputError, estimators as est
-from vopd_analysis.tabular import dp, analysis, enumeration, targets
+from vopd_analysis import InputError
+from vopd_analysis import estimators as est
+from vopd_analysis.tabular import analysis, dp, enumeration, targets
 
 # every registered estimator with a DP (its credit is defined), plus non-default parameters
 SPECS = {label: spec for label, spec in (analysis.default_specs(k=2) | {

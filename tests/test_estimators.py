@@ -7,6 +7,7 @@ import torch
 
 from vopd_analysis import InputError, TokenBatch, describe, get, per_sequence, surrogate_loss
 from vopd_analysis import divergences as dv
+
 D = torch.float64
 
 

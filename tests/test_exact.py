@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from synthetic.tree import bandit, check_enumerable, make_tree
-from vopd_analysis import InputError, estimators as est
+from vopd_analysis import InputError
+from vopd_analysis import estimators as est
 from vopd_analysis.tabular import analysis, enumeration, targets
+
 D = torch.float64
 
 

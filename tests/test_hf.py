@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from vopd_analysis.lm import hf, loading, tasks
 from vopd_analysis import divergences as dv
 from vopd_analysis.batch import TokenBatch
 from vopd_analysis.errors import InputError
 from vopd_analysis.estimators import surrogate_loss
+from vopd_analysis.lm import hf, loading, tasks
 
 PROMPTS = ["12+3=", "7+8=", "100+1="]
 

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("gguf")
 
 from gguf_fixture import EOS, byte_level_vocab, write_tiny_llama_gguf  # noqa: E402
+
 from vopd_analysis.errors import InputError  # noqa: E402
 from vopd_analysis.lm import loading, pretrained  # noqa: E402
 

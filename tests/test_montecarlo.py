@@ -10,7 +10,9 @@ from scipy import stats
 
 from synthetic.tree import bandit, make_tree
 from vopd_analysis import InputError, cli
-from vopd_analysis.tabular import enumeration, targets, montecarlo as mc
+from vopd_analysis.tabular import enumeration, targets
+from vopd_analysis.tabular import montecarlo as mc
+
 TREE = make_tree(3, 3, coupling=1.0, seed=1)
 TQ = targets.tree_quantities(TREE)
 # issue 15: the plain t-test rejected the exactly unbiased full_kl here in 65% of runs with 200 draws

@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("gguf")
 
 from gguf_fixture import write_tiny_llama_gguf  # noqa: E402
+
 from vopd_analysis.errors import InputError  # noqa: E402
 from vopd_analysis.lm import loading, pair_card, presets, pretrained  # noqa: E402
 

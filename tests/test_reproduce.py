@@ -19,6 +19,7 @@ import pytest
 from studies import common, distill_tiny, llm_variance
 from vopd_analysis import InputError
 from vopd_analysis.lm import loading, tiny
+
 RTOL, ATOL = 1e-4, 1e-9
 FIGURES = common.REPO / "figures"
 

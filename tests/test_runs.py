@@ -18,11 +18,10 @@ import pytest
 from scipy import stats as sps
 
 from vopd_analysis import cli
-
-from vopd_analysis.lm import tiny
-from vopd_analysis.errors import InputError
 from vopd_analysis.distill import checkpoint as ckpt
 from vopd_analysis.distill import compare, loop, sweep
+from vopd_analysis.errors import InputError
+from vopd_analysis.lm import tiny
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from vopd_analysis import InputError
-
-from vopd_analysis.lm import hf, loading, pair_card, presets, small, tiny
 from vopd_analysis.distill import compare, loop
+from vopd_analysis.lm import hf, loading, pair_card, presets, small, tiny
 
 
 def test_committed_pair_matches_its_card():

@@ -6,10 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from studies import baseline_quality, run_all, sequence_bias, topk, training_dynamics, unbiasedness
-from studies import estimator_zoo
-from studies import test_calibration as calibration
-from studies import variance_landscape
+from studies import (
+    baseline_quality,
+    calibration,
+    estimator_zoo,
+    run_all,
+    sequence_bias,
+    topk,
+    training_dynamics,
+    unbiasedness,
+    variance_landscape,
+)
 from synthetic.tree import make_tree
 from vopd_analysis.tabular.baseline_quality import baseline_quality as quality
 
@@ -103,12 +110,35 @@ def test_run_all_knows_every_study_module():
     import inspect
     import pathlib
 
-    modules = {p.stem for p in pathlib.Path(run_all.__file__).parent.glob("*.py")} - {"__init__", "common", "run_all"}
+    modules = {p.stem for p in pathlib.Path(run_all.__file__).parent.glob("*.py")}
+    modules -= {"__init__", "cli", "common", "run_all"}
     assert set(run_all.STUDIES) == modules
     for name in run_all.STUDIES:
         assert {"quick", "out_dir"} <= set(inspect.signature(run_all.study(name)).parameters)
     with pytest.raises(SystemExit, match="known studies"):
         run_all.study("bogus")
+
+
+def test_every_study_declares_the_studies_it_reads():
+    for name in run_all.STUDIES:
+        reads = run_all.reads(name)
+        assert isinstance(reads, tuple) and set(reads) <= set(run_all.STUDIES) - {name}, name
+    from studies import vocab_effect
+    files = [*vocab_effect.REAL.values(), vocab_effect.ENTROPY]
+    assert {f.removesuffix(".csv").removesuffix("_entropy") for f in files} == set(vocab_effect.READS)
+
+
+def test_a_study_reading_another_runs_after_it():
+    for names in (run_all.STUDIES, run_all.STUDIES[::-1]):
+        ordered = run_all.order(names)
+        assert sorted(ordered) == sorted(names)
+        for name in ordered:
+            assert all(ordered.index(read) < ordered.index(name) for read in run_all.reads(name)), name
+    assert run_all.order(run_all.STUDIES) == run_all.STUDIES     # already in a valid order: unchanged
+    fake = {"a": ("c",), "b": (), "c": (), "d": ("a", "missing")}
+    assert run_all.order(["a", "b", "c", "d"], fake.get) == ["b", "c", "a", "d"]   # stable otherwise
+    with pytest.raises(SystemExit, match="cycle"):
+        run_all.order(["a", "c"], {"a": ("c",), "c": ("a",)}.get)
 
 
 def test_run_study_prints_report_and_writes_outputs(tmp_path, capsys):
@@ -217,6 +247,7 @@ def test_run_all_compares_fresh_tables_with_the_committed_ones(tmp_path):
 
 def test_manifest_dirty_flag_counts_tracked_code_only(tmp_path, monkeypatch):
     import subprocess
+
     from studies import common
 
     def git(*args):

@@ -4,8 +4,10 @@ import json
 
 import pytest
 
-from vopd_analysis.lm import tasks
 from vopd_analysis.errors import InputError
+from vopd_analysis.lm import tasks
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return tasks.build_tokenizer()

@@ -7,6 +7,8 @@ import torch
 from synthetic.tree import from_arrays, from_npz, make_tree, num_states
 from vopd_analysis import InputError
 from vopd_analysis.tabular import targets
+
+
 def test_state_layout_is_level_by_level_lexicographic():
     tree = make_tree(2, 3, seed=0)
     assert tree.num_states == num_states(2, 3) == 7

@@ -13,12 +13,12 @@ import torch
 
 pytest.importorskip("trl")
 
-from vopd_analysis import estimators as est                      # noqa: E402
-from vopd_analysis import fused                                  # noqa: E402
-from vopd_analysis.distill import checkpoint as ckpt             # noqa: E402
-from vopd_analysis.distill import loop, trl_engine               # noqa: E402
-from vopd_analysis.errors import InputError                      # noqa: E402
-from vopd_analysis.lm import hf, loading, tasks, tiny                     # noqa: E402
+from vopd_analysis import estimators as est  # noqa: E402
+from vopd_analysis import fused  # noqa: E402
+from vopd_analysis.distill import checkpoint as ckpt  # noqa: E402
+from vopd_analysis.distill import loop, trl_engine  # noqa: E402
+from vopd_analysis.errors import InputError  # noqa: E402
+from vopd_analysis.lm import hf, loading, tasks, tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY = ("opd", "vopd", "vopd_topk", "full_kl", "opd_bstar")

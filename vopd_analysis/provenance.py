@@ -52,9 +52,9 @@ def versions() -> dict:
 def machine() -> dict:
     """What decides float round-off on a CPU: torch threads, the SIMD kernels torch picked, the CPU model
     and its vector flags, and the Hugging Face versions (real-model manifests)."""
+    import tokenizers
     import torch
     import transformers
-    import tokenizers
     info = {"torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "machine": platform.machine(), "transformers": transformers.__version__,
             "tokenizers": tokenizers.__version__, "cpu_model": None, "cpu_flags": None}

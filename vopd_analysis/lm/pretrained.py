@@ -46,9 +46,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import loading, pair_card, small
 from .. import records
 from ..errors import InputError, exit_with
+from . import loading, pair_card, small
 
 PAIRS_DIR = Path(__file__).resolve().parent / "pairs"
 TARGET_RATIO = 2.0            # the student's held-out perplexity, at least this multiple of the teacher's

@@ -39,7 +39,8 @@ from .. import provenance, records, stats
 from ..errors import InputError, exit_with
 from . import fused_score as fs
 from . import hf, loading, tasks, variance
-from .presets import PRESETS, get as get_preset
+from .presets import PRESETS
+from .presets import get as get_preset
 
 DEFAULT_ESTIMATORS = ("opd", "vopd", "vopd_topk", "opd_bstar", "opd_bstar_topk", "iw_opd", "full_kl", "topk_kl")
 PER_BATCH = ["trace_cov", "variance_ratio_to_opd", "snr", "noise_scale_ref", "cosine_to_reference",

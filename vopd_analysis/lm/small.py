@@ -51,8 +51,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import pair_card
 from ..errors import InputError, exit_with
+from . import pair_card
 from .tiny import ModelSize
 
 COMMITTED = Path(__file__).resolve().parent / "pairs" / "small"   # the pair every machine uses

@@ -25,8 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import pair_card, tasks
 from ..errors import exit_with
+from . import pair_card, tasks
 
 
 @dataclasses.dataclass(frozen=True)

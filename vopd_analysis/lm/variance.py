@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch.func import functional_call, vjp, vmap
 
-from ..errors import InputError
 from .. import estimators as est
+from ..errors import InputError
 from . import fused_score as fs
 from . import hf
 

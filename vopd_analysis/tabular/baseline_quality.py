@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from synthetic.tree import PrefixTree
+
 from .. import divergences as dv
 from .targets import TreeQuantities, tree_quantities
 

@@ -22,6 +22,7 @@ from typing import Dict, Iterable, Optional
 import torch
 
 from synthetic.tree import PrefixTree, check_enumerable, level_offset
+
 from .. import estimators as est
 from ..errors import InputError
 from .targets import Moments, TreeQuantities, fold_onto_states, tree_quantities

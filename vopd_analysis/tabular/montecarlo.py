@@ -44,7 +44,7 @@ adds about 1/p to its gamma^2, so it must have been seen about 59 times. A
 non-rejection cannot be a false positive; it is a verdict from r =
 NOT_REJECTED_SHARE = 1 on (n >= N_skew / 20: beyond that point the predicted
 size error exceeds alpha itself and the approximation says nothing). Both
-shares were chosen by measurement (studies/test_calibration.py recomputes every
+shares were chosen by measurement (studies/calibration.py recomputes every
 run's verdict for other r): with a larger r for rejections, or the same small
 r for both outcomes, the verdicts left near the rule's boundary in a
 heavy-tailed case are mostly draws whose tail frequency is off, so that their
@@ -78,7 +78,8 @@ import numpy as np
 import torch
 from scipy import special, stats
 
-from synthetic.tree import PrefixTree   # or a synthetic.markov.MarkovChain: both sample and fold
+from synthetic.tree import PrefixTree  # or a synthetic.markov.MarkovChain: both sample and fold
+
 from .. import estimators as est
 from ..errors import InputError
 from .targets import fold_onto_states, tree_quantities

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from synthetic.tree import PrefixTree
+
 from .. import estimators as est
 from .targets import tree_quantities
 

@@ -31,19 +31,25 @@ import zlib  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from scipy import stats  # noqa: E402
 
 from synthetic.tree import make_tree  # noqa: E402
 from vopd_analysis import estimators as est  # noqa: E402
+from vopd_analysis import stats  # noqa: E402
 from vopd_analysis.tabular.enumeration import exact_moments  # noqa: E402
+from vopd_analysis.tabular.montecarlo import (  # noqa: E402
+    NOT_REJECTED_SHARE,
+    SIZE_ERROR_SHARE,
+    sample_gradients,
+    sequence_draws,
+    unbiasedness_test,
+)
 from vopd_analysis.tabular.targets import target_gradient, tree_quantities  # noqa: E402
-from vopd_analysis.tabular.montecarlo import (NOT_REJECTED_SHARE, SIZE_ERROR_SHARE, sample_gradients,  # noqa: E402
-                                     sequence_draws, unbiasedness_test)
 
 from . import common  # noqa: E402
 from .unbiasedness import ENVS as UNBIASEDNESS_ENVS  # noqa: E402
 
-NAME = "test_calibration"
+NAME = "test_calibration"   # the outputs keep their committed names (figures/full/test_calibration.*)
+READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 ENVS = {**UNBIASEDNESS_ENVS,
         "zipf_heavy": lambda seed: make_tree(4, 3, coupling=1.0, teacher_shape="zipf", seed=3 + seed),
         "tree_large": lambda seed: make_tree(5, 4, coupling=1.0, seed=seed)}
@@ -115,13 +121,6 @@ def sampled_results(tree, spec: dict, target: np.ndarray, n: int, rng, reps: int
             for s in seeds]
 
 
-def clopper_pearson(k: int, n: int) -> tuple:
-    if n == 0:
-        return np.nan, np.nan
-    ci = stats.binomtest(k, n).proportion_ci(0.95, method="exact")
-    return float(ci.low), float(ci.high)
-
-
 def share_sweep(results: list, alpha: float) -> dict:
     """Verdicts and rejections had the skewness rule used the share r' of alpha for rejections (N_skew scales as
     1/r: a rejection is a verdict iff n >= N_skew r / r'), with non-rejections at NOT_REJECTED_SHARE as in the
@@ -142,8 +141,8 @@ def summarise(results: list, alpha: float) -> dict:
     rejected = sum(r.reject for r in results)
     verdicts = sum(not r.inconclusive for r in results)
     needed = [r.draws_needed for r in results if r.inconclusive]
-    low, high = clopper_pearson(rejected, reps)
-    v_low, v_high = clopper_pearson(rejected, verdicts)
+    low, high = stats.clopper_pearson(rejected, reps)
+    v_low, v_high = stats.clopper_pearson(rejected, verdicts)
     return {"reps": reps, "reject_rate": rejected / reps, "reject_low": low, "reject_high": high,
             "verdicts": verdicts, "inconclusive_rate": 1 - verdicts / reps,
             "reject_given_verdict": rejected / verdicts if verdicts else np.nan,
@@ -197,7 +196,7 @@ def sweep_table(unbiased: pd.DataFrame, alpha: float) -> pd.DataFrame:
     for mode, label in (("split", f"r = {NOT_REJECTED_SHARE:g}"), ("same", "the same r")):
         for share in SHARES:
             k, v = unbiased[f"rejected_{mode}_r{share:g}"], unbiased[f"verdicts_{mode}_r{share:g}"]
-            low = np.array([clopper_pearson(int(a), int(b))[0] for a, b in zip(k, v)])
+            low = np.array([stats.clopper_pearson(int(a), int(b))[0] for a, b in zip(k, v)])
             rows.append({"r for rejections": share, "non-rejections at": label,
                          "cells with verdicts": int((v > 0).sum()), "cells above alpha": int((low > alpha).sum()),
                          "verdict rate": round(float((v / unbiased["reps"]).mean()), 3)})
