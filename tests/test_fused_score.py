@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from vopd_analysis import estimators as est
-from vopd_analysis import fused
 from vopd_analysis.errors import InputError
 from vopd_analysis.lm import fused_score as fs
 from vopd_analysis.lm import hf, loading, tasks, tiny
@@ -52,7 +51,7 @@ def test_hidden_states_times_head_are_the_models_logits(pair64, rollouts):
         assert (h @ head.weight.T - want).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("name", sorted(fused.FUSED_ESTIMATORS))
+@pytest.mark.parametrize("name", sorted(fs.fused_names()))
 def test_values_and_gradients_equal_the_materialised_path(pair64, rollouts, name):
     """float64, masked positions (responses of lengths 1..8) and a masked token id."""
     params = {"k": 5} if "k" in est.get(name).params() else {}          # top-k ones: k <= V = 16

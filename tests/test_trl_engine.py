@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("trl")
 
 from vopd_analysis import estimators as est                      # noqa: E402
-from vopd_analysis import fused                                  # noqa: E402
+from vopd_analysis.lm import fused_score as fs                    # noqa: E402
 from vopd_analysis.distill import checkpoint as ckpt             # noqa: E402
 from vopd_analysis.distill import loop, trl_engine               # noqa: E402
 from vopd_analysis.errors import InputError                      # noqa: E402
@@ -87,7 +87,7 @@ def test_trl_gradient_equals_surrogate_loss(pair64, rollouts, tmp_path, name, re
     """float64: TRL's compute_loss on the rollouts' micro-batch has surrogate_loss's gradient (same
     normalisation: N = the batch's unmasked tokens, or its sequences), on the materialised and on
     the fused path."""
-    assert name in fused.FUSED_ESTIMATORS
+    assert fs.has_fused_form(name)
     trainer = trl_engine.RegistryDistillationTrainer(
         model=pair64.student, teacher_model=pair64.teacher, args=trl_args(tmp_path), train_dataset=dataset(),
         processing_class=pair64.tokenizer, estimator=name, reduction=reduction, logits=logits)
