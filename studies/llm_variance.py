@@ -35,7 +35,8 @@ import pandas as pd
 from vopd_analysis import params as prm
 from vopd_analysis import provenance
 from vopd_analysis.errors import InputError
-from vopd_analysis.lm import hf, loading, probe, tasks
+from vopd_analysis.lm import loading, probe, tasks
+from vopd_analysis.lm.smoke import save_tiny_pair
 from vopd_analysis.lm.presets import PRESETS
 
 from . import common
@@ -61,7 +62,7 @@ def output_name(config: dict) -> str:
 def random_models(reason: str):
     """Randomly initialised tiny Qwen2 student/teacher saved to a temporary directory."""
     directory = tempfile.mkdtemp(prefix="vopd_random_pair_")
-    student, teacher = hf.save_tiny_pair(directory, seed=0)
+    student, teacher = save_tiny_pair(directory, seed=0)
     print(f"NOTE: {reason}; using RANDOMLY INITIALISED tiny Qwen2 models saved under {directory} "
           "(the numbers describe untrained models)")
     return student, teacher, "random-init tiny Qwen2"

@@ -261,6 +261,13 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return token_logprobs_and_lse(logits, tokens)[0]
 
 
+def kl_from_logprobs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) = sum_v a_v (log a_v - log b_v) over the last axis, from log-probabilities; a_v = 0
+    terms are 0 (0 log 0 = 0), an a_v > 0 where b_v = 0 gives +inf. ``reverse_kl`` is (log q, log p),
+    ``forward_kl`` (log p, log q)."""
+    return _plogratio(log_a, log_b).sum(-1)
+
+
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(q || p) = sum_v q_v (log q_v - log p_v); differentiable in both inputs.
 
@@ -270,7 +277,7 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     dtype = compute_dtype(student_logits)
     log_q = torch.log_softmax(student_logits.to(dtype), dim=-1)
     log_p = torch.log_softmax(teacher_logits.to(dtype), dim=-1)
-    return _plogratio(log_q, log_p).sum(-1)
+    return kl_from_logprobs(log_q, log_p)
 
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -278,7 +285,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     dtype = compute_dtype(student_logits)
     log_q = torch.log_softmax(student_logits.to(dtype), dim=-1)
     log_p = torch.log_softmax(teacher_logits.to(dtype), dim=-1)
-    return _plogratio(log_p, log_q).sum(-1)
+    return kl_from_logprobs(log_p, log_q)
 
 
 def renormalised_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Scoring rollouts without materialising logits: final hidden states and ``lm_head`` into ``fused``.
 
-``hf.score`` builds [B, T, V] student and teacher logits (3 x B T V x 4 bytes with the student's
+``scoring.score`` builds [B, T, V] student and teacher logits (3 x B T V x 4 bytes with the student's
 gradient: 15 GB at 8,192 tokens and V = 151,936). Here each model runs its backbone only,
 ``response_hidden`` gathers the hidden state h(s_t) before each response token (the row whose
-logits ``hf.response_logits`` would return), ``output_head`` reads the head the model applies
+logits ``scoring.response_logits`` would return), ``output_head`` reads the head the model applies
 to it (weight, bias, logit scale, final soft-capping), and ``vopd_analysis.fused`` computes the
 estimator tile by tile: the logits z = c tanh(s (h W^T + b) / c) exist only as tiles.
 
@@ -12,7 +12,7 @@ The fused scorer fills the same per-token record as the materialised one (``toke
 that reads only the record (``Estimator.reads_stats``: the composed ones, full_kl and the top-k losses)
 has a fused form, with no code here that names it.
 
-Which path (``choose``): "materialised" is ``hf.score``; "fused" is this module (for the
+Which path (``choose``): "materialised" is ``scoring.score``; "fused" is this module (for the
 estimators of ``fused_names()``); "auto" takes the fused path when the estimator has
 one and the batch has N x V >= ``AUTO_MIN_ELEMENTS`` (one float32 [N, V] tensor of 256 MiB or
 more), the materialised one otherwise (it is faster when the logits are small).
@@ -30,7 +30,7 @@ from .. import estimators as est
 from .. import fused
 from ..errors import InputError
 from ..token_stats import Needs, TokenStats, check_k
-from . import hf
+from . import rollouts as ro, scoring as sc
 
 PATHS = ("auto", "materialised", "fused")
 AUTO_MIN_ELEMENTS = 2 ** 26
@@ -95,11 +95,11 @@ def output_head(model) -> Head:
 
 def response_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cols: torch.Tensor,
                     first_column: int) -> torch.Tensor:
-    """The final hidden states h(s_t) [B, T, d] whose logits ``hf.response_logits`` returns: the
+    """The final hidden states h(s_t) [B, T, d] whose logits ``scoring.response_logits`` returns: the
     backbone (``model.base_model``) with the same position ids, at columns cols[b, t] - 1.
 
     Args:
-      model: a causal LM; input_ids, attention_mask: [B, L]; cols: [B, T] (``hf.response_index``);
+      model: a causal LM; input_ids, attention_mask: [B, L]; cols: [B, T] (``scoring.response_index``);
       first_column: the first column kept (only the rows from it on are gathered).
     """
     backbone = model.base_model
@@ -134,19 +134,19 @@ class HiddenBatch:
                                    mask=self.mask[index])
 
 
-def hidden_batch(student, teacher, rollouts: hf.Rollouts, vocab_size: Optional[int] = None,
+def hidden_batch(student, teacher, rollouts: ro.Rollouts, vocab_size: Optional[int] = None,
                  mask_token_ids: Sequence[int] = (), teacher_hidden: Callable = response_hidden) -> HiddenBatch:
-    """``hf.score``'s positions, tokens and mask, with hidden states instead of logits; the student's
+    """``scoring.score``'s positions, tokens and mask, with hidden states instead of logits; the student's
     backbone runs with its gradient, the teacher's without.
 
     Args:
-      student, teacher: causal LMs; rollouts: from ``hf.generate_rollouts``.
+      student, teacher: causal LMs; rollouts: from ``rollouts.generate_rollouts``.
       vocab_size: the shared V (None: the student head's rows, which the teacher's must match).
       mask_token_ids: tokens left out of the loss.
       teacher_hidden: how the teacher's hidden states are computed (``response_hidden``'s
         signature; the TRL engine routes it through the teacher's distributed wrapper).
     """
-    cols, valid = hf.response_index(rollouts.response_mask)
+    cols, valid = sc.response_index(rollouts.response_mask)
     first = int(cols.min()) - 1
     if first < 0:
         raise InputError("a response starts at column 0: every rollout needs at least one prompt token")
@@ -204,10 +204,10 @@ class FusedScore:
         return (self.stats.kl.detach() * self.mask.to(self.stats.kl.dtype)).sum(-1)
 
 
-def score(student, teacher, rollouts: hf.Rollouts, estimator: str, params: Optional[dict] = None,
+def score(student, teacher, rollouts: ro.Rollouts, estimator: str, params: Optional[dict] = None,
           vocab_size: Optional[int] = None, mask_token_ids: Sequence[int] = (),
           teacher_hidden: Callable = response_hidden) -> FusedScore:
-    """``hf.score`` + ``estimators.per_sequence`` for one fused estimator, without [B, T, V] logits
+    """``scoring.score`` + ``estimators.per_sequence`` for one fused estimator, without [B, T, V] logits
     (``hidden_batch``, then ``values``). Values equal the materialised path's to rounding
     (``tests/test_fused_score.py``: float64 1e-10 on the tiny pair)."""
     hb = hidden_batch(student, teacher, rollouts, vocab_size, mask_token_ids, teacher_hidden)
@@ -223,7 +223,7 @@ def loss_of(scored, estimator: str, reduction: str, num_items_in_batch: Optional
                               validate=False, **params)
 
 
-def planned_tokens(rollouts: hf.Rollouts, max_new_tokens: Optional[int] = None) -> int:
+def planned_tokens(rollouts: ro.Rollouts, max_new_tokens: Optional[int] = None) -> int:
     """N = rollouts x the response budget (``max_new_tokens``; None: the generated width): the positions
     the materialised logits hold when no response ends early. The "auto" choice reads this, not the
     longest response, so a batch whose responses all end early takes the same path as a full one."""
@@ -231,13 +231,13 @@ def planned_tokens(rollouts: hf.Rollouts, max_new_tokens: Optional[int] = None) 
     return rollouts.num_rollouts * int(budget)
 
 
-def score_either(path: str, student, teacher, rollouts: hf.Rollouts, estimator: str, params: dict,
+def score_either(path: str, student, teacher, rollouts: ro.Rollouts, estimator: str, params: dict,
                  vocab_size: int, teacher_hidden: Callable = response_hidden, max_new_tokens: Optional[int] = None):
-    """A ``FusedScore`` or ``hf.score``'s ``TokenBatch``, as ``choose(path, ...)`` says for this batch
+    """A ``FusedScore`` or ``scoring.score``'s ``TokenBatch``, as ``choose(path, ...)`` says for this batch
     (N = ``planned_tokens(rollouts, max_new_tokens)``)."""
     if choose(path, estimator, planned_tokens(rollouts, max_new_tokens), vocab_size):
         return score(student, teacher, rollouts, estimator, params, vocab_size, teacher_hidden=teacher_hidden)
-    return hf.score(student, teacher, rollouts, [estimator], vocab_size=vocab_size, params={estimator: params})
+    return sc.score(student, teacher, rollouts, [estimator], vocab_size=vocab_size, params={estimator: params})
 
 
 # ----------------------------------------------------------------------------- hidden states -> record -> registry
