@@ -26,6 +26,12 @@ estimator (E[b(s_t) S_t | s_t] = 0), so the target comes from the return. The
 others (analytic divergences, k1/k2/k3 as losses, group estimators) are plain
 functions.
 
+The composed estimators, full_kl and the top-k losses read only a per-token record
+(``token_stats.TokenStats``: lp_t, lp_T,t, KL_t, b*_t, log q and log p on a top-k support)
+and say which of its fields they need (``token_stats.Needs``). Either scorer fills it: the
+materialised one from a TokenBatch (``token_stats.from_batch``), the fused one from hidden
+states (``lm.fused_score``); so one of them composed from existing parts runs on both.
+
 Targets (``Estimator.target``):
 * ``token``    g_tok = E[sum_t grad KL_t(s_t)], state distribution held fixed;
 * ``sequence`` grad J, J = E[sum_t l_t] the sequence-level reverse KL;
