@@ -28,7 +28,6 @@ from .batch import TokenBatch
 from .errors import InputError
 
 KL_USES = ("", "baseline", "loss")          # not read < detached (a baseline) < with its gradient (a loss)
-TOPK_GRADS = ("", "renormalised", "full")   # see ``Needs.topk_grad``
 TOPK_SUPPORTS = ("student", "teacher")
 
 

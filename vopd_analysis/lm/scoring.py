@@ -27,6 +27,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from .. import divergences as dv
 from ..batch import TokenBatch
 from ..errors import InputError
 from .. import estimators as est
@@ -150,7 +151,7 @@ def teacher_signals(teacher_rows: torch.Tensor, tokens: torch.Tensor, student_ro
       Field name -> tensor: [M] float32 (float64) for the first two, [M, k] for the top-k fields.
     """
     M = tokens.shape[0]
-    real = torch.float64 if teacher_rows.dtype == torch.float64 else torch.float32
+    real = dv.compute_dtype(teacher_rows)
     out = {name: torch.empty(M, dtype=real, device=tokens.device)
            for name in ("teacher_token_logprobs", "teacher_logsumexp")}
     if k:

@@ -80,7 +80,7 @@ def entropy_binned_score_variance(student_logits: torch.Tensor, teacher_logits: 
             for lo, hi in zip(edges[:-1], edges[1:])]
     bounds = torch.tensor(list(edges[1:-1]), dtype=torch.float64)
     rows = max(1, min(chunk_tokens, (1 << 24) // teacher_logits.shape[-1]))      # float32 chunks of 64 MiB
-    real = torch.promote_types(teacher_logits.dtype, torch.float32)
+    real = dv.compute_dtype(teacher_logits)
     for a in range(0, teacher_logits.shape[0], rows):
         lp = torch.log_softmax(teacher_logits[a:a + rows].to(real), dim=-1)
         lq = torch.log_softmax(student_logits[a:a + rows].to(real), dim=-1)
