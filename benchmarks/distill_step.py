@@ -27,9 +27,12 @@ import time
 import torch
 
 from vopd_analysis import estimators as est
-
 from vopd_analysis.lm import fused_score as fs
-from vopd_analysis.lm import hf, loading
+from vopd_analysis.lm import loading
+from vopd_analysis.lm import rollouts as ro
+from vopd_analysis.lm import scoring as sc
+from vopd_analysis.lm.smoke import tiny_qwen2
+
 from .common import paired_ratio, peak_memory, record, synchronize
 
 QWEN_VOCAB = 151_936
@@ -39,16 +42,16 @@ FUSED = ["opd", "vopd", "opd_bstar", "full_kl"]     # also timed on the fused pa
 
 
 def build_pair(device, dtype, hidden: int):
-    """(student in train mode, teacher in eval mode): smoke-preset Qwen2 models (``hf.tiny_qwen2``) with the
+    """(student in train mode, teacher in eval mode): smoke-preset Qwen2 models (``tiny_qwen2``) with the
     Qwen vocabulary, the student ``hidden`` wide with 2 layers, the teacher 1.5x as wide with 3."""
     def model(width, layers, seed):
-        return hf.tiny_qwen2(None, seed, vocab_size=QWEN_VOCAB, hidden_size=width, num_layers=layers,
-                             max_position_embeddings=1024).to(device=device, dtype=dtype)
+        return tiny_qwen2(None, seed, vocab_size=QWEN_VOCAB, hidden_size=width, num_layers=layers,
+                          max_position_embeddings=1024).to(device=device, dtype=dtype)
 
     return model(hidden, 2, 0).train(), model(int(hidden * 1.5), 3, 1).eval()
 
 
-def fixed_rollouts(num: int, prompt: int, response: int, device) -> hf.Rollouts:
+def fixed_rollouts(num: int, prompt: int, response: int, device) -> ro.Rollouts:
     """``num`` rollouts of uniformly random Qwen-vocabulary tokens (seed 0): ``prompt`` prompt columns,
     then ``response`` response columns, no padding; one rollout per prompt."""
     g = torch.Generator().manual_seed(0)
@@ -56,7 +59,7 @@ def fixed_rollouts(num: int, prompt: int, response: int, device) -> hf.Rollouts:
     att = torch.ones_like(ids)
     resp = torch.zeros_like(ids)
     resp[:, prompt:] = 1
-    return hf.Rollouts(ids, att, resp, torch.arange(num, device=device), prompt)
+    return ro.Rollouts(ids, att, resp, torch.arange(num, device=device), prompt)
 
 
 def step_phases(student, teacher, rollouts, name, params, device, fused: bool = False, vocab_size=None):
@@ -70,7 +73,7 @@ def step_phases(student, teacher, rollouts, name, params, device, fused: bool = 
     if fused:
         hidden = fs.hidden_batch(student, teacher, rollouts, vocab_size)
     else:
-        batch = hf.score(student, teacher, rollouts, [name], vocab_size=vocab_size, params={name: params})
+        batch = sc.score(student, teacher, rollouts, [name], vocab_size=vocab_size, params={name: params})
     synchronize(device)
     t1 = time.perf_counter()
     if fused:
@@ -128,7 +131,7 @@ def tiny_pair_lines(rounds: int, device) -> list:
     pair = loading.load_pair(s_path, t_path, device=device)
     pair.student.train()
     prompts = [r["prompt"] for r in tasks.train_prompts(32, seed=1)]
-    rollouts = hf.generate_rollouts(pair.student, pair.tokenizer, prompts, 4, 8, seed=0,
+    rollouts = ro.generate_rollouts(pair.student, pair.tokenizer, prompts, 4, 8, seed=0,
                                     vocab_size=pair.info.vocab_size)
     rows = {"opd": ("opd", {}, False)}
     for name in ("vopd", "opd_bstar"):

@@ -14,7 +14,7 @@ What the numbers mean
   bfloat16 on CUDA); teacher tensors are detached. The gradient is cleared before every run.
 * Each estimator reads the batch it would get in practice: ``opd`` / ``vopd`` / ``full_kl`` /
   ``gkd_jsd`` a batch with the full teacher logits and the teacher's logsumexp (a by-product
-  of the teacher log-probs that ``opd`` gets precomputed too, as ``hf.score`` provides them);
+  of the teacher log-probs that ``opd`` gets precomputed too, as ``scoring.score`` provides them);
   ``vopd/own-lse`` is ``vopd`` on the same batch without the logsumexp, so the baseline
   exponentiates the teacher logits itself; ``opd+read(t)`` is ``opd`` followed by one sum over
   the teacher logits, the floor for any baseline that reads them; ``opd/autograd`` is ``opd``
@@ -41,9 +41,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from vopd_analysis import divergences as dv
 from vopd_analysis import estimators as E
 from vopd_analysis.batch import TokenBatch
-from vopd_analysis import divergences as dv
+
 from . import common
 
 # (label, registry name, parameters, which batch it reads)

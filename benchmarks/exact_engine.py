@@ -24,8 +24,9 @@ import torch
 
 from synthetic.markov import make_markov
 from synthetic.tree import make_tree
-from vopd_analysis.tabular import dp, analysis, enumeration, targets
 from vopd_analysis import estimators as est
+from vopd_analysis.tabular import analysis, dp, enumeration, targets
+
 from .common import record
 
 

@@ -5,7 +5,7 @@
     python -m benchmarks.fused_path --quick --estimators opd full_kl vopd_topk opd_bstar --k 16
     python -m benchmarks.fused_path --quick --no-record --trl-path /tmp/trl_site --trl-stub-datasets
 
-``--estimators`` picks any of ``fused.FUSED_ESTIMATORS`` (default: full_kl and vopd;
+``--estimators`` picks any of ``fused_score.fused_names()`` (default: full_kl and vopd;
 ``TOPK_COMPARISON`` = opd, full_kl, vopd_topk, opd_bstar puts the top-k baseline next to the
 full-vocabulary ones); ``--k`` sets the top-k size of the estimators that have one (default:
 the registry's).
@@ -16,7 +16,7 @@ the student's h and W (no bias, logit scale 1, no soft-capping; float32 on CPU):
 * ``materialised``: z = h_s W_s^T with autograd, the teacher's t = h_t W_t^T, logsumexp(t)
   and log p(y) under no_grad, then ``estimators.surrogate_loss(name, batch, "sum")`` on the
   TokenBatch (the registry's chunked pass over [N, V] logits);
-* ``fused``: ``vopd_analysis.fused.fused_surrogate_loss(name, ..., reduction="sum")``, tiles of
+* ``fused``: ``vopd_analysis.lm.fused_score.fused_surrogate_loss(name, ..., reduction="sum")``, tiles of
   ``fused.default_chunks`` (1024 x 1024 on CPU), never an [N, V] tensor;
 * ``trl``: TRL 1.16's ``_chunked_divergence_loss`` with beta = 1 (reverse KL, the full_kl
   value; TRL has no vOPD), num_items_in_batch = 1 (a sum). TRL is not a dependency: the
@@ -53,6 +53,8 @@ from vopd_analysis import divergences as dv
 from vopd_analysis import estimators as E
 from vopd_analysis import fused as F
 from vopd_analysis.batch import TokenBatch
+from vopd_analysis.lm import fused_score as fs
+
 from . import common
 
 VOCAB = 151_936
@@ -204,12 +206,12 @@ def materialised_step(name: str, p: Problem, out: Dict[str, float], key: str,
 def fused_step(name: str, p: Problem, out: Dict[str, float], key: str,
                token_chunk: Optional[int] = None, vocab_chunk: Optional[int] = None,
                params: Optional[dict] = None) -> Callable[[], None]:
-    """``fused.fused_surrogate_loss(name, ..., reduction='sum')``."""
+    """``fused_score.fused_surrogate_loss(name, ..., reduction='sum')``."""
     params = params or {}
 
     def run():
         p.clear()
-        loss = F.fused_surrogate_loss(name, p.h_s, p.W_s, p.tokens, p.mask, p.h_t, p.W_t, reduction="sum",
+        loss = fs.fused_surrogate_loss(name, p.h_s, p.W_s, p.tokens, p.mask, p.h_t, p.W_t, reduction="sum",
                                       token_chunk=token_chunk, vocab_chunk=vocab_chunk, **params)
         loss.backward()
         out[key] = float(loss.detach())
@@ -304,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--vocab", type=int, default=VOCAB)
     p.add_argument("--hidden", type=int, default=HIDDEN)
     p.add_argument("--tokens", type=int, nargs="*", default=None, help="token counts N (overrides the grid)")
-    p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(F.FUSED_ESTIMATORS),
+    p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=fs.fused_names(),
                    metavar="NAME", help=f"fused estimators to time (default {' '.join(ESTIMATORS)}; "
                                         f"e.g. {' '.join(TOPK_COMPARISON)})")
     p.add_argument("--k", type=int, default=None, help="top-k size of the top-k estimators (default: the registry's)")

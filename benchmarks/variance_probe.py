@@ -23,7 +23,10 @@ import sys
 
 import torch
 
-from vopd_analysis.lm import hf, tasks, variance
+from vopd_analysis.lm import rollouts as ro
+from vopd_analysis.lm import tasks, variance
+from vopd_analysis.lm.smoke import SMOKE_CHARS, tiny_qwen2
+
 from .common import paired_ratio, record, time_interleaved
 
 ESTIMATORS = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 16}, "full_kl": {}, "topk_kl": {"k": 16}}
@@ -37,13 +40,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    tokenizer = tasks.build_tokenizer(hf.SMOKE_CHARS)
+    tokenizer = tasks.build_tokenizer(SMOKE_CHARS)
     vocab = len(tokenizer)
     hidden = 64 if args.quick else 128
-    student = hf.tiny_qwen2(tokenizer, seed=0, hidden_size=hidden, num_layers=2, max_position_embeddings=128)
-    teacher = hf.tiny_qwen2(tokenizer, seed=1, hidden_size=hidden, num_layers=3, max_position_embeddings=128)
+    student = tiny_qwen2(tokenizer, seed=0, hidden_size=hidden, num_layers=2, max_position_embeddings=128)
+    teacher = tiny_qwen2(tokenizer, seed=1, hidden_size=hidden, num_layers=3, max_position_embeddings=128)
     prompts = [f"{a}+{b}=" for a, b in [(12, 7), (3, 45), (20, 20), (9, 99)]]
-    rollouts = hf.generate_rollouts(student, tokenizer, prompts, 4, 24, seed=0)
+    rollouts = ro.generate_rollouts(student, tokenizer, prompts, 4, 24, seed=0)
     named = variance.trainable_parameters(student)
     params = dict(ESTIMATORS)
 

@@ -6,7 +6,7 @@ tokens; ``gemma3``: pretrained Gemma 3 270M and its student, 262,144 tokens) and
 ``num_batches`` independent batches (the preset's training prompts drawn
 with seed ``1000 seed + batch``, fresh rollouts with the same seed), the committed student samples
 ``num_rollouts`` responses of the preset's length per prompt, and at every sampled token
-``vopd_analysis.lm.hf.distribution_statistics`` measures, with teacher and student both conditioned
+``vopd_analysis.lm.distribution_statistics`` measures, with teacher and student both conditioned
 on the student's own prefix:
 
 * the teacher's entropy H(pi_T) (nats), beside log V, the entropy of a uniform teacher;
@@ -20,7 +20,7 @@ helps; this table places the real pairs on those axes.
 
 ``pair_statistics_entropy.csv`` bins the visited states by the teacher's entropy and gives, per pair,
 batch and bin, the sums over the bin's states of the logit-space one-token score variance with no
-baseline (opd), vOPD's KL baseline and the optimal b* (``hf.entropy_binned_score_variance``), which
+baseline (opd), vOPD's KL baseline and the optimal b* (``entropy_binned_score_variance``), which
 ``vocab_effect`` compares across vocabularies at equal teacher entropy.
 
     python -m studies.pair_statistics [--quick]
@@ -34,8 +34,9 @@ from pathlib import Path
 import pandas as pd
 
 from vopd_analysis import stats
-from vopd_analysis.lm import hf, loading
+from vopd_analysis.lm import loading
 from vopd_analysis.lm.presets import PRESETS
+from vopd_analysis.lm.statistics import distribution_statistics
 
 from . import common
 
@@ -57,8 +58,8 @@ def batch_statistics(pair, preset, config: dict, batch: int) -> dict:
     """``distribution_statistics`` of one independent batch of the preset's training prompts."""
     seed = 1000 * config["seed"] + batch
     prompts = [r["prompt"] for r in preset.train_prompts(config["num_prompts"], seed)]
-    return hf.distribution_statistics(pair.student, pair.teacher, pair.tokenizer, prompts, config["num_rollouts"],
-                                      preset.max_new_tokens, seed=seed, vocab_size=pair.info.vocab_size)
+    return distribution_statistics(pair.student, pair.teacher, pair.tokenizer, prompts, config["num_rollouts"],
+                                   preset.max_new_tokens, seed=seed, vocab_size=pair.info.vocab_size)
 
 
 def compute(config: dict):

@@ -11,6 +11,7 @@ from vopd_analysis import estimators as E
 from vopd_analysis import fused as F
 from vopd_analysis.batch import TokenBatch
 from vopd_analysis.errors import InputError
+from vopd_analysis.lm import fused_score as fs
 
 NAMES = ("opd", "vopd", "opd_bstar", "full_kl")
 F64 = dict(rtol=0.0, atol=1e-10)
@@ -56,7 +57,7 @@ def materialised(name, p, scale=(1.0, 1.0), cap=(None, None), **params):
 
 
 def fused(name, p, R=3, C=8, scale=(1.0, 1.0), cap=(None, None), **kw):
-    values = F.fused_per_sequence(name, p["h_s"], p["W_s"], p["y"], p["mask"], p["h_t"], p["W_t"],
+    values = fs.fused_per_sequence(name, p["h_s"], p["W_s"], p["y"], p["mask"], p["h_t"], p["W_t"],
                                   student_bias=p["b_s"], teacher_bias=p["b_t"], token_chunk=R, vocab_chunk=C,
                                   student_logit_scale=scale[0], teacher_logit_scale=scale[1],
                                   student_softcap=cap[0], teacher_softcap=cap[1],
@@ -92,6 +93,29 @@ def test_float64_matches_materialised(one_thread, name, R, C):
 def test_vopd_scaled_matches_materialised(one_thread):
     p = make(seed=2)
     assert_match(fused("vopd_scaled", p, alpha=0.5), materialised("vopd_scaled", p, alpha=0.5), **F64)
+
+
+@pytest.mark.parametrize("parts", [
+    ("to_go_bstar", E.TO_GO_RETURN, E.BSTAR_BASELINE, {}),
+    ("rtg_topk_kl", E.REWARD_TO_GO, E.STUDENT_TOPK_KL_BASELINE, {"gamma": 0.5, "k": 6}),
+    ("future_topk_bstar_kl", E.FUTURE_RETURN, E.STUDENT_TOPK_BSTAR_BASELINE, {"k": 4}),
+    ("seq_kl_scaled", E.SEQUENCE_RETURN, E.KL_BASELINE, {"beta": 0.3}),
+])
+def test_new_composed_estimator_runs_fused_with_no_edit_to_fused(one_thread, monkeypatch, parts):
+    """An estimator composed from an existing Return and Baseline, registered here only, has a fused
+    form: both scorers fill the same per-token record and the registry's estimator reads it, so its
+    per-sequence values and gradients match the materialised path's with no line of fused.py or
+    lm/fused_score.py naming it."""
+    import inspect
+    name, ret, baseline, params = parts
+    coefficient = "beta" if "beta" in params else 1.0
+    entry = E.composed(name, ret, baseline, coefficient=coefficient,
+                       defaults={"beta": 1.0} if coefficient == "beta" else None)
+    monkeypatch.setitem(E.REGISTRY, name, E.token_selectable(entry))
+    assert fs.has_fused_form(name) and name in fs.fused_names()
+    assert name not in inspect.getsource(F) and name not in inspect.getsource(fs)
+    p = make(seed=12)
+    assert_match(fused(name, p, 4, 9, **params), materialised(name, p, **params), **F64)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -320,14 +344,14 @@ def test_topk_errors_name_the_problem():
         with pytest.raises(InputError) as want:
             E.per_sequence(name, batch, k=38)
         with pytest.raises(InputError) as got:
-            F.fused_per_sequence(name, *a, k=38)
+            fs.fused_per_sequence(name, *a, k=38)
         assert str(got.value) == str(want.value) and "k must satisfy 1 <= k <= V = 37" in str(got.value)
     with pytest.raises(InputError, match="student_topk_kl: k must satisfy"):
-        F.fused_per_sequence("student_topk_kl", *a)                     # the default k = 100 > V
+        fs.fused_per_sequence("student_topk_kl", *a)                     # the default k = 100 > V
     with pytest.raises(InputError, match="k must be an integer"):
-        F.fused_per_sequence("vopd_topk", *a, k=2.0)
+        fs.fused_per_sequence("vopd_topk", *a, k=2.0)
     with pytest.raises(InputError, match="unknown"):
-        F.fused_per_sequence("vopd", *a, k=4)
+        fs.fused_per_sequence("vopd", *a, k=4)
     with pytest.raises(InputError, match="topk_support"):
         F.fused_token_stats(p["h_s"], p["W_s"], p["y"], topk=3, topk_support="both")
     with pytest.raises(InputError, match="teacher's top-k support needs"):
@@ -361,7 +385,7 @@ def test_teacher_gets_no_gradient(one_thread):
     p = make(seed=10)
     p["h_t"].requires_grad_(True)
     p["W_t"].requires_grad_(True)
-    v = F.fused_per_sequence("full_kl", p["h_s"], p["W_s"], p["y"], p["mask"], p["h_t"], p["W_t"])
+    v = fs.fused_per_sequence("full_kl", p["h_s"], p["W_s"], p["y"], p["mask"], p["h_t"], p["W_t"])
     v.sum().backward()
     assert p["h_t"].grad is None and p["W_t"].grad is None and p["W_s"].grad is not None
 
@@ -371,7 +395,7 @@ def test_opd_from_precomputed_teacher_logprobs(one_thread):
     p = make(seed=11)
     t = logits(p["h_t"], p["W_t"], p["b_t"], p["V"])
     t_lp = torch.log_softmax(t, -1).gather(-1, p["y"].unsqueeze(-1)).squeeze(-1)
-    v = F.fused_per_sequence("opd", p["h_s"], p["W_s"], p["y"], p["mask"], teacher_token_logprobs=t_lp,
+    v = fs.fused_per_sequence("opd", p["h_s"], p["W_s"], p["y"], p["mask"], teacher_token_logprobs=t_lp,
                              student_bias=p["b_s"], token_chunk=2, vocab_chunk=7)
     assert_match((v.detach(), _grads(v, p)), materialised("opd", p), **F64)
     s = F.fused_token_stats(p["h_s"], p["W_s"], p["y"])
@@ -387,10 +411,10 @@ def test_surrogate_loss_reductions_match_the_registry(one_thread, reduction):
                        teacher_token_logprobs=torch.log_softmax(t, -1).gather(-1, p["y"][..., None])[..., 0],
                        teacher_logits=t)
     want = E.surrogate_loss("vopd", batch, reduction=reduction)
-    got = F.fused_surrogate_loss("vopd", p["h_s"], p["W_s"], p["y"], p["mask"], p["h_t"], p["W_t"],
+    got = fs.fused_surrogate_loss("vopd", p["h_s"], p["W_s"], p["y"], p["mask"], p["h_t"], p["W_t"],
                                  student_bias=p["b_s"], teacher_bias=p["b_t"], reduction=reduction)
     torch.testing.assert_close(got, want, **F64)
-    got = F.fused_surrogate_loss("vopd", p["h_s"], p["W_s"], p["y"], p["mask"], p["h_t"], p["W_t"],
+    got = fs.fused_surrogate_loss("vopd", p["h_s"], p["W_s"], p["y"], p["mask"], p["h_t"], p["W_t"],
                                  student_bias=p["b_s"], teacher_bias=p["b_t"], reduction="token_mean",
                                  num_items_in_batch=40)
     torch.testing.assert_close(got, E.surrogate_loss("vopd", batch, reduction="token_mean",
@@ -450,7 +474,7 @@ def test_never_holds_an_n_by_v_tensor(one_thread, name, params):
 
     def step():
         h.grad = W.grad = None
-        F.fused_per_sequence(name, h, W, y, m, h_t, W_t, token_chunk=32, vocab_chunk=512, **params).sum().backward()
+        fs.fused_per_sequence(name, h, W, y, m, h_t, W_t, token_chunk=32, vocab_chunk=512, **params).sum().backward()
 
     peak = common.peak_memory(step, torch.device("cpu"))
     # W.grad alone is V d floats (128 KiB), a tile 64 KiB; one [N, V] float32 tensor would be 2 MiB
@@ -461,13 +485,13 @@ def test_errors_name_the_problem():
     p = make(seed=13)
     a = (p["h_s"], p["W_s"], p["y"], p["mask"], p["h_t"], p["W_t"])
     with pytest.raises(InputError, match="fused path has estimators"):
-        F.fused_per_sequence("gkd_jsd", *a)
+        fs.fused_per_sequence("gkd_jsd", *a)
     with pytest.raises(InputError, match="rho"):
-        F.fused_per_sequence("opd", *a, rho=0.5)
+        fs.fused_per_sequence("opd", *a, rho=0.5)
     with pytest.raises(InputError, match="unknown"):
-        F.fused_per_sequence("opd", *a, alpha=2.0)
+        fs.fused_per_sequence("opd", *a, alpha=2.0)
     with pytest.raises(InputError, match="needs the teacher"):
-        F.fused_per_sequence("vopd", p["h_s"], p["W_s"], p["y"], p["mask"])
+        fs.fused_per_sequence("vopd", p["h_s"], p["W_s"], p["y"], p["mask"])
     with pytest.raises(InputError, match="token ids must lie"):
         F.fused_token_stats(p["h_s"], p["W_s"], p["y"] + 100)
     with pytest.raises(InputError, match="rows"):
@@ -483,7 +507,7 @@ def test_errors_name_the_problem():
     with pytest.raises(InputError, match="both teacher"):
         F.fused_token_stats(p["h_s"], p["W_s"], p["y"], p["h_t"])
     with pytest.raises(InputError, match="reduction"):
-        F.fused_surrogate_loss("opd", *a, reduction="mean")
+        fs.fused_surrogate_loss("opd", *a, reduction="mean")
 
 
 # ----------------------------------------------------------------------------- benchmark smoke

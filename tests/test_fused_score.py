@@ -1,13 +1,15 @@
-"""The fused scorer (vopd_analysis/lm/fused_score.py) against hf.score + the registry on real (tiny) models."""
+"""The fused scorer (vopd_analysis/lm/fused_score.py) against sc.score + the registry on real (tiny) models."""
 
 import pytest
 import torch
 
 from vopd_analysis import estimators as est
-from vopd_analysis import fused
 from vopd_analysis.errors import InputError
 from vopd_analysis.lm import fused_score as fs
-from vopd_analysis.lm import hf, loading, tasks, tiny
+from vopd_analysis.lm import loading, tasks, tiny
+from vopd_analysis.lm import rollouts as ro
+from vopd_analysis.lm import scoring as sc
+from vopd_analysis.lm.smoke import save_tiny_pair
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def cut(rollouts, lengths, pad_id):
 @pytest.fixture(scope="module")
 def rollouts(pair64):
     prompts = [r["prompt"] for r in tasks.train_prompts(3, seed=11)]
-    out = hf.generate_rollouts(pair64.student, pair64.tokenizer, prompts, 2, 8, seed=5, vocab_size=16)
+    out = ro.generate_rollouts(pair64.student, pair64.tokenizer, prompts, 2, 8, seed=5, vocab_size=16)
     return cut(out, (8, 3, 8, 5, 1, 6), pair64.tokenizer.pad_token_id)
 
 
@@ -42,17 +44,17 @@ def grads(model, loss):
 
 
 def test_hidden_states_times_head_are_the_models_logits(pair64, rollouts):
-    cols, _ = hf.response_index(rollouts.response_mask)
+    cols, _ = sc.response_index(rollouts.response_mask)
     first = int(cols.min()) - 1
     for model in (pair64.student, pair64.teacher):
         head = fs.output_head(model)
         assert head.scale == 1.0 and head.softcap is None
         h = fs.response_hidden(model, rollouts.input_ids, rollouts.attention_mask, cols, first)
-        want = hf.response_logits(model, rollouts.input_ids, rollouts.attention_mask, cols, first)
+        want = sc.response_logits(model, rollouts.input_ids, rollouts.attention_mask, cols, first)
         assert (h @ head.weight.T - want).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("name", sorted(fused.FUSED_ESTIMATORS))
+@pytest.mark.parametrize("name", sorted(fs.fused_names()))
 def test_values_and_gradients_equal_the_materialised_path(pair64, rollouts, name):
     """float64, masked positions (responses of lengths 1..8) and a masked token id."""
     params = {"k": 5} if "k" in est.get(name).params() else {}          # top-k ones: k <= V = 16
@@ -62,7 +64,7 @@ def test_values_and_gradients_equal_the_materialised_path(pair64, rollouts, name
         return fs.score(pair64.student, pair64.teacher, rollouts, name, params, vocab_size=16, mask_token_ids=mask_ids)
 
     def batch():
-        return hf.score(pair64.student, pair64.teacher, rollouts, [name], vocab_size=16, mask_token_ids=mask_ids,
+        return sc.score(pair64.student, pair64.teacher, rollouts, [name], vocab_size=16, mask_token_ids=mask_ids,
                         params={name: params})
 
     scored, reference = fused_score(), batch()
@@ -77,20 +79,20 @@ def test_values_and_gradients_equal_the_materialised_path(pair64, rollouts, name
 def test_metrics_equal_the_evaluation_functions(pair64, rollouts):
     from vopd_analysis.distill.evaluate import sampled_reverse_kl, sequence_reverse_kl
     scored = fs.score(pair64.student, pair64.teacher, rollouts, "vopd", vocab_size=16)
-    batch = hf.score(pair64.student, pair64.teacher, rollouts, ["vopd"], vocab_size=16)
+    batch = sc.score(pair64.student, pair64.teacher, rollouts, ["vopd"], vocab_size=16)
     assert (scored.sampled_reverse_kl() - sampled_reverse_kl(batch)).abs().max() < 1e-10
     assert (scored.sequence_reverse_kl() - sequence_reverse_kl(batch)).abs().max() < 1e-10
 
 
 def test_padded_heads(tmp_path, one_thread):
     """Output layers with 48 and 50 rows over a 42-token vocabulary: the first 42 rows are the logits."""
-    s_path, t_path = hf.save_tiny_pair(tmp_path, student_vocab=48, teacher_vocab=50)
+    s_path, t_path = save_tiny_pair(tmp_path, student_vocab=48, teacher_vocab=50)
     pair = loading.load_pair(s_path, t_path, dtype=torch.float64)
     V = pair.info.vocab_size
-    rollouts = hf.generate_rollouts(pair.student, pair.tokenizer, ["ab", "abc"], 2, 6, seed=0, vocab_size=V)
+    rollouts = ro.generate_rollouts(pair.student, pair.tokenizer, ["ab", "abc"], 2, 6, seed=0, vocab_size=V)
     for name in ("vopd", "opd_bstar", "full_kl"):
         scored = fs.score(pair.student, pair.teacher, rollouts, name, vocab_size=V)
-        batch = hf.score(pair.student, pair.teacher, rollouts, [name], vocab_size=V)
+        batch = sc.score(pair.student, pair.teacher, rollouts, [name], vocab_size=V)
         assert (scored.values - est.per_sequence(name, batch)).abs().max() < 1e-10
 
 

@@ -11,7 +11,8 @@ from vopd_analysis import cli
 from vopd_analysis import estimators as est
 from vopd_analysis.errors import InputError
 from vopd_analysis.lm import fused_score as fs
-from vopd_analysis.lm import hf, loading, presets, probe, variance
+from vopd_analysis.lm import loading, presets, probe, variance
+from vopd_analysis.lm import rollouts as ro
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,7 +72,7 @@ def test_select_parameters(tiny_pair):
 def test_the_auto_path_depends_on_the_budget_not_on_where_responses_end(tiny_pair, monkeypatch):
     """A group whose responses all stop early (EOS) takes the path a full group takes: the choice reads
     rollouts x max_new_tokens. At the threshold exactly (N x V = AUTO_MIN_ELEMENTS) both go fused."""
-    rollouts = hf.generate_rollouts(tiny_pair.student, tiny_pair.tokenizer, ["12+34="], 2, 8, seed=0,
+    rollouts = ro.generate_rollouts(tiny_pair.student, tiny_pair.tokenizer, ["12+34="], 2, 8, seed=0,
                                     vocab_size=16)
     early = rollouts.select([0, 1])
     early.response_mask[:, early.prompt_width + 2:] = 0                      # every response ends after 2 tokens
@@ -154,7 +155,7 @@ def test_labels_share_one_scoring(tiny_pair):
 
 def test_per_rollout_scoring_gives_the_grouped_gradients(tiny_pair):
     """Scoring each rollout alone changes the work per backward, not the gradients (float32 round-off)."""
-    rollouts = hf.generate_rollouts(tiny_pair.student, tiny_pair.tokenizer, ["12+34=", "5+67="], 3, 8, seed=1,
+    rollouts = ro.generate_rollouts(tiny_pair.student, tiny_pair.tokenizer, ["12+34=", "5+67="], 3, 8, seed=1,
                                     vocab_size=16)
     named = variance.trainable_parameters(tiny_pair.student)
     params = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 4}}

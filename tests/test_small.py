@@ -10,7 +10,9 @@ import torch
 
 from vopd_analysis import InputError
 from vopd_analysis.distill import compare, loop
-from vopd_analysis.lm import hf, loading, pair_card, presets, small, tiny
+from vopd_analysis.lm import loading, pair_card, presets, small, tiny
+from vopd_analysis.lm.smoke import save_tiny_pair
+from vopd_analysis.lm.statistics import distribution_statistics, token_distribution_statistics
 
 
 def test_committed_pair_matches_its_card():
@@ -99,7 +101,7 @@ def test_uniform_teacher_has_entropy_log_v_and_top_k_mass_k_over_v():
     V = 300
     teacher = torch.zeros(5, V)
     student = torch.randn(5, V, generator=torch.Generator().manual_seed(0))
-    out = hf.token_distribution_statistics(student, teacher, top_k=(1, 16, 256, 1000))
+    out = token_distribution_statistics(student, teacher, top_k=(1, 16, 256, 1000))
     assert out["teacher_entropy"] == pytest.approx(math.log(V), rel=1e-6)
     for k in (1, 16, 256):
         assert out[f"teacher_top{k}_mass"] == pytest.approx(k / V, rel=1e-5)
@@ -113,7 +115,7 @@ def test_hand_checked_two_token_distributions():
     # teacher (3/4, 1/4), student (1/2, 1/2); a second, identical row of point masses
     teacher = torch.tensor([[math.log(3.0), 0.0], [0.0, -1e4]])
     student = torch.tensor([[0.0, 0.0], [0.0, -1e4]])
-    out = hf.token_distribution_statistics(student, teacher, top_k=(1, 2), chunk_tokens=1)
+    out = token_distribution_statistics(student, teacher, top_k=(1, 2), chunk_tokens=1)
     h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     kl = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
     assert out["teacher_entropy"] == pytest.approx(h / 2, abs=1e-6)
@@ -122,18 +124,18 @@ def test_hand_checked_two_token_distributions():
     assert out["reverse_kl"] == pytest.approx(kl / 2, abs=1e-6)
     assert out["student_entropy"] == pytest.approx(math.log(2) / 2, abs=1e-6)
     with pytest.raises(InputError, match="equal non-empty"):
-        hf.token_distribution_statistics(student, teacher[:1])
+        token_distribution_statistics(student, teacher[:1])
 
 
 def test_distribution_statistics_on_rollouts(tmp_path, one_thread):
-    student, teacher = hf.save_tiny_pair(tmp_path)
+    student, teacher = save_tiny_pair(tmp_path)
     pair = loading.load_pair(student, teacher)
-    same = hf.distribution_statistics(pair.student, pair.student, pair.tokenizer, ["12+", "3+4="], 3, 5, seed=0,
-                                      vocab_size=pair.info.vocab_size)
+    same = distribution_statistics(pair.student, pair.student, pair.tokenizer, ["12+", "3+4="], 3, 5, seed=0,
+                                   vocab_size=pair.info.vocab_size)
     assert same["reverse_kl"] == pytest.approx(0.0, abs=1e-6)
     assert same["teacher_entropy"] == pytest.approx(same["student_entropy"], rel=1e-6)
-    out = hf.distribution_statistics(pair.student, pair.teacher, pair.tokenizer, ["12+", "3+4="], 3, 5, seed=0,
-                                     vocab_size=pair.info.vocab_size)
+    out = distribution_statistics(pair.student, pair.teacher, pair.tokenizer, ["12+", "3+4="], 3, 5, seed=0,
+                                  vocab_size=pair.info.vocab_size)
     assert out["tokens"] == same["tokens"] and out["reverse_kl"] > 0       # same seed: the same rollouts
     assert 0 < out["teacher_top1_mass"] <= out["teacher_top16_mass"] <= out["teacher_top256_mass"] == pytest.approx(1)
     assert out["teacher_entropy"] <= math.log(pair.info.vocab_size) + 1e-6

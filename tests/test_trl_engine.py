@@ -14,11 +14,14 @@ import torch
 pytest.importorskip("trl")
 
 from vopd_analysis import estimators as est  # noqa: E402
-from vopd_analysis import fused  # noqa: E402
 from vopd_analysis.distill import checkpoint as ckpt  # noqa: E402
 from vopd_analysis.distill import loop, trl_engine  # noqa: E402
 from vopd_analysis.errors import InputError  # noqa: E402
-from vopd_analysis.lm import hf, loading, tasks, tiny  # noqa: E402
+from vopd_analysis.lm import fused_score as fs  # noqa: E402
+from vopd_analysis.lm import loading, tasks, tiny  # noqa: E402
+from vopd_analysis.lm import rollouts as ro
+from vopd_analysis.lm import scoring as sc
+from vopd_analysis.lm.smoke import SMOKE_CHARS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY = ("opd", "vopd", "vopd_topk", "full_kl", "opd_bstar")
@@ -49,7 +52,7 @@ def dataset(n=4):
 def rollouts(pair64):
     """Sampled rollouts, cut to lengths 8, 3, 8, 5, 1, 6 (right-padded responses, so masked positions)."""
     prompts = [r["prompt"] for r in tasks.train_prompts(3, seed=11)]
-    out = hf.generate_rollouts(pair64.student, pair64.tokenizer, prompts, 2, 8, seed=5, vocab_size=16)
+    out = ro.generate_rollouts(pair64.student, pair64.tokenizer, prompts, 2, 8, seed=5, vocab_size=16)
     W = out.prompt_width
     for row, length in enumerate((8, 3, 8, 5, 1, 6)):
         out.response_mask[row, W + length:] = 0
@@ -87,13 +90,13 @@ def test_trl_gradient_equals_surrogate_loss(pair64, rollouts, tmp_path, name, re
     """float64: TRL's compute_loss on the rollouts' micro-batch has surrogate_loss's gradient (same
     normalisation: N = the batch's unmasked tokens, or its sequences), on the materialised and on
     the fused path."""
-    assert name in fused.FUSED_ESTIMATORS
+    assert fs.has_fused_form(name)
     trainer = trl_engine.RegistryDistillationTrainer(
         model=pair64.student, teacher_model=pair64.teacher, args=trl_args(tmp_path), train_dataset=dataset(),
         processing_class=pair64.tokenizer, estimator=name, reduction=reduction, logits=logits)
     trainer.model.train()
     got = gradient(trainer.model, trainer.compute_loss(trainer.model, trl_inputs(rollouts)))
-    batch = hf.score(pair64.student, pair64.teacher, rollouts, [name], vocab_size=16)
+    batch = sc.score(pair64.student, pair64.teacher, rollouts, [name], vocab_size=16)
     want = gradient(pair64.student, est.surrogate_loss(name, batch, reduction=reduction))
     assert max_difference(got, want) < 1e-10
 
@@ -239,8 +242,8 @@ def test_trl_version_outside_the_tested_range(no_model_loads, tmp_path, monkeypa
 
 
 def test_vocabulary_mismatch(no_model_loads, tmp_path):
-    student, _ = tiny.save_random_pair(tmp_path / "a", chars=hf.SMOKE_CHARS)
-    _, teacher = tiny.save_random_pair(tmp_path / "b", chars=hf.SMOKE_CHARS[::-1])
+    student, _ = tiny.save_random_pair(tmp_path / "a", chars=SMOKE_CHARS)
+    _, teacher = tiny.save_random_pair(tmp_path / "b", chars=SMOKE_CHARS[::-1])
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": "ab"}) + "\n" for _ in range(20)))
     refused(["--engine", "trl", "--student", student, "--teacher", teacher, "--prompts", str(prompts),

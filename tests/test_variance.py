@@ -7,7 +7,10 @@ import torch
 
 from vopd_analysis.errors import InputError
 from vopd_analysis.estimators import surrogate_loss
-from vopd_analysis.lm import hf, loading, tasks, variance
+from vopd_analysis.lm import loading, tasks, variance
+from vopd_analysis.lm import rollouts as ro
+from vopd_analysis.lm import scoring as sc
+from vopd_analysis.lm.smoke import SMOKE_CHARS, save_tiny_pair, tiny_qwen2
 from vopd_analysis.lm.variance import GradientMoments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,7 +128,7 @@ def test_group_key():
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    paths = hf.save_tiny_pair(tmp_path_factory.mktemp("pair"), student_vocab=48, teacher_vocab=64)
+    paths = save_tiny_pair(tmp_path_factory.mktemp("pair"), student_vocab=48, teacher_vocab=64)
     return loading.load_pair(*paths)
 
 
@@ -154,7 +157,7 @@ def test_probe_table(result):
 
 def test_probe_mean_equals_batched_gradient(pair, result):
     """The mean of the per-rollout gradients is the gradient of the batched sequence-mean loss."""
-    batch = hf.score(pair.student, pair.teacher, result.rollouts, ["opd"], vocab_size=pair.info.vocab_size)
+    batch = sc.score(pair.student, pair.teacher, result.rollouts, ["opd"], vocab_size=pair.info.vocab_size)
     params = [p for _, p in variance.trainable_parameters(pair.student)]
     pair.student.zero_grad(set_to_none=True)
     surrogate_loss("opd", batch).backward()
@@ -168,7 +171,7 @@ def test_opd_and_vopd_differ_by_the_batched_baseline_term(pair, result):
     gradients is the gradient of the batched surrogate_loss("opd") - surrogate_loss("vopd") (autograd over the
     whole batch, an independent path), and their mean projections are its projections. The baseline term is not
     zero on a finite batch (its expectation is: exactly, in tests/test_exact.py)."""
-    batch = hf.score(pair.student, pair.teacher, result.rollouts, ["opd", "vopd"], vocab_size=pair.info.vocab_size)
+    batch = sc.score(pair.student, pair.teacher, result.rollouts, ["opd", "vopd"], vocab_size=pair.info.vocab_size)
     params = [p for _, p in variance.trainable_parameters(pair.student)]
     pair.student.zero_grad(set_to_none=True)
     (surrogate_loss("opd", batch) - surrogate_loss("vopd", batch)).backward()
@@ -242,10 +245,10 @@ def _per_rollout(student, teacher, rollouts, names, method, params=None, **kwarg
 
 
 def _tiny_pair(dtype, prompts, num_rollouts=4):
-    tokenizer = tasks.build_tokenizer(hf.SMOKE_CHARS)
-    student = hf.tiny_qwen2(tokenizer, seed=0).to(dtype)
-    teacher = hf.tiny_qwen2(tokenizer, seed=1).to(dtype)
-    return student, teacher, hf.generate_rollouts(student, tokenizer, prompts, num_rollouts, 6, seed=0)
+    tokenizer = tasks.build_tokenizer(SMOKE_CHARS)
+    student = tiny_qwen2(tokenizer, seed=0).to(dtype)
+    teacher = tiny_qwen2(tokenizer, seed=1).to(dtype)
+    return student, teacher, ro.generate_rollouts(student, tokenizer, prompts, num_rollouts, 6, seed=0)
 
 
 def test_vmap_equals_loop_float64():
@@ -288,7 +291,7 @@ def test_vmap_float64_left_padding_is_refused():
 
 def test_unknown_gradient_method(pair):
     named = variance.trainable_parameters(pair.student)
-    rollouts = hf.generate_rollouts(pair.student, pair.tokenizer, ["1+1="], 2, 3, seed=0)
+    rollouts = ro.generate_rollouts(pair.student, pair.tokenizer, ["1+1="], 2, 3, seed=0)
     with pytest.raises(InputError, match="unknown gradient method 'jacobian'.*'loop'.*'vmap'"):
         variance.rollout_gradients(pair.student, pair.teacher, rollouts, {"opd": {}}, named, method="jacobian")
 

@@ -28,7 +28,7 @@ _CHUNK_ELEMENTS = 1 << 18
 _NEG_INF = float("-inf")
 
 
-def _zero_nan_(x: torch.Tensor) -> torch.Tensor:
+def zero_nan_(x: torch.Tensor) -> torch.Tensor:
     """``x`` with NaN set to 0 in place, infinities kept: in a product (z - t) e or q (log q - log p - c)
     of finite-or-(-inf) logits a NaN can only be 0 times an infinite log-ratio, a probability-0
     term, which contributes 0."""
@@ -55,12 +55,15 @@ def _chunk_rows(vocab: int, tokens: int) -> int:
     return max(1, min(rows, tokens // 2))
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; anything narrower is computed in float32."""
-    return torch.promote_types(x.dtype, torch.float32)
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32: bf16 / fp16 / fp32 are computed in float32."""
+    dtype = torch.float32
+    for x in tensors:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
 
 
-def _bstar_from_sums(kl: torch.Tensor, q_sq: torch.Tensor, q2l: torch.Tensor) -> torch.Tensor:
+def bstar_from_sums(kl: torch.Tensor, q_sq: torch.Tensor, q2l: torch.Tensor) -> torch.Tensor:
     """b* = sum_y w_y l_y / sum_y w_y with w_y = q_y (1 + |q|^2 - 2 q_y), from per-row sums only:
 
         sum_y w_y     = 1 - |q|^2                         (sum_y q_y = 1)
@@ -117,15 +120,15 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 tc = t[a:a + rows].to(dtype)
                 if compute_t_lse:
                     t_lse[a:a + rows] = torch.logsumexp(tc, -1)
-                ed = _zero_nan_(torch.sub(zc, tc).mul_(e))            # e (z - t), 0 where e = 0
+                ed = zero_nan_(torch.sub(zc, tc).mul_(e))            # e (z - t), 0 where e = 0
                 kl[a:a + rows] = t_lse[a:a + rows] - lse[a:a + rows] + ed.sum(-1) / Z
-                if want_bstar:   # b* from KL and two more sums over the chunk (see _bstar_from_sums)
+                if want_bstar:   # b* from KL and two more sums over the chunk (see bstar_from_sums)
                     Z2 = Z * Z                                        # ed and e are not needed again
                     shift = lse[a:a + rows] - t_lse[a:a + rows]
                     e2d = ed.mul_(e).sum(-1)                          # sum e^2 (z - t)
                     q_sq = e.square_().sum(-1) / Z2                   # |q|^2
                     q2l = e2d / Z2 - shift * q_sq                     # sum q^2 (z - t - shift)
-                    bstar[a:a + rows] = _bstar_from_sums(kl[a:a + rows], q_sq, q2l)
+                    bstar[a:a + rows] = bstar_from_sums(kl[a:a + rows], q_sq, q2l)
         lp = lse.new_empty(0) if y is None else z.gather(1, y).to(dtype) - lse.unsqueeze(1)
         ctx.save_for_backward(z, y, lse, t, t_lse, kl if t is not None else None)
         ctx.mark_non_differentiable(lse, bstar)
@@ -155,7 +158,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 q.mul_(g_sum[a:a + rows].neg())
             else:
                 w = torch.sub(zc, t[a:a + rows].to(dtype)).sub_(shift[a:a + rows]).mul_(g_kl[a:a + rows])
-                _zero_nan_(q.mul_(w if g_lp is None else w.sub_(g_sum[a:a + rows])))   # q = 0: no gradient
+                zero_nan_(q.mul_(w if g_lp is None else w.sub_(g_sum[a:a + rows])))   # q = 0: no gradient
             if g_lp is not None:
                 q.scatter_add_(1, y[a:a + rows], g_lp[a:a + rows])   # + sum_j g_nj e_{y_nj}
             if out is None:
@@ -258,6 +261,13 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return token_logprobs_and_lse(logits, tokens)[0]
 
 
+def kl_from_logprobs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) = sum_v a_v (log a_v - log b_v) over the last axis, from log-probabilities; a_v = 0
+    terms are 0 (0 log 0 = 0), an a_v > 0 where b_v = 0 gives +inf. ``reverse_kl`` is (log q, log p),
+    ``forward_kl`` (log p, log q)."""
+    return _plogratio(log_a, log_b).sum(-1)
+
+
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(q || p) = sum_v q_v (log q_v - log p_v); differentiable in both inputs.
 
@@ -267,7 +277,7 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     dtype = compute_dtype(student_logits)
     log_q = torch.log_softmax(student_logits.to(dtype), dim=-1)
     log_p = torch.log_softmax(teacher_logits.to(dtype), dim=-1)
-    return _plogratio(log_q, log_p).sum(-1)
+    return kl_from_logprobs(log_q, log_p)
 
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -275,7 +285,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     dtype = compute_dtype(student_logits)
     log_q = torch.log_softmax(student_logits.to(dtype), dim=-1)
     log_p = torch.log_softmax(teacher_logits.to(dtype), dim=-1)
-    return _plogratio(log_p, log_q).sum(-1)
+    return kl_from_logprobs(log_p, log_q)
 
 
 def renormalised_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,12 @@ estimator (E[b(s_t) S_t | s_t] = 0), so the target comes from the return. The
 others (analytic divergences, k1/k2/k3 as losses, group estimators) are plain
 functions.
 
+The composed estimators, full_kl and the top-k losses read only a per-token record
+(``token_stats.TokenStats``: lp_t, lp_T,t, KL_t, b*_t, log q and log p on a top-k support)
+and say which of its fields they need (``token_stats.Needs``). Either scorer fills it: the
+materialised one from a TokenBatch (``token_stats.from_batch``), the fused one from hidden
+states (``lm.fused_score``); so one of them composed from existing parts runs on both.
+
 Targets (``Estimator.target``):
 * ``token``    g_tok = E[sum_t grad KL_t(s_t)], state distribution held fixed;
 * ``sequence`` grad J, J = E[sum_t l_t] the sequence-level reverse KL;
@@ -43,10 +49,11 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from . import divergences as dv
+from . import token_stats
 from .batch import TokenBatch
 from .errors import InputError
-from . import divergences as dv
-
+from .token_stats import Needs, TokenStats, require_oracle, require_teacher_logits
 
 # ----------------------------------------------------------------------------- per-token pieces
 
@@ -55,81 +62,11 @@ def student_token_logprobs(batch: TokenBatch) -> torch.Tensor:
     return dv.token_logprobs(batch.student_logits, batch.tokens)
 
 
-def log_ratio(batch: TokenBatch, student_logprobs: torch.Tensor) -> torch.Tensor:
-    """l_t = log pi(y_t) - log pi_T(y_t), detached, zero where masked. [B, T]"""
+def log_ratio(batch, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """l_t = log pi(y_t) - log pi_T(y_t), detached, zero where masked (``batch``: a TokenBatch or a
+    ``TokenStats``). [B, T]"""
     l = student_logprobs.detach() - batch.teacher_token_logprobs.to(student_logprobs.dtype)
     return torch.where(batch.mask.bool(), l, torch.zeros_like(l))
-
-
-def _require_teacher_logits(batch: TokenBatch, name: str) -> torch.Tensor:
-    if batch.teacher_logits is None:
-        raise InputError(f"estimator '{name}' needs the full teacher logits, but the batch has none "
-                         "(score the teacher with keep='full')")
-    return batch.teacher_logits
-
-
-def logprobs_and_reverse_kl_baseline(batch: TokenBatch, name: str = "vopd") -> tuple:
-    """(log pi(y_t|s_t) with its gradient, KL_t(s_t) detached): the vOPD baseline, computed in
-    the same chunked pass over the student logits as the sampled log-prob. [B, T] each"""
-    return dv.token_logprobs_and_reverse_kl(batch.student_logits, batch.tokens,
-                                            _require_teacher_logits(batch, name), batch.teacher_logsumexp)
-
-
-def _check_k(k: int, vocab: int, name: str) -> int:
-    if not isinstance(k, (int,)) or isinstance(k, bool):
-        raise InputError(f"{name}: k must be an integer, got {k!r}")
-    if k < 1 or k > vocab:
-        raise InputError(f"{name}: k must satisfy 1 <= k <= V = {vocab}, got k={k}")
-    return k
-
-
-def student_topk_support(batch: TokenBatch, k: int, name: str, student_lse=None) -> tuple:
-    """(ids, log pi_T on S_k), S_k the student's top-k tokens at each state, from the full teacher
-    logits or from the batch's precomputed ``teacher_logprobs_on_student_topk``. [B, T, k] each, detached"""
-    _check_k(k, batch.vocab_size, name)
-    with torch.no_grad():
-        z = batch.student_logits.detach()
-        if batch.teacher_logits is not None:
-            ids = torch.topk(z, k, dim=-1).indices
-            return ids, dv.logprobs_at(batch.teacher_logits.detach(), ids)
-        if batch.student_topk_ids is None or batch.student_topk_ids.shape[-1] < k:
-            raise InputError(f"estimator '{name}' (k={k}) needs the teacher's log-probs on the student's "
-                             "top-k tokens (or full teacher logits), but the batch has neither")
-        return (batch.student_topk_ids[..., :k],
-                batch.teacher_logprobs_on_student_topk[..., :k].to(dv.compute_dtype(z)))
-
-
-def topk_reverse_kl_baseline(batch: TokenBatch, k: int, student_lse=None, name: str = "vopd_topk") -> torch.Tensor:
-    """KL_t^k = sum_{v in S_k} q~_v (log q~_v - log p~_v), the reverse KL on the student's top-k set S_k
-    with both distributions renormalised on S_k (the vOPD authors' top-k baseline), detached. [B, T]
-
-    It depends on s_t only, so any k keeps the estimator unbiased.
-    """
-    ids, teacher_lp = student_topk_support(batch, k, name)
-    with torch.no_grad():
-        return dv.renormalised_reverse_kl(dv.logprobs_at(batch.student_logits.detach(), ids, student_lse), teacher_lp)
-
-
-def topk_optimal_baseline(batch: TokenBatch, k: int, student_lse=None, name: str = "opd_bstar_topk") -> torch.Tensor:
-    """b*_k(s_t): b* of the student and teacher both renormalised on the student's top-k set
-    (``dv.student_topk_optimal_baseline``), detached. [B, T]"""
-    ids, teacher_lp = student_topk_support(batch, k, name)
-    with torch.no_grad():
-        return dv.student_topk_optimal_baseline(dv.logprobs_at(batch.student_logits.detach(), ids, student_lse),
-                                                teacher_lp)
-
-
-def teacher_topk(batch: TokenBatch, k: int):
-    """(ids, full-vocabulary teacher log-probs) of the teacher's top-k tokens. [B, T, k] each"""
-    _check_k(k, batch.vocab_size, "topk_kl")
-    if batch.teacher_logits is not None:
-        t = batch.teacher_logits.detach()
-        ids = torch.topk(t, k, dim=-1).indices
-        return ids, dv.logprobs_at(t, ids)
-    if batch.teacher_topk_ids is not None and batch.teacher_topk_ids.shape[-1] >= k:
-        return batch.teacher_topk_ids[..., :k], batch.teacher_topk_logprobs[..., :k]
-    raise InputError(f"estimator 'topk_kl' (k={k}) needs the teacher's top-{k} log-probs "
-                     "(or full teacher logits), but the batch has neither")
 
 
 def reward_to_go(l: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -144,23 +81,15 @@ def reward_to_go(l: torch.Tensor, gamma: float) -> torch.Tensor:
     return l @ weights.T
 
 
-def score_surrogate(batch: TokenBatch, student_logprobs: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:
+def score_surrogate(batch, student_logprobs: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:
     """sum_t m_t sg(A_t) log pi(y_t|s_t): its gradient is sum_t m_t A_t S_t. [B]"""
     m = batch.mask.to(student_logprobs.dtype)
     return (m * advantage.detach() * student_logprobs).sum(-1)
 
 
-def masked_sum(batch: TokenBatch, per_token: torch.Tensor) -> torch.Tensor:
-    """sum_t m_t x_t. [B]"""
+def masked_sum(batch, per_token: torch.Tensor) -> torch.Tensor:
+    """sum_t m_t x_t (``batch``: a TokenBatch or a ``TokenStats``). [B]"""
     return (batch.mask.to(per_token.dtype) * per_token).sum(-1)
-
-
-def _require(batch: TokenBatch, field: str, name: str) -> torch.Tensor:
-    value = getattr(batch, field)
-    if value is None:
-        raise InputError(f"estimator '{name}' needs the exact oracle field '{field}', which only the "
-                         "tabular environments provide")
-    return value
 
 
 # ----------------------------------------------------------------------------- estimators
@@ -233,116 +162,122 @@ FUTURE_RETURN = Return("future", "sum_{t'>t} l_t'", lambda l: reward_to_go(l, 1.
 
 @dataclasses.dataclass(frozen=True)
 class Baseline:
-    """A state baseline b(s_t) [B, T], detached.
+    """A state baseline b(s_t) [B, T], detached, read from the per-token record.
 
-    ``fn(batch, name, **params)`` returns (log pi(y_t|s_t) with its gradient, b or None), so a
-    baseline that reads the student logits computes the sampled log-prob in the same pass.
-    ``teacher_signal`` is what it needs from the teacher ("sampled" < "topk" < "full" < "oracle").
+    ``fn(stats, **params)`` returns b (or None) from a ``TokenStats`` holding what
+    ``needs(params)`` asks for: a scorer computes the sampled log-prob and what the baseline reads
+    of the student logits in one pass. ``teacher_signal`` is what it needs from the teacher
+    ("sampled" < "topk" < "full" < "oracle").
     """
 
     name: str
     formula: str
-    fn: Callable[..., tuple]
+    fn: Callable[..., Optional[torch.Tensor]]
     params: Dict[str, object]
     teacher_signal: str
+    needs: Callable[[dict], Needs] = lambda p: Needs()
 
 
-def _no_baseline(batch: TokenBatch, name: str) -> tuple:
-    return student_token_logprobs(batch), None
+def _renormalised_on_support(divergence: Callable) -> Callable:
+    """b = divergence(log q on S_t, log p on S_t), detached: a top-k baseline."""
+    def fn(stats: TokenStats, k: int) -> torch.Tensor:
+        with torch.no_grad():
+            return divergence(stats.student_topk_logprobs.detach(), stats.teacher_topk_logprobs)
+    return fn
 
 
-def _kl_baseline(batch: TokenBatch, name: str) -> tuple:
-    return logprobs_and_reverse_kl_baseline(batch, name)
+def _student_topk(p: dict) -> Needs:
+    return Needs(topk=p["k"])
 
 
-def _student_topk_kl_baseline(batch: TokenBatch, name: str, k: int) -> tuple:
-    lp, lse = dv.token_logprobs_and_lse(batch.student_logits, batch.tokens)
-    return lp, topk_reverse_kl_baseline(batch, k, lse, name)
-
-
-def _bstar_baseline(batch: TokenBatch, name: str) -> tuple:
-    return dv.token_logprobs_and_optimal_baseline(batch.student_logits, batch.tokens,
-                                                  _require_teacher_logits(batch, name), batch.teacher_logsumexp)
-
-
-def _student_topk_bstar_baseline(batch: TokenBatch, name: str, k: int) -> tuple:
-    lp, lse = dv.token_logprobs_and_lse(batch.student_logits, batch.tokens)
-    return lp, topk_optimal_baseline(batch, k, lse, name)
-
-
-def _kl_to_go_baseline(batch: TokenBatch, name: str) -> tuple:
-    lp = student_token_logprobs(batch)
-    return lp, _require(batch, "kl_to_go", name).to(lp.dtype)
-
-
-NO_BASELINE = Baseline("none", "0", _no_baseline, {}, "sampled")
-KL_BASELINE = Baseline("kl", "KL_t", _kl_baseline, {}, "full")
-STUDENT_TOPK_KL_BASELINE = Baseline("student_topk_kl", "KL_t^k", _student_topk_kl_baseline, {"k": 16}, "topk")
-BSTAR_BASELINE = Baseline("bstar", "b*(s_t)", _bstar_baseline, {}, "full")
-STUDENT_TOPK_BSTAR_BASELINE = Baseline("student_topk_bstar", "b*_k(s_t)", _student_topk_bstar_baseline, {"k": 16},
-                                       "topk")
-KL_TO_GO_BASELINE = Baseline("kl_to_go", "W_t(s_t)", _kl_to_go_baseline, {}, "oracle")
+NO_BASELINE = Baseline("none", "0", lambda stats: None, {}, "sampled")
+KL_BASELINE = Baseline("kl", "KL_t", lambda stats: stats.kl.detach(), {}, "full", lambda p: Needs(kl="baseline"))
+STUDENT_TOPK_KL_BASELINE = Baseline("student_topk_kl", "KL_t^k", _renormalised_on_support(dv.renormalised_reverse_kl),
+                                    {"k": 16}, "topk", _student_topk)
+BSTAR_BASELINE = Baseline("bstar", "b*(s_t)", lambda stats: stats.bstar, {}, "full", lambda p: Needs(bstar=True))
+STUDENT_TOPK_BSTAR_BASELINE = Baseline("student_topk_bstar", "b*_k(s_t)",
+                                       _renormalised_on_support(dv.student_topk_optimal_baseline), {"k": 16}, "topk",
+                                       _student_topk)
+KL_TO_GO_BASELINE = Baseline("kl_to_go", "W_t(s_t)", lambda stats: stats.kl_to_go, {}, "oracle",
+                             lambda p: Needs(kl_to_go=True))
 
 _SIGNALS = ("sampled", "topk", "full", "oracle")
 
 
+def logprobs_and_baseline(batch: TokenBatch, baseline: Baseline, name: str, **params) -> tuple:
+    """(log pi(y_t|s_t) with its gradient, b [B, T] or None) of ``baseline`` on a batch, in the
+    materialised scorer's one pass (``name``: the estimator, for error messages)."""
+    stats = token_stats.from_batch(batch, Needs(logprobs=True) | baseline.needs(params), name)
+    return stats.student_logprobs, baseline.fn(stats, **params)
+
+
 # ----------------------------------------------------------------------------- analytic terms
 
-def reverse_kl_term(batch: TokenBatch, name: str = "full_kl") -> torch.Tensor:
+def reverse_kl_term(stats: TokenStats) -> torch.Tensor:
     """sum_t m_t KL_t(s_t), analytic over the vocabulary, teacher detached. [B]"""
-    t = _require_teacher_logits(batch, name)
-    return masked_sum(batch, dv.reverse_kl_to_fixed_teacher(batch.student_logits, t, batch.teacher_logsumexp))
+    return masked_sum(stats, stats.kl)
 
 
-def score_function_estimator(batch: TokenBatch, *, name: str, ret: Return, baseline: Baseline,
-                             coefficient=1.0, analytic: Optional[Callable] = None, **params) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """An analytic term sum_t m_t A_t: ``fn(stats) -> [B]`` from a record holding ``needs``."""
+
+    formula: str
+    fn: Callable[[TokenStats], torch.Tensor]
+    needs: Needs
+
+
+REVERSE_KL = Term("KL_t", reverse_kl_term, Needs(kl="loss"))
+
+
+def score_function_estimator(stats: TokenStats, *, ret: Return, baseline: Baseline, coefficient=1.0,
+                             analytic: Optional[Callable] = None, **params) -> torch.Tensor:
     """sum_t m_t [A_t + sg(R_t - c b(s_t)) log pi(y_t|s_t)], one value per sequence. [B]
 
     Args:
-      batch: the TokenBatch.
-      name: the estimator's registry name (for error messages).
+      stats: the per-token record (``TokenStats``) with what ``composed``'s needs ask for.
       ret: the Return R; baseline: the Baseline b; coefficient: c, a number or the name of
-        the parameter that holds it; analytic: optional (batch, name) -> [B] term sum_t m_t A_t.
+        the parameter that holds it; analytic: optional stats -> [B] term sum_t m_t A_t
+        (``reverse_kl_term``).
       **params: the parameters of ret, baseline and coefficient.
     Returns:
       [B] surrogate values; the gradient of their sum is the estimator's gradient.
     """
-    lp, b = baseline.fn(batch, name, **{p: params[p] for p in baseline.params})
-    advantage = ret.fn(log_ratio(batch, lp), **{p: params[p] for p in ret.params})
+    lp = stats.student_logprobs
+    b = baseline.fn(stats, **{p: params[p] for p in baseline.params})
+    advantage = ret.fn(log_ratio(stats, lp), **{p: params[p] for p in ret.params})
     if b is not None:
         c = params[coefficient] if isinstance(coefficient, str) else coefficient
         advantage = advantage - (b if c == 1.0 else c * b)
-    value = score_surrogate(batch, lp, advantage)
-    return value if analytic is None else analytic(batch, name) + value
+    value = score_surrogate(stats, lp, advantage)
+    return value if analytic is None else analytic(stats) + value
 
 
 # ----------------------------------------------------------------------------- other estimators
 
-def topk_kl(batch: TokenBatch, k: int = 16) -> torch.Tensor:
+def topk_kl(stats: TokenStats, k: int = 16) -> torch.Tensor:
     """sum_t KL(q~ || p~) on the teacher's top-k support S, both renormalised on S (biased)."""
-    ids, teacher_lp = teacher_topk(batch, k)
-    student_lp = dv.logprobs_at(batch.student_logits, ids)
-    return masked_sum(batch, dv.renormalised_reverse_kl(student_lp, teacher_lp.detach().to(student_lp.dtype)))
+    student_lp = stats.student_topk_logprobs
+    return masked_sum(stats, dv.renormalised_reverse_kl(student_lp,
+                                                        stats.teacher_topk_logprobs.detach().to(student_lp.dtype)))
 
 
-def student_topk_kl(batch: TokenBatch, k: int = 100) -> torch.Tensor:
+def student_topk_kl(stats: TokenStats, k: int = 100) -> torch.Tensor:
     """sum_t KL(q~ || p~) on the student's top-k support, both renormalised, as a loss (biased unless k = V).
 
     The vOPD authors' ``opd_top_k`` loss: the support is chosen without gradient, the KL is
     differentiated through the student's probabilities on it.
     """
-    ids, teacher_lp = student_topk_support(batch, k, "student_topk_kl")
-    student_lp = dv.logprobs_at(batch.student_logits, ids)
-    return masked_sum(batch, dv.renormalised_reverse_kl(student_lp, teacher_lp.to(student_lp.dtype)))
+    student_lp = stats.student_topk_logprobs
+    return masked_sum(stats, dv.renormalised_reverse_kl(student_lp, stats.teacher_topk_logprobs.to(student_lp.dtype)))
 
 
-def topk_tail_kl(batch: TokenBatch, k: int = 16) -> torch.Tensor:
+def topk_tail_kl(stats: TokenStats, k: int = 16) -> torch.Tensor:
     """sum_t [sum_{v in S} q_v log(q_v/p_v) + q_tail log(q_tail/p_tail)]: reverse KL over the student's
     top-k tokens plus one tail bucket, full-vocabulary probabilities, no renormalisation (TRL 1.16's
     sparse top-k loss). Biased unless k = V."""
-    ids, teacher_lp = student_topk_support(batch, k, "topk_tail_kl")
-    student_lp = dv.logprobs_at(batch.student_logits, ids)
-    return masked_sum(batch, dv.tail_bucket_reverse_kl(student_lp, teacher_lp.to(student_lp.dtype)))
+    student_lp = stats.student_topk_logprobs
+    return masked_sum(stats, dv.tail_bucket_reverse_kl(student_lp, stats.teacher_topk_logprobs.to(student_lp.dtype)))
 
 
 def k3_clamped(batch: TokenBatch) -> torch.Tensor:
@@ -359,8 +294,8 @@ def k3_clamped(batch: TokenBatch) -> torch.Tensor:
 
 def rb_seq_oracle(batch: TokenBatch) -> torch.Tensor:
     """sum_t [KL_t(s_t) + sum_v pi(v|s_t) sg(W_{t+1}(s_t+v))]: only prefix noise is left (tabular floor)."""
-    t = _require_teacher_logits(batch, "rb_seq_oracle").detach()
-    w_next = _require(batch, "next_kl_to_go", "rb_seq_oracle")
+    t = require_teacher_logits(batch, "rb_seq_oracle").detach()
+    w_next = require_oracle(batch, "next_kl_to_go", "rb_seq_oracle")
     dtype = dv.compute_dtype(batch.student_logits)
     q = torch.softmax(batch.student_logits.to(dtype), -1)
     future = (q * w_next.detach().to(dtype)).sum(-1)
@@ -391,7 +326,7 @@ def k3(batch: TokenBatch) -> torch.Tensor:
 
 def gkd_jsd(batch: TokenBatch, beta: float = 0.5) -> torch.Tensor:
     """sum_t JSD_beta(pi_T, pi)(s_t) over the full vocabulary (GKD / TRL convention, teacher detached)."""
-    t = _require_teacher_logits(batch, "gkd_jsd").detach()
+    t = require_teacher_logits(batch, "gkd_jsd").detach()
     try:
         per_token = dv.generalized_jsd(batch.student_logits, t, beta)
     except ValueError as err:
@@ -453,7 +388,9 @@ class Estimator:
 
     ``target(params)`` names what its expectation equals (module docstring); ``ret`` is the
     Return of a composed score-function estimator (None for the others, whose gradient at
-    position t depends on (s_t, y_t) only, and for group estimators).
+    position t depends on (s_t, y_t) only, and for group estimators). An estimator that reads
+    only the per-token record has ``from_stats(stats, **params)`` and ``needs(params)``
+    (``on_stats``); its ``fn`` is ``from_stats`` on the materialised scorer's record.
     """
 
     name: str
@@ -465,6 +402,8 @@ class Estimator:
     ret: Optional[Return] = None
     summary: str = ""              # one line; default: the first line of fn's docstring
     reference: str = ""            # the paper it comes from (arXiv id)
+    needs: Optional[Callable[[dict], Needs]] = None          # what from_stats reads of the record
+    from_stats: Optional[Callable[..., torch.Tensor]] = None  # (TokenStats, **params) -> [B]
 
     @property
     def analysis_only(self) -> bool:
@@ -473,7 +412,12 @@ class Estimator:
 
     @property
     def description(self) -> str:
-        return self.summary or (self.fn.__doc__ or "").strip().splitlines()[0]
+        return self.summary or ((self.from_stats or self.fn).__doc__ or "").strip().splitlines()[0]
+
+    @property
+    def reads_stats(self) -> bool:
+        """Computed from a ``TokenStats`` alone, so either scorer (materialised or fused) can fill it."""
+        return self.from_stats is not None and not self.analysis_only
 
     def params(self, **overrides) -> dict:
         unknown = set(overrides) - set(self.defaults)
@@ -517,8 +461,22 @@ def _const(value: str) -> Callable[[dict], str]:
     return lambda params: value
 
 
+def _on_batch(batch: TokenBatch, *, name: str, needs: Callable[[dict], Needs], from_stats: Callable,
+              **params) -> torch.Tensor:
+    """``from_stats`` on the materialised scorer's record of ``batch`` (``token_stats.from_batch``)."""
+    return from_stats(token_stats.from_batch(batch, needs(params), name), **params)
+
+
+def on_stats(name: str, from_stats: Callable, needs: Callable[[dict], Needs], target: Callable[[dict], str],
+             teacher_signal: str, defaults: dict, **fields) -> Estimator:
+    """A registry row for an estimator that reads only the per-token record: ``from_stats(stats, **params)``
+    on the record ``needs(params)`` describes, filled by either scorer."""
+    fn = functools.partial(_on_batch, name=name, needs=needs, from_stats=from_stats)
+    return Estimator(name, fn, target, teacher_signal, defaults, needs=needs, from_stats=from_stats, **fields)
+
+
 def composed(name: str, ret: Return, baseline: Baseline = NO_BASELINE, coefficient=1.0,
-             analytic: Optional[Callable] = None, defaults: Optional[dict] = None,
+             analytic: Optional[Term] = None, defaults: Optional[dict] = None,
              target: Optional[Callable[[dict], str]] = None, reference: str = "") -> Estimator:
     """A registry row for sum_t m_t [A_t + sg(R_t - c b(s_t)) log pi(y_t)] built from its parts.
 
@@ -532,10 +490,16 @@ def composed(name: str, ret: Return, baseline: Baseline = NO_BASELINE, coefficie
     signal = max(baseline.teacher_signal, "full" if analytic else "sampled", key=_SIGNALS.index)
     c = "" if coefficient == 1.0 else f"{coefficient} "
     score = f"sg({ret.formula})" if baseline is NO_BASELINE else f"sg({ret.formula} - {c}{baseline.formula})"
-    summary = f"sum_t [KL_t + {score} log pi(y_t)]" if analytic else f"sum_t {score} log pi(y_t)"
-    fn = functools.partial(score_function_estimator, name=name, ret=ret, baseline=baseline,
-                           coefficient=coefficient, analytic=analytic)
-    return Estimator(name, fn, target or ret.target, signal, params, ret=ret, summary=summary, reference=reference)
+    summary = f"sum_t [{analytic.formula} + {score} log pi(y_t)]" if analytic else f"sum_t {score} log pi(y_t)"
+    from_stats = functools.partial(score_function_estimator, ret=ret, baseline=baseline, coefficient=coefficient,
+                                   analytic=None if analytic is None else analytic.fn)
+    term_needs = Needs() if analytic is None else analytic.needs
+
+    def needs(p: dict) -> Needs:
+        return Needs(logprobs=True) | baseline.needs(p) | term_needs
+
+    return on_stats(name, from_stats, needs, target or ret.target, signal, params, ret=ret, summary=summary,
+                    reference=reference)
 
 
 REGISTRY: Dict[str, Estimator] = {e.name: token_selectable(e) for e in [
@@ -546,17 +510,20 @@ REGISTRY: Dict[str, Estimator] = {e.name: token_selectable(e) for e in [
     composed("opd_bstar", TOKEN_RETURN, BSTAR_BASELINE),
     composed("opd_bstar_topk", TOKEN_RETURN, STUDENT_TOPK_BSTAR_BASELINE),
     composed("iw_opd", POSITION_WEIGHTED_RETURN, reference="arXiv 2606.22600"),
-    Estimator("full_kl", reverse_kl_term, _const("token"), "full", {},
-              summary="sum_t KL_t(s_t), analytic over the vocabulary: the Rao-Blackwellised opd",
-              reference="arXiv 2306.13649"),
-    Estimator("topk_kl", topk_kl, _const("none"), "topk", {"k": 16}),
-    Estimator("student_topk_kl", student_topk_kl, _const("none"), "topk", {"k": 100}, reference="arXiv 2605.07865"),
-    Estimator("topk_tail_kl", topk_tail_kl, _const("none"), "topk", {"k": 16}),
+    on_stats("full_kl", reverse_kl_term, lambda p: REVERSE_KL.needs, _const("token"), "full", {},
+             summary="sum_t KL_t(s_t), analytic over the vocabulary: the Rao-Blackwellised opd",
+             reference="arXiv 2306.13649"),
+    on_stats("topk_kl", topk_kl, lambda p: Needs(topk=p["k"], topk_of="teacher", topk_grad="renormalised"),
+             _const("none"), "topk", {"k": 16}),
+    on_stats("student_topk_kl", student_topk_kl, lambda p: Needs(topk=p["k"], topk_grad="renormalised"),
+             _const("none"), "topk", {"k": 100}, reference="arXiv 2605.07865"),
+    on_stats("topk_tail_kl", topk_tail_kl, lambda p: Needs(topk=p["k"], topk_grad="full"), _const("none"), "topk",
+             {"k": 16}),
     composed("seq_reinforce", SEQUENCE_RETURN),
     composed("rtg", REWARD_TO_GO),
     composed("rtg_vopd", TO_GO_RETURN, KL_BASELINE),
     composed("rtg_oracle", TO_GO_RETURN, KL_TO_GO_BASELINE),
-    composed("rb_seq", FUTURE_RETURN, analytic=reverse_kl_term, target=_const("sequence")),
+    composed("rb_seq", FUTURE_RETURN, analytic=REVERSE_KL, target=_const("sequence")),
     Estimator("rb_seq_oracle", rb_seq_oracle, _const("sequence"), "oracle", {}),
     Estimator("k1", k1, _const("zero"), "sampled", {}),
     Estimator("k2", k2, _const("token"), "sampled", {}),

@@ -1,4 +1,8 @@
-"""Token-level OPD estimators straight from hidden states and lm_head weights, never holding [N, V].
+"""Per-token statistics straight from hidden states and lm_head weights, never holding [N, V]: the tiled kernel.
+
+``fused_token_stats`` returns lp, lse, lp_T, lse_T, KL, b* and a top-k support per token; the fused
+scorer (``lm.fused_score.stats_from_hidden``) puts them in the ``token_stats.TokenStats`` record that
+the registry's estimators read, so this module knows no estimator.
 
 At a 152k vocabulary a float32 [N, V] logits tensor is N x 0.6 MB per model (1.2 GB at
 N = 2048), and the materialised path holds three of them (student logits, their gradient,
@@ -17,7 +21,7 @@ optional b [V]); teacher h_T, (W_T, b_T), held fixed; sampled token y; per-model
     KL   = sum_v q_v l_v                        (with gradient; sg(KL) is vOPD's baseline)
     b*   = sum_v w_v l_v / sum_v w_v,   w_v = q_v (1 - 2 q_v + |q|^2)        (detached).
 
-b* needs two sums besides the KL (``divergences._bstar_from_sums``): with sum_v q_v = 1,
+b* needs two sums besides the KL (``divergences.bstar_from_sums``): with sum_v q_v = 1,
 
     sum_v w_v     = 1 - |q|^2,
     sum_v w_v l_v = (1 + |q|^2) KL - 2 sum_v q_v^2 l_v.
@@ -84,12 +88,12 @@ with a hand-written backward that regathers W_S per chunk (nothing of size N k d
     dL/dh = sum_j G_j W_{S_j},   dL/dW_v = sum_{(n, j): S_nj = v} G_nj h_n,   dL/db_v likewise,
 
 G = dL/dz_S times s (1 - (z_S / c)^2). The estimators then call the registry's divergences on
-the [N, k] log-probs: ``dv.renormalised_reverse_kl`` (vopd_topk's baseline, topk_kl,
-student_topk_kl), ``dv.student_topk_optimal_baseline`` (b*_k) and ``dv.tail_bucket_reverse_kl``
-(topk_tail_kl). The renormalised ones do not change when log q_S is shifted by a constant, so
-they read z_S - sg(lse): the same values and exactly their gradients, without the pass over V
-that lse's gradient costs. The tail bucket q_tail = 1 - sum_S q does depend on lse, so
-topk_tail_kl's backward also walks the vocabulary (G_v = g_lse q_v, as above). Extra costs:
+the [N, k] log-probs (``dv.renormalised_reverse_kl``, ``dv.student_topk_optimal_baseline``,
+``dv.tail_bucket_reverse_kl``). The renormalised ones do not change when log q_S is shifted by a
+constant, so the scorer gives them z_S - sg(lse) (``token_stats.Needs.topk_grad`` "renormalised"):
+the same values and exactly their gradients, without the pass over V that lse's gradient costs.
+The tail bucket q_tail = 1 - sum_S q does depend on lse ("full"), so its backward also walks the
+vocabulary (G_v = g_lse q_v, as above). Extra costs:
 forward N k (d_s + d_T) plus a top-k per tile; backward 3 N k d_s.
 """
 
@@ -100,9 +104,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import divergences as dv
-from . import estimators as E
-from .batch import TokenBatch
 from .errors import InputError
+from .token_stats import TOPK_SUPPORTS, check_k
 
 # Default tiles (tokens x vocabulary entries). CPU: 1024 x 1024, 4 MiB per float32 tile (three alive
 # at once), the fastest of the tiles tried (128-1024 tokens x 512-16384 entries at N = 512,
@@ -113,7 +116,6 @@ DEFAULT_CHUNKS = {"cpu": (1024, 1024), "cuda": (4096, 8192)}
 # Gathered head rows W_S per token chunk of the top-k support: about this many (k x d) entries
 # (16 MiB in float32), so a chunk's [r, k, d] temporaries stay small whatever k and d.
 _SUPPORT_CHUNK_ELEMENTS = 1 << 22
-TOPK_SUPPORTS = ("student", "teacher")
 
 
 def default_chunks(device: torch.device) -> tuple:
@@ -165,14 +167,6 @@ def _logit_tile(h: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], sta
     if cap is not None:
         return x.mul_(scale / cap).tanh_().mul_(cap)
     return x if scale == 1.0 else x.mul_(scale)
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (bf16 / fp16 / fp32 tiles are computed in float32)."""
-    dtype = torch.float32
-    for x in tensors:
-        dtype = torch.promote_types(dtype, x.dtype)
-    return dtype
 
 
 def _finite_logits(*biases: Optional[torch.Tensor]) -> bool:
@@ -233,7 +227,7 @@ class _FusedTokenStats(torch.autograd.Function):
         scale, cap, t_scale, t_cap, R, C, want_bstar, k, of = cfg
         N, V = h.shape[0], W.shape[0]
         teacher = h_t is not None
-        dtype = _compute_dtype(h, W, *((h_t, W_t) if teacher else ()))
+        dtype = dv.compute_dtype(h, W, *((h_t, W_t) if teacher else ()))
 
         def new(fill=None, size=N):
             return torch.full((size,), 0.0 if fill is None else fill, dtype=dtype, device=h.device)
@@ -276,7 +270,7 @@ class _FusedTokenStats(torch.autograd.Function):
                     top_vals, top_ids = _merge_topk(top_vals, top_ids, zt, c, k)
                 ed = zs.sub_(zt).mul_(e)                       # e_v d_v
                 if not finite:
-                    dv._zero_nan_(ed)                          # 0 where q_v = 0
+                    dv.zero_nan_(ed)                          # 0 where q_v = 0
                 A.mul_(r).add_(ed.sum(-1))
                 if want_bstar:
                     r2 = r * r
@@ -296,7 +290,7 @@ class _FusedTokenStats(torch.autograd.Function):
                 if want_bstar:
                     Z2 = S1 * S1
                     q_sq = S2 / Z2
-                    bstar[sl] = dv._bstar_from_sums(kl[sl], q_sq, Bq / Z2 - gap * q_sq)
+                    bstar[sl] = dv.bstar_from_sums(kl[sl], q_sq, Bq / Z2 - gap * q_sq)
         lp = zy - lse
         t_lp = ty - t_lse if teacher else new(size=0)
         ctx.save_for_backward(h, W, b, h_t, W_t, b_t, y, lse, t_lse if teacher else None, kl if teacher else None)
@@ -348,7 +342,7 @@ class _FusedTokenStats(torch.autograd.Function):
                         w.add_(g_q[sl].unsqueeze(1))
                     G.mul_(w)
                     if not finite:
-                        dv._zero_nan_(G)                                           # q = 0: no gradient
+                        dv.zero_nan_(G)                                           # q = 0: no gradient
                     del zt, w
                 else:
                     G.mul_(g_q[sl].unsqueeze(1))
@@ -533,7 +527,7 @@ def fused_token_stats(student_hidden: torch.Tensor, student_weight: torch.Tensor
     if student_bias is not None and student_bias.shape != (student_weight.shape[0],):
         raise InputError(f"student_bias must be [{student_weight.shape[0]}], got {tuple(student_bias.shape)}")
     V = W.shape[0]
-    k = 0 if topk is None else E._check_k(topk, V, "topk")
+    k = 0 if topk is None else check_k(topk, V, "topk")
     h_t = W_t = b_t = None
     if teacher:
         if tuple(teacher_hidden.shape[:-1]) != tuple(shape):
@@ -586,153 +580,3 @@ def fused_token_stats(student_hidden: torch.Tensor, student_weight: torch.Tensor
     if not want_bstar:
         bstar = None
     return FusedTokenStats(lp, lse, t_lp, t_lse, kl, bstar, *(full(x) for x in support))
-
-
-# ----------------------------------------------------------------------------- estimators
-
-# name -> its per-sequence value (q~, p~: both renormalised on the top-k support S_t; S^T_t the
-# teacher's top k, else the student's; q_tail = 1 - q(S_t)); the same as the registry's.
-FUSED_ESTIMATORS = {
-    "opd": "sum_t m_t sg(l_t) log pi(y_t)",
-    "vopd": "sum_t m_t sg(l_t - KL_t) log pi(y_t)",
-    "vopd_topk": "sum_t m_t sg(l_t - KL(q~ || p~)(S_t)) log pi(y_t)",
-    "vopd_scaled": "sum_t m_t sg(l_t - alpha KL_t) log pi(y_t)",
-    "opd_bstar": "sum_t m_t sg(l_t - b*(s_t)) log pi(y_t)",
-    "opd_bstar_topk": "sum_t m_t sg(l_t - b*_k(s_t)) log pi(y_t)",
-    "full_kl": "sum_t m_t KL_t",
-    "topk_kl": "sum_t m_t KL(q~ || p~)(S^T_t)",
-    "student_topk_kl": "sum_t m_t KL(q~ || p~)(S_t)",
-    "topk_tail_kl": "sum_t m_t [sum_{v in S_t} q_v log(q_v / p_v) + q_tail log(q_tail / p_tail)]",
-}
-
-# top-k estimators -> whose top k is the support S_t
-_TOPK_SUPPORT = {"vopd_topk": "student", "opd_bstar_topk": "student", "topk_kl": "teacher",
-                 "student_topk_kl": "student", "topk_tail_kl": "student"}
-
-
-def _topk_term(name: str, stats: FusedTokenStats) -> torch.Tensor:
-    """The top-k estimator's per-token quantity [B, T] from the support's log-probs: the detached
-    baseline (vopd_topk, opd_bstar_topk) or the loss with its gradient (the others). The
-    renormalised divergences do not change under a shift of log q_S, so they read z_S - sg(lse)
-    (no gradient through lse, hence no backward pass over V); the tail bucket needs lse's gradient."""
-    lse = stats.student_logsumexp.unsqueeze(-1)
-    t_lp = stats.teacher_topk_logprobs
-    if name == "topk_tail_kl":
-        return dv.tail_bucket_reverse_kl(stats.student_topk_logits - lse, t_lp)
-    lp = stats.student_topk_logits - lse.detach()
-    if name == "vopd_topk":
-        return dv.renormalised_reverse_kl(lp.detach(), t_lp)
-    if name == "opd_bstar_topk":
-        return dv.student_topk_optimal_baseline(lp.detach(), t_lp)
-    return dv.renormalised_reverse_kl(lp, t_lp)                    # topk_kl, student_topk_kl
-
-
-def _loss_batch(tokens: torch.Tensor, mask: torch.Tensor, teacher_token_logprobs: torch.Tensor) -> TokenBatch:
-    """A TokenBatch carrying tokens, mask and lp_T but no logits (an empty V axis): what the
-    registry's ``log_ratio``, ``score_surrogate`` and ``masked_sum`` read, so that the fused
-    estimators share their sign and masking conventions."""
-    empty = teacher_token_logprobs.new_empty(*tokens.shape, 0)
-    return TokenBatch(tokens=tokens, mask=mask, student_logits=empty, teacher_token_logprobs=teacher_token_logprobs)
-
-
-def fused_per_sequence(name: str, student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                       tokens: torch.Tensor, mask: torch.Tensor,
-                       teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
-                       *, teacher_token_logprobs: Optional[torch.Tensor] = None,
-                       student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
-                       student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
-                       student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
-                       vocab_size: Optional[int] = None, token_chunk: Optional[int] = None,
-                       vocab_chunk: Optional[int] = None, return_stats: bool = False, **params):
-    """Per-sequence surrogate values [B] of a token-level registry estimator, from hidden states:
-
-        opd             sum_t m_t sg(l_t) log pi(y_t)
-        vopd            sum_t m_t sg(l_t - KL_t) log pi(y_t)
-        vopd_topk       sum_t m_t sg(l_t - KL_t^k) log pi(y_t)     (KL(q~ || p~) on the student's top k)
-        vopd_scaled     sum_t m_t sg(l_t - alpha KL_t) log pi(y_t)
-        opd_bstar       sum_t m_t sg(l_t - b*(s_t)) log pi(y_t)
-        opd_bstar_topk  sum_t m_t sg(l_t - b*_k(s_t)) log pi(y_t)  (b* of q~, p~ on the student's top k)
-        full_kl         sum_t m_t KL_t                             (gradient through the KL)
-        topk_kl         sum_t m_t KL(q~ || p~) on the teacher's top k       (gradient through q~)
-        student_topk_kl sum_t m_t KL(q~ || p~) on the student's top k       (gradient through q~)
-        topk_tail_kl    sum_t m_t [sum_{v in S} q_v log(q_v/p_v) + q_tail log(q_tail/p_tail)],
-                        S the student's top k, q_tail = 1 - q(S)         (gradient through q)
-
-    with l_t = log pi(y_t) - log pi_T(y_t) and q~, p~ both renormalised on the support, the same
-    values (to rounding) and gradients as ``estimators.per_sequence(name, batch)`` on the batch of
-    the materialised logits z = c tanh(s (h W^T + b) / c). The top-k support is found in the
-    fused pass (module docstring, "Top-k supports"); tied logits are broken as torch.topk breaks them.
-
-    Args:
-      name: one of ``FUSED_ESTIMATORS``.
-      student_hidden: [B, T, d_s]; student_weight: [V, d_s]; tokens, mask: [B, T].
-      teacher_hidden, teacher_weight: [B, T, d_T], [V, d_T]; only ``opd`` runs without them,
-        from ``teacher_token_logprobs`` [B, T] (then one student-only pass).
-      teacher_token_logprobs: log pi_T(y_t) [B, T], used instead of the fused teacher's when given.
-      student_bias, ..., vocab_chunk: as ``fused_token_stats``.
-      return_stats: also return the pass's ``FusedTokenStats`` (lp, lp_T, KL, ... per token, for metrics).
-      **params: the estimator's parameters (registry defaults, e.g. the top-k size ``k``, with the
-        registry's error for k > V; ``rho`` < 1 is refused).
-    Returns:
-      [B] surrogate values; the gradient of their sum is the estimator's gradient. With
-      ``return_stats``: (values, stats).
-    """
-    if name not in FUSED_ESTIMATORS:
-        raise InputError(f"the fused path has estimators {', '.join(FUSED_ESTIMATORS)}; got '{name}'")
-    params = E.get(name).params(**params)
-    if params.pop("rho", 1.0) != 1.0:
-        raise InputError("the fused path has no token selection (rho < 1): it needs every position's entropy")
-    if tokens.dim() != 2 or tuple(mask.shape) != tuple(tokens.shape):
-        raise InputError(f"tokens and mask must both be [B, T], got {tuple(tokens.shape)} and {tuple(mask.shape)}")
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise InputError("the response mask must hold only 0 and 1")
-    if teacher_hidden is None and not (name == "opd" and teacher_token_logprobs is not None):
-        raise InputError(f"fused '{name}' needs the teacher's hidden states and lm_head weight"
-                         + ("" if name != "opd" else " (or teacher_token_logprobs)"))
-    topk = None
-    if name in _TOPK_SUPPORT:
-        vocab = student_weight.shape[0] if vocab_size is None else min(vocab_size, student_weight.shape[0])
-        topk = E._check_k(params["k"], vocab, name)
-    stats = fused_token_stats(student_hidden, student_weight, tokens, teacher_hidden, teacher_weight, mask=mask,
-                              student_bias=student_bias, teacher_bias=teacher_bias,
-                              student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
-                              student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-                              vocab_size=vocab_size, want_bstar=name == "opd_bstar",
-                              topk=topk, topk_support=_TOPK_SUPPORT.get(name, "student"),
-                              token_chunk=token_chunk, vocab_chunk=vocab_chunk)
-    lp = stats.student_logprobs
-    t_lp = stats.teacher_logprobs if teacher_token_logprobs is None else teacher_token_logprobs.detach().to(lp.dtype)
-    batch = _loss_batch(tokens, mask, t_lp)
-    if name == "full_kl":
-        values = E.masked_sum(batch, stats.kl)
-    elif name in ("topk_kl", "student_topk_kl", "topk_tail_kl"):
-        values = E.masked_sum(batch, _topk_term(name, stats))
-    else:
-        advantage = E.log_ratio(batch, lp)
-        if name == "vopd":
-            advantage = advantage - stats.kl.detach()
-        elif name == "vopd_scaled":
-            alpha = params["alpha"]
-            advantage = advantage - (stats.kl.detach() if alpha == 1.0 else alpha * stats.kl.detach())
-        elif name == "opd_bstar":
-            advantage = advantage - stats.bstar
-        elif name in ("vopd_topk", "opd_bstar_topk"):
-            advantage = advantage - _topk_term(name, stats)
-        values = E.score_surrogate(batch, lp, advantage)
-    return (values, stats) if return_stats else values
-
-
-def fused_surrogate_loss(name: str, *args, reduction: str = "sequence_mean",
-                         num_items_in_batch: Optional[float] = None, **kwargs) -> torch.Tensor:
-    """The loss to call ``.backward()`` on, with ``estimators.surrogate_loss``'s reductions
-    (``sequence_mean``, ``token_mean``, ``sum``, ``none``) over ``fused_per_sequence``'s values.
-
-    Args:
-      name, *args, **kwargs: as ``fused_per_sequence`` (mask is its fifth argument).
-      reduction, num_items_in_batch: as ``estimators.surrogate_loss``.
-    """
-    if reduction not in E.REDUCTIONS:      # before the pass over the vocabulary
-        raise InputError(f"unknown reduction '{reduction}'; choose one of {E.REDUCTIONS}")
-    values = fused_per_sequence(name, *args, **kwargs)
-    mask = args[3] if len(args) > 3 else kwargs["mask"]
-    return E.reduce(values, mask, reduction, num_items_in_batch)

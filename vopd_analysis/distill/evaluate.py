@@ -21,7 +21,9 @@ import torch
 
 from .. import divergences as dv
 from .. import estimators as est
-from ..lm import hf, tasks
+from ..lm import rollouts as ro
+from ..lm import scoring as sc
+from ..lm import tasks
 from ..lm.fused_score import FusedScore
 
 
@@ -32,7 +34,7 @@ def greedy_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
 
     Args:
       model: a causal LM (restored to its training mode afterwards).
-      tokenizer: its tokenizer (prompts are left-padded by ``hf.encode_prompts``).
+      tokenizer: its tokenizer (prompts are left-padded by ``rollouts.encode_prompts``).
       prompts: P prompt strings.
       max_new_tokens: the most tokens generated per prompt.
       vocab_size: V; ids >= V (padded output rows) are never chosen. None: no restriction.
@@ -42,11 +44,11 @@ def greedy_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
-    ids, att = hf.encode_prompts(model, tokenizer, prompts, max_new_tokens)
+    ids, att = ro.encode_prompts(model, tokenizer, prompts, max_new_tokens)
     device = next(model.parameters()).device
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=hf._eos_ids(model, tokenizer))
-    processors = LogitsProcessorList([hf._RestrictVocab(vocab_size)] if vocab_size else [])
+                              eos_token_id=ro.eos_ids(model, tokenizer))
+    processors = LogitsProcessorList([ro.RestrictVocab(vocab_size)] if vocab_size else [])
     was_training = model.training
     model.eval()
     out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=config,
@@ -60,7 +62,7 @@ def sequence_reverse_kl(batch) -> torch.Tensor:
     """The exact reverse KL of each sampled sequence, KL_seq(y) = sum_t m_t KL(pi(.|s_t) || pi_T(.|s_t)).
 
     Args:
-      batch: a ``TokenBatch`` with the full teacher logits (``hf.score`` with an estimator that
+      batch: a ``TokenBatch`` with the full teacher logits (``scoring.score`` with an estimator that
         keeps them, e.g. "full_kl").
 
     Returns:
@@ -138,9 +140,9 @@ def evaluate_shard(student, teacher, tokenizer, records: Sequence[dict], max_new
         if any(gradable(r) for r in chunk):
             grades = [tasks.verify(r, t) for r, t in
                       zip(chunk, greedy_responses(student, tokenizer, prompts, max_new_tokens, vocab_size))]
-        rollouts = hf.generate_rollouts(student, tokenizer, prompts, 1, max_new_tokens, seed=seed + i,
+        rollouts = ro.generate_rollouts(student, tokenizer, prompts, 1, max_new_tokens, seed=seed + i,
                                         vocab_size=vocab_size)
-        batch = hf.score(student, teacher, rollouts, ["full_kl"], vocab_size=vocab_size)
+        batch = sc.score(student, teacher, rollouts, ["full_kl"], vocab_size=vocab_size)
         kl = sequence_reverse_kl(batch)
         teacher_loglik = est.masked_sum(batch, batch.teacher_token_logprobs.to(torch.float64))
         sums += torch.tensor([sum(g is True for g in grades), sum(g is not None for g in grades),

@@ -2,8 +2,8 @@
 
 Each step, on every process (``accelerate launch`` gives each its share of the prompts):
 
-1. rollouts   y ~ pi_theta(.|x), K per prompt, from the student (``hf.generate_rollouts``);
-2. teacher    one forward of the teacher over the rollouts (``hf.score``), keeping only the
+1. rollouts   y ~ pi_theta(.|x), K per prompt, from the student (``rollouts.generate_rollouts``);
+2. teacher    one forward of the teacher over the rollouts (``scoring.score``), keeping only the
               teacher signal the estimator needs (sampled log-probs, top-k or full logits);
 3. student    the registered estimator's surrogate loss (``estimators.surrogate_loss``),
               backward, gradients summed over processes, clipped, one AdamW step.
@@ -85,7 +85,8 @@ from .. import params as prm  # noqa: E402
 from .. import records  # noqa: E402
 from ..batch import TokenBatch  # noqa: E402
 from ..lm import fused_score as fs  # noqa: E402
-from ..lm import hf, loading, tasks  # noqa: E402
+from ..lm import loading, tasks  # noqa: E402
+from ..lm import rollouts as ro
 from ..lm.presets import PRESETS  # noqa: E402
 from . import checkpoint as ckpt  # noqa: E402
 from .evaluate import evaluate_shard, reverse_kl_sums  # noqa: E402
@@ -833,7 +834,7 @@ def estimator_loss(cfg: DistillConfig, batch, params: dict, num_items_in_batch: 
 
     Args:
       cfg: the config (estimator, reduction).
-      batch: this process's TokenBatch (validated by ``hf.score``) or ``fused_score.FusedScore``.
+      batch: this process's TokenBatch (validated by ``scoring.score``) or ``fused_score.FusedScore``.
       params: the estimator's full parameter dict.
       num_items_in_batch: the global count of sequences or unmasked tokens, or None.
     Returns:
@@ -908,7 +909,7 @@ def train_step(run, step: int) -> dict:
     rank, world = acc.process_index, acc.num_processes
     records = run.prompts.train(step)[rank::world]
     t0 = time.perf_counter()
-    rollouts = hf.generate_rollouts(student, run.tokenizer, [r["prompt"] for r in records], cfg.rollouts_per_prompt,
+    rollouts = ro.generate_rollouts(student, run.tokenizer, [r["prompt"] for r in records], cfg.rollouts_per_prompt,
                                     cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                     seed=(cfg.seed * 1_000_003 + step) * 1009 + rank, vocab_size=run.vocab_size)
     t1 = time.perf_counter()

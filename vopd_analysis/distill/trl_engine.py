@@ -4,7 +4,7 @@ TRL keeps what a multi-GPU run needs (DDP/FSDP/DeepSpeed through accelerate conf
 generation, gradient accumulation, gradient checkpointing, bf16, Trainer checkpoints and
 resume, ``report_to``); this module replaces only its loss. ``RegistryDistillationTrainer``
 overrides ``_compute_loss``: the micro-batch TRL generated (prompt and completion ids and
-masks) becomes ``hf.Rollouts``, ``hf.score`` computes the student's logits and exactly the
+masks) becomes ``rollouts.Rollouts``, ``scoring.score`` computes the student's logits and exactly the
 teacher signal the registry says the estimator needs, and ``estimators.surrogate_loss`` is
 the loss; or, where ``--logits`` picks the fused path (``lm.fused_score``), both backbones'
 hidden states go to ``vopd_analysis.fused`` and no [B, T, V] logits exist. The student's
@@ -66,7 +66,9 @@ from .. import estimators as est
 from .. import params as prm
 from ..errors import InputError
 from ..lm import fused_score as fs
-from ..lm import hf, loading, tasks
+from ..lm import loading, tasks
+from ..lm import rollouts as ro
+from ..lm import scoring as sc
 from ..records import check_rows, describe, is_kind, read_json, short
 from . import checkpoint as ckpt
 from . import loop
@@ -81,6 +83,7 @@ ROWS_FILE = "vopd_rows.json"          # the metrics rows saved in each Trainer c
 def check_trl() -> str:
     """The installed TRL version; an ``InputError`` if TRL is missing or outside ``TESTED_TRL``."""
     from importlib import metadata
+
     from packaging.version import Version
     low, high = TESTED_TRL
     try:
@@ -198,12 +201,12 @@ def check_engine_config(cfg: loop.DistillConfig, world: int) -> dict:
 
 # ----------------------------------------------------------------------------- the trainer
 
-def rollouts_from_inputs(inputs: dict) -> hf.Rollouts:
+def rollouts_from_inputs(inputs: dict) -> ro.Rollouts:
     """TRL's micro-batch (left-padded ``prompt_ids``/``prompt_mask``, right-padded
-    ``completion_ids``/``completion_mask``) as ``hf.Rollouts``: the response is the completion."""
+    ``completion_ids``/``completion_mask``) as ``rollouts.Rollouts``: the response is the completion."""
     prompt_mask, completion_mask = inputs["prompt_mask"], inputs["completion_mask"]
     n = prompt_mask.shape[0]
-    return hf.Rollouts(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+    return ro.Rollouts(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
                        attention_mask=torch.cat([prompt_mask, completion_mask], 1).long(),
                        response_mask=torch.cat([torch.zeros_like(prompt_mask), completion_mask], 1).long(),
                        prompt_index=torch.arange(n), prompt_width=prompt_mask.shape[1])
@@ -268,7 +271,7 @@ def _trainer_class():
 
         def _score(self, unwrapped_student, rollouts):
             """``fused_score.FusedScore`` (the ``logits`` path says fused for this batch: both backbones
-            only, the teacher's through its distributed wrapper, as TRL runs it) or ``hf.score``'s batch."""
+            only, the teacher's through its distributed wrapper, as TRL runs it) or ``scoring.score``'s batch."""
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             if fs.choose(self.logits, self.estimator,
                          fs.planned_tokens(rollouts, self.args.max_completion_length), self.vocab_size):
@@ -276,7 +279,7 @@ def _trainer_class():
                     return self._forward_redirection(self.teacher_model, teacher, fs.response_hidden, teacher, *args)
                 return fs.score(unwrapped_student, teacher, rollouts, self.estimator, self.estimator_params,
                                 self.vocab_size, teacher_hidden=teacher_hidden)
-            return hf.score(unwrapped_student, self.teacher_model, rollouts, [self.estimator],
+            return sc.score(unwrapped_student, self.teacher_model, rollouts, [self.estimator],
                             vocab_size=self.vocab_size, params={self.estimator: self.estimator_params})
 
         def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
@@ -526,8 +529,8 @@ def trl_config(cfg: loop.DistillConfig, world: int):
     ``--trl-arg``s; AdamW betas (0.9, 0.95), linear warm-up then a constant rate, one log per step,
     as the built-in loop. A value TRL refuses (``lr_scheduler_type=bogus``) or a ``report_to`` tracker that
     is not installed is an ``InputError`` naming the ``--trl-arg``; nothing is loaded."""
-    from trl import DistillationConfig
     from transformers.integrations import get_available_reporting_integrations
+    from trl import DistillationConfig
     accum = cfg.trl_args.get("gradient_accumulation_steps", 1)
     per_device = cfg.prompts_per_step * cfg.rollouts_per_prompt // (world * accum)
     cpu = not torch.cuda.is_available()

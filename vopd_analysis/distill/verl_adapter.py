@@ -69,7 +69,7 @@ def token_baseline(name: str, student_logits: torch.Tensor, teacher_logits: torc
     of the student (the policy that sampled ``tokens``) and the teacher. Store it as
     ``data.batch["reward_baselines"]`` for the registered verl estimators."""
     batch = _batch(student_logits, teacher_logits, tokens, mask)
-    lp, b = _baseline(name).fn(batch, name)
+    lp, b = est.logprobs_and_baseline(batch, _baseline(name), name)
     return torch.zeros_like(lp) if b is None else b.detach()
 
 
@@ -78,7 +78,7 @@ def token_advantages(name: str, student_logits: torch.Tensor, teacher_logits: to
     """verl's advantages A_t = -m_t (l_t - b_t) [B, T], detached, for ``name`` in opd / vopd / opd_bstar:
     the tensor for ``data.batch["advantages"]``."""
     batch = _batch(student_logits, teacher_logits, tokens, mask)
-    lp, b = _baseline(name).fn(batch, name)
+    lp, b = est.logprobs_and_baseline(batch, _baseline(name), name)
     l = est.log_ratio(batch, lp)
     return -(l if b is None else l - b).detach() * batch.mask
 

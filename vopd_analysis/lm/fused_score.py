@@ -1,14 +1,19 @@
 """Scoring rollouts without materialising logits: final hidden states and ``lm_head`` into ``fused``.
 
-``hf.score`` builds [B, T, V] student and teacher logits (3 x B T V x 4 bytes with the student's
+``scoring.score`` builds [B, T, V] student and teacher logits (3 x B T V x 4 bytes with the student's
 gradient: 15 GB at 8,192 tokens and V = 151,936). Here each model runs its backbone only,
 ``response_hidden`` gathers the hidden state h(s_t) before each response token (the row whose
-logits ``hf.response_logits`` would return), ``output_head`` reads the head the model applies
+logits ``scoring.response_logits`` would return), ``output_head`` reads the head the model applies
 to it (weight, bias, logit scale, final soft-capping), and ``vopd_analysis.fused`` computes the
 estimator tile by tile: the logits z = c tanh(s (h W^T + b) / c) exist only as tiles.
 
-Which path (``choose``): "materialised" is ``hf.score``; "fused" is this module (for the
-estimators of ``fused.FUSED_ESTIMATORS``); "auto" takes the fused path when the estimator has
+The fused scorer fills the same per-token record as the materialised one (``token_stats.TokenStats``,
+``stats_from_hidden``), and the registry's estimator reads it (``fused_per_sequence``): every estimator
+that reads only the record (``Estimator.reads_stats``: the composed ones, full_kl and the top-k losses)
+has a fused form, with no code here that names it.
+
+Which path (``choose``): "materialised" is ``scoring.score``; "fused" is this module (for the
+estimators of ``fused_names()``); "auto" takes the fused path when the estimator has
 one and the batch has N x V >= ``AUTO_MIN_ELEMENTS`` (one float32 [N, V] tensor of 256 MiB or
 more), the materialised one otherwise (it is faster when the logits are small).
 """
@@ -24,15 +29,22 @@ import torch
 from .. import estimators as est
 from .. import fused
 from ..errors import InputError
-from . import hf
+from ..token_stats import Needs, TokenStats, check_k
+from . import rollouts as ro
+from . import scoring as sc
 
 PATHS = ("auto", "materialised", "fused")
 AUTO_MIN_ELEMENTS = 2 ** 26
 
 
 def has_fused_form(estimator: str) -> bool:
-    """Whether ``vopd_analysis.fused`` computes the estimator (``fused.FUSED_ESTIMATORS``)."""
-    return estimator in fused.FUSED_ESTIMATORS
+    """Whether the fused scorer can fill what the estimator reads (``Estimator.reads_stats``)."""
+    return estimator in est.REGISTRY and est.REGISTRY[estimator].reads_stats
+
+
+def fused_names() -> list:
+    """The registry's estimators with a fused form, in registry order."""
+    return [name for name in est.REGISTRY if has_fused_form(name)]
 
 
 def choose(path: str, estimator: str, num_tokens: int, vocab_size: int) -> bool:
@@ -48,7 +60,7 @@ def choose(path: str, estimator: str, num_tokens: int, vocab_size: int) -> bool:
     has_fused = has_fused_form(estimator)
     if path == "fused" and not has_fused:
         raise InputError(f"--logits fused: estimator '{estimator}' has no fused form; fused estimators: "
-                         f"{', '.join(fused.FUSED_ESTIMATORS)}")
+                         f"{', '.join(fused_names())}")
     return path == "fused" or (path == "auto" and has_fused and num_tokens * vocab_size >= AUTO_MIN_ELEMENTS)
 
 
@@ -84,11 +96,11 @@ def output_head(model) -> Head:
 
 def response_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cols: torch.Tensor,
                     first_column: int) -> torch.Tensor:
-    """The final hidden states h(s_t) [B, T, d] whose logits ``hf.response_logits`` returns: the
+    """The final hidden states h(s_t) [B, T, d] whose logits ``scoring.response_logits`` returns: the
     backbone (``model.base_model``) with the same position ids, at columns cols[b, t] - 1.
 
     Args:
-      model: a causal LM; input_ids, attention_mask: [B, L]; cols: [B, T] (``hf.response_index``);
+      model: a causal LM; input_ids, attention_mask: [B, L]; cols: [B, T] (``scoring.response_index``);
       first_column: the first column kept (only the rows from it on are gathered).
     """
     backbone = model.base_model
@@ -123,19 +135,19 @@ class HiddenBatch:
                                    mask=self.mask[index])
 
 
-def hidden_batch(student, teacher, rollouts: hf.Rollouts, vocab_size: Optional[int] = None,
+def hidden_batch(student, teacher, rollouts: ro.Rollouts, vocab_size: Optional[int] = None,
                  mask_token_ids: Sequence[int] = (), teacher_hidden: Callable = response_hidden) -> HiddenBatch:
-    """``hf.score``'s positions, tokens and mask, with hidden states instead of logits; the student's
+    """``scoring.score``'s positions, tokens and mask, with hidden states instead of logits; the student's
     backbone runs with its gradient, the teacher's without.
 
     Args:
-      student, teacher: causal LMs; rollouts: from ``hf.generate_rollouts``.
+      student, teacher: causal LMs; rollouts: from ``rollouts.generate_rollouts``.
       vocab_size: the shared V (None: the student head's rows, which the teacher's must match).
       mask_token_ids: tokens left out of the loss.
       teacher_hidden: how the teacher's hidden states are computed (``response_hidden``'s
         signature; the TRL engine routes it through the teacher's distributed wrapper).
     """
-    cols, valid = hf.response_index(rollouts.response_mask)
+    cols, valid = sc.response_index(rollouts.response_mask)
     first = int(cols.min()) - 1
     if first < 0:
         raise InputError("a response starts at column 0: every rollout needs at least one prompt token")
@@ -156,9 +168,9 @@ def hidden_batch(student, teacher, rollouts: hf.Rollouts, vocab_size: Optional[i
 
 
 def values(hb: HiddenBatch, estimator: str, params: Optional[dict] = None) -> tuple:
-    """(per-sequence surrogate values [B], ``fused.FusedTokenStats``) of ``estimator`` on ``hb``."""
+    """(per-sequence surrogate values [B], ``token_stats.TokenStats``) of ``estimator`` on ``hb``."""
     s, t = hb.student_head, hb.teacher_head
-    return fused.fused_per_sequence(
+    return fused_per_sequence(
         estimator, hb.student_hidden, s.weight, hb.tokens, hb.mask, hb.teacher_hidden, t.weight,
         student_bias=s.bias, teacher_bias=t.bias, student_logit_scale=s.scale, teacher_logit_scale=t.scale,
         student_softcap=s.softcap, teacher_softcap=t.softcap, vocab_size=hb.vocab_size, return_stats=True,
@@ -173,7 +185,7 @@ class FusedScore:
     values: torch.Tensor
     tokens: torch.Tensor
     mask: torch.Tensor
-    stats: "fused.FusedTokenStats"
+    stats: TokenStats
 
     @property
     def num_sequences(self) -> int:
@@ -186,17 +198,17 @@ class FusedScore:
     def sampled_reverse_kl(self) -> torch.Tensor:
         """sum_t m_t (log pi(y_t) - log pi_T(y_t)) per sequence [B], detached."""
         m = self.mask.to(self.stats.student_logprobs.dtype)
-        return ((self.stats.student_logprobs - self.stats.teacher_logprobs).detach() * m).sum(-1)
+        return ((self.stats.student_logprobs - self.stats.teacher_token_logprobs).detach() * m).sum(-1)
 
     def sequence_reverse_kl(self) -> Optional[torch.Tensor]:
         """sum_t m_t KL(pi || pi_T)(s_t) per sequence [B], detached."""
         return (self.stats.kl.detach() * self.mask.to(self.stats.kl.dtype)).sum(-1)
 
 
-def score(student, teacher, rollouts: hf.Rollouts, estimator: str, params: Optional[dict] = None,
+def score(student, teacher, rollouts: ro.Rollouts, estimator: str, params: Optional[dict] = None,
           vocab_size: Optional[int] = None, mask_token_ids: Sequence[int] = (),
           teacher_hidden: Callable = response_hidden) -> FusedScore:
-    """``hf.score`` + ``estimators.per_sequence`` for one fused estimator, without [B, T, V] logits
+    """``scoring.score`` + ``estimators.per_sequence`` for one fused estimator, without [B, T, V] logits
     (``hidden_batch``, then ``values``). Values equal the materialised path's to rounding
     (``tests/test_fused_score.py``: float64 1e-10 on the tiny pair)."""
     hb = hidden_batch(student, teacher, rollouts, vocab_size, mask_token_ids, teacher_hidden)
@@ -212,7 +224,7 @@ def loss_of(scored, estimator: str, reduction: str, num_items_in_batch: Optional
                               validate=False, **params)
 
 
-def planned_tokens(rollouts: hf.Rollouts, max_new_tokens: Optional[int] = None) -> int:
+def planned_tokens(rollouts: ro.Rollouts, max_new_tokens: Optional[int] = None) -> int:
     """N = rollouts x the response budget (``max_new_tokens``; None: the generated width): the positions
     the materialised logits hold when no response ends early. The "auto" choice reads this, not the
     longest response, so a batch whose responses all end early takes the same path as a full one."""
@@ -220,10 +232,110 @@ def planned_tokens(rollouts: hf.Rollouts, max_new_tokens: Optional[int] = None) 
     return rollouts.num_rollouts * int(budget)
 
 
-def score_either(path: str, student, teacher, rollouts: hf.Rollouts, estimator: str, params: dict,
+def score_either(path: str, student, teacher, rollouts: ro.Rollouts, estimator: str, params: dict,
                  vocab_size: int, teacher_hidden: Callable = response_hidden, max_new_tokens: Optional[int] = None):
-    """A ``FusedScore`` or ``hf.score``'s ``TokenBatch``, as ``choose(path, ...)`` says for this batch
+    """A ``FusedScore`` or ``scoring.score``'s ``TokenBatch``, as ``choose(path, ...)`` says for this batch
     (N = ``planned_tokens(rollouts, max_new_tokens)``)."""
     if choose(path, estimator, planned_tokens(rollouts, max_new_tokens), vocab_size):
         return score(student, teacher, rollouts, estimator, params, vocab_size, teacher_hidden=teacher_hidden)
-    return hf.score(student, teacher, rollouts, [estimator], vocab_size=vocab_size, params={estimator: params})
+    return sc.score(student, teacher, rollouts, [estimator], vocab_size=vocab_size, params={estimator: params})
+
+
+# ----------------------------------------------------------------------------- hidden states -> record -> registry
+
+def stats_from_hidden(needs: Needs, tokens: torch.Tensor, mask: torch.Tensor, kernel: "fused.FusedTokenStats",
+                      teacher_token_logprobs: Optional[torch.Tensor] = None) -> TokenStats:
+    """The fused scorer's ``TokenStats``: the kernel's per-token outputs (``fused.fused_token_stats``, run
+    with ``needs``' b* and support) named as the record names them. On the support,
+    log q_S = z_S - lse with lse's gradient for ``needs.topk_grad`` "full", z_S - sg(lse) for
+    "renormalised" (exact for shift-invariant functions, no backward pass over V), detached for "".
+
+    Args:
+      needs: what the estimator reads; tokens, mask: [B, T]; kernel: the pass's outputs.
+      teacher_token_logprobs: log pi_T(y_t) [B, T], used instead of the kernel's when given.
+    """
+    lp = kernel.student_logprobs
+    t_lp = kernel.teacher_logprobs if teacher_token_logprobs is None else teacher_token_logprobs.detach().to(lp.dtype)
+    q_s = None
+    if needs.topk is not None:
+        lse = kernel.student_logsumexp.unsqueeze(-1)
+        q_s = kernel.student_topk_logits - (lse if needs.topk_grad == "full" else lse.detach())
+        q_s = q_s if needs.topk_grad else q_s.detach()
+    return TokenStats(tokens, mask, lp, t_lp, kernel.kl, kernel.bstar, kernel.topk_ids, q_s,
+                      kernel.teacher_topk_logprobs)
+
+
+def fused_per_sequence(name: str, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                       tokens: torch.Tensor, mask: torch.Tensor,
+                       teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
+                       *, teacher_token_logprobs: Optional[torch.Tensor] = None,
+                       student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
+                       student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                       student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+                       vocab_size: Optional[int] = None, token_chunk: Optional[int] = None,
+                       vocab_chunk: Optional[int] = None, return_stats: bool = False, **params):
+    """Per-sequence surrogate values [B] of a registry estimator with a fused form, from hidden states:
+    ``fused.fused_token_stats`` computes what the estimator's ``needs`` ask for (lp, lp_T, KL, b*,
+    the top-k support; z = c tanh(s (h W^T + b) / c) only as tiles), ``stats_from_hidden`` fills the
+    record and the registry's ``from_stats`` reads it: the same values (to rounding) and gradients
+    as ``estimators.per_sequence(name, batch)`` on the batch of the materialised logits. The top-k
+    support is found in the fused pass (``fused``'s docstring, "Top-k supports"); tied logits are
+    broken as torch.topk breaks them.
+
+    Args:
+      name: one of ``fused_names()``.
+      student_hidden: [B, T, d_s]; student_weight: [V, d_s]; tokens, mask: [B, T].
+      teacher_hidden, teacher_weight: [B, T, d_T], [V, d_T]; an estimator that reads only lp and
+        lp_T (opd) runs without them, from ``teacher_token_logprobs`` [B, T] (one student-only pass).
+      teacher_token_logprobs: log pi_T(y_t) [B, T], used instead of the fused teacher's when given.
+      student_bias, ..., vocab_chunk: as ``fused.fused_token_stats``.
+      return_stats: also return the pass's ``TokenStats`` (lp, lp_T, KL, ... per token, for metrics).
+      **params: the estimator's parameters (registry defaults, e.g. the top-k size ``k``, with the
+        registry's error for k > V; ``rho`` < 1 is refused).
+    Returns:
+      [B] surrogate values; the gradient of their sum is the estimator's gradient. With
+      ``return_stats``: (values, stats).
+    """
+    if not has_fused_form(name):
+        raise InputError(f"the fused path has estimators {', '.join(fused_names())}; got '{name}'")
+    entry = est.get(name)
+    params = entry.params(**params)
+    if params.pop("rho", 1.0) != 1.0:
+        raise InputError("the fused path has no token selection (rho < 1): it needs every position's entropy")
+    if tokens.dim() != 2 or tuple(mask.shape) != tuple(tokens.shape):
+        raise InputError(f"tokens and mask must both be [B, T], got {tuple(tokens.shape)} and {tuple(mask.shape)}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputError("the response mask must hold only 0 and 1")
+    needs = entry.needs(params)
+    student_only = needs == Needs(logprobs=True)
+    if teacher_hidden is None and not (student_only and teacher_token_logprobs is not None):
+        raise InputError(f"fused '{name}' needs the teacher's hidden states and lm_head weight"
+                         + ("" if not student_only else " (or teacher_token_logprobs)"))
+    if needs.topk is not None:
+        vocab = student_weight.shape[0] if vocab_size is None else min(vocab_size, student_weight.shape[0])
+        check_k(needs.topk, vocab, name)
+    kernel = fused.fused_token_stats(student_hidden, student_weight, tokens, teacher_hidden, teacher_weight, mask=mask,
+                                     student_bias=student_bias, teacher_bias=teacher_bias,
+                                     student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                                     student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+                                     vocab_size=vocab_size, want_bstar=needs.bstar, topk=needs.topk,
+                                     topk_support=needs.topk_of, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
+    stats = stats_from_hidden(needs, tokens, mask, kernel, teacher_token_logprobs)
+    values = entry.from_stats(stats, **params)
+    return (values, stats) if return_stats else values
+
+
+def fused_surrogate_loss(name: str, *args, reduction: str = "sequence_mean",
+                         num_items_in_batch: Optional[float] = None, **kwargs) -> torch.Tensor:
+    """The loss to call ``.backward()`` on, with ``estimators.surrogate_loss``'s reductions
+    (``sequence_mean``, ``token_mean``, ``sum``, ``none``) over ``fused_per_sequence``'s values.
+
+    Args:
+      name, *args, **kwargs: as ``fused_per_sequence`` (mask is its fifth argument).
+      reduction, num_items_in_batch: as ``estimators.surrogate_loss``.
+    """
+    if reduction not in est.REDUCTIONS:      # before the pass over the vocabulary
+        raise InputError(f"unknown reduction '{reduction}'; choose one of {est.REDUCTIONS}")
+    values = fused_per_sequence(name, *args, **kwargs)
+    mask = args[3] if len(args) > 3 else kwargs["mask"]
+    return est.reduce(values, mask, reduction, num_items_in_batch)

@@ -112,9 +112,9 @@ def random_pair(reason: str) -> Tuple[str, str, str]:
     with a note naming ``reason`` (a smoke test: the numbers describe untrained models)."""
     import tempfile
 
-    from . import hf
+    from .smoke import save_tiny_pair
     directory = tempfile.mkdtemp(prefix="vopd_random_pair_")
-    student, teacher = hf.save_tiny_pair(directory, seed=0)
+    student, teacher = save_tiny_pair(directory, seed=0)
     print(f"NOTE: {reason}; using RANDOMLY INITIALISED tiny Qwen2 models saved under {directory} "
           "(the numbers describe untrained models)")
     return student, teacher, "random-init tiny Qwen2"

@@ -38,7 +38,8 @@ from .. import params as prm
 from .. import provenance, records, stats
 from ..errors import InputError, exit_with
 from . import fused_score as fs
-from . import hf, loading, tasks, variance
+from . import loading, tasks, variance
+from . import rollouts as ro
 from .presets import PRESETS
 from .presets import get as get_preset
 
@@ -118,7 +119,7 @@ def probe_batch(pair: loading.ModelPair, probed: Sequence[Probed], prompts: Sequ
       layer rows: one per label and parameter group; mean response tokens).
     """
     seed = 1000 * config["seed"] + batch
-    rollouts = hf.generate_rollouts(pair.student, pair.tokenizer, list(prompts), config["num_rollouts"],
+    rollouts = ro.generate_rollouts(pair.student, pair.tokenizer, list(prompts), config["num_rollouts"],
                                     config["max_new_tokens"], temperature=config.get("temperature", 1.0), seed=seed,
                                     vocab_size=pair.info.vocab_size)
     result = variance.probe(pair.student, pair.teacher, pair.tokenizer, prompts, [p.label for p in probed],

@@ -52,7 +52,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import InputError, exit_with
-from . import pair_card
+from . import loading, pair_card
 from .tiny import ModelSize
 
 COMMITTED = Path(__file__).resolve().parent / "pairs" / "small"   # the pair every machine uses
@@ -546,22 +546,20 @@ def load_or_train_pair(cache_dir=".cache/vopd_small", config: SmallConfig = Smal
     Returns:
       (student folder, teacher folder, tokenizer loaded from the teacher folder).
     """
-    from transformers import AutoTokenizer
     root, card = PAIR.load_or_train(Path(cache_dir) / config.key(),
                                     lambda r: train_pair(r, config, num_threads, verbose),
                                     default=config == SmallConfig(), retrain=retrain, verbose=verbose)
     if verbose:
         print(f"small pair: {root} (held-out cross-entropy: teacher {card['teacher']['held_out_cross_entropy']}, "
               f"student {card['student']['held_out_cross_entropy']} nats per token)")
-    return str(root / "student"), str(root / "teacher"), AutoTokenizer.from_pretrained(root / "teacher")
+    return str(root / "student"), str(root / "teacher"), loading.load_tokenizer(root / "teacher", "teacher")
 
 
 # ----------------------------------------------------------------------------- prompts
 
 @lru_cache(maxsize=1)
 def _prompt_tokenizer():
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(COMMITTED / "teacher")
+    return loading.load_tokenizer(COMMITTED / "teacher", "teacher")
 
 
 def document_prompt(text: str, start: int, tokenizer, max_tokens: int = PROMPT_TOKENS) -> Optional[str]:

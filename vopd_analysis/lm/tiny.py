@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..errors import exit_with
-from . import pair_card, tasks
+from . import loading, pair_card, tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,14 +308,13 @@ def load_or_train_pair(cache_dir=".cache/vopd_tiny", config: TinyConfig = TinyCo
     Returns:
       (student directory, teacher directory, the teacher's tokenizer).
     """
-    from transformers import AutoTokenizer
     root, card = PAIR.load_or_train(Path(cache_dir) / config.key(),
                                     lambda r: train_pair(r, config, num_threads, verbose),
                                     default=config == TinyConfig(), retrain=retrain, verbose=verbose)
     if verbose:
         print(f"tiny pair: {root} (teacher accuracy {card['teacher']['eval_accuracy']}, "
               f"student {card['student']['eval_accuracy']})")
-    return str(root / "student"), str(root / "teacher"), AutoTokenizer.from_pretrained(root / "teacher")
+    return str(root / "student"), str(root / "teacher"), loading.load_tokenizer(root / "teacher", "teacher")
 
 
 def save_random_pair(directory, seed: int = 0, student: ModelSize = ModelSize(16, 1, 2, 32),

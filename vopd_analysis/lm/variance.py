@@ -39,7 +39,8 @@ from torch.func import functional_call, vjp, vmap
 from .. import estimators as est
 from ..errors import InputError
 from . import fused_score as fs
-from . import hf
+from . import rollouts as ro
+from . import scoring as sc
 
 _PROJECTION_BLOCK = 1 << 20
 
@@ -294,7 +295,7 @@ class ProbeResult:
     layers: "object"           # pandas.DataFrame
     moments: Dict[str, GradientMoments]
     reference: torch.Tensor
-    rollouts: hf.Rollouts
+    rollouts: ro.Rollouts
     timings: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -309,7 +310,7 @@ def _estimator_params(name: str, params: Optional[dict], num_rollouts: int) -> d
 
 
 def _score_params(labels: Sequence[str], estimator_params: Dict[str, dict]) -> Dict[str, dict]:
-    """``hf.score``'s parameters for several labelled estimators: per registry name, the parameters with
+    """``scoring.score``'s parameters for several labelled estimators: per registry name, the parameters with
     the largest top-k size among its labels (a top-k estimator reads the first k of the batch's top-K fields)."""
     out: Dict[str, dict] = {}
     for label in labels:
@@ -322,8 +323,8 @@ def _score_params(labels: Sequence[str], estimator_params: Dict[str, dict]) -> D
 METHODS = ("loop", "vmap")
 
 
-def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params: Dict[str, dict],
-                      named_params, vocab_size=None, mask_token_ids=(), chunk_tokens=hf.DEFAULT_CHUNK_TOKENS,
+def rollout_gradients(student, teacher, rollouts: ro.Rollouts, estimator_params: Dict[str, dict],
+                      named_params, vocab_size=None, mask_token_ids=(), chunk_tokens=sc.DEFAULT_CHUNK_TOKENS,
                       timings: Optional[Dict[str, float]] = None, method: str = "loop",
                       chunk_size: Optional[int] = None, logits: str = "auto",
                       max_new_tokens: Optional[int] = None, per_rollout: bool = False):
@@ -350,7 +351,7 @@ def rollout_gradients(student, teacher, rollouts: hf.Rollouts, estimator_params:
       estimator_params: estimator name, or a label such as ``vopd_topk(k=64)`` (``estimators.base_name``:
         one estimator at several parameter values), -> its full parameters (group_size = K for group estimators).
       named_params: (name, parameter) of the student, in the flattening order (``trainable_parameters``).
-      vocab_size, mask_token_ids, chunk_tokens: passed to ``hf.score``.
+      vocab_size, mask_token_ids, chunk_tokens: passed to ``scoring.score``.
       timings: if given, accumulates seconds under "score" and under each estimator name.
       method: "loop" or "vmap".
       chunk_size: rollouts per vmap call (method "vmap"); None: all of a group.
@@ -397,14 +398,14 @@ def _loop_gradients(group, student, teacher, estimator_params, named_params, voc
 
     Estimators with a fused form that ``fused_score.choose(logits, ...)`` sends to the fused path
     share one ``fused_score.hidden_batch`` of the group (no [B, T, V] logits) and get v_i from the
-    rows of rollout i alone; the others share one ``hf.score``."""
+    rows of rollout i alone; the others share one ``scoring.score``."""
     tensors = [p for _, p in named_params]
     num_tokens = fs.planned_tokens(group, max_new_tokens)
     fused_names = [n for n in estimator_params if fs.has_fused_form(est.base_name(n))
                    and fs.choose(logits, est.base_name(n), num_tokens, vocab_size or 0)]
     clock = time.perf_counter()
     materialised = [n for n in estimator_params if n not in fused_names]
-    batch = hf.score(student, teacher, group, [est.base_name(n) for n in materialised], vocab_size, mask_token_ids,
+    batch = sc.score(student, teacher, group, [est.base_name(n) for n in materialised], vocab_size, mask_token_ids,
                      chunk_tokens, params=_score_params(materialised, estimator_params)) if materialised else None
     hidden = fs.hidden_batch(student, teacher, group, vocab_size, mask_token_ids) if fused_names else None
     timings["score"] = timings.get("score", 0.0) + time.perf_counter() - clock
@@ -413,7 +414,7 @@ def _loop_gradients(group, student, teacher, estimator_params, named_params, voc
         clock = time.perf_counter()
         if name in fused_names:
             rows = [fs.values(hidden.rows(slice(i, i + 1)), est.base_name(name), params)[0][0] for i in range(size)]
-        else:   # hf.score validated the batch
+        else:   # sc.score validated the batch
             rows = est.surrogate_loss(est.base_name(name), batch, reduction="none", validate=False, **params)
         for i in range(size):
             last = n + 1 == len(estimator_params) and i + 1 == size
@@ -425,15 +426,15 @@ def _loop_gradients(group, student, teacher, estimator_params, named_params, voc
 
 
 class _ResponseLogits(torch.nn.Module):
-    """z_theta(s_t)[:V] at one rollout's response positions: its row of ``hf.score``'s student
-    logits (``hf.response_logits``), as a module for ``functional_call``."""
+    """z_theta(s_t)[:V] at one rollout's response positions: its row of ``scoring.score``'s student
+    logits (``scoring.response_logits``), as a module for ``functional_call``."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, ids, att, cols, first: int, vocab: int):                     # [L], [L], [T]
-        return hf.response_logits(self.model, ids[None], att[None], cols[None], first, vocab)[0]   # [T, V]
+        return sc.response_logits(self.model, ids[None], att[None], cols[None], first, vocab)[0]   # [T, V]
 
 
 @contextlib.contextmanager
@@ -477,7 +478,7 @@ def _vmap_gradients(group, student, teacher, estimator_params, named_params, voc
     names = list(estimator_params)
     clock = time.perf_counter()
     with torch.no_grad():
-        batch = hf.score(student, teacher, group, [est.base_name(n) for n in names], vocab_size, mask_token_ids,
+        batch = sc.score(student, teacher, group, [est.base_name(n) for n in names], vocab_size, mask_token_ids,
                          chunk_tokens, params=_score_params(names, estimator_params))
     timings["score"] = timings.get("score", 0.0) + time.perf_counter() - clock
     z = batch.student_logits.detach().requires_grad_()
@@ -492,7 +493,7 @@ def _vmap_gradients(group, student, teacher, estimator_params, named_params, voc
     cotangents = torch.stack(cotangents, 1)                                         # [B, E, T, V]
 
     clock = time.perf_counter()
-    cols, _ = hf.response_index(group.response_mask)
+    cols, _ = sc.response_index(group.response_mask)
     first, vocab = int(cols.min()) - 1, batch.vocab_size
     module = _ResponseLogits(student)
     weights = {"model." + n: p.detach() for n, p in named_params}
@@ -517,7 +518,7 @@ def _vmap_gradients(group, student, teacher, estimator_params, named_params, voc
             yield name, flat_grad_of(tensors, [g[i, e] for g in grads])
 
 
-def reference_gradient(student, teacher, rollouts: hf.Rollouts, name: str = "full_kl", **kwargs) -> torch.Tensor:
+def reference_gradient(student, teacher, rollouts: ro.Rollouts, name: str = "full_kl", **kwargs) -> torch.Tensor:
     """g_ref = (1/N) sum_i g_i, the mean of the per-rollout gradients of estimator ``name`` over ``rollouts``.
 
     Args:
@@ -534,7 +535,7 @@ def reference_gradient(student, teacher, rollouts: hf.Rollouts, name: str = "ful
     return torch.stack(grads).mean(0)
 
 
-def _rollouts_per_prompt(rollouts: hf.Rollouts) -> int:
+def _rollouts_per_prompt(rollouts: ro.Rollouts) -> int:
     return int(torch.bincount(rollouts.prompt_index).max())
 
 
@@ -542,8 +543,8 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
           max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
           reference: Union[str, torch.Tensor] = "full_kl", vocab_size: Optional[int] = None,
           mask_token_ids: Sequence[int] = (), params: Optional[dict] = None, num_projections: int = 8,
-          chunk_tokens: int = hf.DEFAULT_CHUNK_TOKENS, progress: bool = False, method: str = "loop",
-          logits: str = "auto", rollouts: Optional[hf.Rollouts] = None, per_rollout: bool = False) -> ProbeResult:
+          chunk_tokens: int = sc.DEFAULT_CHUNK_TOKENS, progress: bool = False, method: str = "loop",
+          logits: str = "auto", rollouts: Optional[ro.Rollouts] = None, per_rollout: bool = False) -> ProbeResult:
     """Per-estimator gradient statistics on the same student rollouts (common random numbers).
 
     Samples ``num_rollouts`` responses for each prompt once (seeded), then for each estimator
@@ -556,10 +557,10 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
       estimators: distinct estimator names or labels (``vopd_topk(k=64)``: the registry name before the
         parenthesis, its parameters from ``params[label]``), all scored once per group.
       num_rollouts: K rollouts per prompt.
-      max_new_tokens, temperature, seed, vocab_size: passed to ``hf.generate_rollouts``.
+      max_new_tokens, temperature, seed, vocab_size: passed to ``rollouts.generate_rollouts``.
       reference: an estimator name (its mean gradient over these rollouts; reused if it is
         also probed) or a [D] vector g_ref.
-      mask_token_ids, chunk_tokens: passed to ``hf.score``.
+      mask_token_ids, chunk_tokens: passed to ``scoring.score``.
       params: estimator name or label -> parameter overrides.
       num_projections: m random projections per gradient (``GradientMoments``); 0: none.
       progress: print each estimator's trace.
@@ -584,7 +585,7 @@ def probe(student, teacher, tokenizer, prompts: Sequence[str], estimators: Seque
     student.eval(), teacher.eval()
     try:
         if rollouts is None:
-            rollouts = hf.generate_rollouts(student, tokenizer, list(prompts), num_rollouts, max_new_tokens,
+            rollouts = ro.generate_rollouts(student, tokenizer, list(prompts), num_rollouts, max_new_tokens,
                                             temperature=temperature, seed=seed, vocab_size=vocab_size)
         named = trainable_parameters(student)
         groups = parameter_groups(named)
