@@ -22,7 +22,8 @@ import pandas as pd
 
 from vopd_analysis.lm import loading, tiny
 from vopd_analysis.distill import checkpoint as ckpt
-from vopd_analysis.distill.loop import DistillConfig, run as distill
+from vopd_analysis.distill.command import run as distill
+from vopd_analysis.distill.config import DistillConfig
 
 from . import common, llm_variance
 

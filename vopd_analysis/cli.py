@@ -384,7 +384,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] in (["distill"], ["sweep"], ["compare"], ["probe"]):
-            name = {"distill": ".distill.loop", "sweep": ".distill.sweep", "compare": ".distill.compare",
+            name = {"distill": ".distill.command", "sweep": ".distill.sweep", "compare": ".distill.compare",
                     "probe": ".lm.probe"}[argv[0]]
             with interrupt_exits_at_once():          # torch imports for seconds: a Ctrl-C then ends it at once
                 module = importlib.import_module(name, __package__)
@@ -399,7 +399,7 @@ def main(argv=None) -> int:
         return _silence_broken_pipe()
     except KeyboardInterrupt as err:   # a run saves its checkpoint and says how to resume before this
         print("interrupted", file=sys.stderr)
-        return getattr(err, "status", 130)   # 143 after a SIGTERM (distill.loop.Interrupted)
+        return getattr(err, "status", 130)   # 143 after a SIGTERM (distill.stopping.Interrupted)
     return 0
 
 
