@@ -165,5 +165,3 @@ def run_command(cfg: DistillConfig, resume: bool) -> int:
     finally:
         end_process_group()
     return 0 if result else 1
-
-

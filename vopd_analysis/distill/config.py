@@ -225,4 +225,3 @@ def changed_fields(before: dict, after: dict) -> list:
         return before.get(key, DEFAULTS.get(key)) == value
 
     return sorted(k for k, v in after.items() if k not in RESUMABLE and not same(k, v))
-

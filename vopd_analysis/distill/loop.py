@@ -225,7 +225,6 @@ def step_row(run, step, batch, rollouts, records, loss, grad_norm, skipped, time
             "time_teacher": teacher, "time_student": t2 - t1 - teacher, "peak_memory_mb": peak_memory_mb(acc.device)}
 
 
-
 # ----------------------------------------------------------------------------- setup
 
 @dataclasses.dataclass
@@ -280,7 +279,6 @@ def load_models(latest: Optional[Path], paths: tuple, device):
         except Exception as err:   # a truncated safetensors file, a broken config.json ...
             raise InputError(f"cannot load the student from checkpoint {latest / 'model'}: {ckpt.first_line(err)}; "
                              f"move {latest} aside to resume from an older checkpoint") from None
-
 
 
 def resume_checkpoint(out_dir: Path, asked: DistillConfig, acc) -> Optional[Path]:
@@ -349,7 +347,7 @@ def stop_at(run_, done: int, saved: int, metrics: Metrics, stop: StopOnSignal) -
     line saying where and how to resume, and raise ``Interrupted``.
 
     Args:
-      run_: the ``Run``.
+      run_: the ``Training``.
       done: the last completed step (0: none).
       saved: the step of the newest checkpoint (0: none).
       metrics: the rows so far (saved in the checkpoint).
@@ -369,18 +367,17 @@ def stop_at(run_, done: int, saved: int, metrics: Metrics, stop: StopOnSignal) -
     raise Interrupted(message, stop.status)
 
 
-
 def train(run_: Training, start: int, metrics: Metrics, started: float) -> dict:
     """Steps ``start + 1 .. steps`` with evaluation and checkpoints, then the final model and the
     summary; a Ctrl-C stops after the current step (``stop_at``).
 
     Args:
-      run_: the ``Run`` from ``setup``.
+      run_: the ``Training`` from ``setup``.
       start: the step it starts after (the resumed checkpoint's, or 0).
       metrics: the ``Metrics``.
       started: ``time.perf_counter()`` when the invocation began.
     Returns:
-      ``run``'s result dict.
+      ``runner.run``'s result dict.
     """
     from tqdm.auto import tqdm
     cfg, acc = run_.cfg, run_.accelerator
@@ -420,7 +417,6 @@ def train(run_: Training, start: int, metrics: Metrics, started: float) -> dict:
         return finish(run_, start, metrics, started)
 
 
-
 class Builtin(runner.Engine):
     """The built-in engine, as ``runner.run`` calls it (``vopd distill --engine builtin``, the default)."""
 
@@ -449,6 +445,6 @@ class Builtin(runner.Engine):
         return train(run_, start, metrics, p.started)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":   # python -m vopd_analysis.distill.loop (the README's): all of vopd distill, either engine
     from .command import main
     exit_with(main)

@@ -126,4 +126,3 @@ def summary_lines(summary: dict, path: Path) -> list:
     return lines + [f"run:     {Path(summary['metrics_jsonl']).parent}",
                     f"metrics: {summary['metrics_jsonl']}, {summary['metrics_csv']}", f"summary: {path}",
                     f"curves:  {summary['curves_png']}"]
-

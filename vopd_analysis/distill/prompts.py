@@ -111,4 +111,3 @@ def prompt_check(cfg: DistillConfig, student: str, teacher: str, defaulted: bool
                          "(max_position_embeddings) with room for a prompt; give --max-new-tokens below "
                          f"{context} minus the longest prompt's length")
     return tasks.PromptCheck(tokenizer, context, cfg.max_new_tokens)
-

@@ -267,4 +267,3 @@ def start_out_dir(out_dir: Path, record: dict, accelerator) -> None:
         (out_dir / "summary.json").unlink(missing_ok=True)
         record_inputs(out_dir, record)
         write_json_atomic(out_dir / "config.json", record)
-

@@ -93,7 +93,6 @@ def stop_agreed(acc, stop: StopOnSignal) -> bool:
     return flag > 0
 
 
-
 def interrupted_message(out: Path, done: int, steps: int, where: str, num_processes: int,
                         signum: Optional[int] = None) -> str:
     """The one line a Ctrl-C (or another ``signum``, named) leaves: the step reached, ``where`` it was
@@ -113,7 +112,6 @@ def abandoned(out_dir: Path) -> str:
             f"continue with: vopd distill --out {out_dir} --resume")
 
 
-
 def end_process_group(settle_s: float = 1.0) -> None:
     """Tear down the default process group, if a launcher started one, before the interpreter exits.
 
@@ -127,4 +125,3 @@ def end_process_group(settle_s: float = 1.0) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         time.sleep(settle_s)
         torch.distributed.destroy_process_group()
-

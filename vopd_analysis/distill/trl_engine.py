@@ -43,8 +43,8 @@ From Python::
 or, with your own dataset and models, ``RegistryDistillationTrainer(model=..., teacher_model=...,
 args=DistillationConfig(...), train_dataset=..., processing_class=..., estimator="vopd")``.
 
-The run around the trainer is the built-in engine's (``runner.run``: checks, run folder, lock, resume,
-summary); this module fills in its ``Engine`` (``Trl``) and never imports the built-in loop.
+The run around the trainer is shared with the built-in engine (``runner.run``: checks, run folder, lock,
+resume, summary); this module fills in its ``Engine`` (``Trl``) and never imports the built-in loop.
 """
 
 from __future__ import annotations
@@ -91,10 +91,10 @@ def check_trl() -> str:
     return version
 
 
-
 def per_device_batch(cfg: DistillConfig, world: int) -> int:
     """Sequences per process and micro-batch: a step's prompts x rollouts over processes and accumulation steps."""
-    return cfg.prompts_per_step * cfg.rollouts_per_prompt // (world * cfg.trl_args.get("gradient_accumulation_steps", 1))
+    accumulation = cfg.trl_args.get("gradient_accumulation_steps", 1)
+    return cfg.prompts_per_step * cfg.rollouts_per_prompt // (world * accumulation)
 
 
 # DistillationConfig fields that ``vopd distill`` sets from its own options (so a --trl-arg may not set them):

@@ -58,7 +58,6 @@ def check_per_row(name: str, what: str) -> None:
                          "sampler does not keep; use --engine builtin")
 
 
-
 def rollouts_from_inputs(inputs: dict) -> hf.Rollouts:
     """TRL's micro-batch (left-padded ``prompt_ids``/``prompt_mask``, right-padded
     ``completion_ids``/``completion_mask``) as ``hf.Rollouts``: the response is the completion."""
@@ -68,7 +67,6 @@ def rollouts_from_inputs(inputs: dict) -> hf.Rollouts:
                        attention_mask=torch.cat([prompt_mask, completion_mask], 1).long(),
                        response_mask=torch.cat([torch.zeros_like(prompt_mask), completion_mask], 1).long(),
                        prompt_index=torch.arange(n), prompt_width=prompt_mask.shape[1])
-
 
 
 class RegistryDistillationTrainer(DistillationTrainer):
