@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 
 from vopd_analysis import stats
-from vopd_analysis.distill.loop import DistillConfig
-from vopd_analysis.distill.loop import run as distill
+from vopd_analysis.distill.command import run as distill
+from vopd_analysis.distill.config import DistillConfig
 from vopd_analysis.lm.presets import PRESETS
 
 from . import common

@@ -21,8 +21,8 @@ import tempfile
 import pandas as pd
 
 from vopd_analysis.distill import checkpoint as ckpt
-from vopd_analysis.distill.loop import DistillConfig
-from vopd_analysis.distill.loop import run as distill
+from vopd_analysis.distill.command import run as distill
+from vopd_analysis.distill.config import DistillConfig
 from vopd_analysis.lm import loading, tiny
 
 from . import common, llm_variance

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from vopd_analysis.distill import checkpoint as ckpt
-from vopd_analysis.distill import loop
+from vopd_analysis.distill import command, loop
+from vopd_analysis.distill.config import DistillConfig, check_config
+from vopd_analysis.distill.lock import LOCK
+from vopd_analysis.distill.metrics import Metrics
 from vopd_analysis.errors import InputError
 from vopd_analysis.lm import tiny
 
@@ -41,7 +44,7 @@ def steps_saved(out):
 
 def test_run_writes_metrics_and_checkpoints(pair, tmp_path):
     out = tmp_path / "run"
-    assert loop.main(small(pair, out, estimator="vopd_topk", k=4)) == 0
+    assert command.main(small(pair, out, estimator="vopd_topk", k=4)) == 0
     train = rows(out)
     assert [r["step"] for r in train] == [1, 2, 3]
     for key in ("loss", "reverse_kl", "reverse_kl_sampled", "grad_norm", "tokens_per_s", "time_rollout",
@@ -64,7 +67,7 @@ def test_user_prompts_jsonl(pair, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": f"{i:03d}+001=", "answer": str(i + 1)}) + "\n"
                                for i in range(30)))
     out = tmp_path / "run"
-    loop.main(small(pair, out, prompts=prompts, steps=2, estimator="opd", max_new_tokens=6))
+    command.main(small(pair, out, prompts=prompts, steps=2, estimator="opd", max_new_tokens=6))
     config = json.loads((out / "config.json").read_text())
     assert config["preset"] is None and config["max_new_tokens"] == 6
     assert len(rows(out)) == 2 and rows(out, "eval")[-1]["eval_accuracy"] == 0.0
@@ -72,22 +75,22 @@ def test_user_prompts_jsonl(pair, tmp_path):
 
 def test_refuses_existing_out_dir(pair, tmp_path):
     out = tmp_path / "run"
-    loop.main(small(pair, out, steps=1, eval_every=0))
+    command.main(small(pair, out, steps=1, eval_every=0))
     before = (out / "metrics.jsonl").read_text()
     with pytest.raises(InputError, match="already holds a run.*--resume"):
-        loop.main(small(pair, out, steps=1, eval_every=0))
+        command.main(small(pair, out, steps=1, eval_every=0))
     assert (out / "metrics.jsonl").read_text() == before
     with pytest.raises(InputError, match="different estimator"):
-        loop.main(small(pair, out, steps=2, eval_every=0, estimator="opd") + ["--resume"])
+        command.main(small(pair, out, steps=2, eval_every=0, estimator="opd") + ["--resume"])
 
 
 def test_bad_configs_are_refused(pair, tmp_path):
     with pytest.raises(InputError, match="unknown estimator"):
-        loop.main(small(pair, tmp_path / "a", estimator="nope"))
+        command.main(small(pair, tmp_path / "a", estimator="nope"))
     with pytest.raises(InputError, match="exact tabular"):
-        loop.main(small(pair, tmp_path / "b", estimator="rtg_oracle"))
+        command.main(small(pair, tmp_path / "b", estimator="rtg_oracle"))
     with pytest.raises(InputError, match="unknown"):
-        loop.main(small(pair, tmp_path / "c", estimator="opd") + ["--param", "gamma=0.5"])
+        command.main(small(pair, tmp_path / "c", estimator="opd") + ["--param", "gamma=0.5"])
 
 
 def test_nan_loss_step_is_skipped_without_a_checkpoint(pair, tmp_path, monkeypatch):
@@ -101,7 +104,7 @@ def test_nan_loss_step_is_skipped_without_a_checkpoint(pair, tmp_path, monkeypat
     monkeypatch.setattr(loop, "estimator_loss", nan_on_second_step)
     out = tmp_path / "run"
     with pytest.warns(RuntimeWarning, match="step 2: non-finite"):
-        loop.main(small(pair, out, eval_every=0))
+        command.main(small(pair, out, eval_every=0))
     train = rows(out)
     assert [r["skipped"] for r in train] == [False, True, False]
     assert train[1]["loss"] != train[1]["loss"]
@@ -114,24 +117,24 @@ def test_nan_loss_step_is_skipped_without_a_checkpoint(pair, tmp_path, monkeypat
 
 def test_resume_after_interruption_equals_uninterrupted(pair, tmp_path, monkeypatch):
     full = tmp_path / "full"
-    loop.main(small(pair, full, steps=5, save_every=2, eval_every=2))
+    command.main(small(pair, full, steps=5, save_every=2, eval_every=2))
 
     interrupted = tmp_path / "interrupted"
-    real_log = loop.Metrics.log
+    real_log = Metrics.log
 
     def die_after_step_3(self, row):
         real_log(self, row)
         if row["kind"] == "train" and row["step"] == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop.Metrics, "log", die_after_step_3)
+    monkeypatch.setattr(Metrics, "log", die_after_step_3)
     # an interrupt that is not a Ctrl-C between steps (a second Ctrl-C, a crash): nothing more is saved
-    assert loop.main(small(pair, interrupted, steps=5, save_every=2, eval_every=2)) == 130
-    monkeypatch.setattr(loop.Metrics, "log", real_log)
+    assert command.main(small(pair, interrupted, steps=5, save_every=2, eval_every=2)) == 130
+    monkeypatch.setattr(Metrics, "log", real_log)
     assert [r["step"] for r in rows(interrupted)] == [1, 2, 3] and steps_saved(interrupted) == [2]
-    assert not (interrupted / loop.LOCK).exists()   # the lock went with the run
+    assert not (interrupted / LOCK).exists()   # the lock went with the run
 
-    loop.main(["--out", str(interrupted), "--resume"])   # everything else comes from the saved config
+    command.main(["--out", str(interrupted), "--resume"])   # everything else comes from the saved config
     a, b = rows(full), rows(interrupted)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]     # step 3 redone once, not repeated
     for key in ("loss", "reverse_kl", "grad_norm", "response_tokens"):
@@ -157,7 +160,7 @@ def test_accelerate_launch_two_cpu_processes(pair, tmp_path):
     assert {p.name for p in ckpt.checkpoint_dirs(out)[0].iterdir()} >= {"rng-rank0.pt", "rng-rank1.pt", "state.pt",
                                                                           ckpt.MANIFEST}
     assert ckpt.verify(ckpt.checkpoint_dirs(out)[0]) == []      # both processes' RNG files in the manifest
-    assert not (out / loop.LOCK).exists()                        # taken by the main process only, and released
+    assert not (out / LOCK).exists()                        # taken by the main process only, and released
 
 
 # one non-default value per DistillConfig field: (options, expected field value)
@@ -197,36 +200,36 @@ EVERY_OPTION = {
 
 def test_every_config_field_has_one_option_and_round_trips():
     import dataclasses
-    fields = {f.name: f for f in dataclasses.fields(loop.DistillConfig)}
+    fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
     assert set(EVERY_OPTION) == set(fields) - {"estimator_params", "trl_args"}
-    parser = loop.build_parser()
+    parser = command.build_parser()
     dests = [a.dest for a in parser._actions]
     for name in fields:
         assert dests.count(name) == (0 if name in ("estimator_params", "trl_args") else 1), name
     assert set(dests) - set(fields) == {"help", "k", "param", "trl_arg", "resume"}
     for name, (argv, value) in EVERY_OPTION.items():   # each option alone: that field set, the rest defaults
-        cfg = loop.config_from_args(parser.parse_args(argv))
+        cfg = command.config_from_args(parser.parse_args(argv))
         assert getattr(cfg, name) == value != fields[name].default, name
         others = {f for f in fields if f != name and not (name == "prompts" and f == "preset")}
-        assert all(getattr(cfg, f) == getattr(loop.DistillConfig(), f) for f in others), name
+        assert all(getattr(cfg, f) == getattr(DistillConfig(), f) for f in others), name
     everything = [x for argv, _ in EVERY_OPTION.values() for x in argv] + ["--k", "4", "--param", "alpha=0.5",
                                                                             "--trl-arg", "use_vllm=true"]
-    cfg = loop.config_from_args(parser.parse_args(everything))
+    cfg = command.config_from_args(parser.parse_args(everything))
     assert {name: getattr(cfg, name) for name in EVERY_OPTION} == {n: v for n, (_, v) in EVERY_OPTION.items()}
     assert cfg.estimator_params == {"k": 4, "alpha": 0.5} and cfg.trl_args == {"use_vllm": True}
 
 
 def test_prompts_without_preset_and_param_shorthand():
-    parser = loop.build_parser()
-    assert loop.config_from_args(parser.parse_args(["--prompts", "p.jsonl"])).preset is None
-    assert loop.config_from_args(parser.parse_args(["--param", "k=4"])).estimator_params == {"k": 4}
+    parser = command.build_parser()
+    assert command.config_from_args(parser.parse_args(["--prompts", "p.jsonl"])).preset is None
+    assert command.config_from_args(parser.parse_args(["--param", "k=4"])).estimator_params == {"k": 4}
     with pytest.raises(InputError, match="contradicts"):
-        loop.config_from_args(parser.parse_args(["--param", "k=4", "--k", "8"]))
+        command.config_from_args(parser.parse_args(["--param", "k=4", "--k", "8"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--reduction", "sum"])      # choices from the field's metadata
     with pytest.raises(InputError, match="must be an integer.*2.5"):
-        loop.check_config(loop.DistillConfig(estimator="vopd_topk", estimator_params={"k": 2.5}), world=1)
-    assert loop.check_config(loop.DistillConfig(estimator="seq_rloo", rollouts_per_prompt=3), 1) == {"group_size": 3}
+        check_config(DistillConfig(estimator="vopd_topk", estimator_params={"k": 2.5}), world=1)
+    assert check_config(DistillConfig(estimator="seq_rloo", rollouts_per_prompt=3), 1) == {"group_size": 3}
 
 
 @pytest.mark.parametrize("estimator", ["vopd", "opd_bstar"])
@@ -235,7 +238,7 @@ def test_fused_and_materialised_logits_train_alike(pair, tmp_path, estimator):
     rounding: the first step's loss and gradient norm to 1e-5, the exact reverse KL reported by both."""
     a, b = tmp_path / "materialised", tmp_path / "fused"
     for out, path in ((a, "materialised"), (b, "fused")):
-        assert loop.main(small(pair, out, estimator=estimator, logits=path, steps=2, eval_every=0)) == 0
+        assert command.main(small(pair, out, estimator=estimator, logits=path, steps=2, eval_every=0)) == 0
     first_a, first_b = rows(a)[0], rows(b)[0]
     for key in ("loss", "grad_norm", "reverse_kl", "reverse_kl_sampled"):
         assert first_b[key] == pytest.approx(first_a[key], rel=1e-5, abs=1e-6), key

@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 
 from vopd_analysis import estimators as est
 from vopd_analysis.batch import TokenBatch
-from vopd_analysis.distill import loop
+from vopd_analysis.distill import command, loop
+from vopd_analysis.distill.config import DistillConfig
 from vopd_analysis.errors import InputError
 
 T, V = 3, 4
@@ -62,7 +63,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             rows = shard_rows(sizes, rank)
             for estimator in ESTIMATORS:
                 for reduction in REDUCTIONS:
-                    cfg = loop.DistillConfig(estimator=estimator, reduction=reduction)
+                    cfg = DistillConfig(estimator=estimator, reduction=reduction)
                     # the loop's convention: global N, local sum / N, gradients summed
                     theta = new_theta()
                     batch = make_batch(theta, mask, rows)
@@ -146,7 +147,7 @@ def test_shard_sums_over_the_global_count_make_the_global_mean():
 
 
 def test_vopd_distill_ends_the_process_group_even_on_bad_input(tmp_path):
-    """``loop.main`` destroys a launcher's process group on the way out, after an error too, and
+    """``command.main`` destroys a launcher's process group on the way out, after an error too, and
     after a gather and a barrier whose freed work items hold Python tensors (left to interpreter
     shutdown, a gloo worker freeing them aborted a finished 2-process run)."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
@@ -155,7 +156,7 @@ def test_vopd_distill_ends_the_process_group_even_on_bad_input(tmp_path):
         dist.all_gather(gathered, torch.arange(3.0))
         dist.barrier()
         with pytest.raises(InputError, match="no_such_estimator"):
-            loop.main(["--estimator", "no_such_estimator", "--out", str(tmp_path / "run")])
+            command.main(["--estimator", "no_such_estimator", "--out", str(tmp_path / "run")])
         assert not dist.is_initialized()
         assert not (tmp_path / "run").exists()
         loop.end_process_group()                     # no group: nothing to do

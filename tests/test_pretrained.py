@@ -153,13 +153,13 @@ def test_distill_takes_gguf_files_on_both_engines(engine, tmp_path):
     either engine, with the tokenizer read from the files."""
     if engine == "trl":
         pytest.importorskip("trl")
-    from vopd_analysis.distill import loop
+    from vopd_analysis.distill import command
     write_tiny_llama_gguf(tmp_path / "student.gguf", seed=3)
     write_tiny_llama_gguf(tmp_path / "teacher.gguf", seed=4)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"the cat {i} sat"}) + "\n" for i in range(12)))
     out = tmp_path / engine
-    assert loop.main(["--engine", engine, "--student", str(tmp_path / "student.gguf"), "--teacher",
+    assert command.main(["--engine", engine, "--student", str(tmp_path / "student.gguf"), "--teacher",
                       str(tmp_path / "teacher.gguf"), "--prompts", str(prompts), "--steps", "2",
                       "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "4",
                       "--eval-every", "2", "--estimator", "vopd", "--out", str(out)]) == 0
@@ -169,12 +169,12 @@ def test_distill_takes_gguf_files_on_both_engines(engine, tmp_path):
 
 
 def test_distill_refuses_a_folder_that_holds_only_a_gguf_file(tmp_path, capsys):
-    from vopd_analysis.distill import loop
+    from vopd_analysis.distill import command
     (tmp_path / "models").mkdir()
     write_tiny_llama_gguf(tmp_path / "models" / "m.gguf")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "a"}) + "\n")
     with pytest.raises(InputError, match="holds no config.json but GGUF file"):
-        loop.main(["--student", str(tmp_path / "models"), "--teacher", str(tmp_path / "models" / "m.gguf"),
+        command.main(["--student", str(tmp_path / "models"), "--teacher", str(tmp_path / "models" / "m.gguf"),
                    "--prompts", str(prompts), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()

@@ -21,7 +21,9 @@ import pytest
 
 from vopd_analysis import cli
 from vopd_analysis.distill import checkpoint as ckpt
-from vopd_analysis.distill import loop
+from vopd_analysis.distill import command, loop
+from vopd_analysis.distill.lock import LOCK, RunLock
+from vopd_analysis.distill.rundir import INPUTS
 from vopd_analysis.errors import InputError
 from vopd_analysis.lm import tasks, tiny
 
@@ -97,7 +99,7 @@ def ctrl_c(pair, tmp_path_factory):
     out = tmp_path_factory.mktemp("ctrl_c") / "run"
     proc = start_run(pair, out, save_every=50)
     wait_for_rows(proc, out, 3)
-    seen = {"lock": json.loads((out / loop.LOCK).read_text()),
+    seen = {"lock": json.loads((out / LOCK).read_text()),
             "resume": call("distill", "--out", out, "--resume"),
             "fresh": call("distill", *options(pair, out))}
     proc.send_signal(signal.SIGINT)
@@ -121,7 +123,7 @@ def test_ctrl_c_checkpoints_the_last_step_and_resume_matches(ctrl_c, pair, tmp_p
     assert line == (f"interrupted after step {done} of 1000: checkpoint {out / 'checkpoints' / f'step-{done:08d}'}; "
                     f"continue with: vopd distill --out {out} --resume")
     assert [int(p.name[5:]) for p in ckpt.checkpoint_dirs(out)] == [done] and done >= 3
-    assert ckpt.verify(ckpt.latest(out)) == [] and not (out / loop.LOCK).exists()
+    assert ckpt.verify(ckpt.latest(out)) == [] and not (out / LOCK).exists()
     assert not (out / "summary.json").exists()
     code, printed, _ = call("distill", "--out", out, "--resume", "--steps", done + 2)
     assert code == 0 and "done: " in printed
@@ -143,7 +145,7 @@ def test_sigterm_checkpoints_the_last_step_and_exits_143(pair, tmp_path):
     assert stdout.strip().splitlines()[-1] == (
         f"interrupted by SIGTERM after step {done} of 1000: checkpoint {out / 'checkpoints' / f'step-{done:08d}'}; "
         f"continue with: vopd distill --out {out} --resume")
-    assert ckpt.verify(ckpt.latest(out)) == [] and not (out / loop.LOCK).exists()
+    assert ckpt.verify(ckpt.latest(out)) == [] and not (out / LOCK).exists()
 
 
 @pytest.mark.parametrize("entry", [["vopd_analysis.cli", "distill"], ["vopd_analysis.distill.loop"]])
@@ -172,12 +174,12 @@ def killed(pair, tmp_path_factory):
 
 def test_killed_run_leaves_a_stale_lock_that_resume_takes_over(killed, pair, tmp_path):
     out, proc = killed
-    assert json.loads((out / loop.LOCK).read_text())["pid"] == proc.pid
+    assert json.loads((out / LOCK).read_text())["pid"] == proc.pid
     target = max(r["step"] for r in rows(out)) + 2
     code, _, err = call("distill", "--out", out, "--resume", "--steps", target)
     assert code == 0
-    assert f"warning: stale lock {out / loop.LOCK} taken over: pid {proc.pid}" in err
-    assert not (out / loop.LOCK).exists()
+    assert f"warning: stale lock {out / LOCK} taken over: pid {proc.pid}" in err
+    assert not (out / LOCK).exists()
     reference = tmp_path / "uninterrupted"
     assert call("distill", *options(pair, reference, steps=target, save_every=2))[0] == 0
     same_metrics(out, reference)
@@ -186,19 +188,19 @@ def test_killed_run_leaves_a_stale_lock_that_resume_takes_over(killed, pair, tmp
 def test_lock_from_another_host_or_a_live_pid_is_refused(pair, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / loop.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
+    (out / LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
     code, _, err = call("distill", *options(pair, out))
-    assert code == 2 and err == (f"error: {out} is locked by pid 1 on host elsewhere ({out / loop.LOCK}); "
+    assert code == 2 and err == (f"error: {out} is locked by pid 1 on host elsewhere ({out / LOCK}); "
                                  "if no run is going there, delete that file\n")
-    lock = loop.RunLock(out)        # this process holds it: flock refuses a second holder
-    (out / loop.LOCK).unlink()
+    lock = RunLock(out)        # this process holds it: flock refuses a second holder
+    (out / LOCK).unlink()
     assert lock.acquire() is None
     try:
         code, _, err = call("distill", *options(pair, out))
         assert code == 2 and f"in use by another vopd distill run (pid {os.getpid()} on" in err
     finally:
         lock.release()
-    assert not (out / loop.LOCK).exists() and call("distill", *options(pair, out, steps=1))[0] == 0
+    assert not (out / LOCK).exists() and call("distill", *options(pair, out, steps=1))[0] == 0
 
 
 # ----------------------------------------------------------------------------- checkpoint integrity
@@ -264,7 +266,7 @@ def test_no_intact_checkpoint_is_refused_naming_every_bad_file(finished, tmp_pat
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: cannot resume {out}: no intact checkpoint")
     assert all(f"step-0000000{s}: state.pt: 0 bytes, expected" in err for s in (1, 2, 3))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before   # nothing set aside
-    assert not (out / loop.LOCK).exists()
+    assert not (out / LOCK).exists()
 
 
 def test_checkpoint_without_manifest_loads_unverified_or_names_the_bad_file(finished, tmp_path):
@@ -320,7 +322,7 @@ def test_rewritten_prompts_file_is_refused_on_resume(pair, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [f"{i:03d}+001=" for i in range(30)])
     out = tmp_path / "run"
     assert call("distill", *options(pair, out, steps=1, max_new_tokens=8), "--prompts", prompts)[0] == 0
-    recorded = json.loads((out / loop.INPUTS).read_text())["files"]["prompts"]
+    recorded = json.loads((out / INPUTS).read_text())["files"]["prompts"]
     assert recorded["path"] == str(prompts) and recorded["sha256"] == ckpt.file_digest(prompts)["sha256"]
     write_jsonl(prompts, [f"{i:03d}+002=" for i in range(30)])
     before = stamps(out)
@@ -397,7 +399,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_resume_is_exact(pair, fin
                            "[Errno 28] No space left on device; ")
     assert line.endswith(f"free some space, then continue with: vopd distill --out {out} --resume")
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]     # no half-written one
-    assert not (out / loop.LOCK).exists()
+    assert not (out / LOCK).exists()
     code, _, err = call("distill", "--out", out, "--resume", "--steps", 3)
     assert code == 0, err
     same_metrics(out, finished[0])
@@ -588,7 +590,7 @@ def test_config_records_effective_bf16_and_old_configs_resume(finished, tmp_path
 
 def test_help_explains_the_loss_and_both_reverse_kls(capsys):
     with pytest.raises(SystemExit):
-        loop.main(["--help"])
+        command.main(["--help"])
     text = capsys.readouterr().out
     assert "often negative" in text and "reverse_kl_sampled" in text and "exact over the" in text
     assert "run.lock" in text and "status 130" in text

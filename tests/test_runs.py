@@ -19,7 +19,9 @@ from scipy import stats as sps
 
 from vopd_analysis import cli
 from vopd_analysis.distill import checkpoint as ckpt
-from vopd_analysis.distill import compare, loop, sweep
+from vopd_analysis.distill import compare, sweep
+from vopd_analysis.distill.lock import LOCK, RunLock
+from vopd_analysis.distill.metrics import Metrics
 from vopd_analysis.errors import InputError
 from vopd_analysis.lm import tiny
 
@@ -83,8 +85,8 @@ def test_run_writes_summary_and_says_where(pair, tmp_path, monkeypatch, one_thre
     assert str(out / "summary.json") in last[7] and str(out / "curves.png") in last[8]
 
     # continued to more steps: unfinished (no summary) while it runs, then a new summary
-    real_log, seen = loop.Metrics.log, []
-    monkeypatch.setattr(loop.Metrics, "log", lambda self, row: (seen.append((out / "summary.json").exists()),
+    real_log, seen = Metrics.log, []
+    monkeypatch.setattr(Metrics, "log", lambda self, row: (seen.append((out / "summary.json").exists()),
                                                                 real_log(self, row)))
     assert call("distill", "--out", out, "--steps", 3, "--resume")[0] == 0
     assert seen and not any(seen)
@@ -155,7 +157,7 @@ def swept(pair, tmp_path_factory):
     """A 2 x 2 sweep interrupted in its third run (opd seed 1, after step 1's checkpoint), then called again."""
     out = tmp_path_factory.mktemp("sweep") / "sw"
     argv = ("sweep", *SWEEP, *options(pair, out=out))
-    real_log = loop.Metrics.log
+    real_log = Metrics.log
 
     def die_in_opd_seed1(self, row):
         real_log(self, row)
@@ -163,7 +165,7 @@ def swept(pair, tmp_path_factory):
             raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop.Metrics, "log", die_in_opd_seed1)
+        mp.setattr(Metrics, "log", die_in_opd_seed1)
         interrupted = call(*argv)
     assert interrupted[0] == 130 and interrupted[2].endswith("interrupted\n")   # one line, no traceback
     before = {"finished": sorted(p.parent.name for p in out.glob("*/summary.json")),
@@ -312,7 +314,7 @@ def test_sweep_rebuilds_a_damaged_summary_and_refuses_a_second_sweep(swept, tmp_
     out = tmp_path / "sw"
     shutil.copytree(swept[0], out)
     (out / "opd-seed0" / "summary.json").write_text("garbage")
-    held = loop.RunLock(out, sweep.LOCK, "vopd sweep")      # another sweep on the folder
+    held = RunLock(out, sweep.LOCK, "vopd sweep")      # another sweep on the folder
     assert held.acquire() is None
     try:
         code, _, err = call(*swept[1][:-2], "--out", out)
@@ -346,7 +348,7 @@ def test_ctrl_c_on_sweep_jobs_reports_resumable_runs(pair, tmp_path):
     for run in ("opd-seed0", "vopd-seed0"):
         assert f"interrupted {run}: stopped by a signal after its last checkpoint" in stdout
         assert "Traceback" not in (out / "logs" / f"{run}.log").read_text()
-        assert ckpt.verify(ckpt.latest(out / run)) == [] and not (out / run / loop.LOCK).exists()
+        assert ckpt.verify(ckpt.latest(out / run)) == [] and not (out / run / LOCK).exists()
     assert "FAILED" not in stdout and "start opd-seed1" not in stdout
     assert stdout.strip().splitlines()[-1].startswith("interrupted: 2 run(s) stopped after a checkpoint")
     assert not (out / sweep.LOCK).exists()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vopd_analysis import InputError
-from vopd_analysis.distill import compare, loop
+from vopd_analysis.distill import command, compare
 from vopd_analysis.lm import loading, pair_card, presets, small, tiny
 from vopd_analysis.lm.smoke import save_tiny_pair
 from vopd_analysis.lm.statistics import distribution_statistics, token_distribution_statistics
@@ -147,7 +147,7 @@ def test_distill_small_preset_writes_teacher_logprob(tmp_path, one_thread, capsy
     out = tmp_path / "run"
     argv = ["--preset", "small", "--out", out, "--steps", 3, "--prompts-per-step", 2, "--rollouts-per-prompt", 2,
             "--num-eval", 4, "--eval-every", 3, "--save-every", 0, "--max-new-tokens", 8, "--estimator", "vopd"]
-    assert loop.main([str(a) for a in argv]) == 0
+    assert command.main([str(a) for a in argv]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 3]
@@ -170,7 +170,7 @@ def test_small_preset_prompts_and_length_come_from_the_table():
     assert preset.eval_prompts(3, 0) == small.eval_prompts(3, 0)
     assert set(presets.PRESETS) >= {"tiny", "small", "smollm2", "gemma3"}
     with pytest.raises(SystemExit):
-        loop.build_parser().parse_args(["--preset", "huge"])
+        command.build_parser().parse_args(["--preset", "huge"])
 
 
 def test_train_pair_runs_on_a_tiny_config(tmp_path, one_thread):

@@ -15,7 +15,9 @@ pytest.importorskip("trl")
 
 from vopd_analysis import estimators as est  # noqa: E402
 from vopd_analysis.distill import checkpoint as ckpt  # noqa: E402
-from vopd_analysis.distill import loop, trl_engine  # noqa: E402
+from vopd_analysis.distill import command, trl_engine, trl_trainer  # noqa: E402  # noqa: E402
+from vopd_analysis.distill.config import check_values  # noqa: E402
+from vopd_analysis.distill.lock import LOCK  # noqa: E402
 from vopd_analysis.errors import InputError  # noqa: E402
 from vopd_analysis.lm import fused_score as fs  # noqa: E402
 from vopd_analysis.lm import loading, tasks, tiny  # noqa: E402
@@ -81,6 +83,24 @@ def gradient(model, loss) -> dict:
 def max_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("method", sorted(trl_trainer.OVERRIDDEN))
+def test_trl_private_methods_keep_the_signatures_we_override(method):
+    """RegistryDistillationTrainer overrides private methods of trl.DistillationTrainer; a TRL release that
+    renames one or changes its parameters fails here, naming the method, instead of silently at training."""
+    import inspect
+
+    from trl import DistillationTrainer
+    expected = trl_trainer.OVERRIDDEN[method]
+    theirs = getattr(DistillationTrainer, method, None)
+    assert theirs is not None, (f"trl.DistillationTrainer.{method} no longer exists; RegistryDistillationTrainer "
+                                f"(vopd_analysis/distill/trl_trainer.py) overrides it")
+    got = tuple(inspect.signature(theirs).parameters)
+    assert got == expected, (f"trl.DistillationTrainer.{method} now takes {got}, but RegistryDistillationTrainer's "
+                             f"override (vopd_analysis/distill/trl_trainer.py) expects {expected}")
+    ours = tuple(inspect.signature(getattr(trl_trainer.RegistryDistillationTrainer, method)).parameters)
+    assert ours == expected, f"RegistryDistillationTrainer.{method} takes {ours}, OVERRIDDEN says {expected}"
 
 
 @pytest.mark.parametrize("logits", ["materialised", "fused"])
@@ -179,10 +199,10 @@ def rows(out, kind="train"):
 
 def test_cli_writes_the_builtin_schema_and_resumes(one_thread, tmp_path):
     builtin = tmp_path / "builtin"
-    loop.main(["--preset", "tiny", "--steps", "1", "--prompts-per-step", "4", "--rollouts-per-prompt", "2",
+    command.main(["--preset", "tiny", "--steps", "1", "--prompts-per-step", "4", "--rollouts-per-prompt", "2",
                "--eval-every", "1", "--num-eval", "8", "--out", str(builtin)])
     out = tmp_path / "trl"
-    assert loop.main(options(out, "--estimator", "opd_bstar")) == 0
+    assert command.main(options(out, "--estimator", "opd_bstar")) == 0
     train = rows(out)
     assert [r["step"] for r in train] == [1, 2]
     assert set(train[0]) == set(rows(builtin)[0])
@@ -197,19 +217,19 @@ def test_cli_writes_the_builtin_schema_and_resumes(one_thread, tmp_path):
     assert set(compare.load_runs([builtin, out])["label"]) == {"vopd", "trl:opd_bstar"}
     assert (out / "final" / "config.json").is_file() and (out / "metrics.csv").is_file()
     # resume from the step-2 Trainer checkpoint to step 3: rows 1..3, the first two unchanged
-    assert loop.main(options(out, "--estimator", "opd_bstar", "--resume", steps=3)) == 0
+    assert command.main(options(out, "--estimator", "opd_bstar", "--resume", steps=3)) == 0
     again = rows(out)
     assert [r["step"] for r in again] == [1, 2, 3] and again[:2] == train
     assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 2
-    assert loop.main(options(out, "--estimator", "opd_bstar", "--resume", steps=3)) == 0      # finished: nothing to do
+    assert command.main(options(out, "--estimator", "opd_bstar", "--resume", steps=3)) == 0      # finished: nothing to do
     assert len(rows(out)) == 3
 
 
 def test_trl_args_reach_the_trainer(one_thread, tmp_path):
-    cfg = loop.config_from_args(loop.build_parser().parse_args(options(
+    cfg = command.config_from_args(command.build_parser().parse_args(options(
         tmp_path / "x", "--trl-arg", "gradient_accumulation_steps=2", "--trl-arg", 'report_to="none"')))
     assert cfg.trl_args == {"gradient_accumulation_steps": 2, "report_to": "none"}
-    loop.check_values(cfg)
+    check_values(cfg)
     cfg.max_new_tokens = 8
     args = trl_engine.trl_config(cfg, world=1)
     assert args.gradient_accumulation_steps == 2 and args.per_device_train_batch_size == 4   # 4 x 2 rows / 2
@@ -228,7 +248,7 @@ def no_model_loads(monkeypatch):
 
 def refused(argv, match):
     with pytest.raises(InputError, match=match) as info:
-        loop.main(argv)
+        command.main(argv)
     assert "\n" not in str(info.value)
     return info
 
@@ -291,8 +311,8 @@ def test_variance_probe_callback_logs_with_the_step(one_thread, tmp_path):
     step's rollouts; the probe leaves the training gradient as it was (the loss curve matches a run
     without it)."""
     plain, probed = tmp_path / "plain", tmp_path / "probed"
-    assert loop.main(options(plain, "--eval-every", "0")) == 0
-    assert loop.main(options(probed, "--eval-every", "0", "--probe-every", "1",
+    assert command.main(options(plain, "--eval-every", "0")) == 0
+    assert command.main(options(probed, "--eval-every", "0", "--probe-every", "1",
                              "--probe-estimators", "opd,vopd")) == 0
     a, b = rows(plain), rows(probed)
     for key in ("loss", "grad_norm", "reverse_kl_sampled"):
@@ -361,7 +381,7 @@ def test_ctrl_c_checkpoints_the_step_and_exits_130(one_thread, tmp_path, monkeyp
     """A Ctrl-C during step 2 (StopOnSignal.requested from then on): step 2 finishes, its Trainer
     checkpoint is written, the run exits with 130 and one line saying how to resume; --resume ends it."""
     out = tmp_path / "run"
-    real = trl_engine._stop_class()
+    real = trl_trainer.StopOnRequest
 
     class CtrlCAtStep2(real):
         def on_step_end(self, args, state, control, **kw):
@@ -369,15 +389,15 @@ def test_ctrl_c_checkpoints_the_step_and_exits_130(one_thread, tmp_path, monkeyp
                 self.stop.requested_at = 0.0
             return super().on_step_end(args, state, control, **kw)
 
-    monkeypatch.setattr(trl_engine, "_stop_class", lambda: CtrlCAtStep2)
+    monkeypatch.setattr(trl_trainer, "StopOnRequest", CtrlCAtStep2)
     argv = options(out, "--save-every", "0", "--eval-every", "0", steps=4)
-    assert loop.main(argv) == 130
+    assert command.main(argv) == 130
     assert "interrupted after step 2 of 4" in capsys.readouterr().out
     assert [r["step"] for r in rows(out)] == [1, 2] and not (out / "summary.json").exists()
-    assert (out / "checkpoints" / "checkpoint-2" / trl_engine.ROWS_FILE).is_file()
-    assert not (out / loop.LOCK).exists()
-    monkeypatch.setattr(trl_engine, "_stop_class", lambda: real)
-    assert loop.main([*argv, "--resume"]) == 0
+    assert (out / "checkpoints" / "checkpoint-2" / trl_trainer.ROWS_FILE).is_file()
+    assert not (out / LOCK).exists()
+    monkeypatch.setattr(trl_trainer, "StopOnRequest", real)
+    assert command.main([*argv, "--resume"]) == 0
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4] and (out / "summary.json").is_file()
 
 
@@ -385,7 +405,7 @@ def test_non_finite_loss_skips_the_update(one_thread, tmp_path, monkeypatch):
     """A NaN loss at step 2: that update is dropped (the student after step 2 is the one after step 1),
     the row says skipped, and training goes on."""
     from safetensors.torch import load_file
-    cls = trl_engine._trainer_class()
+    cls = trl_trainer.RegistryDistillationTrainer
     real, calls = cls._compute_loss, []
 
     def nan_on_second_step(self, *args):
@@ -396,7 +416,7 @@ def test_non_finite_loss_skips_the_update(one_thread, tmp_path, monkeypatch):
     monkeypatch.setattr(cls, "_compute_loss", nan_on_second_step)
     out = tmp_path / "run"
     with pytest.warns(RuntimeWarning, match="step 2: non-finite loss or gradient; the update was skipped"):
-        assert loop.main(options(out, "--eval-every", "0", "--keep-checkpoints", "0", steps=3)) == 0
+        assert command.main(options(out, "--eval-every", "0", "--keep-checkpoints", "0", steps=3)) == 0
     assert [r["skipped"] for r in rows(out)] == [False, True, False]
     assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 1
 
@@ -411,8 +431,8 @@ def test_accumulation_rows_match_one_micro_batch(one_thread, tmp_path):
     """--trl-arg gradient_accumulation_steps=2 halves the micro-batch; the step rows (loss, tokens,
     gradient norm, sampled reverse KL) are those of the run without accumulation, to float32 round-off."""
     plain, accumulated = tmp_path / "plain", tmp_path / "accum"
-    assert loop.main(options(plain, "--eval-every", "0")) == 0
-    assert loop.main(options(accumulated, "--eval-every", "0", "--trl-arg", "gradient_accumulation_steps=2")) == 0
+    assert command.main(options(plain, "--eval-every", "0")) == 0
+    assert command.main(options(accumulated, "--eval-every", "0", "--trl-arg", "gradient_accumulation_steps=2")) == 0
     first_plain, first_accum = rows(plain)[0], rows(accumulated)[0]
     assert first_plain["response_tokens"] == first_accum["response_tokens"] == 64
     for key in ("loss", "grad_norm", "reverse_kl", "reverse_kl_sampled"):
@@ -422,37 +442,37 @@ def test_accumulation_rows_match_one_micro_batch(one_thread, tmp_path):
 def test_sigterm_stops_like_ctrl_c_with_status_143(one_thread, tmp_path, monkeypatch, capsys):
     """A SIGTERM during step 2 (a scheduler's stop): step 2 finishes and is checkpointed, status 143."""
     out = tmp_path / "run"
-    real = trl_engine._stop_class()
+    real = trl_trainer.StopOnRequest
 
     class SigtermAtStep2(real):
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == 2:
-                os.kill(os.getpid(), signal.SIGTERM)      # caught by loop.StopOnSignal around trainer.train
+                os.kill(os.getpid(), signal.SIGTERM)      # caught by stopping.StopOnSignal around trainer.train
             return super().on_step_end(args, state, control, **kw)
 
-    monkeypatch.setattr(trl_engine, "_stop_class", lambda: SigtermAtStep2)
-    assert loop.main(options(out, "--save-every", "0", "--eval-every", "0", steps=4)) == 143
+    monkeypatch.setattr(trl_trainer, "StopOnRequest", SigtermAtStep2)
+    assert command.main(options(out, "--save-every", "0", "--eval-every", "0", steps=4)) == 143
     printed = capsys.readouterr()
     assert "interrupted by SIGTERM after step 2 of 4: checkpoint" in printed.out and "SIGTERM: finishing" in printed.err
     assert ckpt.verify(out / "checkpoints" / "checkpoint-2") == []         # the Trainer checkpoint has a manifest
-    assert not (out / loop.LOCK).exists()
+    assert not (out / LOCK).exists()
 
 
 def test_damaged_trainer_checkpoint_falls_back_to_the_newest_intact_one(one_thread, tmp_path, capsys):
     out = tmp_path / "run"
-    assert loop.main(options(out, "--eval-every", "0", steps=2)) == 0
+    assert command.main(options(out, "--eval-every", "0", steps=2)) == 0
     first = rows(out)
     (out / "summary.json").unlink()                                        # as if stopped after its last step
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     with pytest.raises(InputError, match=r"--steps 1 is below the 2 steps the run in .* has done \(checkpoint "
                                          r"checkpoint-2\)"):
-        loop.main(options(out, "--eval-every", "0", "--resume", steps=1))
+        command.main(options(out, "--eval-every", "0", "--resume", steps=1))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     weights = out / "checkpoints" / "checkpoint-2" / "model.safetensors"
     size = weights.stat().st_size
     weights.write_bytes(weights.read_bytes()[:size // 2])
     capsys.readouterr()
-    assert loop.main(options(out, "--eval-every", "0", "--resume", steps=3)) == 0
+    assert command.main(options(out, "--eval-every", "0", "--resume", steps=3)) == 0
     err = capsys.readouterr().err
     assert (f"warning: checkpoint {out / 'checkpoints' / 'checkpoint-2'} is damaged (model.safetensors: "
             f"{size // 2:,} bytes, expected {size:,}); set aside as checkpoint-2.corrupt, resuming from "
@@ -467,10 +487,10 @@ def test_trainer_checkpoint_without_manifest(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (1, 2):
         (root / f"checkpoint-{step}").mkdir(parents=True)
-    (root / "checkpoint-1" / trl_engine.ROWS_FILE).write_text('[{"kind": "train", "step": 1}]')
+    (root / "checkpoint-1" / trl_trainer.ROWS_FILE).write_text('[{"kind": "train", "step": 1}]')
     latest, step, got = trl_engine.resume_point(tmp_path, procs)      # checkpoint-2 has no rows: incomplete
     assert (Path(latest).name, step, got) == ("checkpoint-1", 1, [{"kind": "train", "step": 1}])
     assert (root / "checkpoint-2.corrupt").is_dir()
-    (root / "checkpoint-1" / trl_engine.ROWS_FILE).write_text("garbage")
+    (root / "checkpoint-1" / trl_trainer.ROWS_FILE).write_text("garbage")
     with pytest.raises(InputError, match=r"the checkpoint's metrics rows .*checkpoint-1/vopd_rows\.json is not JSON"):
         trl_engine.resume_point(tmp_path, procs)

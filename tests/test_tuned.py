@@ -13,7 +13,9 @@ from scipy import stats as sps
 
 from studies import distill_tuned
 from vopd_analysis import cli
-from vopd_analysis.distill import compare, loop, sweep
+from vopd_analysis.distill import compare, sweep
+from vopd_analysis.distill.config import DistillConfig
+from vopd_analysis.distill.metrics import Metrics
 from vopd_analysis.errors import InputError
 from vopd_analysis.lm import tiny
 
@@ -56,7 +58,7 @@ def test_format_lr_and_parse_lrs():
 
 
 def test_lr_plan_folders_and_order():
-    base = loop.DistillConfig(preset="tiny", steps=2)
+    base = DistillConfig(preset="tiny", steps=2)
     est = [("opd", {}), ("vopd_topk", {"k": 4})]
     runs = sweep.plan(base, est, [0, 1], Path("/nowhere/sw"), [1e-4, 3e-4])
     assert [r.name for r in runs] == [
@@ -88,7 +90,7 @@ def lr_swept(pair, tmp_path_factory):
     called again."""
     out = tmp_path_factory.mktemp("lrsweep") / "sw"
     argv = ("sweep", *GRID, *options(pair, out=out))
-    real_log = loop.Metrics.log
+    real_log = Metrics.log
 
     def die(self, row):
         real_log(self, row)
@@ -96,7 +98,7 @@ def lr_swept(pair, tmp_path_factory):
             raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop.Metrics, "log", die)
+        mp.setattr(Metrics, "log", die)
         first = call(*argv)
     before = {"finished": sorted(p.parent.name for p in out.glob("*/summary.json")),
               "train": rows(out / "opd-lr3e-2-seed0", "train"), "plan": json.loads((out / "sweep.json").read_text())}

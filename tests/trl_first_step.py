@@ -20,7 +20,7 @@ def main(out: str, estimator: str, per_device: int, accum: int, logits: str = "m
     from transformers import TrainerCallback
     from trl import DistillationConfig
 
-    from vopd_analysis.distill import loop, trl_engine
+    from vopd_analysis.distill import stopping, trl_engine
     from vopd_analysis.lm import loading, tasks, tiny
 
     student, teacher, _ = tiny.load_or_train_pair(verbose=False)
@@ -51,7 +51,7 @@ def main(out: str, estimator: str, per_device: int, accum: int, logits: str = "m
         lengths = torch.tensor([log["completions/min_length"], log["completions/max_length"]])
         torch.save({"gradient": torch.load(out), "completion_length_range": lengths}, out)
     trainer.accelerator.wait_for_everyone()
-    loop.end_process_group()
+    stopping.end_process_group()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@
 
 ``COMMANDS`` names, per sub-command, the function ``main(argv) -> exit status`` that runs it
 (``module:function``, imported only when that sub-command runs): ``vopd_analysis.estimators_cli``,
-``vopd_analysis.tabular.cli`` (exact, mc), ``studies.cli`` (study), ``vopd_analysis.distill.loop``,
+``vopd_analysis.tabular.cli`` (exact, mc), ``studies.cli`` (study), ``vopd_analysis.distill.command``,
 ``.sweep``, ``.compare`` and ``vopd_analysis.lm.probe``. A sub-command module builds its parser with
 ``Parser`` (and ``DefaultsFormatter``) and parses with ``parse_command``.
 
@@ -62,7 +62,7 @@ COMMANDS = {
     "mc": Command("vopd_analysis.tabular.cli:main_mc", "Monte Carlo draws of one estimator and the unbiasedness test"),
     "study": Command("studies.cli:main", "run one study script",
                      missing="cannot list the studies: {err} (run from the repository root)"),
-    "distill": Command("vopd_analysis.distill.loop:main", "the distillation loop (vopd distill --help)"),
+    "distill": Command("vopd_analysis.distill.command:main", "the distillation loop (vopd distill --help)"),
     "sweep": Command("vopd_analysis.distill.sweep:main",
                      "distill runs for estimators x seeds in one folder (vopd sweep --help)"),
     "compare": Command("vopd_analysis.distill.compare:main", "compare distill runs over seeds (vopd compare --help)"),
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         return _silence_broken_pipe()
     except KeyboardInterrupt as err:   # a run saves its checkpoint and says how to resume before this
         print("interrupted", file=sys.stderr)
-        return getattr(err, "status", 130)   # 143 after a SIGTERM (distill.loop.Interrupted)
+        return getattr(err, "status", 130)   # 143 after a SIGTERM (distill.stopping.Interrupted)
     return status
 
 

@@ -1,11 +1,16 @@
 """On-policy distillation of a Hugging Face student from a teacher (``vopd distill``).
 
-The loop lives in ``vopd_analysis.distill.loop`` (``DistillConfig``, ``run``, ``main``).
+The command line and the choice of engine live in ``vopd_analysis.distill.command`` (``run``, ``main``), the
+config in ``vopd_analysis.distill.config`` (``DistillConfig``); the built-in engine is ``loop.py``, the TRL
+engine ``trl_engine.py``, and the run they share ``runner.py``.
 """
 
 
-def __getattr__(name):  # lazy, so ``python -m vopd_analysis.distill.loop`` imports the loop once
-    if name in ("DistillConfig", "run", "main"):
-        from . import loop
-        return getattr(loop, name)
+def __getattr__(name):  # lazy, so that importing the package loads no engine (and torch only when asked)
+    if name == "DistillConfig":
+        from .config import DistillConfig
+        return DistillConfig
+    if name in ("run", "main"):
+        from . import command
+        return getattr(command, name)
     raise AttributeError(name)

@@ -23,7 +23,7 @@ estimator and learning rate (``vopd@lr=3e-4``, so ``--reference`` names one: ``o
 processes at a time, each logging to ``OUT/logs/<run>.log``, with ``CUDA_VISIBLE_DEVICES``
 set round-robin over the visible GPUs when there are any.
 
-The sweep folder is locked (``OUT/sweep.lock``, ``loop.RunLock``) while the sweep runs, so a second
+The sweep folder is locked (``OUT/sweep.lock``, ``lock.RunLock``) while the sweep runs, so a second
 sweep on it is refused at once. A Ctrl-C (or SIGTERM) lets every running run finish its step and
 checkpoint, starts no new one, says which runs stopped (resumable by calling the sweep again) and
 exits with status 130 (143).
@@ -55,7 +55,8 @@ if __name__ == "__main__":            # a worker (python -m ... --one): a Ctrl-C
 from .. import estimators as est  # noqa: E402
 from .. import params as prm  # noqa: E402
 from .. import records  # noqa: E402
-from . import compare, loop  # noqa: E402
+from . import command, compare, config, rundir, stopping  # noqa: E402
+from .lock import RunLock  # noqa: E402
 
 LOCK = "sweep.lock"
 
@@ -63,7 +64,7 @@ LOCK = "sweep.lock"
 @dataclasses.dataclass
 class PlannedRun:
     name: str                     # the folder under the sweep: <label>-seed<S> (<label>-lr<LR>-seed<S> with --lrs)
-    cfg: loop.DistillConfig
+    cfg: config.DistillConfig
 
     @property
     def out(self) -> Path:
@@ -72,7 +73,7 @@ class PlannedRun:
     def state(self) -> str:
         """"finished", "unfinished" (it can be resumed; also a run whose summary.json is damaged, with a
         warning: resuming writes it again) or "new"."""
-        if loop.finished_run(self.out, self.cfg.steps) is not None:
+        if rundir.finished_run(self.out, self.cfg.steps) is not None:
             return "finished"
         if (self.out / "config.json").is_file() or (self.out / "metrics.jsonl").is_file():
             return "unfinished"
@@ -136,7 +137,7 @@ def run_folder(label: str, seed: int, lr: Optional[float] = None) -> str:
     return f"{label}-seed{seed}" if lr is None else f"{label}-lr{compare.format_lr(lr)}-seed{seed}"
 
 
-def plan(base: loop.DistillConfig, estimators: list, seeds: List[int], out: Path,
+def plan(base: config.DistillConfig, estimators: list, seeds: List[int], out: Path,
          lrs: Optional[List[float]] = None) -> List[PlannedRun]:
     """One run per (seed, estimator), seed-major, or with ``lrs`` per (seed, lr, estimator) with the lr
     in the folder name (``run_folder``); each config checked, and an existing folder's saved config
@@ -146,9 +147,9 @@ def plan(base: loop.DistillConfig, estimators: list, seeds: List[int], out: Path
         folder = run_folder(compare.run_label(name, params), seed, lr)
         cfg = dataclasses.replace(base, estimator=name, estimator_params=dict(params), seed=seed,
                                   out_dir=str(out / folder), **({} if lr is None else {"lr": lr}))
-        loop.check_config(cfg, world=1)
+        config.check_config(cfg, world=1)
         if (Path(cfg.out_dir) / "config.json").is_file():
-            loop.check_resumable(Path(cfg.out_dir), cfg)
+            rundir.check_resumable(Path(cfg.out_dir), cfg)
         runs.append(PlannedRun(folder, cfg))
     return runs
 
@@ -160,7 +161,7 @@ def write_plan(out: Path, runs: List[PlannedRun], estimators: list, seeds: List[
     varying = ("estimator", "estimator_params", "seed", "out_dir") + (("lr",) if lrs else ())
     base = {k: v for k, v in dataclasses.asdict(runs[0].cfg).items() if k not in varying}
     grid = {"lrs": lrs} if lrs else {}
-    loop.write_json_atomic(out / "sweep.json", {
+    rundir.write_json_atomic(out / "sweep.json", {
         "estimators": [{"estimator": n, "params": p, "label": compare.run_label(n, p)} for n, p in estimators],
         "seeds": seeds, **grid, "jobs": jobs, "config": base,
         "runs": [{"folder": r.name, "estimator": r.cfg.estimator, "params": r.cfg.estimator_params,
@@ -179,7 +180,7 @@ def gpu_ids() -> List[Optional[str]]:
 
 
 def run_in_process(run: PlannedRun, resume: bool) -> None:
-    loop.run(run.cfg, resume=resume)
+    command.run(run.cfg, resume=resume)
 
 
 class RunStopped(Exception):
@@ -229,9 +230,9 @@ def execute(runs: List[PlannedRun], out: Path, jobs: int) -> List[str]:
     """Train the runs that are not finished; return one line per failed run.
 
     With ``jobs`` > 1 a Ctrl-C (or SIGTERM) lets every running worker finish its step and checkpoint
-    (``forward_to_workers``) and starts no new run; then ``loop.Interrupted`` is raised (status 130 or
+    (``forward_to_workers``) and starts no new run; then ``stopping.Interrupted`` is raised (status 130 or
     143) after one line per run saying it stopped and is resumable. With ``jobs`` = 1 the run in this
-    process stops the same way (``loop.run``).
+    process stops the same way (``command.run``).
     """
     todo = [(r, r.state()) for r in runs]
     for r, state in todo:
@@ -239,7 +240,7 @@ def execute(runs: List[PlannedRun], out: Path, jobs: int) -> List[str]:
             print(f"skip {r.name}: finished ({r.out / 'summary.json'})")
     todo = [(r, state) for r, state in todo if state != "finished"]
     failures, stopped, lock = [], [], threading.Lock()
-    stop = loop.StopOnSignal(message="every running run finishes its step and saves a checkpoint; no new run "
+    stop = stopping.StopOnSignal(message="every running run finishes its step and saves a checkpoint; no new run "
                                      "starts", forward=forward_to_workers)
 
     def one(i, r, state, device=None):
@@ -290,14 +291,14 @@ def execute(runs: List[PlannedRun], out: Path, jobs: int) -> List[str]:
                    + (f" ({', '.join(stopped)})" if stopped else "") + (f", {len(failures)} failed" if failures else "")
                    + "; the same vopd sweep again resumes them")
         print(message, flush=True)
-        raise loop.Interrupted(message, stop.status)
+        raise stopping.Interrupted(message, stop.status)
     return failures
 
 
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vopd sweep", parents=[loop.build_parser(add_help=False)],
+    p = argparse.ArgumentParser(prog="vopd sweep", parents=[command.build_parser(add_help=False)],
                                 conflict_handler="resolve", argument_default=argparse.SUPPRESS,
                                 description="Estimators x seeds of vopd distill into one folder (see "
                                             "vopd_analysis/distill/sweep.py). Every vopd distill option "
@@ -337,9 +338,9 @@ def main(argv=None) -> int:
     if (out / "metrics.jsonl").is_file():
         raise InputError(f"{out} is a vopd distill run, not a sweep folder; choose another --out")
     estimators = parse_estimators(estimators_text, common)
-    runs = plan(loop.config_from_args(argparse.Namespace(**given)), estimators, seeds, out, lrs)
+    runs = plan(command.config_from_args(argparse.Namespace(**given)), estimators, seeds, out, lrs)
     out.mkdir(parents=True, exist_ok=True)
-    lock = loop.RunLock(out, LOCK, "vopd sweep")
+    lock = RunLock(out, LOCK, "vopd sweep")
     stale = lock.acquire()                  # a second sweep on this folder is refused at once
     if stale:
         print(f"warning: {stale}", file=sys.stderr, flush=True)
@@ -365,8 +366,8 @@ def main(argv=None) -> int:
 def _one(argv: list) -> int:
     """A sweep's worker process: ``--one CONFIG_JSON [--resume]``; its exit status is ``vopd distill``'s
     (130 or 143 after a stop by a signal, with the run checkpointed)."""
-    cfg = loop.DistillConfig(**json.loads(argv[1]))
-    return loop.run_command(cfg, resume="--resume" in argv[2:])
+    cfg = config.DistillConfig(**json.loads(argv[1]))
+    return command.run_command(cfg, resume="--resume" in argv[2:])
 
 
 if __name__ == "__main__":

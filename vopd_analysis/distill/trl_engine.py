@@ -3,7 +3,8 @@
 TRL keeps what a multi-GPU run needs (DDP/FSDP/DeepSpeed through accelerate configs, vLLM
 generation, gradient accumulation, gradient checkpointing, bf16, Trainer checkpoints and
 resume, ``report_to``); this module replaces only its loss. ``RegistryDistillationTrainer``
-overrides ``_compute_loss``: the micro-batch TRL generated (prompt and completion ids and
+(``trl_trainer.py``, imported only when this engine runs) overrides ``_compute_loss``: the
+micro-batch TRL generated (prompt and completion ids and
 masks) becomes ``rollouts.Rollouts``, ``scoring.score`` computes the student's logits and exactly the
 teacher signal the registry says the estimator needs, and ``estimators.surrogate_loss`` is
 the loss; or, where ``--logits`` picks the fused path (``lm.fused_score``), both backbones'
@@ -36,46 +37,41 @@ does not set come from ``--trl-arg NAME=VALUE`` (JSON values), e.g.
 From Python::
 
     from vopd_analysis.distill import trl_engine
-    from vopd_analysis.distill.loop import DistillConfig
+    from vopd_analysis.distill.config import DistillConfig
     trl_engine.run(DistillConfig(preset="tiny", estimator="opd_bstar", steps=200, out_dir="runs/trl"))
 
 or, with your own dataset and models, ``RegistryDistillationTrainer(model=..., teacher_model=...,
 args=DistillationConfig(...), train_dataset=..., processing_class=..., estimator="vopd")``.
+
+The run around the trainer is shared with the built-in engine (``runner.run``: checks, run folder, lock,
+resume, summary); this module fills in its ``Engine`` (``Trl``) and never imports the built-in loop.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import math
 import os
 import re
-import sys
-import time
 import types
 import typing
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .. import divergences as dv
 from .. import estimators as est
-from .. import params as prm
 from ..errors import InputError
-from ..lm import fused_score as fs
-from ..lm import loading, tasks
-from ..lm import rollouts as ro
-from ..lm import scoring as sc
+from ..lm import loading
 from ..records import check_rows, describe, is_kind, read_json, short
 from . import checkpoint as ckpt
-from . import loop
-from .evaluate import reverse_kl_sums
+from . import rundir, runner
+from .config import DistillConfig, check_config, flag_of
+from .metrics import Metrics
+from .prompts import Prompts
+from .runner import Prepared
+from .stopping import Interrupted, StopOnSignal, interrupted_message
 
 TESTED_TRL = ("1.16.0", "1.17.0")      # [low, high): the versions the parity tests ran on
-ROWS_FILE = "vopd_rows.json"          # the metrics rows saved in each Trainer checkpoint
 
 
 # ----------------------------------------------------------------------------- checks before any model
@@ -96,14 +92,38 @@ def check_trl() -> str:
     return version
 
 
-# DistillationConfig fields ``vopd distill`` sets from its own options (a --trl-arg may not set them)
-OWN_ARGS = {"output_dir": "--out", "max_steps": "--steps", "learning_rate": "--lr", "weight_decay": "--weight-decay",
-            "warmup_steps": "--warmup-steps", "max_grad_norm": "--grad-clip", "seed": "--seed",
-            "temperature": "--temperature", "top_p": "--top-p", "max_completion_length": "--max-new-tokens",
-            "per_device_train_batch_size": "--prompts-per-step and --rollouts-per-prompt", "bf16": "--no-bf16",
-            "save_steps": "--save-every", "save_total_limit": "--keep-checkpoints", "beta": "--estimator",
-            "shuffle_dataset": "(the step's prompts are kept in order)",
-            "remove_unused_columns": "(the records are needed for grading)"}
+def per_device_batch(cfg: DistillConfig, world: int) -> int:
+    """Sequences per process and micro-batch: a step's prompts x rollouts over processes and accumulation steps."""
+    accumulation = cfg.trl_args.get("gradient_accumulation_steps", 1)
+    return cfg.prompts_per_step * cfg.rollouts_per_prompt // (world * accumulation)
+
+
+# DistillationConfig fields that ``vopd distill`` sets from its own options (so a --trl-arg may not set them):
+# name -> (the DistillConfig fields it comes from, or why it is fixed; its value for (cfg, world))
+OWN_SETTINGS = {
+    "output_dir": (("out_dir",), lambda cfg, world: str(Path(cfg.out_dir) / "checkpoints")),
+    "max_steps": (("steps",), lambda cfg, world: cfg.steps),
+    "learning_rate": (("lr",), lambda cfg, world: cfg.lr),
+    "weight_decay": (("weight_decay",), lambda cfg, world: cfg.weight_decay),
+    "warmup_steps": (("warmup_steps",), lambda cfg, world: cfg.warmup_steps),
+    "max_grad_norm": (("grad_clip",), lambda cfg, world: cfg.grad_clip),
+    "seed": (("seed",), lambda cfg, world: cfg.seed),
+    "temperature": (("temperature",), lambda cfg, world: cfg.temperature),
+    "top_p": (("top_p",), lambda cfg, world: cfg.top_p),
+    "max_completion_length": (("max_new_tokens",), lambda cfg, world: cfg.max_new_tokens),
+    "per_device_train_batch_size": (("prompts_per_step", "rollouts_per_prompt"), per_device_batch),
+    "bf16": (("bf16",), lambda cfg, world: bool(cfg.bf16) and torch.cuda.is_available()),
+    "save_steps": (("save_every",), lambda cfg, world: max(cfg.save_every, 1)),
+    "save_total_limit": (("keep_checkpoints",),
+                         lambda cfg, world: cfg.keep_checkpoints if cfg.keep_checkpoints > 0 else None),
+    "beta": (("estimator",), lambda cfg, world: 1.0),                 # the registry's loss replaces TRL's
+    "shuffle_dataset": ("the step's prompts are kept in order", lambda cfg, world: False),
+    "remove_unused_columns": ("the records are needed for grading", lambda cfg, world: False),
+}
+
+# the option to use instead of a --trl-arg that names one of them
+OWN_ARGS = {name: " and ".join(map(flag_of, source)) if isinstance(source, tuple) else f"({source})"
+            for name, (source, _) in OWN_SETTINGS.items()}
 
 
 def check_trl_args(trl_args: dict) -> None:
@@ -139,7 +159,7 @@ def _plain_kind(annotation):
     return (args if len(args) > 1 else args[0]) if args and all(a in plain for a in args) else None
 
 
-def check_teacher(cfg: loop.DistillConfig) -> None:
+def check_teacher(cfg: DistillConfig) -> None:
     """A teacher behind a server (an http(s) URL) gives at most sampled-token and top-k log-probs:
     refused, naming the signal the estimator needs (a local teacher gives every signal)."""
     if cfg.teacher is None or not re.match(r"^https?://", cfg.teacher):
@@ -154,39 +174,29 @@ def check_teacher(cfg: loop.DistillConfig) -> None:
                      "(sampled and teacher-top-k log-probs only) cannot give; load the teacher locally")
 
 
-def check_per_row(name: str, what: str) -> None:
-    """Refuse an estimator that TRL's batches cannot feed: one needing exact tabular quantities, or a
-    group estimator (TRL samples one completion per dataset row, so K rollouts of a prompt are not
-    kept together). ``what`` starts the message (``estimator 'x'``, ``--probe-estimators: 'x'``)."""
-    spec = est.get(name)
-    if spec.analysis_only:
-        raise InputError(f"{what} needs exact tabular quantities; it cannot run on real models")
-    if spec.group:
-        raise InputError(f"{what} needs K rollouts of each prompt together, which TRL's one-completion-per-row "
-                         "sampler does not keep; use --engine builtin")
-
-
-def probe_names(cfg: loop.DistillConfig) -> list:
+def probe_names(cfg: DistillConfig) -> list:
     """The estimators of ``--probe-estimators`` (comma-separated registry names)."""
     names = [n.strip() for n in cfg.probe_estimators.split(",") if n.strip()]
     if not names:
         raise InputError("--probe-estimators names no estimator")
+    from .trl_trainer import check_per_row
     for name in names:
         check_per_row(name, f"--probe-estimators: '{name}'")
     return names
 
 
-def check_engine_config(cfg: loop.DistillConfig, world: int) -> dict:
+def check_engine_config(cfg: DistillConfig, world: int) -> dict:
     """All checks of a TRL run that read no model weights; returns the estimator's parameters.
 
-    ``loop.check_config`` plus: TRL's version, ``--trl-arg`` names, a teacher server, group
+    ``config.check_config`` plus: TRL's version, ``--trl-arg`` names, a teacher server, group
     estimators (TRL samples one completion per row, so K rollouts of a prompt are not kept
     together), and the batch split (prompts_per_step x rollouts_per_prompt over processes and
     accumulation steps).
     """
     check_trl()
+    from .trl_trainer import check_per_row
     check_trl_args(cfg.trl_args)
-    params = loop.check_config(cfg, world)
+    params = check_config(cfg, world)
     check_teacher(cfg)
     if cfg.probe_every > 0:
         probe_names(cfg)
@@ -199,310 +209,10 @@ def check_engine_config(cfg: loop.DistillConfig, world: int) -> dict:
     return params
 
 
-# ----------------------------------------------------------------------------- the trainer
-
-def rollouts_from_inputs(inputs: dict) -> ro.Rollouts:
-    """TRL's micro-batch (left-padded ``prompt_ids``/``prompt_mask``, right-padded
-    ``completion_ids``/``completion_mask``) as ``rollouts.Rollouts``: the response is the completion."""
-    prompt_mask, completion_mask = inputs["prompt_mask"], inputs["completion_mask"]
-    n = prompt_mask.shape[0]
-    return ro.Rollouts(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
-                       attention_mask=torch.cat([prompt_mask, completion_mask], 1).long(),
-                       response_mask=torch.cat([torch.zeros_like(prompt_mask), completion_mask], 1).long(),
-                       prompt_index=torch.arange(n), prompt_width=prompt_mask.shape[1])
-
-
-@functools.lru_cache(maxsize=None)
-def _trainer_class():
-    """``RegistryDistillationTrainer``, defined on first use so that importing this module needs no TRL."""
-    from trl import DistillationTrainer
-
-    class RegistryDistillationTrainer(DistillationTrainer):
-        """TRL's ``DistillationTrainer`` with the loss of a registry estimator (module docstring).
-
-        Extra keyword arguments:
-          estimator: registry name; estimator_params: its parameters (registry defaults otherwise).
-          reduction: "token_mean" (TRL's) or "sequence_mean".
-          vocab_size: the shared vocabulary V (default: the tokenizer's, via ``loading.shared_vocabulary``).
-          records: dataset row -> prompt record, for grading completions (the ``row`` column).
-          logits: "auto", "materialised" or "fused" (``fused_score.choose``).
-        """
-
-        def __init__(self, *args, estimator: str = "vopd", estimator_params: Optional[dict] = None,
-                     reduction: str = "token_mean", vocab_size: Optional[int] = None,
-                     records: Optional[list] = None, logits: str = "auto", **kwargs):
-            check_per_row(estimator, f"estimator '{estimator}'")
-            if reduction not in ("token_mean", "sequence_mean"):
-                raise InputError(f"reduction must be 'token_mean' or 'sequence_mean', got '{reduction}'")
-            fs.choose(logits, estimator, 0, 0)            # refuses a path the estimator does not have
-            self.estimator, self.reduction, self.records, self.logits = estimator, reduction, records, logits
-            self.estimator_params = prm.resolve(estimator, dict(estimator_params or {}))
-            super().__init__(*args, **kwargs)
-            teacher = self.accelerator.unwrap_model(self.teacher_model)
-            self.vocab_size = vocab_size or loading.check_compatible(self.accelerator.unwrap_model(self.model),
-                                                                self.processing_class, teacher,
-                                                                self.processing_class).vocab_size
-            self.teacher_timer = loop.TeacherTimer(teacher)
-            self.step_stats = dict.fromkeys(self.STATS, 0.0)
-            self.skipped_steps = set()                     # steps whose update SkipNonFinite dropped
-
-        # sums over the micro-batches of one optimizer step (``take_step_stats`` reduces them over processes)
-        STATS = ("exact_kl", "has_exact", "sampled_kl", "sequences", "tokens", "correct", "graded", "rollout_seconds")
-
-        def _generate_and_score_completions(self, inputs):
-            t0 = time.perf_counter()
-            out = super()._generate_and_score_completions(inputs)
-            self.step_stats["rollout_seconds"] += time.perf_counter() - t0
-            if self.records is not None and "row" in inputs[0]:
-                texts = [self.processing_class.decode(ids[m.bool()], skip_special_tokens=True)
-                         for ids, m in zip(out["completion_ids"], out["completion_mask"])]
-                grades = [tasks.verify(self.records[int(x["row"])], t) for x, t in zip(inputs, texts)]
-                self.step_stats["correct"] += sum(g is True for g in grades)
-                self.step_stats["graded"] += sum(g is not None for g in grades)
-            return out
-
-        def _divisor(self, batch, num_items_in_batch):
-            """N / P for token_mean (TRL's ``num_items_in_batch``), B G for sequence_mean, None in evaluation."""
-            if not self.model.training or num_items_in_batch is None:
-                return None
-            if self.reduction == "token_mean":
-                return num_items_in_batch
-            return float(batch.num_sequences * self.args.gradient_accumulation_steps)
-
-        def _score(self, unwrapped_student, rollouts):
-            """``fused_score.FusedScore`` (the ``logits`` path says fused for this batch: both backbones
-            only, the teacher's through its distributed wrapper, as TRL runs it) or ``scoring.score``'s batch."""
-            teacher = self.accelerator.unwrap_model(self.teacher_model)
-            if fs.choose(self.logits, self.estimator,
-                         fs.planned_tokens(rollouts, self.args.max_completion_length), self.vocab_size):
-                def teacher_hidden(model, *args):
-                    return self._forward_redirection(self.teacher_model, teacher, fs.response_hidden, teacher, *args)
-                return fs.score(unwrapped_student, teacher, rollouts, self.estimator, self.estimator_params,
-                                self.vocab_size, teacher_hidden=teacher_hidden)
-            return sc.score(unwrapped_student, self.teacher_model, rollouts, [self.estimator],
-                            vocab_size=self.vocab_size, params={self.estimator: self.estimator_params})
-
-        def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-            rollouts = rollouts_from_inputs(inputs)
-            self.last_rollouts = rollouts                  # for VarianceProbeCallback
-            self.teacher_model.eval()
-            scored = self._score(unwrapped_student, rollouts)
-            loss = fs.loss_of(scored, self.estimator, self.reduction, self._divisor(scored, num_items_in_batch),
-                              self.estimator_params)
-            with torch.no_grad():
-                if isinstance(scored, fs.FusedScore):     # no logits to take the entropy of: logged as None
-                    entropy = torch.tensor(float("nan"), device=loss.device)
-                else:
-                    entropy = (dv.entropy(scored.student_logits.detach()) * scored.mask).sum()
-                if self.model.training:
-                    exact, sampled = reverse_kl_sums(scored)
-                    for key, value in (("exact_kl", 0.0 if math.isnan(exact) else exact),
-                                       ("has_exact", float(not math.isnan(exact))), ("sampled_kl", sampled),
-                                       ("sequences", scored.num_sequences), ("tokens", float(scored.mask.sum()))):
-                        self.step_stats[key] += value
-            return loss, entropy, scored.mask.sum()
-
-        def take_step_stats(self) -> dict:
-            """This step's statistics summed over processes (a collective), and reset."""
-            local = torch.tensor([*self.step_stats.values(), self.teacher_timer.seconds], dtype=torch.float64)
-            total = self.accelerator.reduce(local.to(self.accelerator.device), "sum").cpu().tolist()
-            self.step_stats = dict.fromkeys(self.STATS, 0.0)
-            self.teacher_timer.seconds = 0.0
-            return dict(zip(self.STATS + ("teacher_seconds",), total))
-
-    return RegistryDistillationTrainer
-
-
-def __getattr__(name):
-    """``RegistryDistillationTrainer`` and ``VarianceProbeCallback``, made on first access (TRL imported then)."""
-    makers = {"RegistryDistillationTrainer": _trainer_class, "VarianceProbeCallback": _probe_class}
-    if name in makers:
-        return makers[name]()
-    raise AttributeError(name)
-
-
-# ----------------------------------------------------------------------------- the run's records
-
-@functools.lru_cache(maxsize=None)
-def _recorder_class():
-    from transformers import TrainerCallback
-
-    class RunRecorder(TrainerCallback):
-        """Writes the built-in loop's metrics rows from a ``RegistryDistillationTrainer``: a train row
-        at each optimizer step (from TRL's log of it, on every process), an eval row at step 0 and
-        every ``eval_every`` steps, the rows into each Trainer checkpoint (``ROWS_FILE``), then the
-        checkpoint's manifest of sizes and sha256 (``checkpoint.write_manifest``), as the built-in loop's."""
-
-        def __init__(self, cfg: loop.DistillConfig, prompts: loop.Prompts, metrics: loop.Metrics, start: int):
-            self.cfg, self.prompts, self.metrics, self.start = cfg, prompts, metrics, start
-            self.trainer, self.run, self.step_began = None, None, time.perf_counter()   # both set by _train
-
-        def evaluate(self, step: int) -> None:
-            if self.cfg.eval_every > 0 and self.prompts.eval:
-                self.metrics.log(loop.evaluate(self.run, step))
-
-        def on_train_begin(self, args, state, control, **kw):
-            if self.start == 0:
-                self.evaluate(0)
-            self.step_began = time.perf_counter()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = logs or {}
-            if "loss" not in logs or "train_runtime" in logs:
-                return
-            s = self.trainer.take_step_stats()
-            seconds = time.perf_counter() - self.step_began
-            rollout, teacher = s["rollout_seconds"] / self.trainer.accelerator.num_processes, \
-                s["teacher_seconds"] / self.trainer.accelerator.num_processes
-            grad_norm = logs.get("grad_norm", float("nan"))
-            step = state.global_step
-            self.metrics.log({
-                "kind": "train", "step": step, "loss": float(logs["loss"]),
-                "reverse_kl": s["exact_kl"] / s["sequences"] if s["has_exact"] else float("nan"),
-                "reverse_kl_sampled": s["sampled_kl"] / s["sequences"],
-                "sample_accuracy": s["correct"] / s["graded"] if s["graded"] else None,
-                "grad_norm": float(grad_norm), "skipped": step in self.trainer.skipped_steps,
-                "lr": float(logs.get("learning_rate", float("nan"))), "response_tokens": int(s["tokens"]),
-                "tokens_per_s": s["tokens"] / seconds, "time_rollout": rollout, "time_teacher": teacher,
-                "time_student": seconds - rollout - teacher,
-                "peak_memory_mb": loop.peak_memory_mb(self.trainer.accelerator.device),
-                **{k: v for k, v in logs.items() if k.startswith("probe/")}})
-            if self.cfg.eval_every > 0 and (step % self.cfg.eval_every == 0 or step == self.cfg.steps):
-                self.evaluate(step)
-            self.step_began = time.perf_counter()
-
-        def on_save(self, args, state, control, **kw):
-            self.trainer.accelerator.wait_for_everyone()     # every process's files are in the checkpoint
-            if state.is_world_process_zero:
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                loop.write_json_atomic(folder / ROWS_FILE, self.metrics.rows)
-                ckpt.write_manifest(folder, state.global_step)     # last: a checkpoint with one is complete
-                self.metrics.write_csv()
-
-    return RunRecorder
-
-
-@functools.lru_cache(maxsize=None)
-def _probe_class():
-    from transformers import TrainerCallback
-
-    from ..lm import variance
-
-    class VarianceProbeCallback(TrainerCallback):
-        """Every ``every`` optimizer steps, before the update: each estimator's gradient statistics
-        on the step's last micro-batch of rollouts (the same rollouts for all, common random
-        numbers), per process, logged with the step's metrics as ``probe/<estimator>/<statistic>``.
-
-        For each estimator and rollout i, g_i = grad of rollout i's surrogate (``variance.
-        rollout_gradients``, one backward each); over the B rollouts: ``trace_cov`` = tr Sigma
-        (unbiased), ``snr`` = |g_bar|^2 / (tr Sigma / B), ``noise_scale`` = tr Sigma / |G|^2 with
-        the unbiased |G|^2 (NaN when that is <= 0), ``cosine`` to ``reference``'s mean gradient.
-        The training gradient is saved and restored around the probe. Needs the whole student on
-        each process (one device, or DDP: under ``no_sync``); FSDP / ZeRO-3 shards are refused.
-
-        Args:
-          trainer: the ``RegistryDistillationTrainer`` (set after construction if None).
-          estimators: registry names probed; every ``every`` steps; ``reference``: an estimator name.
-        """
-
-        def __init__(self, estimators=("opd", "vopd", "opd_bstar"), every: int = 50, reference: str = "full_kl",
-                     trainer=None, params: Optional[dict] = None):
-            if every < 1:
-                raise InputError(f"the probe's interval must be >= 1 step, got {every}")
-            names = list(dict.fromkeys([*estimators, reference]))
-            for name in names:
-                check_per_row(name, f"probed estimator '{name}'")
-            self.estimators, self.every, self.reference, self.trainer = list(estimators), every, reference, trainer
-            self.params = {name: prm.resolve(name, dict((params or {}).get(name, {}))) for name in names}
-
-        def on_train_begin(self, args, state, control, **kw):
-            if self.trainer.is_fsdp_enabled or self.trainer.is_deepspeed_enabled:
-                raise InputError("the variance probe needs the whole student on each process; "
-                                 "it does not run under FSDP or DeepSpeed")
-
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-            if (state.global_step + 1) % self.every:
-                return
-            tr = self.trainer
-            student = tr.accelerator.unwrap_model(tr.model)
-            named = variance.trainable_parameters(student)
-            saved = [None if p.grad is None else p.grad.detach().clone() for _, p in named]
-            moments = {name: variance.GradientMoments(sum(p.numel() for _, p in named), num_projections=0,
-                                                      device=named[0][1].device) for name in self.params}
-            sync = tr.model.no_sync() if hasattr(tr.model, "no_sync") else contextlib.nullcontext()
-            with sync:
-                for name, g in variance.rollout_gradients(student, tr.teacher_model, tr.last_rollouts, self.params,
-                                                          named, vocab_size=tr.vocab_size):
-                    moments[name].update(g)
-            for (_, p), grad in zip(named, saved):
-                p.grad = grad
-            ref = moments[self.reference].mean
-            for name in self.estimators:
-                m = moments[name]
-                for key, value in (("trace_cov", m.trace()), ("snr", m.snr()), ("noise_scale", m.noise_scale()),
-                                   ("cosine", m.cosine(ref))):
-                    tr._metrics["train"][f"probe/{name}/{key}"].append(float(value))
-
-    return VarianceProbeCallback
-
-
-@functools.lru_cache(maxsize=None)
-def _skip_class():
-    from transformers import TrainerCallback
-
-    class SkipNonFinite(TrainerCallback):
-        """A non-finite gradient skips the update, as in the built-in loop: before the optimizer step,
-        every gradient is dropped (``p.grad = None``: AdamW leaves such a parameter and its moments
-        untouched) and the step is recorded in ``trainer.skipped_steps``, with a warning. The
-        gradients are the all-reduced ones (DDP), so every process decides alike; under DeepSpeed
-        the engine keeps the gradients and this does nothing. The learning-rate schedule still
-        advances (the built-in loop holds it)."""
-
-        def __init__(self):
-            self.trainer = None
-
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-            tr = self.trainer
-            if tr.is_deepspeed_enabled:
-                return
-            grads = [p.grad for p in tr.model.parameters() if p.grad is not None]
-            if all(bool(torch.isfinite(g).all()) for g in grads):
-                return
-            for p in tr.model.parameters():
-                p.grad = None
-            tr.skipped_steps.add(state.global_step + 1)
-            if state.is_world_process_zero:
-                warnings.warn(f"step {state.global_step + 1}: non-finite loss or gradient; the update was skipped",
-                              RuntimeWarning)
-
-    return SkipNonFinite
-
-
-@functools.lru_cache(maxsize=None)
-def _stop_class():
-    from transformers import TrainerCallback
-
-    class StopOnRequest(TrainerCallback):
-        """Ctrl-C or SIGTERM as in the built-in loop (``loop.StopOnSignal``): after the current optimizer
-        step, every process agrees to stop (``loop.stop_agreed``), a Trainer checkpoint of that step is
-        written and training ends; ``_train`` then raises ``loop.Interrupted`` (exit status 130, 143
-        after SIGTERM)."""
-
-        def __init__(self, stop: "loop.StopOnSignal"):
-            self.stop, self.trainer, self.stopped_at = stop, None, None
-
-        def on_step_end(self, args, state, control, **kw):
-            if loop.stop_agreed(self.trainer.accelerator, self.stop):
-                control.should_save = control.should_training_stop = True
-                self.stopped_at = state.global_step
-
-    return StopOnRequest
-
-
 # ----------------------------------------------------------------------------- the run
 
 class _Processes:
-    """The process group as ``loop.on_main``/``claim_out_dir`` see an accelerator, before TRL's exists."""
+    """The process group as ``rundir.on_main``/``claim_out_dir`` see an accelerator, before TRL's exists."""
 
     def __init__(self, state):
         self.state = state
@@ -524,24 +234,15 @@ class _Processes:
             print(*args, flush=True)
 
 
-def trl_config(cfg: loop.DistillConfig, world: int):
+def trl_config(cfg: DistillConfig, world: int):
     """TRL's ``DistillationConfig`` for this run: ``vopd distill``'s options (``OWN_ARGS``) plus
     ``--trl-arg``s; AdamW betas (0.9, 0.95), linear warm-up then a constant rate, one log per step,
     as the built-in loop. A value TRL refuses (``lr_scheduler_type=bogus``) or a ``report_to`` tracker that
     is not installed is an ``InputError`` naming the ``--trl-arg``; nothing is loaded."""
     from transformers.integrations import get_available_reporting_integrations
     from trl import DistillationConfig
-    accum = cfg.trl_args.get("gradient_accumulation_steps", 1)
-    per_device = cfg.prompts_per_step * cfg.rollouts_per_prompt // (world * accum)
-    cpu = not torch.cuda.is_available()
-    settings = dict(output_dir=str(Path(cfg.out_dir) / "checkpoints"), max_steps=cfg.steps, learning_rate=cfg.lr,
-                    weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.grad_clip,
-                    seed=cfg.seed, temperature=cfg.temperature, top_p=cfg.top_p,
-                    max_completion_length=cfg.max_new_tokens, per_device_train_batch_size=per_device,
-                    bf16=bool(cfg.bf16) and not cpu, use_cpu=cpu, beta=1.0, shuffle_dataset=False,
-                    remove_unused_columns=False, save_steps=max(cfg.save_every, 1),
-                    save_strategy="steps" if cfg.save_every > 0 else "no",
-                    save_total_limit=cfg.keep_checkpoints if cfg.keep_checkpoints > 0 else None,
+    settings = {name: value(cfg, world) for name, (_, value) in OWN_SETTINGS.items()}
+    settings.update(use_cpu=not torch.cuda.is_available(), save_strategy="steps" if cfg.save_every > 0 else "no",
                     lr_scheduler_type="constant_with_warmup", adam_beta1=0.9, adam_beta2=0.95, logging_steps=1,
                     report_to="none", gradient_checkpointing=False, disable_tqdm=False)
     settings.update(cfg.trl_args)
@@ -558,19 +259,7 @@ def trl_config(cfg: loop.DistillConfig, world: int):
     return args
 
 
-def _quiet_console(trainer) -> None:
-    """Keep TRL's progress bar but not its printed dict per logged step (the metrics files hold them)."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class BarOnly(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            pass
-
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(BarOnly())
-
-
-def step_dataset(cfg: loop.DistillConfig, prompts: loop.Prompts):
+def step_dataset(cfg: DistillConfig, prompts: Prompts):
     """The training rows in order: step s's prompts (``Prompts.train(s)``), each ``rollouts_per_prompt``
     times; columns ``prompt`` and ``row`` (index into the returned records, for grading)."""
     from datasets import Dataset
@@ -595,9 +284,11 @@ def trainer_checkpoints(out_dir: Path) -> list:
 def resume_point(out_dir: Path, procs) -> tuple:
     """(the Trainer checkpoint to resume from or None, its step, its metrics rows): the newest one that
     passes its manifest, newer damaged ones set aside with a warning naming each bad file, as the
-    built-in loop (``loop.choose_checkpoint``, on the main process); one without a manifest is loaded
+    built-in loop (``rundir.choose_checkpoint``, on the main process); one without a manifest is loaded
     unverified if its rows file is there (written before manifests existed), else it is incomplete."""
-    loop.on_main(procs, lambda: loop.choose_checkpoint(out_dir, trainer_checkpoints(out_dir), required=(ROWS_FILE,)))
+    from .trl_trainer import ROWS_FILE
+    rundir.on_main(procs, lambda: rundir.choose_checkpoint(out_dir, trainer_checkpoints(out_dir),
+                                                           required=(ROWS_FILE,)))
     dirs = trainer_checkpoints(out_dir)
     if not dirs:
         return None, 0, []
@@ -606,61 +297,63 @@ def resume_point(out_dir: Path, procs) -> tuple:
     return str(dirs[-1]), ckpt.step_of(dirs[-1]), rows
 
 
-def run(cfg: loop.DistillConfig, resume: bool = False) -> dict:
-    """``loop.run``'s contract on TRL: every check before the run folder or a model, the folder
-    locked, the same metrics files and ``summary.json``; returns the same result dict.
+class Trl(runner.Engine):
+    """The TRL engine, as ``runner.run`` calls it."""
+
+    def check(self, cfg: DistillConfig) -> dict:
+        """``check_engine_config`` for the launcher's process count (``WORLD_SIZE``)."""
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        params = check_engine_config(cfg, self.world)
+        cfg.bf16 = bool(cfg.bf16) and torch.cuda.is_available()
+        return params
+
+    def processes(self, cfg: DistillConfig) -> "_Processes":
+        """TRL's arguments (``trl_config``, which sets up the process group; nothing is loaded) and the group."""
+        self.args = trl_config(cfg, self.world)
+        procs = _Processes(self.args.distributed_state)
+        if procs.device.type == "cpu":
+            torch.set_num_threads(cfg.num_threads or 1)
+        return procs
+
+    def newest_checkpoint(self, out_dir: Path):
+        return (trainer_checkpoints(out_dir) or [None])[-1]
+
+    def check_models(self, paths: tuple) -> None:
+        self.info = loading.check_compatible_files(*paths)           # vocabularies, before any weight is read
+
+    def train(self, p: Prepared) -> dict:
+        latest, start, rows = resume_point(p.out_dir, p.procs) if p.resume else (None, 0, [])
+        return _train(p, self.args, self.info, latest, start, rows)
+
+
+def run(cfg: DistillConfig, resume: bool = False) -> dict:
+    """``runner.run`` on TRL: every check before the run folder or a model, the folder locked, the same
+    metrics files and ``summary.json``; returns the same result dict, plus the ``trainer``.
 
     Args:
       cfg: the config (``engine`` ignored; ``trl_args`` passed to TRL).
       resume: continue from the newest Trainer checkpoint in ``--out/checkpoints``.
     """
-    started = time.perf_counter()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    params = check_engine_config(cfg, world)
-    cfg.bf16 = bool(cfg.bf16) and torch.cuda.is_available()
-    asked = dataclasses.replace(cfg)
-    out_dir = loop.check_out_dir(cfg.out_dir)
-    args = trl_config(cfg, world)                      # sets up the process group; loads nothing
-    procs = _Processes(args.distributed_state)
-    if resume and (out_dir / "config.json").is_file():
-        loop.check_resumable(out_dir, asked)
-        summary = loop.finished_run(out_dir, cfg.steps)
-        if summary is not None:
-            return loop.already_finished(out_dir, summary, procs)
-        loop.check_steps_left(out_dir, cfg.steps, (trainer_checkpoints(out_dir) or [None])[-1])
-    if procs.device.type == "cpu":
-        torch.set_num_threads(cfg.num_threads or 1)
-    paths = loop.model_paths(cfg, procs)
-    info = loading.check_compatible_files(*paths)           # vocabularies, before any weight is read
-    defaulted = cfg.max_new_tokens is None
-    if defaulted:
-        cfg.max_new_tokens = loop.default_max_new_tokens(cfg)
-        args.max_completion_length = cfg.max_new_tokens
-    prompts = loop.Prompts(cfg, loop.prompt_check(cfg, *paths, defaulted=defaulted))
-    for note in prompts.notes if procs.is_main_process else []:
-        print(f"warning: {note}", file=sys.stderr, flush=True)
-    claim, begun = loop.claim_out_dir(out_dir, procs), False
-    try:
-        has_run = (out_dir / "config.json").exists() or (out_dir / "metrics.jsonl").exists()
-        if has_run and not resume:
-            raise InputError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
-        latest, start, rows = resume_point(out_dir, procs) if resume else (None, 0, [])
-        result = _train(cfg, asked, args, procs, params, paths, info, prompts, latest, start, rows, started)
-        begun = True
-        return result
-    finally:
-        claim.release(started=begun or (out_dir / "config.json").exists())
+    return runner.run(Trl(), cfg, resume)
 
 
-def _train(cfg, asked, args, procs, params, paths, info, prompts, latest, start, rows, started) -> dict:
-    """Load the pair, build the trainer, train, write the final model and ``summary.json``."""
+def _train(p: Prepared, args, info, latest: Optional[str], start: int, rows: list) -> dict:
+    """Load the pair, build the trainer (``trl_trainer``), train, write the final model and ``summary.json``.
+
+    Args:
+      p: what ``runner.run`` checked.
+      args: TRL's ``DistillationConfig`` (``trl_config``).
+      info: the pair's vocabularies (``loading.check_compatible_files``).
+      latest, start, rows: the Trainer checkpoint to resume from, its step and metrics rows (``resume_point``).
+    """
+    from . import trl_trainer as tt
+    cfg, procs = p.cfg, p.procs
+    args.max_completion_length = cfg.max_new_tokens
     with ckpt.quiet_hf_progress():
-        pair = loading.load_pair(*paths)
+        pair = loading.load_pair(*p.paths)
     if cfg.bf16:
         pair.teacher.to(torch.bfloat16)
-    params, capped = prm.cap_to_vocab(cfg.estimator, params, cfg.estimator_params, info.vocab_size)
-    for c in capped:
-        procs.print(f"note: {c['param']}={c['used']} (registry default {c['default']} capped at the vocabulary size)")
+    params = runner.cap_params(p, info.vocab_size)
     tokenizer = pair.tokenizer
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -668,36 +361,44 @@ def _train(cfg, asked, args, procs, params, paths, info, prompts, latest, start,
     if info.student_output_size > info.vocab_size and not args.use_vllm:   # never sample a padded output row
         args.generation_kwargs = {**(args.generation_kwargs or {}),
                                   "suppress_tokens": list(range(info.vocab_size, info.student_output_size))}
-    dataset, records = step_dataset(cfg, prompts)
-    out_dir = Path(cfg.out_dir)
-    loop.start_out_dir(out_dir, dataclasses.asdict(asked), procs)
-    metrics = loop.Metrics(out_dir, [r for r in rows if r["step"] <= start], procs.is_main_process)
-    recorder = _recorder_class()(cfg, prompts, metrics, start)
-    stop = loop.StopOnSignal()
-    stopper = _stop_class()(stop)
-    callbacks = [recorder, stopper, _skip_class()()]
+    dataset, records = step_dataset(cfg, p.prompts)
+    rundir.start_out_dir(p.out_dir, dataclasses.asdict(p.asked), procs)
+    metrics = Metrics(p.out_dir, [r for r in rows if r["step"] <= start], procs.is_main_process)
+    recorder = tt.RunRecorder(cfg, p.prompts, metrics, start)
+    stop = StopOnSignal()
+    stopper = tt.StopOnRequest(stop)
+    callbacks = [recorder, stopper, tt.SkipNonFinite()]
     if cfg.probe_every > 0:
-        callbacks.append(_probe_class()(probe_names(cfg), every=cfg.probe_every,
-                                        params={cfg.estimator: params}))
-    trainer = _trainer_class()(model=pair.student, teacher_model=pair.teacher, args=args, train_dataset=dataset,
-                               processing_class=tokenizer, estimator=cfg.estimator, estimator_params=params,
-                               reduction=cfg.reduction, vocab_size=info.vocab_size, records=records, logits=cfg.logits,
-                               callbacks=callbacks)
+        callbacks.append(tt.VarianceProbeCallback(probe_names(cfg), every=cfg.probe_every,
+                                                  params={cfg.estimator: params}))
+    trainer = tt.RegistryDistillationTrainer(
+        model=pair.student, teacher_model=pair.teacher, args=args, train_dataset=dataset, processing_class=tokenizer,
+        estimator=cfg.estimator, estimator_params=params, reduction=cfg.reduction, vocab_size=info.vocab_size,
+        records=records, logits=cfg.logits, callbacks=callbacks)
     for callback in callbacks:
         callback.trainer = trainer
-    recorder.run = loop.Run(cfg, trainer.accelerator, pair.student, trainer.teacher_model, tokenizer, info.vocab_size,
-                            params, prompts, optimizer=None, scheduler=None, teacher_timer=trainer.teacher_timer)
-    _quiet_console(trainer)
+    recorder.run = runner.Run(cfg, trainer.accelerator, pair.student, trainer.teacher_model, tokenizer,
+                              info.vocab_size, params, p.prompts)
+    tt.quiet_console(trainer)
     procs.print(f"distill (trl {check_trl()}): {cfg.estimator} {params}, {procs.num_processes} process(es) on "
                 f"{procs.device}, steps {start + 1}..{cfg.steps} -> {cfg.out_dir}")
-    with stop, ckpt.disk_full_is_input_error(out_dir, "a Trainer checkpoint"):
+    with stop, ckpt.disk_full_is_input_error(p.out_dir, "a Trainer checkpoint"):
         trainer.train(resume_from_checkpoint=latest)
     if stopper.stopped_at is not None and stopper.stopped_at < cfg.steps:
         metrics.write_csv()
         where = f"checkpoint {Path(args.output_dir) / f'checkpoint-{stopper.stopped_at}'}"
-        message = loop.interrupted_message(out_dir, stopper.stopped_at, cfg.steps, where, procs.num_processes,
-                                           stop.signum)
+        message = interrupted_message(p.out_dir, stopper.stopped_at, cfg.steps, where, procs.num_processes,
+                                      stop.signum)
         procs.print(message)
-        raise loop.Interrupted(message, stop.status)
-    result = loop.finish(recorder.run, start, metrics, started, extra={"engine": f"trl {check_trl()}"})
+        raise Interrupted(message, stop.status)
+    result = runner.finish(recorder.run, start, metrics, p.started, extra={"engine": f"trl {check_trl()}"})
     return {**result, "trainer": trainer}
+
+
+def __getattr__(name):
+    """``RegistryDistillationTrainer`` and ``VarianceProbeCallback`` (``trl_trainer.py``), imported on first
+    access (TRL imported then)."""
+    if name in ("RegistryDistillationTrainer", "VarianceProbeCallback"):
+        from . import trl_trainer
+        return getattr(trl_trainer, name)
+    raise AttributeError(name)
