@@ -67,15 +67,22 @@ def rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- estimators on logits
 
-def logits_batch(vocab: int, dtype: torch.dtype, device, seed: int = 0) -> TokenBatch:
+@functools.lru_cache(maxsize=None)
+def random_logits(vocab: int, seed: int = 0) -> tuple:
+    """float64 (student logits, teacher logits, sampled tokens, kl_to_go, next_kl_to_go), drawn once per vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    z = 2.0 * torch.randn(B, T, vocab, generator=g, dtype=torch.float64)
+    t = z + torch.randn(B, T, vocab, generator=g, dtype=torch.float64)
+    gumbel = -torch.rand(B, T, vocab, generator=g, dtype=torch.float64).clamp_min(1e-30).log().neg().log()
+    return z, t, (z + gumbel).argmax(-1), torch.rand(B, T, generator=g), torch.rand(B, T, vocab, generator=g)
+
+
+def logits_batch(vocab: int, dtype: torch.dtype, device) -> TokenBatch:
     """A batch every registry estimator can read: full teacher logits (with logsumexp), the tabular
     oracle fields, a mask with padding; the logits in ``dtype``, the student's a leaf, the other
     floats float32 (as a scorer hands them over), all on ``device``."""
-    g = torch.Generator().manual_seed(seed)
-    z = 2.0 * torch.randn(B, T, vocab, generator=g, dtype=torch.float64)
-    t = rounded(z + torch.randn(B, T, vocab, generator=g, dtype=torch.float64), dtype)
-    gumbel = -torch.rand(B, T, vocab, generator=g, dtype=torch.float64).clamp_min(1e-30).log().neg().log()
-    y = (z + gumbel).argmax(-1)
+    z, t, y, kl_to_go, next_kl_to_go = random_logits(vocab)
+    t = rounded(t, dtype)
     mask = torch.ones(B, T)
     mask[0, -2:] = 0
     t_lse = torch.logsumexp(t, -1)
@@ -84,8 +91,8 @@ def logits_batch(vocab: int, dtype: torch.dtype, device, seed: int = 0) -> Token
     return TokenBatch(tokens=y.to(device), mask=mask.to(device),
                       student_logits=z.to(device=device, dtype=dtype).requires_grad_(True),
                       teacher_token_logprobs=t_lp.to(**small), teacher_logits=t.to(device=device, dtype=dtype),
-                      teacher_logsumexp=t_lse.to(**small), kl_to_go=torch.rand(B, T, generator=g).to(**small),
-                      next_kl_to_go=torch.rand(B, T, vocab, generator=g).to(**small))
+                      teacher_logsumexp=t_lse.to(**small), kl_to_go=kl_to_go.to(**small),
+                      next_kl_to_go=next_kl_to_go.to(**small))
 
 
 def as_reference(batch: TokenBatch) -> TokenBatch:
@@ -120,25 +127,33 @@ def test_estimator_value_and_logit_gradient(name, dtype, vocab):
 
 # ----------------------------------------------------------------------------- fused path
 
-def hidden_problem(vocab: int, dtype: torch.dtype, device, seed: int = 1) -> dict:
-    """``fused_surrogate_loss``'s tensors: student h [B, T, d] and W [V, d] leaves in ``dtype``, the
-    teacher's (a perturbed student) detached, logits of standard deviation about 2.5, padding."""
+@functools.lru_cache(maxsize=None)
+def random_heads(vocab: int, seed: int = 1) -> dict:
+    """float64 hidden states and heads (the teacher's a perturbed student's), tokens and a mask with padding."""
     g = torch.Generator().manual_seed(seed)
-    sigma = 2.5 / HIDDEN ** 0.5
-    h = torch.randn(B, T, HIDDEN, generator=g)
-    W = sigma * torch.randn(vocab, HIDDEN, generator=g)
+    sigma = 2.5 / HIDDEN ** 0.5                 # logits of standard deviation about 2.5
+    h = torch.randn(B, T, HIDDEN, generator=g, dtype=torch.float64)
+    W = sigma * torch.randn(vocab, HIDDEN, generator=g, dtype=torch.float64)
     mask = torch.ones(B, T)
     mask[0, -2:] = 0
-    to = dict(device=device, dtype=dtype)
-    return dict(student_hidden=h.to(**to).requires_grad_(True), student_weight=W.to(**to).requires_grad_(True),
-                tokens=torch.randint(0, vocab, (B, T), generator=g).to(device), mask=mask.to(device),
-                teacher_hidden=(h + 0.5 * torch.randn(B, T, HIDDEN, generator=g)).to(**to),
-                teacher_weight=(W + 0.5 * sigma * torch.randn(vocab, HIDDEN, generator=g)).to(**to))
+    return dict(student_hidden=h, student_weight=W, tokens=torch.randint(0, vocab, (B, T), generator=g), mask=mask,
+                teacher_hidden=h + 0.5 * torch.randn(B, T, HIDDEN, generator=g, dtype=torch.float64),
+                teacher_weight=W + 0.5 * sigma * torch.randn(vocab, HIDDEN, generator=g, dtype=torch.float64))
+
+
+def hidden_problem(vocab: int, dtype: torch.dtype, device) -> dict:
+    """``fused_surrogate_loss``'s tensors on ``device``: student h [B, T, d] and W [V, d] leaves in
+    ``dtype``, the teacher's detached in ``dtype``, tokens and mask."""
+    p = random_heads(vocab)
+    out = {k: v.to(device=device, dtype=dtype) if v.dtype == torch.float64 else v.to(device) for k, v in p.items()}
+    out["student_hidden"].requires_grad_(True)
+    out["student_weight"].requires_grad_(True)
+    return out
 
 
 def fused_loss_and_grads(name: str, p: dict, tiles=(None, None)) -> tuple:
     """(loss, [grad h, grad W]) of the fused path."""
-    loss = F.fused_surrogate_loss(name, *p.values(), token_chunk=tiles[0], vocab_chunk=tiles[1])
+    loss = F.fused_surrogate_loss(name, **p, token_chunk=tiles[0], vocab_chunk=tiles[1])
     loss.backward()
     return loss.detach(), [p["student_hidden"].grad, p["student_weight"].grad]
 
