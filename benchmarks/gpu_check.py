@@ -143,7 +143,6 @@ class Context:
     dtype: torch.dtype
     sizes: Sizes
     out: Path
-    dry_run: bool
 
 
 def cuda_tests(ctx: Context, budget: Budget, result: dict, log) -> None:
@@ -163,7 +162,7 @@ def cuda_tests(ctx: Context, budget: Budget, result: dict, log) -> None:
         f"`{result['command']}`: {result['summary']}" + ("" if proc.returncode == 0 else
                                                         f" (pytest exit code {proc.returncode})"), ""]
         + [f"- FAILED {name}: {message}" for name, message in result.get("failures", [])])
-    if proc.returncode != 0 or not result.get("tests"):
+    if proc.returncode != 0 or not result.get("passed"):
         raise RuntimeError(f"CUDA tests did not all pass: {result['summary']}")
 
 
@@ -175,7 +174,7 @@ def junit_counts(path: Path) -> dict:
     failures = []
     for case in suite.iter("testcase"):
         for bad in list(case.findall("failure")) + list(case.findall("error")):
-            failures.append((case.get("name"), (bad.get("message") or "").splitlines()[0][:300]))
+            failures.append((case.get("name"), (bad.get("message") or "").split("\n")[0][:300]))
     return {"tests": counts["tests"], "failed": counts["failures"], "errors": counts["errors"],
             "skipped": counts["skipped"],
             "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
@@ -383,7 +382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         torch.set_num_threads(1)
     device = torch.device("cpu" if args.dry_run else "cuda")
-    ctx = Context(device, torch.bfloat16, DRY if args.dry_run else GPU, out, args.dry_run)
+    ctx = Context(device, torch.bfloat16, DRY if args.dry_run else GPU, out)
     start = time.perf_counter()
 
     def log(message: str) -> None:

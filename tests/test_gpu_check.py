@@ -117,3 +117,14 @@ def test_distill_summary_matches_its_table():
     assert summary["vopd"]["tokens_per_s"] == pytest.approx(1000 / 0.037)
     line = ds.table(rows, phases, peaks, 1000)[3]
     assert line == "| vopd (fused) | 20 | 2.0 | 5 | 1.588 | 0.730 | 7.4% | 37037 | 2 | 2.00 |"
+
+
+def test_junit_counts_names_the_failures(tmp_path):
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite tests="4" failures="1" errors="1" skipped="1">'
+                   '<testcase name="ok"/><testcase name="bad"><failure message="value error 3e-02&#10;more"/></testcase>'
+                   '<testcase name="broken"><error/></testcase><testcase name="skip"><skipped/></testcase>'
+                   '</testsuite></testsuites>')
+    counts = gc.junit_counts(xml)
+    assert (counts["tests"], counts["passed"], counts["failed"], counts["errors"], counts["skipped"]) == (4, 1, 1, 1, 1)
+    assert counts["failures"] == [("bad", "value error 3e-02"), ("broken", "")]
