@@ -128,3 +128,13 @@ def test_junit_counts_names_the_failures(tmp_path):
     counts = gc.junit_counts(xml)
     assert (counts["tests"], counts["passed"], counts["failed"], counts["errors"], counts["skipped"]) == (4, 1, 1, 1, 1)
     assert counts["failures"] == [("bad", "value error 3e-02"), ("broken", "")]
+
+
+def test_the_distill_pair_has_the_qwen25_parameter_counts():
+    """Built on the meta device (no memory): 494,032,768 and 1,543,714,304 parameters, as Qwen2.5-0.5B and
+    -1.5B have, with the lm_head tied to the embedding."""
+    meta = torch.device("meta")
+    for shape, count in ((gc.QWEN25_0_5B, 494_032_768), (gc.QWEN25_1_5B, 1_543_714_304)):
+        model = gc.qwen2_model(shape, gc.GPU.vocab, meta, torch.bfloat16, seed=0)
+        assert model.num_parameters() == count and model.lm_head.weight is model.model.embed_tokens.weight
+        assert next(model.parameters()).dtype == torch.bfloat16
