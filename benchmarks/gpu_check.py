@@ -121,16 +121,24 @@ class Budget:
 def sized(sizes: Sequence[int], measure: Callable[[int], None], budget: Budget, result: dict, log) -> None:
     """``measure(n)`` for each size n in increasing order, skipping (and listing in
     ``result['skipped']``) those whose predicted time (the previous size's, scaled by n) does not
-    fit ``SKIP_MARGIN`` times into what is left of the budget."""
+    fit ``SKIP_MARGIN`` times into what is left of the budget. A size that runs out of GPU memory
+    is listed in ``result['out_of_memory']`` (a finding, not a failure) and the larger ones are skipped."""
     result.setdefault("skipped", [])
+    result.setdefault("out_of_memory", [])
     last = None
     for n in sizes:
-        if last is not None and SKIP_MARGIN * last[1] * n / last[0] > budget.left():
+        if result["out_of_memory"] or (last is not None and SKIP_MARGIN * last[1] * n / last[0] > budget.left()):
             result["skipped"].append(n)
-            log(f"N={n} skipped: predicted {last[1] * n / last[0]:.0f} s, {budget.left():.0f} s left")
+            log(f"N={n} skipped" + ("" if result["out_of_memory"] else
+                                    f": predicted {last[1] * n / last[0]:.0f} s, {budget.left():.0f} s left"))
             continue
         start = time.perf_counter()
-        measure(n)
+        try:
+            measure(n)
+        except torch.cuda.OutOfMemoryError:
+            result["out_of_memory"].append(n)
+            log(f"N={n} out of GPU memory")
+            continue
         last = (n, time.perf_counter() - start)
         log(f"N={n} done in {last[1]:.1f} s")
 
@@ -356,7 +364,8 @@ def markdown(record: dict) -> str:
              f"{'all parts passed' if record['passed'] else 'FAILED: ' + ', '.join(record['failed_parts'])}.", ""]
     for name, part in record["parts"].items():
         status = part["status"] + (f" ({part['error']})" if part["error"] else "")
-        skipped = f"; skipped for time: N = {part['skipped']}" if part.get("skipped") else ""
+        skipped = f"; skipped: N = {part['skipped']}" if part.get("skipped") else ""
+        skipped += f"; out of GPU memory: N = {part['out_of_memory']}" if part.get("out_of_memory") else ""
         lines += [f"### {PARTS[name][2]}: {status}, {part['wall_s']:.0f} s of {part['budget_s']:.0f}{skipped}", "",
                   part.get("markdown", "(no numbers)"), ""]
     return "\n".join(lines)

@@ -97,7 +97,19 @@ def test_sized_skips_sizes_predicted_not_to_fit():
         time.sleep(0.2 * n)          # 0.2 s for n = 1: n = 4 is predicted at 0.8 s, n = 64 at 12.8 s
 
     gc.sized([1, 4, 64], measure, budget, result, lambda msg: None)
-    assert seen == [1, 4] and result["skipped"] == [64]
+    assert seen == [1, 4] and result["skipped"] == [64] and result["out_of_memory"] == []
+
+
+def test_sized_records_out_of_memory_and_skips_larger_sizes():
+    result, seen = {}, []
+
+    def measure(n):
+        seen.append(n)
+        if n == 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    gc.sized([1, 4, 16, 64], measure, gc.Budget(60.0), result, lambda msg: None)
+    assert seen == [1, 4] and result["out_of_memory"] == [4] and result["skipped"] == [16, 64]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
