@@ -19,7 +19,7 @@ d. ``distill_step``: ``benchmarks.distill_step``'s step (score, loss, backward) 
 
 A part that raises or outruns its budget is recorded as failed and the next one runs; sizes
 that would not fit in what is left of a part's budget are skipped and listed. Writes
-``DIR/results.json`` (machine, versions, per part: status, wall time, numbers, error) after
+``DIR/results.json`` (device name, machine, versions, per part: status, wall time, numbers, error) after
 every part and ``DIR/results.md`` (tables for ``benchmarks/RESULTS.md``) at the end. Exit code
 0 when every part passed, 1 otherwise, 2 without CUDA (unless ``--dry-run``).
 """
@@ -355,13 +355,16 @@ def jsonable(x):
 
 
 def markdown(record: dict) -> str:
-    """results.md: a machine line, then per part its status line and table."""
+    """results.md, an entry in ``benchmarks/RESULTS.md``'s format: dated heading, machine line,
+    versions and outcome, then per part its status line and table."""
     m, v = record["machine"], record["versions"]
-    lines = [f"## GPU check{' (dry run)' if record['dry_run'] else ''}", "",
-             f"`python -m benchmarks.gpu_check{' --dry-run' if record['dry_run'] else ''}` on "
-             f"{m.get('gpu', m['device'])}; torch {v['torch']} (CUDA {v['cuda']}), transformers {v['transformers']}, "
-             f"triton {v['triton']}; {common.describe_machine(m)}. Total {record['wall_s']:.0f} s, "
-             f"{'all parts passed' if record['passed'] else 'FAILED: ' + ', '.join(record['failed_parts'])}.", ""]
+    flag = " --dry-run" if record["dry_run"] else ""
+    stamp = _dt.datetime.fromisoformat(record["started"]).strftime("%Y-%m-%d %H:%M UTC")
+    outcome = "all parts passed" if record["passed"] else "FAILED: " + ", ".join(record["failed_parts"])
+    lines = [f"## {stamp} gpu_check{flag}", "", f"Machine: {common.describe_machine(m)}", "",
+             f"`python -m benchmarks.gpu_check{flag}` on {record['device_name']}: torch {v['torch']} "
+             f"(CUDA {v['cuda']}), transformers {v['transformers']}, triton {v['triton']}, trl {v['trl']}. "
+             f"Total {record['wall_s']:.0f} s, {outcome}.", ""]
     for name, part in record["parts"].items():
         status = part["status"] + (f" ({part['error']})" if part["error"] else "")
         skipped = f"; skipped: N = {part['skipped']}" if part.get("skipped") else ""
@@ -399,9 +402,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     record = {"check": "gpu_check", "dry_run": args.dry_run,
               "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "machine": machine(device), "versions": versions(), "sizes": dataclasses.asdict(ctx.sizes),
               "parts": {}, "passed": False, "failed_parts": [], "wall_s": 0.0}
-    log(f"{record['machine'].get('gpu', device)}; " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()))
+    log(f"{record['device_name']}; " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()))
     for name in args.parts:
         seconds = min(PARTS[name][1], TOTAL_BUDGET_S - (time.perf_counter() - start))
         log(f"{name}: budget {seconds:.0f} s")

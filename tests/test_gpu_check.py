@@ -55,7 +55,8 @@ def test_dry_run_passes_every_part_and_writes_results(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 for r in step["rows"].values())
 
     md = (tmp_path / "results.md").read_text()
-    assert md.startswith("## GPU check (dry run)")
+    assert md.startswith("## ") and md.splitlines()[0].endswith(" UTC gpu_check --dry-run")
+    assert "\nMachine: " in md and record["device_name"] == "cpu"
     for name, (_, _, title) in gc.PARTS.items():
         assert f"### {title}: passed" in md
     assert "| V | tokens | opd ms |" in md and "| N | estimator |" in md and "| estimator | score ms |" in md
