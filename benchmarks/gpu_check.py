@@ -1,7 +1,8 @@
 """GPU readiness check: CUDA numerics tests, estimator cost, fused path and one distill step, under 8 minutes.
 
-    python -m benchmarks.gpu_check --out DIR              # one CUDA GPU (an H100: about 7 minutes at most)
+    python -m benchmarks.gpu_check --out DIR              # one CUDA GPU: 7.5 minutes at most (the budgets)
     python -m benchmarks.gpu_check --out DIR --dry-run    # the same code paths at tiny sizes on the CPU
+    python -m benchmarks.gpu_check --out DIR --parts fused_path distill_step    # some parts only
 
 Needs only torch and transformers (no download, no network; TRL's kernel joins part c when it
 imports). Four parts, each with a time budget (``PARTS``), run one after the other:
@@ -18,7 +19,8 @@ d. ``distill_step``: ``benchmarks.distill_step``'s step (score, loss, backward) 
    random weights, vocabulary 151,936, bf16): tokens/s and peak memory per estimator.
 
 A part that raises or outruns its budget is recorded as failed and the next one runs; sizes
-that would not fit in what is left of a part's budget are skipped and listed. Writes
+that would not fit in what is left of a part's budget are skipped and listed, and a size that
+runs out of GPU memory is listed as such (the larger ones skipped). Writes
 ``DIR/results.json`` (device name, machine, versions, per part: status, wall time, numbers, error) after
 every part and ``DIR/results.md`` (tables for ``benchmarks/RESULTS.md``) at the end. Exit code
 0 when every part passed, 1 otherwise, 2 without CUDA (unless ``--dry-run``).
