@@ -51,11 +51,11 @@ def build_pair(device, dtype, hidden: int):
     return model(hidden, 2, 0).train(), model(int(hidden * 1.5), 3, 1).eval()
 
 
-def fixed_rollouts(num: int, prompt: int, response: int, device) -> ro.Rollouts:
-    """``num`` rollouts of uniformly random Qwen-vocabulary tokens (seed 0): ``prompt`` prompt columns,
+def fixed_rollouts(num: int, prompt: int, response: int, device, vocab: int = QWEN_VOCAB) -> ro.Rollouts:
+    """``num`` rollouts of uniformly random tokens below ``vocab`` (seed 0): ``prompt`` prompt columns,
     then ``response`` response columns, no padding; one rollout per prompt."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, QWEN_VOCAB, (num, prompt + response), generator=g).to(device)
+    ids = torch.randint(0, vocab, (num, prompt + response), generator=g).to(device)
     att = torch.ones_like(ids)
     resp = torch.zeros_like(ids)
     resp[:, prompt:] = 1
@@ -107,20 +107,34 @@ def time_rows(student, teacher, rollouts, rows, rounds, device, vocab_size=None)
     return phases, peaks
 
 
-def table(rows, phases, peaks, tokens) -> list:
-    """Markdown rows: phases, step / opd, step / the same estimator materialised (fused rows), tokens/s, peaks."""
+def summary(rows, phases, peaks, tokens) -> dict:
+    """Per row label: median seconds of each phase and of the step, the step's paired ratio to ``opd``
+    and (fused rows) to the same estimator materialised, tokens/s, peak bytes and their ratio to opd."""
     med = statistics.median_high
     totals = {label: [sum(p) for p in phases[label]] for label in rows}
-    lines = ["| estimator | score ms | loss ms | backward ms | step / opd | step / materialised | loss share of step "
-             "| tokens/s | peak MiB | peak / opd |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = {}
     for label, (name, params, fused) in rows.items():
-        score_ms, loss_ms, back_ms = (1e3 * med([p[i] for p in phases[label]]) for i in range(3))
+        score, loss, backward = (med([p[i] for p in phases[label]]) for i in range(3))
         step = med(totals[label])
         same = label.replace(" (fused)", "")
-        versus = f"{paired_ratio(totals[label], totals[same]):.3f}" if fused else ""
-        lines.append(f"| {label} | {score_ms:.0f} | {loss_ms:.1f} | {back_ms:.0f} | "
-                     f"{paired_ratio(totals[label], totals['opd']):.3f} | {versus} | {loss_ms / 1e3 / step:.1%} | "
-                     f"{tokens / step:.0f} | {peaks[label] / 2 ** 20:.0f} | {peaks[label] / peaks['opd']:.2f} |")
+        out[label] = {"estimator": name, "params": params, "fused": fused, "score_s": score, "loss_s": loss,
+                      "backward_s": backward, "step_s": step,
+                      "step_vs_opd": paired_ratio(totals[label], totals["opd"]),
+                      "step_vs_materialised": paired_ratio(totals[label], totals[same]) if fused else None,
+                      "tokens_per_s": tokens / step, "peak_bytes": peaks[label],
+                      "peak_vs_opd": peaks[label] / peaks["opd"]}
+    return out
+
+
+def table(rows, phases, peaks, tokens) -> list:
+    """Markdown rows: phases, step / opd, step / the same estimator materialised (fused rows), tokens/s, peaks."""
+    lines = ["| estimator | score ms | loss ms | backward ms | step / opd | step / materialised | loss share of step "
+             "| tokens/s | peak MiB | peak / opd |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, s in summary(rows, phases, peaks, tokens).items():
+        versus = "" if s["step_vs_materialised"] is None else f"{s['step_vs_materialised']:.3f}"
+        lines.append(f"| {label} | {1e3 * s['score_s']:.0f} | {1e3 * s['loss_s']:.1f} | {1e3 * s['backward_s']:.0f} | "
+                     f"{s['step_vs_opd']:.3f} | {versus} | {s['loss_s'] / s['step_s']:.1%} | "
+                     f"{s['tokens_per_s']:.0f} | {s['peak_bytes'] / 2 ** 20:.0f} | {s['peak_vs_opd']:.2f} |")
     return lines
 
 
