@@ -148,7 +148,7 @@ def test_accelerate_launch_two_cpu_processes(pair, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           "-m", "vopd_analysis.distill.loop", *small(pair, out, steps=2, eval_every=2, save_every=2)]
+           "-m", "vopd_analysis.distill.command", *small(pair, out, steps=2, eval_every=2, save_every=2)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

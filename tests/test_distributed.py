@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from vopd_analysis import estimators as est
 from vopd_analysis.batch import TokenBatch
-from vopd_analysis.distill import command, loop
+from vopd_analysis.distill import command, loop, stopping
 from vopd_analysis.distill.config import DistillConfig
 from vopd_analysis.errors import InputError
 
@@ -79,7 +79,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             torch.save(results, out)
     finally:
-        loop.end_process_group()          # lets gloo's workers free the all-reduced tensors first
+        stopping.end_process_group()          # lets gloo's workers free the all-reduced tensors first
 
 
 def free_port() -> int:
@@ -159,7 +159,7 @@ def test_vopd_distill_ends_the_process_group_even_on_bad_input(tmp_path):
             command.main(["--estimator", "no_such_estimator", "--out", str(tmp_path / "run")])
         assert not dist.is_initialized()
         assert not (tmp_path / "run").exists()
-        loop.end_process_group()                     # no group: nothing to do
+        stopping.end_process_group()                     # no group: nothing to do
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,7 +1,7 @@
 """What bad input and bad luck get from ``vopd distill``: a locked run folder, checkpoints verified on
 resume, Ctrl-C, validation before ``--out`` is created, prompt checks, defaults, the closing lines.
 
-The kill, lock, corruption and Ctrl-C cases run ``python -m vopd_analysis.distill.loop`` in a
+The kill, lock, corruption and Ctrl-C cases run ``python -m vopd_analysis.distill.command`` in a
 subprocess (module fixtures, each started once); the rest call ``vopd`` in this process.
 """
 
@@ -72,7 +72,7 @@ def same_metrics(a, b, evals=True):
 
 def start_run(pair, out, **overrides):
     """A ``vopd distill`` subprocess (1,000 steps: it runs until stopped)."""
-    cmd = [sys.executable, "-m", "vopd_analysis.distill.loop", *options(pair, out, steps=1000, **overrides)]
+    cmd = [sys.executable, "-m", "vopd_analysis.distill.command", *options(pair, out, steps=1000, **overrides)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -148,7 +148,7 @@ def test_sigterm_checkpoints_the_last_step_and_exits_143(pair, tmp_path):
     assert ckpt.verify(ckpt.latest(out)) == [] and not (out / LOCK).exists()
 
 
-@pytest.mark.parametrize("entry", [["vopd_analysis.cli", "distill"], ["vopd_analysis.distill.loop"]])
+@pytest.mark.parametrize("entry", [["vopd_analysis.cli", "distill"], ["vopd_analysis.distill.command"]])
 def test_ctrl_c_while_torch_imports_says_interrupted(tmp_path, entry):
     """Ctrl-C in the first second (torch still importing): "interrupted", status 130, no traceback, nothing written."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -226,7 +226,7 @@ def damaged(finished, tmp_path, name, step=3, keep=None):
 
 def test_truncated_weights_fall_back_to_the_newest_intact_checkpoint(finished, tmp_path):
     out, size = damaged(finished, tmp_path, "model/model.safetensors")
-    cmd = [sys.executable, "-m", "vopd_analysis.distill.loop", "--out", str(out), "--resume", "--steps", "4"]
+    cmd = [sys.executable, "-m", "vopd_analysis.distill.command", "--out", str(out), "--resume", "--steps", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr

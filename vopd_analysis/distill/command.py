@@ -4,7 +4,7 @@ config it gives (``config_from_args``, with ``--resume`` from the saved run), th
 and the exit status (``run_command``).
 
     vopd distill --preset tiny --estimator vopd --out runs/tiny-vopd
-    python -m vopd_analysis.distill.loop --preset tiny ...     # the same (for accelerate launch -m)
+    python -m vopd_analysis.distill.command --preset tiny ...  # the same (for accelerate launch -m)
 """
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ import sys
 import typing
 from pathlib import Path
 
-from .. import params as prm
-from ..errors import InputError
+from ..errors import InputError, exit_with, quiet_interrupt_while_starting
+
+if __name__ == "__main__":            # python -m: a Ctrl-C while torch imports is "interrupted", exit 130
+    quiet_interrupt_while_starting()
+
+from .. import params as prm  # noqa: E402
 from .config import DistillConfig, read_config
 from .stopping import Interrupted, abandoned, end_process_group
 
@@ -165,3 +169,7 @@ def run_command(cfg: DistillConfig, resume: bool) -> int:
     finally:
         end_process_group()
     return 0 if result else 1
+
+
+if __name__ == "__main__":   # python -m vopd_analysis.distill.command: all of vopd distill, either engine
+    exit_with(main)

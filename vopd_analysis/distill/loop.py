@@ -32,8 +32,8 @@ disk while checkpointing is one line, and the run resumes exactly.
     vopd distill --preset tiny --estimator vopd --out runs/tiny-vopd   # ~2 min on 2 cores
     vopd distill --preset small --estimator vopd --out runs/small-vopd # text, 8,192-token vocabulary
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \
-        -m vopd_analysis.distill.loop --preset tiny ...                # 2 CPU processes (gloo)
-    accelerate launch --num_processes 8 -m vopd_analysis.distill.loop ...   # 8 GPUs
+        -m vopd_analysis.distill.command --preset tiny ...             # 2 CPU processes (gloo)
+    accelerate launch --num_processes 8 -m vopd_analysis.distill.command ...   # 8 GPUs
 
 Normalisation over processes follows TRL's ``num_items_in_batch``: the loss is the mean over
 all processes' items, N = the global number of unmasked tokens (``--reduction token_mean``) or of
@@ -64,13 +64,9 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from ..errors import InputError, exit_with, quiet_interrupt_while_starting
-
-if __name__ == "__main__":            # python -m: a Ctrl-C while torch imports is "interrupted", exit 130
-    quiet_interrupt_while_starting()
-
 import torch  # noqa: E402
 
+from ..errors import InputError
 from ..lm import fused_score as fs  # noqa: E402
 from ..lm import loading, tasks  # noqa: E402
 from ..lm import rollouts as ro  # noqa: E402
@@ -83,7 +79,6 @@ from .runner import Prepared, evaluate, finish  # noqa: E402
 from .stopping import (  # noqa: E402
     Interrupted,
     StopOnSignal,
-    end_process_group,  # noqa: E402,F401  (public here: the README names loop.end_process_group)
     interrupted_message,
     stop_agreed,
 )
@@ -449,7 +444,3 @@ class Builtin(runner.Engine):
         run_, start, metrics = setup(p, latest)
         return train(run_, start, metrics, p.started)
 
-
-if __name__ == "__main__":   # python -m vopd_analysis.distill.loop (the README's): all of vopd distill, either engine
-    from .command import main
-    exit_with(main)
