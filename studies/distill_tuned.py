@@ -8,7 +8,7 @@ is not made on the seeds that chose the learning rates.
 Selection. Each estimator (opd, vopd, vopd_topk with k=4, opd_bstar, full_kl) trains on the grid
 ``lrs`` (full mode: 1e-4, 3e-4, 1e-3, 3e-3; AdamW with the tiny preset's other settings, 16
 prompts x 4 rollouts per step as in distill_tiny) with the selection seeds (100, 101, 102) for
-``selection_steps`` (200) steps, evaluated every ``eval_every`` (50). The rule, fixed before running
+``selection_steps`` (120) steps, evaluated every ``eval_every`` (40). The rule, fixed before running
 (``compare.best_lrs``): the learning rate with the lowest mean final held-out reverse KL over the
 selection seeds, ties to the smaller one. When the choice is at an edge of its grid, the grid gets
 the next learning rate beyond that edge on the ladder {1, 3} x 10^k (a factor of about 3: 1e-4 ->
@@ -18,7 +18,7 @@ still at an edge.
 
 Confirmation. Fresh seeds 0..9, paired across estimators (seed s gives every estimator the same
 training prompts; the held-out set is the same for all), each estimator at its chosen learning
-rate for ``steps`` (300) steps, evaluated every 50. Reported per estimator over the seeds: the
+rate for ``steps`` (240) steps, evaluated every 40. Reported per estimator over the seeds: the
 final held-out accuracy and reverse KL (mean, 95% t-interval), the paired differences to opd and
 to vopd (mean, 95% t-interval, paired t-test p-value; ``distill_tiny.summary``), the steps to reach
 ``kl_threshold`` nats, and whether the curves flattened: the least-squares slope of the reverse KL
@@ -36,13 +36,14 @@ reverse KL and accuracy with 95% intervals. Every run is a ``vopd distill`` fold
 ``vopd compare work_dir/selection --best-lr`` shows the selection table.
 
 Quick mode (opd and vopd, 2 learning rates, 1 selection seed, 2 confirmation seeds, 20 steps) only
-checks the pipeline and decides nothing. Full mode: 5 x 4 x 3 = 60 selection runs of 200 steps
-(12,000 steps), at most 30 more if every estimator's grid is extended twice (6,000 steps), and 5 x
-10 = 50 confirmation runs of 300 steps (15,000 steps): 27,000 to 33,000 steps with ``jobs`` 2.
-distill_tiny's full mode (50 runs x 400 steps of the same size, 2 processes) took 2,870 s of wall
-time on 2 cores, 0.14 s per step with evaluations; so about 65 to 80 minutes, plus about 5
-minutes of process start-up (one process per run). (600 confirmation steps, two hours in all, did not fit
-the compute this study was given; the tail slopes say whether 300 were enough.)
+checks the pipeline and decides nothing. Full mode: 5 x 4 x 3 = 60 selection runs of 120 steps (7,200
+steps), at most 30 more if every estimator's grid is extended twice (3,600 steps), and 5 x 10 = 50
+confirmation runs of 240 steps (12,000 steps): 19,200 to 22,800 steps with ``jobs`` 2. distill_tiny's
+full mode (50 runs x 400 steps of the same size, 2 processes) took 2,870 s of wall time on 2 cores, 0.14 s
+per step with evaluations; so about 45 to 55 minutes on an idle machine, plus about 5 minutes of process
+start-up (one process per run). The budgets are what the compute this study was given allowed (the first
+plan, 200 and 600 steps, needed about two hours of both cores); the tail slopes say whether 240 steps
+were enough for the curves to flatten.
 
     python -m studies.distill_tuned [--quick]
 """
@@ -77,7 +78,7 @@ DEFAULTS = {
               "selection_steps": 20, "max_extensions": 1, "seeds": [0, 1], "steps": 20, "eval_every": 10,
               "num_eval": 50, "kl_threshold": 7.5, "jobs": 1, "work_dir": None, "note": QUICK_NOTE, **LOOP},
     "full": {"estimators": ESTIMATORS, "lrs": [1e-4, 3e-4, 1e-3, 3e-3], "selection_seeds": [100, 101, 102],
-             "selection_steps": 200, "max_extensions": 2, "seeds": list(range(10)), "steps": 300, "eval_every": 50,
+             "selection_steps": 120, "max_extensions": 2, "seeds": list(range(10)), "steps": 240, "eval_every": 40,
              "num_eval": 200, "kl_threshold": 4.0, "jobs": 2, "work_dir": "runs/distill_tuned_full", "note": None,
              **LOOP},
 }
