@@ -10,7 +10,8 @@ from benchmarks import estimator_cost as ec
 
 
 def test_measure_tiny_size_gives_one_row_per_estimator():
-    rows = ec.measure(vocab=64, tokens=16, device=torch.device("cpu"), repeats=2, warmup=1, min_sample_s=0.0)
+    rows = ec.measure(vocab=64, tokens=16, device=torch.device("cpu"), repeats=2, warmup=1, min_sample_s=0.0,
+                      bandwidth=(1e10, 1e9))
     labels = [e[0] for e in ec.ESTIMATORS]
     assert [r.label for r in rows] == labels
     by = {r.label: r for r in rows}
@@ -20,6 +21,11 @@ def test_measure_tiny_size_gives_one_row_per_estimator():
         assert r.time_s > 0 and math.isfinite(r.time_ratio) and r.time_ratio > 0
         assert r.mem_bytes > 0 and math.isfinite(r.mem_ratio)
         assert r.input_bytes > 0
+    # the floor: opd reads z twice (10 GB/s) and writes the gradient once into fresh memory (1 GB/s);
+    # vopd reads the teacher once more
+    assert math.isclose(by["opd"].floor_s, 16 * 64 * 4 * (2 / 1e10 + 1 / 1e9))
+    assert math.isclose(by["vopd"].floor_s - by["opd"].floor_s, 16 * 64 * 4 / 1e10)
+    assert math.isclose(by["vopd_topk@16"].floor_s, by["opd"].floor_s)
     # the working memory includes at least the student gradient [N, V] float32
     assert by["opd"].mem_bytes >= 16 * 64 * 4
     # full-logit estimators read the teacher logits as well
@@ -28,13 +34,13 @@ def test_measure_tiny_size_gives_one_row_per_estimator():
     table = ec.format_table(rows)
     lines = table.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[:4] == ["V", "tokens", "opd ms", "opd MiB"]
-    assert header[4:] == [l for l in labels if l != "opd"]
+    assert header[:5] == ["V", "tokens", "opd ms", "opd floor ms", "opd MiB"]
+    assert header[5:] == [l for l in labels if l != "opd"]
     assert len(lines) == 3                                   # header, separator, one size
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert len(cells) == len(header) and cells[:2] == ["64", "16"]
-    for cell in cells[4:]:
-        t, m = (float(x) for x in cell.split("/"))
+    for cell in cells[5:]:
+        t, m = (float(x) for x in cell.split("(")[0].split("/"))
         assert t > 0 and m > 0
     assert isinstance(ec.check_targets(rows), list)
 
