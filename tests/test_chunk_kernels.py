@@ -93,8 +93,7 @@ def test_compiled_equals_eager_float64_and_bfloat16():
 
 
 def test_switch_environment_argument_and_size(monkeypatch):
-    big = torch.empty(2, chunk_kernels.MIN_ELEMENTS // 2)
-    small = torch.empty(2, 3)
+    big, small = chunk_kernels.MIN_ELEMENTS, 6
     monkeypatch.delenv("VOPD_COMPILE", raising=False)
     assert chunk_kernels.use_compiled(None, big) and not chunk_kernels.use_compiled(None, small)
     assert chunk_kernels.use_compiled(True, small) and not chunk_kernels.use_compiled(False, big)
@@ -134,6 +133,48 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         warnings.simplefilter("always")
         lp, kl = dv.token_logprobs_and_reverse_kl(z.clone().requires_grad_(True), y, t, compiled=True)
     assert any("torch.compile failed" in str(w.message) for w in caught)
-    assert chunk_kernels._failed and not chunk_kernels.use_compiled(True, z)
+    assert chunk_kernels._failed and not chunk_kernels.use_compiled(True, z.numel())
     ref = dv.token_logprobs_and_reverse_kl(z, y, t, compiled=False)
     assert torch.equal(lp.detach(), ref[0]) and torch.equal(kl, ref[1])
+
+
+# ----------------------------------------------------------------------------- fused hidden-state path
+
+@pytest.mark.parametrize("name", ["opd", "opd_bstar", "full_kl"])     # every tile-kernel variant
+def test_fused_tiles_compiled_equal_eager(monkeypatch, name):
+    """fused._FusedTokenStats with the compiled tile kernels (forced on at this size) against its eager
+    tiles and the materialised path: float64 to 1e-10 (absolute and relative: b* reaches ~600 here), with a logit scale,
+    a -inf bias entry (a hard-masked vocabulary entry) and tiles that do not divide N or V."""
+    from test_fused import assert_match, fused, make, materialised
+
+    p = make(seed=11, V=37)
+    with torch.no_grad():
+        p["b_s"][3] = float("-inf")
+        p["b_t"][3] = float("-inf")
+    kw = dict(scale=(1.5, 0.8))
+    monkeypatch.setenv("VOPD_COMPILE", "0")
+    eager = fused(name, p, 5, 8, **kw)
+    monkeypatch.setenv("VOPD_COMPILE", "1")
+    monkeypatch.setattr(chunk_kernels, "MIN_ELEMENTS", 1)
+    calls = []
+    real = chunk_kernels._call
+    monkeypatch.setattr(chunk_kernels, "_call", lambda n, *a: calls.append(n) or real(n, *a))
+    compiled = fused(name, p, 5, 8, **kw)
+    assert {"tile_sums", "tile_grad"} <= set(calls)
+    assert_match(compiled, eager, rtol=1e-10, atol=1e-10)
+    assert_match(compiled, materialised(name, p, **kw), rtol=1e-10, atol=1e-10)
+
+
+def test_fused_tiles_compiled_float32_and_softcap(monkeypatch):
+    """float32 within 1e-5 relative of the eager tiles; a soft-capped head keeps the eager gradient tile."""
+    from test_fused import assert_match, fused, make
+
+    p64 = make(seed=12, d_s=16, d_t=19, V=257)
+    p = {k: (v.detach().float().requires_grad_(v.requires_grad) if torch.is_tensor(v) and v.is_floating_point()
+             else v) for k, v in p64.items()}
+    for kw in (dict(), dict(scale=(0.7, 1.3), cap=(4.0, 2.5))):
+        monkeypatch.setenv("VOPD_COMPILE", "0")
+        eager = fused("vopd", p, 5, 16, **kw)
+        monkeypatch.setenv("VOPD_COMPILE", "1")
+        monkeypatch.setattr(chunk_kernels, "MIN_ELEMENTS", 1)
+        assert_match(fused("vopd", p, 5, 16, **kw), eager, rtol=1e-5, atol=1e-5)

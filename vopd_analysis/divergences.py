@@ -226,7 +226,7 @@ def _chunked_token_logprobs(logits: torch.Tensor, tokens: Optional[torch.Tensor]
     if want_bstar and t is None:
         raise ValueError("b* needs the teacher logits")
     lp, lse, kl, bstar = _ChunkedTokenLogprobs.apply(logits.reshape(-1, V), y, t, t_lse, want_bstar,
-                                                 chunk_kernels.use_compiled(compiled, logits))
+                                                 chunk_kernels.use_compiled(compiled, logits.numel()))
     out = (None if y is None else lp.reshape(tokens.shape), lse.reshape(shape),
            None if t is None else kl.reshape(shape))
     return out + (bstar.reshape(shape),) if want_bstar else out
