@@ -30,12 +30,11 @@ What the numbers mean
   what was alive before; the batch inputs are excluded and listed separately as ``inputs``.
   On CPU it comes from ``torch.profiler`` memory events, on CUDA from
   ``torch.cuda.max_memory_allocated`` (see ``benchmarks.common.peak_memory``).
-* ``floor``: the bytes an estimator must move through memory, divided by this machine's memory
-  bandwidth measured at the start of the run (``memory_bandwidth``: the best of a few copies of a
-  256 MiB tensor into a preallocated one, bytes read + written per second; the gradient's one write
-  at the rate of filling freshly allocated memory, whose page faults the gradient pays on CPU
-  because each step's ``.grad`` is new memory: on this machine they cost more than the
-  arithmetic). The bytes are whole
+* ``floor``: the time the bytes an estimator must move take on this machine, measured in the same
+  interleaved rounds as the estimators by two probes (``floor_time``): a copy of z into a
+  preallocated tensor (one read + one write pass) and a fill of a newly allocated tensor of z's
+  size (the gradient's one write into fresh memory, whose page faults it pays on CPU because each
+  step's ``.grad`` is new memory; on this machine they cost more than the arithmetic). The bytes are whole
   [N, V] passes (``floor_passes``): opd reads z in the forward, reads z and writes the gradient in
   the backward (3 passes); a detached full-vocabulary baseline (vopd, opd_bstar) adds one read of
   the teacher logits (4), a KL with a gradient (full_kl) reads them again in the backward (5).
@@ -113,7 +112,8 @@ class Measurement:
     vocab: int
     tokens: int
     label: str
-    floor_s: float           # bytes that must move / measured bandwidth (floor_passes); nan if not measured
+    floor_s: float           # median memory-traffic floor (floor_time); nan if not measured
+    floor_ratio: float       # median over rounds of floor / time(opd) in the same round
     time_s: float            # median seconds of one forward+backward
     time_ratio: float        # median over rounds of time / time(opd) in the same round
     mem_bytes: int           # peak working memory of forward+backward (inputs excluded)
@@ -189,29 +189,24 @@ def _eager_step(name: str, params: dict, batch: TokenBatch):
     return run
 
 
-def _best_time(fn, device: torch.device, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        common.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        common.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+# memory-traffic probes timed in the same rounds as the estimators (not estimators themselves)
+COPY_PROBE, FRESH_PROBE = "(copy z)", "(fresh fill)"
 
 
-def memory_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> tuple:
-    """(copy, fresh) in bytes per second, best of ``repeats``: ``copy`` = a ``mib`` MiB float32 tensor
-    copied into a preallocated one (read + write counted); ``fresh`` = a newly allocated tensor of
-    that size filled once (on CPU: the kernel faulting in and zeroing its pages, then the write)."""
-    n = mib * 2**20 // 4
-    src = torch.ones(n, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    copy = 2 * n * 4 / _best_time(lambda: dst.copy_(src), device, repeats)
-    del dst
-    fresh = n * 4 / _best_time(lambda: torch.empty_like(src).fill_(1.0), device, repeats)
-    return copy, fresh
+def _probes(z: torch.Tensor) -> Dict[str, object]:
+    """``COPY_PROBE``: z copied into a preallocated tensor of its size (one read + one write pass);
+    ``FRESH_PROBE``: a newly allocated tensor of z's size filled once (on CPU the kernel faults in
+    and zeroes its pages first, as it does for each step's new gradient)."""
+    x = z.detach()
+    dst = torch.empty_like(x)
+    return {COPY_PROBE: lambda: dst.copy_(x), FRESH_PROBE: lambda: torch.empty_like(x).fill_(1.0)}
+
+
+def floor_time(label: str, copy_s: float, fresh_s: float) -> float:
+    """The memory-traffic floor of ``label`` from one round's probe times: its ``floor_passes`` less
+    the gradient's write at the copy probe's rate (a copy = 2 passes), the gradient's write at the
+    fresh-fill probe's."""
+    return (floor_passes(label) - 1) * copy_s / 2 + fresh_s
 
 
 def floor_passes(label: str) -> int:
@@ -240,11 +235,9 @@ def _autograd_step(batch: TokenBatch):
 def measure(vocab: int, tokens: int, device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None, repeats: int = 7, warmup: int = 2,
             estimators: Sequence[Tuple[str, str, dict, str]] = ESTIMATORS,
-            measure_memory: bool = True, min_sample_s: float = 0.05,
-                    bandwidth: Optional[tuple] = None) -> List[Measurement]:
+            measure_memory: bool = True, min_sample_s: float = 0.05, floor: bool = True) -> List[Measurement]:
     """One row per estimator for one (V, N): median time, ratios to opd, peak working memory, and
-    the memory-traffic floor when ``bandwidth`` ((copy, fresh) bytes/s, ``memory_bandwidth``) is
-    given: the gradient written once into fresh memory, every other pass at the copy rate."""
+    (``floor``) the memory-traffic floor from probes timed in the same rounds (``floor_time``)."""
     device = torch.device(device) if device is not None else common.default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -260,21 +253,24 @@ def measure(vocab: int, tokens: int, device: Optional[torch.device] = None,
            else _eager_step(name, params, batches[kind]) if label.endswith(EAGER_SUFFIX)
            else _step(name, params, batches[kind])
            for label, name, params, kind in estimators}
-    elem = batches["full"].student_logits.element_size()
     mem: Dict[str, int] = {}
     if measure_memory:
         for label in labels:
             batches["full"].student_logits.grad = None
             gc.collect()
             mem[label] = common.peak_memory(fns[label], device)
+    if floor:
+        fns.update(_probes(batches["full"].student_logits))
     times = common.time_interleaved(fns, device, repeats=repeats, warmup=warmup, min_sample_s=min_sample_s)
     batches["full"].student_logits.grad = None
     rows = []
     for label, name, params, kind in estimators:
+        floors = ([floor_time(label, c, f) for c, f in zip(times[COPY_PROBE], times[FRESH_PROBE])]
+                  if floor else [float("nan")])
         rows.append(Measurement(
             vocab=vocab, tokens=tokens, label=label,
-            floor_s=(vocab * tokens * elem * ((floor_passes(label) - 1) / bandwidth[0] + 1 / bandwidth[1])
-                     if bandwidth else float("nan")),
+            floor_s=statistics.median(floors),
+            floor_ratio=common.paired_ratio(floors, times[REFERENCE]) if floor else float("nan"),
             time_s=statistics.median(times[label]),
             time_ratio=common.paired_ratio(times[label], times[REFERENCE]),
             mem_bytes=mem.get(label, -1),
@@ -333,7 +329,7 @@ def format_table(rows: Sequence[Measurement]) -> str:
                 continue
             r = by.get((v, n, l))
             cells.append("-" if r is None else
-                         f"{r.time_ratio:.2f} / {r.mem_ratio:.2f} ({r.floor_s / ref.time_s:.2f})")
+                         f"{r.time_ratio:.2f} / {r.mem_ratio:.2f} ({r.floor_ratio:.2f})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -378,15 +374,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = common.machine_info(device)
     print(f"# estimator cost ({'quick' if args.quick else 'full'}) on {common.describe_machine(info)}",
           flush=True)
-    bandwidth = memory_bandwidth(device)
-    print(f"memory bandwidth: copy {bandwidth[0] / 1e9:.1f} GB/s (read + write), fresh-memory fill "
-          f"{bandwidth[1] / 1e9:.2f} GB/s (best of 5, 256 MiB)", flush=True)
     rows: List[Measurement] = []
     for v, n in grid(args.quick):
-        size_rows = measure(v, n, device=device, repeats=repeats, bandwidth=bandwidth)
+        size_rows = measure(v, n, device=device, repeats=repeats)
         rows += size_rows
         ref = size_rows[0]
-        print(f"V={v:>6} N={n:>5}  opd {1e3 * ref.time_s:8.1f} ms {_mb(ref.mem_bytes):>8} MiB  " +
+        print(f"V={v:>6} N={n:>5}  opd {1e3 * ref.time_s:8.1f} ms (floor {1e3 * ref.floor_s:.1f}) "
+              f"{_mb(ref.mem_bytes):>8} MiB  " +
               "  ".join(f"{r.label} {r.time_ratio:.2f}/{r.mem_ratio:.2f}" for r in size_rows[1:]), flush=True)
     table = format_table(rows)
     misses = check_targets(rows)
@@ -404,11 +398,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "the least any full-vocabulary baseline can add. `opd/autograd` = opd through plain autograd "
         "(gather - logsumexp) instead of the chunked pass. `X/eager` = estimator X with the compiled "
         "kernels off (`VOPD_COMPILE=0`): the eager chunked pass, as before them.",
-        f"In parentheses: the estimator's floor, bytes it must move (whole [N, V] passes: opd 3, a detached "
-        f"full-vocabulary baseline 4, full_kl 5; the gradient written once into fresh memory at the measured "
-        f"{bandwidth[1] / 1e9:.2f} GB/s of a newly allocated 256 MiB fill, page faults included, every other "
-        f"pass at the measured copy rate {bandwidth[0] / 1e9:.1f} GB/s), as a ratio to opd's measured time; "
-        "`opd floor ms` is opd's.",
+        "In parentheses: the estimator's memory-traffic floor as a ratio to opd's time (median over rounds): "
+        "the whole [N, V] passes it must make (opd 3: z read in the forward, z read and the gradient written "
+        "in the backward; a detached full-vocabulary baseline 4, full_kl 5), timed by two probes in the same "
+        "rounds: a copy of z into a preallocated tensor (2 passes) and a fill of a newly allocated tensor of "
+        "z's size (the gradient's write into fresh memory, page faults included). `opd floor ms` is opd's floor.",
         "",
         table,
         "",
