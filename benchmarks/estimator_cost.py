@@ -47,16 +47,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import os
 import statistics
-import time
 import sys
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from vopd_analysis import estimators as E
 from vopd_analysis.batch import TokenBatch
+from vopd_analysis import chunk_kernels
 from vopd_analysis import divergences as dv
 from . import common
 
@@ -173,19 +173,12 @@ def _floor_step(batch: TokenBatch):
 
 
 def _eager_step(name: str, params: dict, batch: TokenBatch):
-    """The estimator with ``VOPD_COMPILE=0`` for the duration of the call: the eager chunked pass."""
+    """The estimator with the compiled kernels off for the duration of the call: the eager chunked pass."""
     inner = _step(name, params, batch)
 
     def run():
-        before = os.environ.get("VOPD_COMPILE")
-        os.environ["VOPD_COMPILE"] = "0"
-        try:
+        with chunk_kernels.eager():
             inner()
-        finally:
-            if before is None:
-                del os.environ["VOPD_COMPILE"]
-            else:
-                os.environ["VOPD_COMPILE"] = before
     return run
 
 

@@ -45,7 +45,6 @@ import argparse
 import dataclasses
 import gc
 import importlib.util
-import os
 import statistics
 import sys
 import types
@@ -53,6 +52,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from vopd_analysis import chunk_kernels
 from vopd_analysis import divergences as dv
 from vopd_analysis import estimators as E
 from vopd_analysis import fused as F
@@ -221,17 +221,10 @@ def fused_step(name: str, p: Problem, out: Dict[str, float], key: str,
 
 
 def eager_tiles_step(inner: Callable[[], None]) -> Callable[[], None]:
-    """``inner`` with ``VOPD_COMPILE=0`` for the duration of the call."""
+    """``inner`` with the compiled tile kernels off for the duration of the call."""
     def run():
-        before = os.environ.get("VOPD_COMPILE")
-        os.environ["VOPD_COMPILE"] = "0"
-        try:
+        with chunk_kernels.eager():
             inner()
-        finally:
-            if before is None:
-                del os.environ["VOPD_COMPILE"]
-            else:
-                os.environ["VOPD_COMPILE"] = before
     return run
 
 

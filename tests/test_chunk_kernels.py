@@ -10,6 +10,7 @@ Compilation costs seconds per variant, so only a few shapes are compiled here; e
 runs the eager pass (tests/conftest.py sets VOPD_COMPILE=0).
 """
 
+import os
 import warnings
 
 import pytest
@@ -101,6 +102,14 @@ def test_switch_environment_argument_and_size(monkeypatch):
         monkeypatch.setenv("VOPD_COMPILE", off)
         assert not chunk_kernels.use_compiled(None, big)
         assert chunk_kernels.use_compiled(True, small)       # the argument wins over the environment
+    monkeypatch.setenv("VOPD_COMPILE", "1")
+    with chunk_kernels.eager():
+        assert not chunk_kernels.use_compiled(None, big)
+    assert chunk_kernels.use_compiled(None, big)
+    monkeypatch.delenv("VOPD_COMPILE")
+    with chunk_kernels.eager():
+        assert not chunk_kernels.use_compiled(None, big)
+    assert "VOPD_COMPILE" not in os.environ
 
 
 def test_switch_off_runs_the_eager_pass_bit_for_bit(monkeypatch):

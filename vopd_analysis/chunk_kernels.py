@@ -29,7 +29,8 @@ The switch (read on every call, so it can change at run time):
 * ``compiled=`` on ``divergences.token_logprobs_and_lse``, ``token_logprobs_and_reverse_kl``,
   ``token_logprobs_and_optimal_baseline`` and ``reverse_kl_to_fixed_teacher``: ``False`` = eager,
   ``True`` = compiled at any size, ``None`` (default) = the environment decides;
-* environment ``VOPD_COMPILE``: ``0`` / ``false`` / ``off`` = always eager; unset or anything else =
+* environment ``VOPD_COMPILE`` (or a ``with chunk_kernels.eager():`` block, which sets it to 0):
+  ``0`` / ``false`` / ``off`` = always eager; unset or anything else =
   compiled for logits of at least ``MIN_ELEMENTS`` values (below that the eager pass costs less
   than a kernel launch's overheads matter, and small tests and tabular studies never compile).
 
@@ -41,6 +42,7 @@ takes the eager pass. Inside an outer ``torch.compile`` region the eager pass is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Callable, Dict, Optional
@@ -65,6 +67,20 @@ def use_compiled(requested: Optional[bool], numel: int) -> bool:
             return False
         return numel >= MIN_ELEMENTS
     return True
+
+
+@contextlib.contextmanager
+def eager():
+    """``VOPD_COMPILE=0`` for the duration of a ``with`` block: every pass and tile runs eagerly."""
+    before = os.environ.get("VOPD_COMPILE")
+    os.environ["VOPD_COMPILE"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["VOPD_COMPILE"]
+        else:
+            os.environ["VOPD_COMPILE"] = before
 
 
 def _forward(z: torch.Tensor, t: Optional[torch.Tensor], t_lse: Optional[torch.Tensor], want_bstar: bool):
