@@ -94,6 +94,14 @@ AUTOGRAD = "opd/autograd"
 TOPK_MAX = 256
 # "<estimator>/eager": the estimator with the compiled kernels of vopd_analysis.chunk_kernels off
 EAGER_SUFFIX = "/eager"
+# "<estimator>/unchecked": the estimator without TokenBatch.validate (whose logits check reads every
+# [N, V] field the estimator reads once more: the teacher logits for a full-vocabulary baseline)
+UNCHECKED_SUFFIX = "/unchecked"
+UNCHECKED: List[Tuple[str, str, dict, str]] = [
+    ("opd/unchecked", "opd", {}, "full"),
+    ("vopd/unchecked", "vopd", {}, "full"),
+    ("opd_bstar/unchecked", "opd_bstar", {}, "full"),
+]
 
 # (V, tokens per batch); the batch is [B, T] with B = 8 sequences of T = N / 8 tokens.
 FULL_VOCABS = (1024, 8192, 32768, 151936)
@@ -155,10 +163,10 @@ def make_batches(vocab: int, tokens: int, device: torch.device, dtype: torch.dty
     return {"full": full, "full_own_lse": own_lse, "topk": top}
 
 
-def _step(name: str, params: dict, batch: TokenBatch):
+def _step(name: str, params: dict, batch: TokenBatch, validate: bool = True):
     def run():
         batch.student_logits.grad = None
-        loss = E.surrogate_loss(name, batch, **params)
+        loss = E.surrogate_loss(name, batch, validate=validate, **params)
         loss.backward()
     return run
 
@@ -244,6 +252,7 @@ def measure(vocab: int, tokens: int, device: Optional[torch.device] = None,
     special = {FLOOR: _floor_step, AUTOGRAD: _autograd_step}
     fns = {label: special[label](batches[kind]) if label in special
            else _eager_step(name, params, batches[kind]) if label.endswith(EAGER_SUFFIX)
+           else _step(name, params, batches[kind], validate=False) if label.endswith(UNCHECKED_SUFFIX)
            else _step(name, params, batches[kind])
            for label, name, params, kind in estimators}
     mem: Dict[str, int] = {}
@@ -356,6 +365,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: with OpenMP spin-waiting, a CPU shared with other "
                         "processes makes multi-threaded timings swing by orders of magnitude)")
+    p.add_argument("--unchecked", action="store_true",
+                   help="add opd, vopd and opd_bstar without TokenBatch.validate (columns X/unchecked)")
+    p.add_argument("--sizes", nargs="+", default=None, metavar="VxN",
+                   help="only these (vocabulary x tokens) cells, e.g. 8192x256 (default: the grid)")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to RESULTS.md")
     p.add_argument("--results", default=None, help="results file (default benchmarks/RESULTS.md)")
     args = p.parse_args(argv)
@@ -368,8 +381,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"# estimator cost ({'quick' if args.quick else 'full'}) on {common.describe_machine(info)}",
           flush=True)
     rows: List[Measurement] = []
-    for v, n in grid(args.quick):
-        size_rows = measure(v, n, device=device, repeats=repeats)
+    sizes = ([tuple(int(x) for x in c.lower().split("x")) for c in args.sizes] if args.sizes
+             else grid(args.quick))
+    estimators = ESTIMATORS + (UNCHECKED if args.unchecked else [])
+    for v, n in sizes:
+        size_rows = measure(v, n, device=device, repeats=repeats, estimators=estimators)
         rows += size_rows
         ref = size_rows[0]
         print(f"V={v:>6} N={n:>5}  opd {1e3 * ref.time_s:8.1f} ms (floor {1e3 * ref.floor_s:.1f}) "
@@ -379,7 +395,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     misses = check_targets(rows)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     text = "\n".join([
-        f"`python -m benchmarks.estimator_cost{' --quick' if args.quick else ''}` "
+        f"`python -m benchmarks.estimator_cost{' --quick' if args.quick else ''}"
+        f"{' --unchecked' if args.unchecked else ''}{' --sizes ' + ' '.join(args.sizes) if args.sizes else ''}` "
         f"(student logits {dtype}, {repeats} interleaved rounds, median).",
         "",
         "Each cell: time ratio / peak-working-memory ratio to `opd` in the same process. "
@@ -390,7 +407,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "`vopd/own-lse`, which computes it. `opd+read(t)` = opd plus one sum over the teacher logits: "
         "the least any full-vocabulary baseline can add. `opd/autograd` = opd through plain autograd "
         "(gather - logsumexp) instead of the chunked pass. `X/eager` = estimator X with the compiled "
-        "kernels off (`VOPD_COMPILE=0`): the eager chunked pass, as before them.",
+        "kernels off (`VOPD_COMPILE=0`): the eager chunked pass, as before them." +
+        (" `X/unchecked` = estimator X without `TokenBatch.validate`, whose logits check reads the teacher "
+         "logits once more for a full-vocabulary baseline (compare vopd/unchecked with opd/unchecked)."
+         if args.unchecked else ""),
         "In parentheses: the estimator's memory-traffic floor as a ratio to opd's time (median over rounds): "
         "the whole [N, V] passes it must make (opd 3: z read in the forward, z read and the gradient written "
         "in the backward; a detached full-vocabulary baseline 4, full_kl 5), timed by two probes in the same "
