@@ -18,9 +18,6 @@ the student's h and W (no bias, logit scale 1, no soft-capping; float32 on CPU):
   TokenBatch (the registry's chunked pass over [N, V] logits);
 * ``fused``: ``vopd_analysis.fused.fused_surrogate_loss(name, ..., reduction="sum")``, tiles of
   ``fused.default_chunks`` (1024 x 1024 on CPU), never an [N, V] tensor;
-* ``fused-eager`` (``--eager-tiles``): the same with the compiled tile kernels off
-  (``VOPD_COMPILE=0``, ``vopd_analysis.chunk_kernels``): the eager tile code, as before them;
-  the materialised path keeps its default (compiled chunked pass);
 * ``trl``: TRL 1.16's ``_chunked_divergence_loss`` with beta = 1 (reverse KL, the full_kl
   value; TRL has no vOPD), num_items_in_batch = 1 (a sum). TRL is not a dependency: the
   column appears only if it imports. Without the ``datasets`` package (which
@@ -52,7 +49,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from vopd_analysis import chunk_kernels
 from vopd_analysis import divergences as dv
 from vopd_analysis import estimators as E
 from vopd_analysis import fused as F
@@ -220,14 +216,6 @@ def fused_step(name: str, p: Problem, out: Dict[str, float], key: str,
     return run
 
 
-def eager_tiles_step(inner: Callable[[], None]) -> Callable[[], None]:
-    """``inner`` with the compiled tile kernels off for the duration of the call."""
-    def run():
-        with chunk_kernels.eager():
-            inner()
-    return run
-
-
 def trl_step(trl_loss: Callable, p: Problem, out: Dict[str, float], key: str) -> Callable[[], None]:
     """TRL's chunked reverse KL (beta = 1), summed (num_items_in_batch = 1)."""
     def run():
@@ -242,8 +230,7 @@ def measure(tokens: int, vocab: int = VOCAB, hidden: int = HIDDEN, device: Optio
             dtype: torch.dtype = torch.float32, repeats: int = 3, warmup: int = 1, min_sample_s: float = 0.05,
             trl_loss: Optional[Callable] = None, estimators: Sequence[str] = ESTIMATORS,
             measure_memory: bool = True, token_chunk: Optional[int] = None,
-            vocab_chunk: Optional[int] = None, k: Optional[int] = None,
-            eager_tiles: bool = False) -> List[Measurement]:
+            vocab_chunk: Optional[int] = None, k: Optional[int] = None) -> List[Measurement]:
     """One row per (estimator, method) for one N: median time, ratios to materialised, peak memory.
     ``k``: the top-k size of the estimators that have one (None: the registry's default)."""
     device = torch.device(device) if device is not None else common.default_device()
@@ -254,9 +241,6 @@ def measure(tokens: int, vocab: int = VOCAB, hidden: int = HIDDEN, device: Optio
         params = estimator_params(name, k)
         fns[f"{name}/materialised"] = materialised_step(name, p, values, f"{name}/materialised", params)
         fns[f"{name}/fused"] = fused_step(name, p, values, f"{name}/fused", token_chunk, vocab_chunk, params)
-        if eager_tiles:
-            fns[f"{name}/fused-eager"] = eager_tiles_step(
-                fused_step(name, p, values, f"{name}/fused-eager", token_chunk, vocab_chunk, params))
         if trl_loss is not None and name == "full_kl":
             fns[f"{name}/trl"] = trl_step(trl_loss, p, values, f"{name}/trl")
     mem: Dict[str, int] = {}
@@ -293,20 +277,15 @@ def format_table(rows: Sequence[Measurement]) -> str:
     """Markdown: one line per (N, estimator); the materialised seconds and MiB, then for fused and
     TRL their time ratio / memory ratio to it, their MiB and their relative value difference."""
     by = {(r.tokens, r.estimator, r.method): r for r in rows}
-    eager = any(r.method == "fused-eager" for r in rows)
     head = ["N", "estimator", "materialised s", "materialised MiB",
-            "fused time x / mem x", "fused MiB", "fused rel. value diff"] + \
-        (["fused eager tiles time x / mem x"] if eager else []) + \
-        ["TRL time x / mem x", "TRL MiB", "TRL rel. value diff"]
+            "fused time x / mem x", "fused MiB", "fused rel. value diff",
+            "TRL time x / mem x", "TRL MiB", "TRL rel. value diff"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for n, name in dict.fromkeys((r.tokens, r.estimator) for r in rows):
         ref = by[(n, name, REFERENCE)]
         cells = [str(n), name, f"{ref.time_s:.2f}", _mib(ref.mem_bytes)]
-        for method in ("fused", "fused-eager", "trl"):
+        for method in ("fused", "trl"):
             r = by.get((n, name, method))
-            if method == "fused-eager":
-                cells += [("-" if r is None else f"{r.time_ratio:.2f} / {r.mem_ratio:.2f}")] if eager else []
-                continue
             cells += (["-", "-", "-"] if r is None else
                       [f"{r.time_ratio:.2f} / {r.mem_ratio:.2f}", _mib(r.mem_bytes), f"{r.value_error:.1e}"])
         lines.append("| " + " | ".join(cells) + " |")
@@ -334,8 +313,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 leaves torch's setting)")
     p.add_argument("--trl-path", default=None, help="a directory to put first on sys.path to find trl")
-    p.add_argument("--eager-tiles", action="store_true",
-                   help="also time the fused path with its compiled tile kernels off (VOPD_COMPILE=0)")
     p.add_argument("--no-trl", action="store_true", help="leave out the TRL column (materialised and fused only)")
     p.add_argument("--trl-stub-datasets", action="store_true",
                    help="if `datasets` is missing, import TRL's kernel through a placeholder module")
@@ -358,15 +335,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for n in (args.tokens or grid(args.quick)):
         size_rows = measure(n, args.vocab, args.hidden, device=device, dtype=dtype, repeats=args.repeats,
                             trl_loss=trl_loss, estimators=args.estimators, token_chunk=chunks[0],
-                            vocab_chunk=chunks[1], k=args.k, eager_tiles=args.eager_tiles)
+                            vocab_chunk=chunks[1], k=args.k)
         rows += size_rows
         print(f"N={n:>5}  " + "  ".join(f"{r.estimator}/{r.method} {r.time_s:.2f}s x{r.time_ratio:.2f} "
                                        f"{_mib(r.mem_bytes)}MiB" for r in size_rows), flush=True)
     table = format_table(rows)
     elem = torch.empty(0, dtype=dtype).element_size()
     head_mib = args.vocab * args.hidden * elem / 2**20
-    cmd = "`python -m benchmarks.fused_path" + (" --quick" if args.quick else "") + \
-        (" --eager-tiles" if args.eager_tiles else "") + "`"
+    cmd = "`python -m benchmarks.fused_path" + (" --quick" if args.quick else "") + "`"
     topk = [n for n in args.estimators if "k" in E.get(n).defaults]
     ks = ", ".join(f"{n} k = {E.get(n).params(**estimator_params(n, args.k))['k']}" for n in topk)
     text = "\n".join([
@@ -381,9 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "MiB = peak bytes of tensors created during the call, inputs excluded (heads: "
         f"{2 * head_mib:.0f} MiB for both), including the gradients left behind (W_s.grad alone: "
         f"{head_mib:.0f} MiB). "
-        "rel. value diff = |loss - loss(materialised)| / max(1, |loss(materialised)|)." +
-        (" `fused eager tiles` = the fused path with its compiled tile kernels off (VOPD_COMPILE=0)."
-         if args.eager_tiles else ""),
+        "rel. value diff = |loss - loss(materialised)| / max(1, |loss(materialised)|).",
         f"TRL: {trl_line}.",
         "",
         table,

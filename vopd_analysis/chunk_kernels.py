@@ -71,7 +71,7 @@ def use_compiled(requested: Optional[bool], numel: int) -> bool:
 
 @contextlib.contextmanager
 def eager():
-    """``VOPD_COMPILE=0`` for the duration of a ``with`` block: every pass and tile runs eagerly."""
+    """``VOPD_COMPILE=0`` for the duration of a ``with`` block: the chunked pass runs eagerly."""
     before = os.environ.get("VOPD_COMPILE")
     os.environ["VOPD_COMPILE"] = "0"
     try:
@@ -122,47 +122,6 @@ def _backward(z: torch.Tensor, t: Optional[torch.Tensor], lse: torch.Tensor, shi
     return torch.where(q == 0, 0.0, q * w).to(z.dtype)                # q = 0: no gradient
 
 
-def _tile_sums(zs: torch.Tensor, zt: Optional[torch.Tensor], m: torch.Tensor, mt: Optional[torch.Tensor],
-               want_bstar: bool):
-    """One [R, C] logit tile of ``fused._FusedTokenStats``'s forward (its module docstring): the new
-    running maxima m' = max(m, max_v z_v) (m'_T likewise), the rescale factors r = exp(m - m') and
-    r_T, and the tile's sums against m' (the shift 0 while m' is still -inf):
-
-        sum e,  sum e d,  sum exp(z_T - m'_T),  (b*) sum e^2,  sum e^2 d,   e = exp(z - m'),  d = z - z_T,
-
-    as (m', r, S1[, m'_T, r_T, T1, A[, S2, Bq]]); e d is 0 where e = 0."""
-    new_m = torch.maximum(m, zs.amax(-1))
-    shift = torch.where(torch.isfinite(new_m), new_m, 0.0)
-    r = torch.exp(m - shift)
-    e = torch.exp(zs - shift.unsqueeze(1))
-    if zt is None:
-        return new_m, r, e.sum(-1)
-    new_mt = torch.maximum(mt, zt.amax(-1))
-    shift_t = torch.where(torch.isfinite(new_mt), new_mt, 0.0)
-    ed = torch.where(e == 0, 0.0, (zs - zt) * e)
-    out = (new_m, r, e.sum(-1), new_mt, torch.exp(mt - shift_t), torch.exp(zt - shift_t.unsqueeze(1)).sum(-1),
-           ed.sum(-1))
-    return out + ((e * e).sum(-1), (ed * e).sum(-1)) if want_bstar else out
-
-
-def _tile_grad(zs: torch.Tensor, zt: Optional[torch.Tensor], lse: torch.Tensor, offset: Optional[torch.Tensor],
-               g_kl: Optional[torch.Tensor], g_q: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """One logit-gradient tile of ``fused._FusedTokenStats``'s backward, without the sampled-token term:
-
-        G_v = s q_v (k (z_v - z_T,v - offset) + g_q)   (0 where q_v = 0),   or   G_v = s g_q q_v   (no KL gradient),
-
-    q_v = exp(z_v - lse), s the logit scale (no soft cap: the caller keeps capped heads eager)."""
-    q = torch.exp(zs - lse.unsqueeze(1))
-    if zt is None:
-        G = q * g_q.unsqueeze(1)
-    else:
-        w = (zs - zt - offset.unsqueeze(1)) * g_kl.unsqueeze(1)
-        if g_q is not None:
-            w = w + g_q.unsqueeze(1)
-        G = torch.where(q == 0, 0.0, q * w)
-    return G if scale == 1.0 else G * scale
-
-
 def _call(name: str, fn: Callable, *args):
     """``torch.compile(fn)(*args)``, or None after warning once when compilation is unavailable."""
     global _failed
@@ -190,12 +149,3 @@ def backward(z, t, lse, shift, g_kl, g_sum):
     """Compiled ``_backward``, or None (then run the eager pass)."""
     return _call("backward", _backward, z, t, lse, shift, g_kl, g_sum)
 
-
-def tile_sums(zs, zt, m, mt, want_bstar: bool):
-    """Compiled ``_tile_sums``, or None (then run the eager tile code)."""
-    return _call("tile_sums", _tile_sums, zs, zt, m, mt, want_bstar)
-
-
-def tile_grad(zs, zt, lse, offset, g_kl, g_q, scale: float):
-    """Compiled ``_tile_grad``, or None (then run the eager tile code)."""
-    return _call("tile_grad", _tile_grad, zs, zt, lse, offset, g_kl, g_q, scale)

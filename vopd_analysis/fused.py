@@ -99,7 +99,6 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import chunk_kernels
 from . import divergences as dv
 from . import estimators as E
 from .batch import TokenBatch
@@ -227,12 +226,6 @@ class _FusedTokenStats(torch.autograd.Function):
     also returns the ids [N, k] of the top-k logits of ``of`` ("student" or "teacher"), else an
     empty [N, 0]. Formulas and the online rescaling: the module docstring. lp, lse and KL carry
     gradients to h, W and b; the other outputs are non-differentiable; the teacher receives none.
-
-    The elementwise work on each tile (exponentials, the running sums, the gradient tile) runs as
-    one fused kernel per tile when ``chunk_kernels`` compiles (``_tile_sums``, ``_tile_grad``;
-    environment ``VOPD_COMPILE=0`` turns it off, as for the chunked pass, and logits below
-    ``chunk_kernels.MIN_ELEMENTS`` stay eager), and as the eager code below otherwise, which is the
-    reference; soft-capped heads keep the eager gradient tile.
     """
 
     @staticmethod
@@ -251,7 +244,6 @@ class _FusedTokenStats(torch.autograd.Function):
         topk_ids = torch.zeros(N, k, dtype=torch.long, device=h.device)
         # finite logits (no -inf bias entry): no 0 * inf products to clear, skip that pass
         finite = _finite_logits(b, b_t)
-        ctx.compiled = fast = chunk_kernels.use_compiled(None, N * V)
         for a in range(0, N, R):
             n_rows = min(R, N - a)
             hs = h[a:a + n_rows].to(dtype)
@@ -270,25 +262,6 @@ class _FusedTokenStats(torch.autograd.Function):
                 _pick(zs, ya, c, zy[a:a + n_rows])
                 if k and of == "student":
                     top_vals, top_ids = _merge_topk(top_vals, top_ids, zs, c, k)
-                zt = None
-                if teacher:
-                    zt = _logit_tile(ht, W_t, b_t, c, end, dtype, t_scale, t_cap)
-                    _pick(zt, ya, c, ty[a:a + n_rows])
-                    if k and of == "teacher":
-                        top_vals, top_ids = _merge_topk(top_vals, top_ids, zt, c, k)
-                sums = chunk_kernels.tile_sums(zs, zt, m, mt if teacher else None, want_bstar) if fast else None
-                if sums is not None:                           # the same updates from the fused kernel
-                    m, r, s1 = sums[:3]
-                    S1.mul_(r).add_(s1)
-                    if teacher:
-                        mt, r_t, t1, a_sum = sums[3:7]
-                        T1.mul_(r_t).add_(t1)
-                        A.mul_(r).add_(a_sum)
-                        if want_bstar:
-                            r2 = r * r
-                            S2.mul_(r2).add_(sums[7])
-                            Bq.mul_(r2).add_(sums[8])
-                    continue
                 new_m = torch.maximum(m, zs.amax(-1))
                 shift = _finite_or_zero(new_m)
                 r = torch.exp(m - shift)                       # 0 on the first tile (m = -inf)
@@ -297,6 +270,10 @@ class _FusedTokenStats(torch.autograd.Function):
                 m = new_m
                 if not teacher:
                     continue
+                zt = _logit_tile(ht, W_t, b_t, c, end, dtype, t_scale, t_cap)
+                _pick(zt, ya, c, ty[a:a + n_rows])
+                if k and of == "teacher":
+                    top_vals, top_ids = _merge_topk(top_vals, top_ids, zt, c, k)
                 ed = zs.sub_(zt).mul_(e)                       # e_v d_v
                 if not finite:
                     dv._zero_nan_(ed)                          # 0 where q_v = 0
@@ -352,7 +329,6 @@ class _FusedTokenStats(torch.autograd.Function):
         grad_h = torch.zeros(N, h.shape[1], dtype=dtype, device=h.device) if need_h else None
         grad_W = torch.zeros_like(W, memory_format=torch.contiguous_format) if need_W else None
         grad_b = torch.zeros_like(b) if need_b else None
-        fast = ctx.compiled and cap is None
         for c in range(0, V, C):
             end = min(c + C, V)
             w_tile = W[c:end].to(dtype)
@@ -364,13 +340,9 @@ class _FusedTokenStats(torch.autograd.Function):
                 sl = slice(a, min(a + R, N))
                 hs = h[sl].to(dtype)
                 zs = _logit_tile(hs, W, b, c, end, dtype, scale, cap)
-                zt = None if g_kl is None else _logit_tile(h_t[sl].to(dtype), W_t, b_t, c, end, dtype, t_scale, t_cap)
-                G = chunk_kernels.tile_grad(zs, zt, lse[sl], None if g_kl is None else offset[sl],
-                                            None if g_kl is None else g_kl[sl],
-                                            None if g_q is None else g_q[sl], scale) if fast else None
-                fused_tile = G is not None                  # s already applied: the sampled term below gets it too
-                if not fused_tile and g_kl is not None:
-                    G = torch.sub(zs, lse[sl].unsqueeze(1)).exp_()                 # q
+                G = torch.sub(zs, lse[sl].unsqueeze(1)).exp_()                     # q
+                if g_kl is not None:
+                    zt = _logit_tile(h_t[sl].to(dtype), W_t, b_t, c, end, dtype, t_scale, t_cap)
                     w = zt.neg_().add_(zs).sub_(offset[sl].unsqueeze(1)).mul_(g_kl[sl].unsqueeze(1))
                     if g_q is not None:
                         w.add_(g_q[sl].unsqueeze(1))
@@ -378,15 +350,14 @@ class _FusedTokenStats(torch.autograd.Function):
                     if not finite:
                         dv._zero_nan_(G)                                           # q = 0: no gradient
                     del zt, w
-                elif not fused_tile:
-                    G = torch.sub(zs, lse[sl].unsqueeze(1)).exp_().mul_(g_q[sl].unsqueeze(1))   # g_q q
+                else:
+                    G.mul_(g_q[sl].unsqueeze(1))
                 if g_lp is not None:                                               # + g 1[v = y]
                     inside, col = _in_tile(y[sl], c, end - c)
-                    g_y = g_lp[sl] * scale if fused_tile and scale != 1.0 else g_lp[sl]
-                    G.scatter_add_(1, col, torch.where(inside, g_y, 0.0).unsqueeze(1))
-                if cap is not None and not fused_tile:                             # dz/dx = s (1 - (z/c)^2)
+                    G.scatter_add_(1, col, torch.where(inside, g_lp[sl], 0.0).unsqueeze(1))
+                if cap is not None:                                                # dz/dx = s (1 - (z/c)^2)
                     G.mul_(zs.div_(cap).square_().neg_().add_(1.0))
-                if scale != 1.0 and not fused_tile:
+                if scale != 1.0:
                     G.mul_(scale)
                 if need_h:
                     grad_h[sl].addmm_(G, w_tile)
