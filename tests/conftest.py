@@ -8,6 +8,7 @@ imports a benchmark (``INTEGRATION_CALLS``), and every ``slow`` test (``-m unit`
 """
 
 import inspect
+import os
 
 import pytest
 import torch
@@ -44,3 +45,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The test suite runs the eager chunked pass: torch.compile costs seconds per kernel variant.
+# tests/test_chunk_kernels.py checks the compiled kernels against it (compiled=True).
+os.environ.setdefault("VOPD_COMPILE", "0")

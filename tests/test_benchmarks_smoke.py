@@ -20,6 +20,11 @@ def test_measure_tiny_size_gives_one_row_per_estimator():
         assert r.time_s > 0 and math.isfinite(r.time_ratio) and r.time_ratio > 0
         assert r.mem_bytes > 0 and math.isfinite(r.mem_ratio)
         assert r.input_bytes > 0
+    # the floor: opd's 3 passes (the gradient's write into fresh memory), vopd's one more read of the teacher
+    assert ec.floor_time("opd", 2.0, 5.0) == 2.0 + 5.0
+    assert ec.floor_time("vopd", 2.0, 5.0) == 3.0 + 5.0 and ec.floor_time("full_kl", 2.0, 5.0) == 4.0 + 5.0
+    assert ec.floor_time("vopd_topk@16", 2.0, 5.0) == ec.floor_time("opd/eager", 2.0, 5.0) == 7.0
+    assert 0 < by["opd"].floor_s < by["vopd"].floor_s and 0 < by["opd"].floor_ratio < by["vopd"].floor_ratio
     # the working memory includes at least the student gradient [N, V] float32
     assert by["opd"].mem_bytes >= 16 * 64 * 4
     # full-logit estimators read the teacher logits as well
@@ -28,13 +33,13 @@ def test_measure_tiny_size_gives_one_row_per_estimator():
     table = ec.format_table(rows)
     lines = table.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[:4] == ["V", "tokens", "opd ms", "opd MiB"]
-    assert header[4:] == [l for l in labels if l != "opd"]
+    assert header[:5] == ["V", "tokens", "opd ms", "opd floor ms", "opd MiB"]
+    assert header[5:] == [l for l in labels if l != "opd"]
     assert len(lines) == 3                                   # header, separator, one size
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert len(cells) == len(header) and cells[:2] == ["64", "16"]
-    for cell in cells[4:]:
-        t, m = (float(x) for x in cell.split("/"))
+    for cell in cells[5:]:
+        t, m = (float(x) for x in cell.split("(")[0].split("/"))
         assert t > 0 and m > 0
     assert isinstance(ec.check_targets(rows), list)
 

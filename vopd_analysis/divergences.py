@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from . import chunk_kernels
+
 # Detached reductions over V work on chunks of about this many elements per temporary
 # (1 MiB in float32): small enough to stay in cache and to be served from the allocator's
 # free lists, so they neither touch fresh pages nor keep a second [B, T, V] tensor alive.
@@ -97,12 +99,35 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     and fills the gradient chunk by chunk: besides the gradient itself no [N, V] tensor is
     ever allocated (autograd's logsumexp + gather keep three, a log_softmax-based KL five).
     lse is detached; a caller that uses kl as a baseline detaches it.
+
+    With ``compiled`` the same sums and gradient come from the fused kernels of
+    ``chunk_kernels`` (one loop over all rows, no chunks); the loops below are the eager
+    reference, and serve whenever the compiled kernels are off or unavailable.
     """
 
     @staticmethod
-    def forward(ctx, z, y, t, t_lse, want_bstar=False):
+    def forward(ctx, z, y, t, t_lse, want_bstar=False, compiled=False):
         N, V = z.shape
         dtype = compute_dtype(z)
+        fused = chunk_kernels.forward(z, t, t_lse, want_bstar) if compiled else None
+        ctx.compiled = fused is not None
+        if fused is not None:
+            lse, t_lse_own, kl, q_sq, q2l = fused
+            t_lse = t_lse_own if t is not None else t_lse
+            kl = lse.new_empty(0) if kl is None else kl
+            bstar = bstar_from_sums(kl, q_sq, q2l) if want_bstar else lse.new_empty(0)
+        else:
+            lse, kl, bstar, t_lse = _ChunkedTokenLogprobs._eager_sums(z, t, t_lse, want_bstar, dtype)
+        lp = lse.new_empty(0) if y is None else z.gather(1, y).to(dtype) - lse.unsqueeze(1)
+        ctx.save_for_backward(z, y, lse, t, t_lse, kl if t is not None else None)
+        ctx.mark_non_differentiable(lse, bstar)
+        ctx.set_materialize_grads(False)
+        return lp, lse, kl, bstar
+
+    @staticmethod
+    def _eager_sums(z, t, t_lse, want_bstar, dtype):
+        """(lse, KL, b*, lse_T) of the docstring, chunk by chunk in eager PyTorch (the reference)."""
+        N, V = z.shape
         lse = torch.empty(N, dtype=dtype, device=z.device)
         kl, compute_t_lse = lse.new_empty(0), t is not None and t_lse is None
         bstar = torch.empty_like(lse) if want_bstar else lse.new_empty(0)
@@ -129,11 +154,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                     q_sq = e.square_().sum(-1) / Z2                   # |q|^2
                     q2l = e2d / Z2 - shift * q_sq                     # sum q^2 (z - t - shift)
                     bstar[a:a + rows] = bstar_from_sums(kl[a:a + rows], q_sq, q2l)
-        lp = lse.new_empty(0) if y is None else z.gather(1, y).to(dtype) - lse.unsqueeze(1)
-        ctx.save_for_backward(z, y, lse, t, t_lse, kl if t is not None else None)
-        ctx.mark_non_differentiable(lse, bstar)
-        ctx.set_materialize_grads(False)
-        return lp, lse, kl, bstar
+        return lse, kl, bstar, t_lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -142,12 +163,18 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         g_lp = None if y is None or g_lp is None else g_lp.to(lse.dtype)          # [N, k]
         g_kl = None if t is None or g_kl is None else g_kl.reshape(-1, 1).to(lse.dtype)
         if g_lp is None and g_kl is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         dtype = lse.dtype
         if g_kl is not None:
             shift = (lse - t_lse + kl).unsqueeze(1)       # log q - log p - kl = z - t - shift
         if g_lp is not None:
             g_sum = g_lp.sum(1, keepdim=True)
+        grad = chunk_kernels.backward(z, t, lse, None if g_kl is None else shift, g_kl,
+                                      None if g_lp is None else g_sum) if ctx.compiled else None
+        if grad is not None:
+            if g_lp is not None:
+                grad.scatter_add_(1, y, g_lp.to(grad.dtype))            # + sum_j g_nj e_{y_nj}
+            return grad, None, None, None, None, None
         grad = torch.empty_like(z, memory_format=torch.contiguous_format)
         rows = _chunk_rows(z.shape[1], z.shape[0])
         for a in range(0, z.shape[0], rows):
@@ -163,18 +190,22 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 q.scatter_add_(1, y[a:a + rows], g_lp[a:a + rows])   # + sum_j g_nj e_{y_nj}
             if out is None:
                 grad[a:a + rows] = q
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def _chunked_token_logprobs(logits: torch.Tensor, tokens: Optional[torch.Tensor] = None,
                             teacher_logits: Optional[torch.Tensor] = None,
-                            teacher_lse: Optional[torch.Tensor] = None, want_bstar: bool = False) -> tuple:
+                            teacher_lse: Optional[torch.Tensor] = None, want_bstar: bool = False,
+                            compiled: Optional[bool] = None) -> tuple:
     """(lp or None, detached lse, KL or None[, detached b*]) per token, by ``_ChunkedTokenLogprobs``; the
     teacher is held fixed (no gradient reaches it). ``tokens`` is [...] (lp [...]) or, for
     several ids per position, [..., k] (lp [..., k]).
 
     Under torch.func transforms (vmap, grad) the plain composite is traced instead: the
     chunked loop writes into preallocated buffers, which those transforms cannot batch.
+
+    ``compiled``: False = the eager chunked pass, True = the fused kernels of ``chunk_kernels``
+    at any size, None = environment ``VOPD_COMPILE`` and a size threshold decide (see there).
     """
     if teacher_logits is not None and teacher_logits.shape != logits.shape:
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
@@ -197,39 +228,45 @@ def _chunked_token_logprobs(logits: torch.Tensor, tokens: Optional[torch.Tensor]
     t_lse = None if t is None or teacher_lse is None else teacher_lse.detach().reshape(-1).to(compute_dtype(logits))
     if want_bstar and t is None:
         raise ValueError("b* needs the teacher logits")
-    lp, lse, kl, bstar = _ChunkedTokenLogprobs.apply(logits.reshape(-1, V), y, t, t_lse, want_bstar)
+    lp, lse, kl, bstar = _ChunkedTokenLogprobs.apply(logits.reshape(-1, V), y, t, t_lse, want_bstar,
+                                                 chunk_kernels.use_compiled(compiled, logits.numel(), logits.device.type))
     out = (None if y is None else lp.reshape(tokens.shape), lse.reshape(shape),
            None if t is None else kl.reshape(shape))
     return out + (bstar.reshape(shape),) if want_bstar else out
 
 
-def token_logprobs_and_lse(logits: torch.Tensor, tokens: torch.Tensor) -> tuple:
+def token_logprobs_and_lse(logits: torch.Tensor, tokens: torch.Tensor, compiled: Optional[bool] = None) -> tuple:
     """(z_y - logsumexp(z), detached logsumexp(z)): log softmax(z)[y] without materialising log_softmax.
 
     The logsumexp comes back so that a baseline over the same logits (``logprobs_at``)
-    need not recompute it: one pass over V saved.
+    need not recompute it: one pass over V saved. ``compiled``: the fused-kernel switch
+    (``_chunked_token_logprobs``; False = eager, environment ``VOPD_COMPILE=0`` turns it off everywhere).
     """
-    lp, lse, _ = _chunked_token_logprobs(logits, tokens)
+    lp, lse, _ = _chunked_token_logprobs(logits, tokens, compiled=compiled)
     return lp, lse
 
 
 def token_logprobs_and_reverse_kl(student_logits: torch.Tensor, tokens: torch.Tensor,
                                   teacher_logits: torch.Tensor,
-                                  teacher_lse: Optional[torch.Tensor] = None) -> tuple:
+                                  teacher_lse: Optional[torch.Tensor] = None,
+                                  compiled: Optional[bool] = None) -> tuple:
     """(log softmax(z)[y] with its gradient, detached KL(softmax(z) || softmax(t))) per token:
     the sampled log-prob and the vOPD baseline in one pass over the student logits.
 
     ``teacher_lse`` = logsumexp(t) saves the one exponential pass over the teacher logits.
     Used as a baseline, the KL stays unbiased even if ``teacher_lse`` were off: any error in it
     is a function of the state alone, so it shifts the baseline, not the expected gradient.
+    ``compiled``: the fused-kernel switch (``_chunked_token_logprobs``; False = eager, environment
+    ``VOPD_COMPILE=0`` turns it off everywhere).
     """
-    lp, _, kl = _chunked_token_logprobs(student_logits, tokens, teacher_logits, teacher_lse)
+    lp, _, kl = _chunked_token_logprobs(student_logits, tokens, teacher_logits, teacher_lse, compiled=compiled)
     return lp, kl.detach()
 
 
 def token_logprobs_and_optimal_baseline(student_logits: torch.Tensor, tokens: torch.Tensor,
                                         teacher_logits: torch.Tensor,
-                                        teacher_lse: Optional[torch.Tensor] = None) -> tuple:
+                                        teacher_lse: Optional[torch.Tensor] = None,
+                                        compiled: Optional[bool] = None) -> tuple:
     """(log softmax(z)[y] with its gradient, detached b*(s)) per token, in one chunked pass over the
     student logits, as ``token_logprobs_and_reverse_kl`` gives vOPD's baseline: b* is
     ``optimal_scalar_baseline`` computed from the chunk the logsumexp already exponentiated.
@@ -237,23 +274,28 @@ def token_logprobs_and_optimal_baseline(student_logits: torch.Tensor, tokens: to
     Args:
       student_logits, teacher_logits: [..., V].  tokens: [...] sampled ids.
       teacher_lse: logsumexp(teacher_logits) [...], when known.
+      compiled: the fused-kernel switch (``_chunked_token_logprobs``; False = eager, environment
+        ``VOPD_COMPILE=0`` turns it off everywhere).
     Returns:
       (lp [...], b* [...]).
     """
-    lp, _, _, bstar = _chunked_token_logprobs(student_logits, tokens, teacher_logits, teacher_lse, want_bstar=True)
+    lp, _, _, bstar = _chunked_token_logprobs(student_logits, tokens, teacher_logits, teacher_lse,
+                                              want_bstar=True, compiled=compiled)
     return lp, bstar
 
 
 def reverse_kl_to_fixed_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                                teacher_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+                                teacher_lse: Optional[torch.Tensor] = None,
+                                compiled: Optional[bool] = None) -> torch.Tensor:
     """KL(q || p) per token with its gradient in the student logits only (the teacher is data),
 
         d KL / d z_v = q_v (log q_v - log p_v - KL),
 
     chunked like the sampled log-prob: the same value as ``reverse_kl`` without its five
     [B, T, V] temporaries. ``teacher_lse`` = logsumexp(t), when known, saves a pass over t.
+    ``compiled``: the fused-kernel switch (``_chunked_token_logprobs``).
     """
-    return _chunked_token_logprobs(student_logits, None, teacher_logits, teacher_lse)[2]
+    return _chunked_token_logprobs(student_logits, None, teacher_logits, teacher_lse, compiled=compiled)[2]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
