@@ -23,12 +23,10 @@ from tqdm import tqdm
 
 from . import common
 
-# every study, by module name; the order they run in is ``order(STUDIES)``, from what each declares it reads
-STUDIES = ["unbiasedness", "calibration", "variance_landscape", "baseline_quality", "topk", "sequence_bias",
-           "training_dynamics", "estimator_zoo", "pair_statistics", "llm_variance", "llm_variance_small",
-           "llm_variance_smollm2", "llm_variance_gemma3", "vocab_effect",
-           "variance_training", "distill_tiny", "distill_bstar", "distill_engines", "distill_small", "distill_smollm2",
-           "distill_tuned"]
+# every study, by module name: each module of studies/ but these (so a new study is one new file); the order
+# they run in is ``order(STUDIES)``, from what each declares it reads
+INFRASTRUCTURE = ("__init__", "cli", "common", "run_all")
+STUDIES = sorted(p.stem for p in Path(__file__).parent.glob("*.py") if p.stem not in INFRASTRUCTURE)
 
 
 def study(name: str):
