@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from vopd_analysis import records
 from vopd_analysis.cli import Parser, parse_command
 from vopd_analysis.errors import InputError
 
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     args = parse_command(build_parser(), argv or [])
     if args.name not in STUDIES:
         raise InputError(f"no study named '{args.name}'; known studies: {', '.join(STUDIES)}")
+    out = records.check_output(common.default_out(args.quick) if args.out is None else args.out, "--out", folder=True)
     module = importlib.import_module(f"studies.{args.name}")
-    module.run(quick=args.quick, out_dir=args.out or common.default_out(args.quick))
+    module.run(quick=args.quick, out_dir=str(out))
     return 0

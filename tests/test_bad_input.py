@@ -353,6 +353,15 @@ def test_study_help_lists_the_studies(capsys):
     assert all(name in out for name in STUDIES)
 
 
+@pytest.mark.parametrize("out, needle", [("", "--out is empty"), ("FILE", "is a file, not a folder")])
+def test_study_out_is_checked_before_the_study_runs(tmp_path, capsys, out, needle):
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    assert cli.main(["study", "topk", "--quick", "--out", str(file) if out == "FILE" else out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and err.count("\n") == 1
+
+
 def test_mc_help_documents_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         cli.main(["mc", "--help"])
