@@ -120,7 +120,7 @@ def test_extreme_rows_are_refused_in_python_and_the_limit_is_finite_everywhere()
     (("exact", *BASE, "--horizon", "abc"), "argument --horizon: invalid int value: 'abc'"),
     (("exact", *BASE, "--estimators", ""), "--estimators is empty"),
     (("study",), "the following arguments are required: name"),
-    (("study", "common"), "no study named 'common'; known studies: unbiasedness"),
+    (("study", "common"), "no study named 'common'; known studies: baseline_quality, calibration"),
 ])
 def test_cli_errors_are_one_line(capsys, argv, needle):
     code, out, err = run(capsys, *argv)
