@@ -70,7 +70,7 @@ def report(df: pd.DataFrame, config: dict) -> common.Report:
             f"evaluation set, not the same samples; steps_to_kl: first evaluation with reverse KL <= "
             f"{config['kl_threshold']} nats")
     if df["seed"].nunique() < 5:
-        head += "\nUNDERPOWERED (quick mode): too few seeds to decide any difference"
+        head += "\nUNDERPOWERED: fewer than 5 paired seeds; a difference is decided only where its interval excludes 0 (mde_*: what 80% power would detect)"
     contrast = engine_contrast(df)
     lines = [f"{c['estimator']} final {c['metric']}: trl {c['trl_mean']:.4g}, builtin {c['builtin_mean']:.4g} "
              f"[{c['builtin_low']:.4g}, {c['builtin_high']:.4g}] ({'inside' if c['trl_inside'] else 'OUTSIDE'}); "

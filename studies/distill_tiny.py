@@ -145,7 +145,7 @@ def report(df: pd.DataFrame, config: dict, metrics: dict = METRICS) -> common.Re
     head = (f"{df['seed'].nunique()} paired seeds, {df['step'].max()} steps; differences are estimator - {REFERENCE} "
             f"on the same seeds; steps_to_kl: first evaluation with reverse KL <= {config['kl_threshold']} nats")
     if df["seed"].nunique() < 5:
-        head += "\nUNDERPOWERED (quick mode): too few seeds to decide any difference"
+        head += "\nUNDERPOWERED: fewer than 5 paired seeds; a difference is decided only where its interval excludes 0 (mde_*: what 80% power would detect)"
     text = head + "\n" + table.to_string(index=False, float_format=lambda x: f"{x:.4g}")
     return common.Report(text=text, extra={"summary": table.to_dict(orient="records"), "summary_note": head})
 
