@@ -14,6 +14,7 @@ from vopd_analysis.errors import InputError
 from vopd_analysis.lm import fused_score as fs
 
 NAMES = ("opd", "vopd", "opd_bstar", "full_kl")
+TOPK_NAMES = ("vopd_topk", "opd_bstar_topk", "topk_kl", "student_topk_kl", "topk_tail_kl")
 F64 = dict(rtol=0.0, atol=1e-10)
 
 
@@ -88,6 +89,14 @@ def test_float64_matches_materialised(one_thread, name, R, C):
     # V = 37: tiles of 8 and 5 leave a partial last tile; 64 > V and 64 > N = 21; (21, 37) one tile
     p = make(seed=1)
     assert_match(fused(name, p, R, C), materialised(name, p), **F64)
+
+
+@pytest.mark.parametrize("name", [n for n in fs.fused_names() if n not in NAMES + TOPK_NAMES])
+def test_every_other_fused_estimator_matches_materialised(one_thread, name):
+    """Every registry estimator with a fused form (those that read only the per-token record: iw_opd and the
+    sequence-return ones too), beyond the ones tested tile by tile above and below."""
+    p = make(seed=3)
+    assert_match(fused(name, p, 3, 8), materialised(name, p), **F64)
 
 
 def test_vopd_scaled_matches_materialised(one_thread):
@@ -211,9 +220,6 @@ def test_hard_masked_vocabulary_entries(one_thread):
 
 
 # ----------------------------------------------------------------------------- top-k supports
-
-TOPK_NAMES = ("vopd_topk", "opd_bstar_topk", "topk_kl", "student_topk_kl", "topk_tail_kl")
-
 
 @pytest.mark.parametrize("name", TOPK_NAMES)
 @pytest.mark.parametrize("R,C", [(3, 8), (1, 5), (64, 64), (21, 37)])
