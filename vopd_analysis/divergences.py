@@ -109,7 +109,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, z, y, t, t_lse, want_bstar=False, compiled=False):
         N, V = z.shape
         dtype = compute_dtype(z)
-        fused = chunk_kernels.forward(z, t, t_lse, want_bstar) if compiled else None
+        fused = chunk_kernels.forward(z, t, t_lse, want_bstar, dtype) if compiled else None
         ctx.compiled = fused is not None
         if fused is not None:
             lse, t_lse_own, kl, q_sq, q2l = fused
