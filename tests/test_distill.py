@@ -243,3 +243,11 @@ def test_fused_and_materialised_logits_train_alike(pair, tmp_path, estimator):
     for key in ("loss", "grad_norm", "reverse_kl", "reverse_kl_sampled"):
         assert first_b[key] == pytest.approx(first_a[key], rel=1e-5, abs=1e-6), key
     assert first_a["response_tokens"] == first_b["response_tokens"]
+
+
+def test_the_old_entry_point_names_the_new_one():
+    """``python -m vopd_analysis.distill.loop`` (the entry point before distill/command.py) is one line, exit 2."""
+    proc = subprocess.run([sys.executable, "-m", "vopd_analysis.distill.loop", "--preset", "tiny"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert "python -m vopd_analysis.distill.command" in proc.stderr

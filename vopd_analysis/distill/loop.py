@@ -444,3 +444,10 @@ class Builtin(runner.Engine):
         run_, start, metrics = setup(p, latest)
         return train(run_, start, metrics, p.started)
 
+
+
+if __name__ == "__main__":   # the entry point moved: say where instead of exiting silently
+    import sys
+    sys.stderr.write("error: vopd_analysis.distill.loop is the built-in engine, not a command; run vopd distill ... "
+                     "or python -m vopd_analysis.distill.command ... (also under accelerate launch -m)\n")
+    sys.exit(2)
