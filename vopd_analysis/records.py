@@ -6,7 +6,7 @@ one file and ``check_fields`` checks the fields of the object it holds; every pr
 not JSON, a missing field, a field of the wrong type, an unknown field) is one ``InputError``
 line naming the file and the field, so damaged metadata never ends in a traceback.
 
-Writing: ``check_output`` refuses, before any work starts, an output path that cannot be
+Writing: ``write_json_atomic`` writes a file a reader never sees half-written; ``check_output`` refuses, before any work starts, an output path that cannot be
 written: empty (an unset shell variable), a folder where a file is meant or the reverse, below
 a file, not writable, or impossible (a name too long). Missing parent folders are fine: the
 writer creates them.
@@ -185,3 +185,12 @@ def check_output(path, option: str, folder: bool = False) -> Path:
     except (OSError, ValueError) as err:         # a name too long, a NUL byte: the system cannot hold it
         raise InputError(f"{option} {path} cannot be written: {getattr(err, 'strerror', None) or err}") from None
     return path
+
+
+def write_json_atomic(path, obj) -> None:
+    """Write ``obj`` as JSON through a temporary file and ``os.replace``: a reader sees the old file
+    or the complete new one, never a half-written one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .rundir import write_json_atomic
+from ..records import write_json_atomic
 
 
 class Metrics:

@@ -9,8 +9,6 @@ started from (``inputs.json``: the config and the prompt files' sha256, checked 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,17 +17,10 @@ import torch
 
 from .. import records
 from ..errors import InputError
+from ..records import write_json_atomic
 from . import checkpoint as ckpt
 from .config import DistillConfig, changed_fields, flag_of, read_config
 from .lock import RunLock
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as JSON through a temporary file and ``os.replace``: a reader sees the old file
-    or the complete new one, never a half-written one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def check_resumable(out_dir: Path, cfg: DistillConfig) -> None:

@@ -161,7 +161,7 @@ def write_plan(out: Path, runs: List[PlannedRun], estimators: list, seeds: List[
     varying = ("estimator", "estimator_params", "seed", "out_dir") + (("lr",) if lrs else ())
     base = {k: v for k, v in dataclasses.asdict(runs[0].cfg).items() if k not in varying}
     grid = {"lrs": lrs} if lrs else {}
-    rundir.write_json_atomic(out / "sweep.json", {
+    records.write_json_atomic(out / "sweep.json", {
         "estimators": [{"estimator": n, "params": p, "label": compare.run_label(n, p)} for n, p in estimators],
         "seeds": seeds, **grid, "jobs": jobs, "config": base,
         "runs": [{"folder": r.name, "estimator": r.cfg.estimator, "params": r.cfg.estimator_params,

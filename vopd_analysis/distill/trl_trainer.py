@@ -32,12 +32,12 @@ from ..lm import fused_score as fs
 from ..lm import loading, tasks, variance
 from ..lm import rollouts as ro
 from ..lm import scoring as sc
+from ..records import write_json_atomic
 from . import checkpoint as ckpt
 from .config import DistillConfig
 from .evaluate import reverse_kl_sums
 from .metrics import Metrics, TeacherTimer, peak_memory_mb
 from .prompts import Prompts
-from .rundir import write_json_atomic
 from .runner import evaluate
 from .stopping import StopOnSignal, stop_agreed
 
