@@ -18,6 +18,8 @@ against its card; ``--student --teacher`` (anything ``vopd probe`` accepts, with
 FILE.jsonl`` cut into consecutive batches; outputs ``llm_variance_custom.*``); or randomly
 initialised tiny Qwen2 models with ``--random-init`` (a smoke test that needs no training).
 ``--params last:N`` restricts the gradient to the last N decoder layers and the final norm.
+``--work-dir DIR`` keeps every probed batch there, so a killed probe resumes where it stopped (the
+pretrained pairs' full mode uses ``runs/llm_variance_<pair>_full``).
 
     python -m studies.llm_variance [--quick] [--pair smollm2] [--params last:2] [--student S --teacher T --prompts F]
 """
@@ -43,9 +45,9 @@ READS = ()   # the studies whose outputs this one reads (run_all runs them first
 ESTIMATORS = list(probe.DEFAULT_ESTIMATORS)
 DEFAULTS = {
     "quick": {"pair": "tiny", "num_batches": 8, "num_prompts": 4, "num_rollouts": 8, "estimators": ESTIMATORS,
-              "num_projections": 0, "seed": 0, "dtype": None, "device": "cpu"},
+              "num_projections": 0, "seed": 0, "dtype": None, "device": "cpu", "work_dir": None},
     "full": {"pair": "tiny", "num_batches": 16, "num_prompts": 8, "num_rollouts": 16, "estimators": ESTIMATORS,
-             "num_projections": 0, "seed": 0, "dtype": None, "device": "cpu"},
+             "num_projections": 0, "seed": 0, "dtype": None, "device": "cpu", "work_dir": None},
 }
 
 
@@ -122,7 +124,8 @@ def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot:
 # pretrained pairs on a 2-core CPU: the gradient covers the last 2 decoder layers and the final norm (the tied
 # embedding / output matrix excluded), each rollout is scored alone (the same gradients, less work per backward),
 # and a batch is 2 x 4 rollouts (quick) or 2 x 8 (full); both modes then probe every parameter on the first
-# ``check_batches`` batches to show whether the restricted ratios agree with the full-parameter ones.
+# ``check_batches`` batches to show whether the restricted ratios agree with the full-parameter ones. Full mode
+# keeps its batches in runs/llm_variance_<pair>_full (and ..._all): a killed study resumes where it stopped.
 PRETRAINED = {
     "quick": {"num_batches": 8, "num_prompts": 2, "num_rollouts": 4, "parameters": "last:2", "per_rollout": True,
               "threads": None, "check_batches": 2},
@@ -147,6 +150,7 @@ def run_pretrained(pair: str, quick: bool = True, out_dir="figures", config: dic
                    plot: bool = True) -> pd.DataFrame:
     """``llm_variance`` on a pretrained pair with the ``PRETRAINED`` settings, then ``check_parameters``."""
     settings = {**PRETRAINED["quick" if quick else "full"], "pair": pair, **(config or {})}
+    settings.setdefault("work_dir", None if quick else f"runs/{NAME}_{pair}_full")
     check = settings.pop("check_batches")
     summary = run(quick=quick, out_dir=out_dir, config=settings, plot=plot)
     if check:
@@ -161,7 +165,8 @@ def check_parameters(pair: str, settings: dict, batches: int, quick: bool, out_d
     name = f"{NAME}_{pair}"
     run(quick=quick, out_dir=out_dir, plot=plot,
         config={**settings, "parameters": "all", "num_batches": batches, "estimators": CHECK_ESTIMATORS,
-                "topk_extra": [], "name": f"{name}_all"})
+                "topk_extra": [], "name": f"{name}_all",
+                "work_dir": settings["work_dir"] and f"{settings['work_dir']}_all"})
     out = Path(out_dir)
     rows = parameter_check(pd.read_csv(out / f"{name}_batches.csv"), pd.read_csv(out / f"{name}_all_batches.csv"))
     manifest = records.read_json(out / f"{name}.json", "the restricted probe's manifest")
@@ -194,6 +199,7 @@ def main() -> None:
                         help="use random tiny Qwen2 models instead of a preset's pair (smoke test)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default 1 for the tiny and small pairs)")
     parser.add_argument("--name", help="output file stem (default llm_variance[_PAIR])")
+    parser.add_argument("--work-dir", help="keep every probed batch here; a rerun with the same settings resumes")
     parser.add_argument("--logits", choices=("auto", "materialised", "fused"),
                         help="per-rollout gradients from materialised logits or from hidden states and lm_head "
                              "tiles (default auto: fused when the estimator has it and rollouts x max new tokens "

@@ -112,6 +112,7 @@ def test_vopd_probe_command(tmp_path, capsys):
     assert manifest["parameters_probed"]["count"] == expected
     assert manifest["estimator_params"]["vopd_topk(k=4)"]["k"] == 4
     assert (out / "probe.png").stat().st_size > 0
+    assert not (out / "probe_batches.partial").exists()                     # the resume folder, once written
     assert cli.main(args) == 2                                                # never overwrites a probe
     assert "already holds probe.json" in capsys.readouterr().err
 
@@ -192,3 +193,29 @@ def test_vopd_probe_checks_its_out_before_any_work(tmp_path, capsys):
                          (str(tmp_path / "file" / "below"), "is a file, so the folder cannot be made")):
         assert cli.main(["probe", "--preset", "tiny", "--out", out]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_killed_probe_resumes_from_its_stored_batches(tiny_pair, tmp_path, monkeypatch):
+    """With a work folder every batch is stored; a rerun reads stored batches back (not probed again) and
+    gives the tables of an uninterrupted probe; other settings in the same folder are refused by name."""
+    planned = probe.plan(["vopd", "full_kl"], vocab_size=16)
+    source = presets.PRESETS["tiny"].train_prompts
+    config = {"num_batches": 3, "num_prompts": 1, "num_rollouts": 3, "max_new_tokens": 6, "seed": 0,
+              "num_projections": 0, "parameters": "last:1", "per_rollout": True}
+    whole = probe.run(tiny_pair, planned, config, source=source, progress=False)
+    work = tmp_path / "batches"
+    probe.run(tiny_pair, planned, {**config, "num_batches": 2, "work_dir": work}, source=source, progress=False)
+    assert sorted(p.name for p in work.iterdir()) == ["batch-0000.json", "batch-0001.json"]     # killed after 2
+    probed = []
+    real = probe.probe_batch
+    monkeypatch.setattr(probe, "probe_batch", lambda pair, plan, prompts, cfg, batch: probed.append(batch)
+                        or real(pair, plan, prompts, cfg, batch))
+    resumed = probe.run(tiny_pair, planned, {**config, "work_dir": work}, source=source, progress=False)
+    assert probed == [2]
+    cols = ["batch", "estimator", "variance_ratio_to_opd", "cosine_to_reference"]
+    pd.testing.assert_frame_equal(resumed.per_batch[cols], whole.per_batch[cols], check_exact=False, rtol=1e-6)
+    pd.testing.assert_frame_equal(resumed.layers, whole.layers, check_exact=False, rtol=1e-6)
+    stored = probe.read_stored_batch(work, 0, probe.batch_key({**config, "work_dir": work}, planned))
+    assert stored[0]["trace_cov"].tolist() == resumed.per_batch.query("batch == 0")["trace_cov"].tolist()  # exact
+    with pytest.raises(InputError, match=r"batch-0000.json was probed with other settings \(num_rollouts\)"):
+        probe.run(tiny_pair, planned, {**config, "num_rollouts": 4, "work_dir": work}, source=source, progress=False)

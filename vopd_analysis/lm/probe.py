@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -258,6 +259,49 @@ def batch_prompts(config: dict, batch: int, records: Optional[list] = None, sour
     return [r["prompt"] for r in records[batch * n:(batch + 1) * n]]
 
 
+# ----------------------------------------------------------------------------- stored batches (resuming)
+
+NOT_IN_KEY = ("num_batches", "threads", "name", "work_dir", "check_batches")   # settings no batch depends on
+
+
+def batch_key(config: dict, probed: Sequence[Probed]) -> dict:
+    """What one batch's result depends on: the config without ``NOT_IN_KEY``, and the plan's labels and
+    parameters, as JSON values (so that a key read back from a file compares equal)."""
+    import json
+    key = {k: v for k, v in config.items() if k not in NOT_IN_KEY}
+    key["plan"] = {p.label: p.params for p in probed}
+    return json.loads(json.dumps(key, default=str))
+
+
+def batch_file(work_dir, batch: int) -> Path:
+    return Path(work_dir) / f"batch-{batch:04d}.json"
+
+
+def read_stored_batch(work_dir, batch: int, key: dict):
+    """Batch ``batch``'s (rows, layer rows, mean response tokens) stored in ``work_dir`` by ``store_batch``, or
+    None when it has not been stored; ``InputError`` naming the file and the first differing setting when it
+    was probed with other settings (a folder holds the batches of one configuration)."""
+    import pandas as pd
+    path = batch_file(work_dir, batch)
+    if not path.exists():
+        return None
+    stored = records.read_json(path, "a stored probe batch")
+    if stored.get("key") != key:
+        old = stored.get("key") or {}
+        differ = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        raise InputError(f"{path} was probed with other settings ({', '.join(differ) or 'its key is missing'}); "
+                         "give another work folder or remove that one")
+    return pd.DataFrame(stored["rows"]), pd.DataFrame(stored["layers"]), float(stored["length"])
+
+
+def store_batch(work_dir, batch: int, key: dict, rows, layers, length: float) -> None:
+    """Keep one probed batch in ``work_dir`` (written atomically) so that a killed probe resumes after it."""
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    records.write_json_atomic(batch_file(work_dir, batch), {"key": key, "rows": rows.to_dict(orient="records"),
+                                                           "layers": layers.to_dict(orient="records"),
+                                                           "length": length})
+
+
 def run(pair: loading.ModelPair, probed: Sequence[Probed], config: dict, records: Optional[list] = None,
         source=None, progress: bool = True) -> ProbeTables:
     """Probe ``config["num_batches"]`` independent batches and summarise them.
@@ -266,7 +310,9 @@ def run(pair: loading.ModelPair, probed: Sequence[Probed], config: dict, records
       pair: the loaded pair; ``config["parameters"]`` (``variance.select_parameters``) is applied to it.
       probed: the plan (``plan``).
       config: ``num_batches``, ``num_prompts``, ``num_rollouts``, ``max_new_tokens``, ``seed``,
-        ``num_projections``, ``logits``, ``parameters``.
+        ``num_projections``, ``logits``, ``parameters``; with ``work_dir`` every probed batch is stored
+        there and a batch already stored (with the same settings) is read back instead of probed again,
+        so a killed probe resumes where it stopped and gives the same tables.
       records, source: where prompts come from (``batch_prompts``).
       progress: a progress bar over batches.
 
@@ -283,9 +329,16 @@ def run(pair: loading.ModelPair, probed: Sequence[Probed], config: dict, records
                                                                          pair.info.vocab_size) else "materialised")
              for p in probed}
     frames, layer_frames, lengths = [], [], []
+    work, key = config.get("work_dir"), batch_key(config, probed)
+    if work and progress and any(batch_file(work, b).exists() for b in range(config["num_batches"])):
+        print(f"resuming: batches already probed are read back from {work}", flush=True)
     for batch in tqdm(range(config["num_batches"]), desc="probe batches", disable=not progress):
-        prompts = batch_prompts(config, batch, records, source)
-        rows, layers, length = probe_batch(pair, probed, prompts, config, batch)
+        stored = read_stored_batch(work, batch, key) if work else None
+        if stored is None:
+            stored = probe_batch(pair, probed, batch_prompts(config, batch, records, source), config, batch)
+            if work:
+                store_batch(work, batch, key, *stored)
+        rows, layers, length = stored
         frames.append(rows)
         layer_frames.append(layers)
         lengths.append(length)
@@ -485,12 +538,14 @@ def main(argv=None) -> int:
                                                          and not any(est.get(p.name).group for p in probed))}
     if prompt_records is not None:
         batch_prompts(config, 0, prompt_records)                       # enough prompts for every batch
-    tables = run(pair, probed, config, prompt_records,
+    work = out / f"{args.name}_batches.partial"       # a killed probe resumes from here; removed once written
+    tables = run(pair, probed, {**config, "work_dir": work}, prompt_records,
                  preset.train_prompts if preset and prompt_records is None else None)
     print(report(tables))
     weights = {"student": loading.weights_sha256(student, "student"), "teacher": loading.weights_sha256(teacher, "teacher")}
     folder = write(tables, out, args.name, config, started, quick=True, plot=not args.no_plot,
                    extra={"weights": weights})
+    shutil.rmtree(work, ignore_errors=True)
     paths = sorted(set(tables.extra["logits_path"].values()))
     group = 1 if config["per_rollout"] else config["num_rollouts"]
     print(f"logits: {', '.join(paths)} (scored {group} rollout(s) at a time x {config['max_new_tokens']} tokens x "
