@@ -61,16 +61,18 @@ import pandas as pd
 from vopd_analysis import stats
 from vopd_analysis.distill import compare, sweep
 
-from . import common, distill_tiny
+from . import common, distill_small, distill_tiny
 
 NAME = "distill_tuned"
 READS = ()   # the studies whose outputs this one reads (run_all runs them first)
 ESTIMATORS = {"opd": {}, "vopd": {}, "vopd_topk": {"k": 4}, "opd_bstar": {}, "full_kl": {}}
 METRICS = distill_tiny.METRICS            # eval_accuracy, eval_reverse_kl
+LABELS = {**distill_tiny.METRICS, **distill_small.METRICS}   # every eval metric: (short name, axis label)
 RULE_METRIC = "eval_reverse_kl"           # the selection rule: lowest mean final value, ties to the smaller lr
 REFERENCES = ("opd", "vopd")              # the paired differences of the confirmation
 COLUMNS = ["estimator", "lr", "seed", "step", *METRICS]
-LOOP = {"preset": "tiny", "prompts_per_step": 16, "rollouts_per_prompt": 4, "slope_fraction": 0.2}
+LOOP = {"preset": "tiny", "metrics": list(METRICS), "prompts_per_step": 16, "rollouts_per_prompt": 4,
+        "slope_fraction": 0.2}
 QUICK_NOTE = ("QUICK MODE: this only checks that the pipeline runs (too few seeds and steps to choose a learning rate "
               "or compare estimators); it decides nothing")
 DEFAULTS = {
@@ -82,6 +84,16 @@ DEFAULTS = {
              "num_eval": 200, "kl_threshold": 4.0, "jobs": 2, "work_dir": "runs/distill_tuned_full", "note": None,
              **LOOP},
 }
+
+
+def metrics(config: dict) -> dict:
+    """The config's eval metrics (``config["metrics"]``, default the tiny pair's) with their labels."""
+    return {m: LABELS[m] for m in config.get("metrics", METRICS)}
+
+
+def columns(config: dict) -> list:
+    """The columns of both tables: estimator, lr, seed, step and the config's eval metrics."""
+    return ["estimator", "lr", "seed", "step", *metrics(config)]
 
 
 # ----------------------------------------------------------------------------- the selection rule's grid
@@ -139,7 +151,7 @@ def base_config(config: dict, steps: int):
 
 def train(config: dict, folder: Path, steps: int, grids: dict, seeds: list) -> tuple:
     """Train (resume, or skip when finished) every (estimator, lr in its grid, seed) as ``vopd sweep --lrs``
-    folders under ``folder``; return (its table with ``COLUMNS``, {"<phase>/<run>": train seconds}).
+    folders under ``folder``; return (its table with ``columns(config)``, {"<phase>/<run>": train seconds}).
 
     Args:
       config: the study's config (estimators, jobs, the loop's settings).
@@ -160,7 +172,7 @@ def train(config: dict, folder: Path, steps: int, grids: dict, seeds: list) -> t
     df = df.sort_values(["estimator", "lr", "seed", "step"], key=lambda c: c.map(order) if c.name == "estimator" else c)
     seconds = {f"{folder.name}/{r.name}": float(json.loads((r.out / "summary.json").read_text())["train_seconds"])
                for r in runs}
-    return df[COLUMNS].reset_index(drop=True), seconds
+    return df[columns(config)].reset_index(drop=True), seconds
 
 
 def select(config: dict, work: Path) -> tuple:
@@ -226,18 +238,35 @@ def slopes(df: pd.DataFrame, fraction: float) -> tuple:
     return runs, pd.DataFrame(per)
 
 
+def power(df: pd.DataFrame, config: dict, reference: str) -> pd.DataFrame:
+    """Per estimator: the smallest paired difference of each final metric to ``reference`` that the seeds
+    could detect (``stats.detectable_difference``: 80% power at the 5% level for the observed spread of
+    the paired differences), columns ``<short>_minus_<reference>_mde``."""
+    last = df[df["step"] == df["step"].max()].set_index(["estimator", "seed"])
+    rows = []
+    for name in dict.fromkeys(df["estimator"]):
+        if name == reference:
+            continue
+        seeds = last.loc[name].index.intersection(last.loc[reference].index)
+        rows.append({"estimator": name, **{f"{short}_minus_{reference}_mde": stats.detectable_difference(
+            last.loc[name].loc[seeds, m] - last.loc[reference].loc[seeds, m]) for m, (short, _) in metrics(config).items()}})
+    return pd.DataFrame(rows, columns=["estimator", *[f"{s}_minus_{reference}_mde" for s, _ in metrics(config).values()]])
+
+
 def summary(df: pd.DataFrame, config: dict) -> pd.DataFrame:
     """Per estimator on the confirmation runs: its lr, ``distill_tiny.summary`` (final values with
     intervals, steps to the threshold) with the paired differences to each of ``REFERENCES`` present
-    (columns ``<metric>_minus_<reference>``, ``_low``, ``_high``, ``_p``), and the tail slopes."""
-    out = None
+    (columns ``<metric>_minus_<reference>``, ``_low``, ``_high``, ``_p`` and the detectable difference
+    ``_mde``, ``power``), and the tail slopes."""
+    out, labels = None, metrics(config)
     for ref in (r for r in REFERENCES if r in set(df["estimator"])):
-        table = distill_tiny.summary(df, config["kl_threshold"], reference=ref)
+        table = distill_tiny.summary(df, config["kl_threshold"], reference=ref, metrics=labels)
         table = table.rename(columns=lambda c: c.replace("_diff", f"_minus_{ref}"))
+        table = table.merge(power(df, config, ref), on="estimator", how="left")
         out = table if out is None else out.merge(table[["estimator", *[c for c in table if f"_minus_{ref}" in c]]],
                                                   on="estimator")
     if out is None:
-        out = distill_tiny.summary(df, config["kl_threshold"], reference="(none)")
+        out = distill_tiny.summary(df, config["kl_threshold"], reference="(none)", metrics=labels)
     lrs = df.groupby("estimator", sort=False)["lr"].first().rename("lr")
     out = out.merge(lrs, left_on="estimator", right_index=True)
     out = out[["estimator", "lr", *[c for c in out if c not in ("estimator", "lr")]]]
@@ -271,15 +300,16 @@ def report(df: pd.DataFrame, config: dict, selection: pd.DataFrame, choice: pd.D
                            "choices": choice.to_dict(orient="records")},
              "slopes": {"unit": "nats per 100 steps", "fraction": config["slope_fraction"],
                         "per_run": per_run.to_dict(orient="records")}}
-    return common.Report(text=text, extra=extra, figure_args=(selection, choice))
+    return common.Report(text=text, extra=extra, figure_args=(selection, choice, metrics(config)))
 
 
 # ----------------------------------------------------------------------------- the figure
 
-def figure(df: pd.DataFrame, selection: pd.DataFrame, choice: pd.DataFrame):
+def figure(df: pd.DataFrame, selection: pd.DataFrame, choice: pd.DataFrame, labels: dict = METRICS):
     """(a) final reverse KL against lr per estimator over the selection seeds (mean, 95% t-band; the chosen
     lr starred), (b) the confirmation's reverse KL against step (mean, 95% t-band), (c, d) final reverse
-    KL and accuracy of the confirmation (mean, 95% t-interval)."""
+    KL and the other metric of ``labels`` (accuracy on the tiny pair) of the confirmation (mean, 95%
+    t-interval)."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     names = list(dict.fromkeys(df["estimator"]))
@@ -292,7 +322,7 @@ def figure(df: pd.DataFrame, selection: pd.DataFrame, choice: pd.DataFrame):
         axes[0].fill_between(lrs, band[:, 1], band[:, 2], color=colour.get(name), alpha=0.2, linewidth=0)
     for r in choice.to_dict("records"):
         axes[0].plot([r["lr"]], [r["mean"]], marker="*", markersize=14, color=colour.get(r["estimator"]))
-    axes[0].set(xscale="log", yscale="log", xlabel="learning rate", ylabel=METRICS[RULE_METRIC][1],
+    axes[0].set(xscale="log", yscale="log", xlabel="learning rate", ylabel=labels[RULE_METRIC][1],
                 title=f"(a) selection: final value, {selection['seed'].nunique()} seed(s) (* chosen)")
     for name, g in df.groupby("estimator", sort=False):
         steps = sorted(g["step"].unique())
@@ -300,35 +330,44 @@ def figure(df: pd.DataFrame, selection: pd.DataFrame, choice: pd.DataFrame):
         lr = compare.format_lr(g["lr"].iloc[0])
         axes[1].plot(steps, band[:, 0], marker="o", markersize=3, color=colour[name], label=f"{name} (lr {lr})")
         axes[1].fill_between(steps, band[:, 1], band[:, 2], color=colour[name], alpha=0.2, linewidth=0)
-    axes[1].set(yscale="log", xlabel="step", ylabel=METRICS[RULE_METRIC][1],
+    axes[1].set(yscale="log", xlabel="step", ylabel=labels[RULE_METRIC][1],
                 title=f"(b) confirmation, {df['seed'].nunique()} paired seeds")
     last = final_rows(df)
-    for ax, metric, letter in zip(axes[2:], (RULE_METRIC, "eval_accuracy"), "cd"):
+    other = next(m for m in labels if m != RULE_METRIC)
+    for ax, metric, letter in zip(axes[2:], (RULE_METRIC, other), "cd"):
         for i, name in enumerate(names):
             mean, low, high = stats.mean_interval(last.loc[last["estimator"] == name, metric])
             err = [[mean - low], [high - mean]] if np.isfinite(low) else None
             ax.errorbar([i], [mean], yerr=err, fmt="o", capsize=4, color=colour[name])
         ax.set_xticks(range(len(names)), names, rotation=20)
         ax.set_xlim(-0.5, len(names) - 0.5)
-        ax.set(ylabel=METRICS[metric][1], title=f"({letter}) confirmation: final value (95% t-interval)")
+        ax.set(ylabel=labels[metric][1], title=f"({letter}) confirmation: final value (95% t-interval)")
     axes[1].legend(fontsize=8)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
+def run_tuned(name: str, defaults: dict, quick: bool = True, out_dir="figures", config: dict | None = None,
+              plot: bool = True) -> pd.DataFrame:
+    """Both phases and the report for a study named ``name`` with ``defaults`` (this study's ``DEFAULTS``, or
+    another pair's: ``distill_tuned_small``): writes ``<name>.csv`` (confirmation) and ``<name>_lr.csv``
+    (selection) with the manifest and the figure."""
     held = {}
 
     def compute_and_hold(cfg):
         confirmation, held["selection"], held["choice"], held["grid"], seconds = compute(cfg)
-        return distill_tiny._with_seconds(confirmation, seconds)
+        return distill_tiny._with_seconds(confirmation, seconds, cfg.get("preset", "tiny"))
 
-    df = common.run_study(NAME, DEFAULTS, compute_and_hold, figure,
+    df = common.run_study(name, defaults, compute_and_hold, figure,
                           report=lambda d, cfg: report(d, cfg, held["selection"], held["choice"], held["grid"]),
                           quick=quick, out_dir=out_dir, config=config, plot=plot)
-    held["selection"].to_csv(Path(out_dir) / f"{NAME}_lr.csv", index=False, float_format=common.FLOAT_FORMAT)
+    held["selection"].to_csv(Path(out_dir) / f"{name}_lr.csv", index=False, float_format=common.FLOAT_FORMAT)
     return df
+
+
+def run(quick: bool = True, out_dir="figures", config: dict | None = None, plot: bool = True) -> pd.DataFrame:
+    return run_tuned(NAME, DEFAULTS, quick, out_dir, config, plot)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from studies import distill_tuned
+from studies import distill_tuned, distill_tuned_small
 from vopd_analysis import cli
 from vopd_analysis.distill import compare, sweep
 from vopd_analysis.distill.config import DistillConfig
@@ -369,3 +369,32 @@ def test_distill_tuned_quick_pipeline_resumes_and_reproduces(tmp_path, one_threa
     last = conf[conf["step"] == 3].set_index(["estimator", "seed"])["eval_reverse_kl"]
     assert summary.loc["vopd", "kl_minus_opd"] == pytest.approx((last["vopd"] - last["opd"]).mean())
     assert summary.loc["opd", "kl_minus_vopd"] == pytest.approx((last["opd"] - last["vopd"]).mean())
+
+
+def test_the_small_pair_study_reports_its_own_metrics_and_power(monkeypatch, tmp_path):
+    """distill_tuned_small runs the same protocol with the small preset's metrics (reverse KL and the teacher's
+    log-likelihood, no accuracy); the summary's detectable differences are (t_0.975 + t_0.8) sd(d) / sqrt(n) of
+    the paired final differences. Training is replaced by synthetic tables (the loop is tested above)."""
+    rng = np.random.default_rng(0)
+
+    def fake_train(config, folder, steps, grids, seeds):
+        rows = [{"estimator": name, "lr": lr, "seed": seed, "step": step,
+                 "eval_reverse_kl": 30 - step * (1 + i + rng.random()) * lr * 100, "eval_teacher_logprob": -7 + rng.random()}
+                for i, (name, grid) in enumerate(grids.items()) for lr in grid for seed in seeds for step in (0, steps)]
+        return pd.DataFrame(rows, columns=distill_tuned.columns(config)), {}
+
+    monkeypatch.setattr(distill_tuned, "train", fake_train)
+    config = {"estimators": {"opd": {}, "vopd": {}}, "seeds": [0, 1, 2], "max_extensions": 0}
+    distill_tuned_small.run(quick=True, out_dir=tmp_path, config=config)
+    conf = pd.read_csv(tmp_path / "distill_tuned_small.csv")
+    assert list(conf.columns) == ["estimator", "lr", "seed", "step", "eval_reverse_kl", "eval_teacher_logprob"]
+    assert list(pd.read_csv(tmp_path / "distill_tuned_small_lr.csv").columns) == list(conf.columns)
+    manifest = json.loads((tmp_path / "distill_tuned_small.json").read_text())
+    assert manifest["config"]["preset"] == "small" and "decides nothing" in manifest["note"]
+    vopd = pd.DataFrame(manifest["summary"]).set_index("estimator").loc["vopd"]
+    last = conf[conf["step"] == conf["step"].max()].set_index(["estimator", "seed"])["eval_teacher_logprob"]
+    d = (last["vopd"] - last["opd"]).to_numpy()
+    by_hand = (sps.t.ppf(0.975, 2) + sps.t.ppf(0.8, 2)) * d.std(ddof=1) / math.sqrt(3)
+    assert vopd["tlogp_minus_opd_mde"] == pytest.approx(by_hand)
+    assert vopd["tlogp_minus_opd"] == pytest.approx(d.mean()) and "acc_end" not in vopd
+    assert (tmp_path / "distill_tuned_small.png").stat().st_size > 0
