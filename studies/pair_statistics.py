@@ -23,6 +23,8 @@ batch and bin, the sums over the bin's states of the logit-space one-token score
 baseline (opd), vOPD's KL baseline and the optimal b* (``entropy_binned_score_variance``), which
 ``vocab_effect`` compares across vocabularies at equal teacher entropy.
 
+Full mode keeps each batch's statistics in ``runs/pair_statistics_full``, so a killed run resumes.
+
     python -m studies.pair_statistics [--quick]
 """
 
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vopd_analysis import stats
+from vopd_analysis import records, stats
 from vopd_analysis.lm import loading
 from vopd_analysis.lm.presets import PRESETS
 from vopd_analysis.lm.statistics import distribution_statistics
@@ -48,9 +50,9 @@ STATS = {"teacher_entropy": "teacher entropy (nats)", "teacher_top1_mass": "teac
          "teacher_token_logprob": "teacher log-prob of sampled token (nats)"}
 DEFAULTS = {
     "quick": {"pairs": ["tiny", "small", "smollm2", "gemma3"], "num_batches": 6, "num_prompts": 8, "num_rollouts": 4,
-              "seed": 0},
+              "seed": 0, "work_dir": None},
     "full": {"pairs": ["tiny", "small", "smollm2", "gemma3"], "num_batches": 16, "num_prompts": 8, "num_rollouts": 4,
-             "seed": 0},
+             "seed": 0, "work_dir": "runs/pair_statistics_full"},
 }
 
 
@@ -62,6 +64,20 @@ def batch_statistics(pair, preset, config: dict, batch: int) -> dict:
                                    preset.max_new_tokens, seed=seed, vocab_size=pair.info.vocab_size)
 
 
+def stored_batch_statistics(pair, preset, name: str, config: dict, batch: int) -> dict:
+    """``batch_statistics``, kept in ``work_dir/<pair>/batch-NNNN.json`` when the config has a ``work_dir`` and
+    read back from there on a rerun with the same settings (a killed full run resumes where it stopped)."""
+    if not config.get("work_dir"):
+        return batch_statistics(pair, preset, config, batch)
+    path = Path(config["work_dir"]) / name / f"batch-{batch:04d}.json"
+    key = {"pair": name, "batch": batch, **{k: config[k] for k in ("num_prompts", "num_rollouts", "seed")}}
+    stored = records.read_stored_result(path, key, "stored pair statistics")
+    if stored is None:
+        stored = batch_statistics(pair, preset, config, batch)
+        records.store_result(path, key, stored)
+    return stored
+
+
 def compute(config: dict):
     """One row per pair: mean over batches and 95% t-interval of every statistic; per-batch values to the manifest."""
     rows, per_batch, weights, bins = [], [], {}, []
@@ -69,7 +85,7 @@ def compute(config: dict):
         preset = PRESETS[name]
         student, teacher = preset.sources(None, False)
         pair = loading.load_pair(student, teacher)
-        batches = [batch_statistics(pair, preset, config, b) for b in range(config["num_batches"])]
+        batches = [stored_batch_statistics(pair, preset, name, config, b) for b in range(config["num_batches"])]
         bins += [{"pair": name, "vocab_size": pair.info.vocab_size, "batch": b, **row}
                  for b, s in enumerate(batches) for row in s.pop("by_entropy")]
         per_batch += [{"pair": name, "batch": b, **s} for b, s in enumerate(batches)]

@@ -452,6 +452,25 @@ def test_records_name_the_file_and_the_field(tmp_path):
     assert records.read_rows(rows) == [{"kind": "train", "step": 1}]
 
 
+def test_stored_results_come_back_only_for_their_settings(tmp_path):
+    """A stored unit of work is read back exactly for the same settings (tuples and paths compare as their JSON
+    form), refused by name for others, and a damaged file is one line, never a traceback or a silent rerun."""
+    from pathlib import Path
+
+    from vopd_analysis import records
+    path = tmp_path / "work" / "batch-0000.json"
+    key = {"seed": 0, "shape": (2, 3), "model": Path("/m"), "lr": 3e-4}
+    assert records.read_stored_result(path, key, "a stored batch") is None
+    records.store_result(path, key, {"rows": [{"x": 0.1 + 0.2}], "length": 6.5})
+    assert records.read_stored_result(path, dict(key), "a stored batch") == {"rows": [{"x": 0.1 + 0.2}], "length": 6.5}
+    with pytest.raises(InputError, match=r"batch-0000.json was computed with other settings \(lr, seed\)"):
+        records.read_stored_result(path, {**key, "seed": 1, "lr": 1e-3}, "a stored batch")
+    path.write_text('{"key": {"seed"')
+    with pytest.raises(InputError, match="a stored batch .* is not JSON"):
+        records.read_stored_result(path, key, "a stored batch")
+    assert not list(path.parent.glob("*.tmp"))
+
+
 @pytest.mark.parametrize("card, needle", [("{not json", "tiny pair card {card} is not JSON (line 1, column 2"),
                                           ('{"teacher": {}}', "{card}: field 'files' is missing"),
                                           ('{"files": {"a.bin": 5}}', "{card}: files: field 'a.bin' must be a string")])

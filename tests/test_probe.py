@@ -217,5 +217,5 @@ def test_a_killed_probe_resumes_from_its_stored_batches(tiny_pair, tmp_path, mon
     pd.testing.assert_frame_equal(resumed.layers, whole.layers, check_exact=False, rtol=1e-6)
     stored = probe.read_stored_batch(work, 0, probe.batch_key({**config, "work_dir": work}, planned))
     assert stored[0]["trace_cov"].tolist() == resumed.per_batch.query("batch == 0")["trace_cov"].tolist()  # exact
-    with pytest.raises(InputError, match=r"batch-0000.json was probed with other settings \(num_rollouts\)"):
+    with pytest.raises(InputError, match=r"batch-0000.json was computed with other settings \(num_rollouts\)"):
         probe.run(tiny_pair, planned, {**config, "num_rollouts": 4, "work_dir": work}, source=source, progress=False)

@@ -280,3 +280,16 @@ def test_pair_statistics_bins_states_by_teacher_entropy(tmp_path, one_thread):
     per_batch = json.loads((tmp_path / "pair_statistics.json").read_text())["per_batch"]
     assert bins.groupby("batch")["states"].sum().tolist() == [r["tokens"] for r in per_batch]   # every state binned
     assert (bins["bstar"] <= bins[["opd", "vopd"]].min(axis=1) + 1e-9).all()
+
+
+def test_pair_statistics_resumes_from_stored_batches(tmp_path, one_thread, monkeypatch):
+    """With a work folder each (pair, batch) is stored; a rerun reads them back instead of sampling again and
+    writes the same tables."""
+    from studies import pair_statistics
+    config = {"pairs": ["tiny"], "num_batches": 2, "num_prompts": 2, "num_rollouts": 2, "work_dir": str(tmp_path / "w")}
+    pair_statistics.run(quick=True, out_dir=tmp_path / "a", config=config, plot=False)
+    assert sorted(p.name for p in (tmp_path / "w" / "tiny").iterdir()) == ["batch-0000.json", "batch-0001.json"]
+    monkeypatch.setattr(pair_statistics, "batch_statistics", lambda *a: pytest.fail("a stored batch was recomputed"))
+    pair_statistics.run(quick=True, out_dir=tmp_path / "b", config=config, plot=False)
+    for name in ("pair_statistics.csv", "pair_statistics_entropy.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

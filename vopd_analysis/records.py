@@ -6,6 +6,9 @@ one file and ``check_fields`` checks the fields of the object it holds; every pr
 not JSON, a missing field, a field of the wrong type, an unknown field) is one ``InputError``
 line naming the file and the field, so damaged metadata never ends in a traceback.
 
+Resuming: ``store_result`` keeps one unit of a long computation (a probe batch) with the settings it was
+computed with, and ``read_stored_result`` reads it back, refusing one computed with other settings.
+
 Writing: ``write_json_atomic`` writes a file a reader never sees half-written; ``check_output`` refuses, before any work starts, an output path that cannot be
 written: empty (an unset shell variable), a folder where a file is meant or the reverse, below
 a file, not writable, or impossible (a name too long). Missing parent folders are fine: the
@@ -194,3 +197,35 @@ def write_json_atomic(path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def json_key(settings: dict) -> dict:
+    """``settings`` as JSON values (anything else as text), so that a key read back from a file compares equal."""
+    return json.loads(json.dumps(settings, default=str))
+
+
+def store_result(path, key: dict, result: dict) -> None:
+    """Keep ``result`` (JSON values) with the settings ``key`` it was computed with, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"key": json_key(key), "result": result})
+
+
+def read_stored_result(path, key: dict, what: str):
+    """The result ``store_result`` kept in ``path``, or None when there is none.
+
+    Raises:
+      InputError: one line naming the file and the settings that differ when it was computed with other
+        settings than ``key`` (a folder of stored results holds one configuration's).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    stored = read_json(path, what)
+    old, new = stored.get("key"), json_key(key)
+    if old != new or "result" not in stored:
+        old = old if isinstance(old, dict) else {}
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise InputError(f"{path} was computed with other settings ({', '.join(differ) or 'no key stored'}); "
+                         "give another work folder or remove that one")
+    return stored["result"]

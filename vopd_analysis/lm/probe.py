@@ -266,11 +266,8 @@ NOT_IN_KEY = ("num_batches", "threads", "name", "work_dir", "check_batches")   #
 
 def batch_key(config: dict, probed: Sequence[Probed]) -> dict:
     """What one batch's result depends on: the config without ``NOT_IN_KEY``, and the plan's labels and
-    parameters, as JSON values (so that a key read back from a file compares equal)."""
-    import json
-    key = {k: v for k, v in config.items() if k not in NOT_IN_KEY}
-    key["plan"] = {p.label: p.params for p in probed}
-    return json.loads(json.dumps(key, default=str))
+    parameters."""
+    return {**{k: v for k, v in config.items() if k not in NOT_IN_KEY}, "plan": {p.label: p.params for p in probed}}
 
 
 def batch_file(work_dir, batch: int) -> Path:
@@ -279,27 +276,19 @@ def batch_file(work_dir, batch: int) -> Path:
 
 def read_stored_batch(work_dir, batch: int, key: dict):
     """Batch ``batch``'s (rows, layer rows, mean response tokens) stored in ``work_dir`` by ``store_batch``, or
-    None when it has not been stored; ``InputError`` naming the file and the first differing setting when it
-    was probed with other settings (a folder holds the batches of one configuration)."""
+    None; ``InputError`` naming the file and the differing settings when it was probed with other settings."""
     import pandas as pd
-    path = batch_file(work_dir, batch)
-    if not path.exists():
+    stored = records.read_stored_result(batch_file(work_dir, batch), key, "a stored probe batch")
+    if stored is None:
         return None
-    stored = records.read_json(path, "a stored probe batch")
-    if stored.get("key") != key:
-        old = stored.get("key") or {}
-        differ = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-        raise InputError(f"{path} was probed with other settings ({', '.join(differ) or 'its key is missing'}); "
-                         "give another work folder or remove that one")
     return pd.DataFrame(stored["rows"]), pd.DataFrame(stored["layers"]), float(stored["length"])
 
 
 def store_batch(work_dir, batch: int, key: dict, rows, layers, length: float) -> None:
-    """Keep one probed batch in ``work_dir`` (written atomically) so that a killed probe resumes after it."""
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
-    records.write_json_atomic(batch_file(work_dir, batch), {"key": key, "rows": rows.to_dict(orient="records"),
-                                                           "layers": layers.to_dict(orient="records"),
-                                                           "length": length})
+    """Keep one probed batch in ``work_dir`` so that a killed probe resumes after it."""
+    records.store_result(batch_file(work_dir, batch), key, {"rows": rows.to_dict(orient="records"),
+                                                            "layers": layers.to_dict(orient="records"),
+                                                            "length": length})
 
 
 def run(pair: loading.ModelPair, probed: Sequence[Probed], config: dict, records: Optional[list] = None,
