@@ -10,7 +10,7 @@ token, higher is better) in place of accuracy, which text continuation does not 
 Each step costs about 20x a tiny-pair step on a CPU (a 1.5M-parameter student, a 8,192-way
 softmax, 32-token responses), so the comparison is short: the power it gives is reported as
 the smallest paired difference it could detect (the ``mde_*`` columns: (t_{0.975} + t_{0.8})
-sd(d) / sqrt(n), ``stats.detectable_difference``: 80% power at the 5% level for the observed spread).
+sd(d) / sqrt(n), ``distill_tiny.detectable_differences``: 80% power at the 5% level for the observed spread).
 
     python -m studies.distill_small [--quick]
 """
@@ -18,8 +18,6 @@ sd(d) / sqrt(n), ``stats.detectable_difference``: 80% power at the 5% level for 
 from __future__ import annotations
 
 import pandas as pd
-
-from vopd_analysis import stats
 
 from . import common, distill_tiny
 
@@ -37,22 +35,10 @@ DEFAULTS = {
 }
 
 
-def power_columns(df: pd.DataFrame, reference: str = distill_tiny.REFERENCE) -> pd.DataFrame:
-    """Per estimator: the detectable paired difference of each final metric to ``reference``."""
-    last = df[df["step"] == df["step"].max()].set_index(["estimator", "seed"])
-    rows = []
-    for name in dict.fromkeys(df["estimator"]):
-        if name == reference:
-            continue
-        seeds = last.loc[name].index.intersection(last.loc[reference].index)
-        rows.append({"estimator": name, **{f"mde_{short}": stats.detectable_difference(
-            last.loc[name].loc[seeds, m] - last.loc[reference].loc[seeds, m]) for m, (short, _) in METRICS.items()}})
-    return pd.DataFrame(rows, columns=["estimator", *[f"mde_{s}" for s, _ in METRICS.values()]])
-
-
 def report(df: pd.DataFrame, config: dict) -> common.Report:
     said = distill_tiny.report(df, config, METRICS)
-    table = pd.DataFrame(said.extra["summary"]).merge(power_columns(df), on="estimator", how="left")
+    table = pd.DataFrame(said.extra["summary"]).merge(distill_tiny.detectable_differences(df, distill_tiny.REFERENCE, METRICS),
+                                                               on="estimator", how="left")
     text = said.extra["summary_note"] + "\n" + table.to_string(index=False, float_format=lambda x: f"{x:.4g}")
     return common.Report(text=text, extra={"summary": table.to_dict(orient="records"),
                                            "summary_note": said.extra["summary_note"]})

@@ -140,6 +140,22 @@ def summary(df: pd.DataFrame, threshold: float, reference: str = REFERENCE, metr
     return pd.DataFrame(out)
 
 
+def detectable_differences(df: pd.DataFrame, reference: str, metrics: dict = METRICS, column="mde_{short}") -> pd.DataFrame:
+    """Per estimator other than ``reference``: the smallest paired difference of each final metric to
+    ``reference`` that the seeds could detect (``stats.detectable_difference``: 80% power at the 5% level
+    for the observed spread of the paired differences), in the columns ``column.format(short=...)``."""
+    last = df[df["step"] == df["step"].max()].set_index(["estimator", "seed"])
+    names = [column.format(short=short) for short, _ in metrics.values()]
+    rows = []
+    for name in dict.fromkeys(df["estimator"]):
+        if name == reference:
+            continue
+        seeds = last.loc[name].index.intersection(last.loc[reference].index)
+        rows.append({"estimator": name, **{col: stats.detectable_difference(
+            last.loc[name].loc[seeds, m] - last.loc[reference].loc[seeds, m]) for col, m in zip(names, metrics)}})
+    return pd.DataFrame(rows, columns=["estimator", *names])
+
+
 def report(df: pd.DataFrame, config: dict, metrics: dict = METRICS) -> common.Report:
     table = summary(df, config["kl_threshold"], metrics=metrics)
     head = (f"{df['seed'].nunique()} paired seeds, {df['step'].max()} steps; differences are estimator - {REFERENCE} "

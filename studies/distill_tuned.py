@@ -238,31 +238,17 @@ def slopes(df: pd.DataFrame, fraction: float) -> tuple:
     return runs, pd.DataFrame(per)
 
 
-def power(df: pd.DataFrame, config: dict, reference: str) -> pd.DataFrame:
-    """Per estimator: the smallest paired difference of each final metric to ``reference`` that the seeds
-    could detect (``stats.detectable_difference``: 80% power at the 5% level for the observed spread of
-    the paired differences), columns ``<short>_minus_<reference>_mde``."""
-    last = df[df["step"] == df["step"].max()].set_index(["estimator", "seed"])
-    rows = []
-    for name in dict.fromkeys(df["estimator"]):
-        if name == reference:
-            continue
-        seeds = last.loc[name].index.intersection(last.loc[reference].index)
-        rows.append({"estimator": name, **{f"{short}_minus_{reference}_mde": stats.detectable_difference(
-            last.loc[name].loc[seeds, m] - last.loc[reference].loc[seeds, m]) for m, (short, _) in metrics(config).items()}})
-    return pd.DataFrame(rows, columns=["estimator", *[f"{s}_minus_{reference}_mde" for s, _ in metrics(config).values()]])
-
-
 def summary(df: pd.DataFrame, config: dict) -> pd.DataFrame:
     """Per estimator on the confirmation runs: its lr, ``distill_tiny.summary`` (final values with
     intervals, steps to the threshold) with the paired differences to each of ``REFERENCES`` present
     (columns ``<metric>_minus_<reference>``, ``_low``, ``_high``, ``_p`` and the detectable difference
-    ``_mde``, ``power``), and the tail slopes."""
+    ``_mde``, ``distill_tiny.detectable_differences``), and the tail slopes."""
     out, labels = None, metrics(config)
     for ref in (r for r in REFERENCES if r in set(df["estimator"])):
         table = distill_tiny.summary(df, config["kl_threshold"], reference=ref, metrics=labels)
         table = table.rename(columns=lambda c: c.replace("_diff", f"_minus_{ref}"))
-        table = table.merge(power(df, config, ref), on="estimator", how="left")
+        table = table.merge(distill_tiny.detectable_differences(df, ref, labels, f"{{short}}_minus_{ref}_mde"),
+                            on="estimator", how="left")
         out = table if out is None else out.merge(table[["estimator", *[c for c in table if f"_minus_{ref}" in c]]],
                                                   on="estimator")
     if out is None:
