@@ -70,7 +70,6 @@ METRICS = distill_tiny.METRICS            # eval_accuracy, eval_reverse_kl
 LABELS = {**distill_tiny.METRICS, **distill_small.METRICS}   # every eval metric: (short name, axis label)
 RULE_METRIC = "eval_reverse_kl"           # the selection rule: lowest mean final value, ties to the smaller lr
 REFERENCES = ("opd", "vopd")              # the paired differences of the confirmation
-COLUMNS = ["estimator", "lr", "seed", "step", *METRICS]
 LOOP = {"preset": "tiny", "metrics": list(METRICS), "prompts_per_step": 16, "rollouts_per_prompt": 4,
         "slope_fraction": 0.2}
 QUICK_NOTE = ("QUICK MODE: this only checks that the pipeline runs (too few seeds and steps to choose a learning rate "

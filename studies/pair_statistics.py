@@ -71,11 +71,8 @@ def stored_batch_statistics(pair, preset, name: str, config: dict, batch: int) -
         return batch_statistics(pair, preset, config, batch)
     path = Path(config["work_dir"]) / name / f"batch-{batch:04d}.json"
     key = {"pair": name, "batch": batch, **{k: config[k] for k in ("num_prompts", "num_rollouts", "seed")}}
-    stored = records.read_stored_result(path, key, "stored pair statistics")
-    if stored is None:
-        stored = batch_statistics(pair, preset, config, batch)
-        records.store_result(path, key, stored)
-    return stored
+    return records.stored_or_computed(path, key, "stored pair statistics",
+                                      lambda: batch_statistics(pair, preset, config, batch))
 
 
 def compute(config: dict):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vopd_analysis import cli
+from vopd_analysis import cli, records
 from vopd_analysis import estimators as est
 from vopd_analysis.errors import InputError
 from vopd_analysis.lm import fused_score as fs
@@ -215,7 +215,8 @@ def test_a_killed_probe_resumes_from_its_stored_batches(tiny_pair, tmp_path, mon
     cols = ["batch", "estimator", "variance_ratio_to_opd", "cosine_to_reference"]
     pd.testing.assert_frame_equal(resumed.per_batch[cols], whole.per_batch[cols], check_exact=False, rtol=1e-6)
     pd.testing.assert_frame_equal(resumed.layers, whole.layers, check_exact=False, rtol=1e-6)
-    stored = probe.read_stored_batch(work, 0, probe.batch_key({**config, "work_dir": work}, planned))
+    stored = probe.batch_from_json(records.read_stored_result(probe.batch_file(work, 0), probe.batch_key(
+        {**config, "work_dir": work}, planned), "a stored probe batch"))
     assert stored[0]["trace_cov"].tolist() == resumed.per_batch.query("batch == 0")["trace_cov"].tolist()  # exact
     with pytest.raises(InputError, match=r"batch-0000.json was computed with other settings \(num_rollouts\)"):
         probe.run(tiny_pair, planned, {**config, "num_rollouts": 4, "work_dir": work}, source=source, progress=False)

@@ -7,7 +7,8 @@ not JSON, a missing field, a field of the wrong type, an unknown field) is one `
 line naming the file and the field, so damaged metadata never ends in a traceback.
 
 Resuming: ``store_result`` keeps one unit of a long computation (a probe batch) with the settings it was
-computed with, and ``read_stored_result`` reads it back, refusing one computed with other settings.
+computed with, ``read_stored_result`` reads it back, refusing one computed with other settings, and
+``stored_or_computed`` does both around the computation.
 
 Writing: ``write_json_atomic`` writes a file a reader never sees half-written; ``check_output`` refuses, before any work starts, an output path that cannot be
 written: empty (an unset shell variable), a folder where a file is meant or the reverse, below
@@ -229,3 +230,13 @@ def read_stored_result(path, key: dict, what: str):
         raise InputError(f"{path} was computed with other settings ({', '.join(differ) or 'no key stored'}); "
                          "give another work folder or remove that one")
     return stored["result"]
+
+
+def stored_or_computed(path, key: dict, what: str, compute):
+    """The result kept in ``path`` for the settings ``key`` (``read_stored_result``), else ``compute()``
+    (JSON values), kept there first (``store_result``): a killed computation resumes after its last unit."""
+    stored = read_stored_result(path, key, what)
+    if stored is None:
+        stored = compute()
+        store_result(path, key, stored)
+    return stored

@@ -274,21 +274,22 @@ def batch_file(work_dir, batch: int) -> Path:
     return Path(work_dir) / f"batch-{batch:04d}.json"
 
 
-def read_stored_batch(work_dir, batch: int, key: dict):
-    """Batch ``batch``'s (rows, layer rows, mean response tokens) stored in ``work_dir`` by ``store_batch``, or
-    None; ``InputError`` naming the file and the differing settings when it was probed with other settings."""
+def batch_to_json(rows, layers, length: float) -> dict:
+    """One probed batch (``probe_batch``'s result) as JSON values, to be kept by ``records.store_result``."""
+    return {"rows": rows.to_dict(orient="records"), "layers": layers.to_dict(orient="records"), "length": length}
+
+
+def batch_from_json(stored: dict) -> tuple:
+    """``batch_to_json``'s inverse: (rows, layer rows, mean response tokens)."""
     import pandas as pd
-    stored = records.read_stored_result(batch_file(work_dir, batch), key, "a stored probe batch")
-    if stored is None:
-        return None
     return pd.DataFrame(stored["rows"]), pd.DataFrame(stored["layers"]), float(stored["length"])
 
 
-def store_batch(work_dir, batch: int, key: dict, rows, layers, length: float) -> None:
-    """Keep one probed batch in ``work_dir`` so that a killed probe resumes after it."""
-    records.store_result(batch_file(work_dir, batch), key, {"rows": rows.to_dict(orient="records"),
-                                                            "layers": layers.to_dict(orient="records"),
-                                                            "length": length})
+def stored_batch(work_dir, batch: int, key: dict, probe_it) -> tuple:
+    """Batch ``batch`` kept in ``work_dir`` for the settings ``key``, else ``probe_it()``'s, kept there first
+    (``records.stored_or_computed``: other settings in the folder are refused by name)."""
+    return batch_from_json(records.stored_or_computed(batch_file(work_dir, batch), key, "a stored probe batch",
+                                                      lambda: batch_to_json(*probe_it())))
 
 
 def run(pair: loading.ModelPair, probed: Sequence[Probed], config: dict, records: Optional[list] = None,
@@ -322,12 +323,9 @@ def run(pair: loading.ModelPair, probed: Sequence[Probed], config: dict, records
     if work and progress and any(batch_file(work, b).exists() for b in range(config["num_batches"])):
         print(f"resuming: batches already probed are read back from {work}", flush=True)
     for batch in tqdm(range(config["num_batches"]), desc="probe batches", disable=not progress):
-        stored = read_stored_batch(work, batch, key) if work else None
-        if stored is None:
-            stored = probe_batch(pair, probed, batch_prompts(config, batch, records, source), config, batch)
-            if work:
-                store_batch(work, batch, key, *stored)
-        rows, layers, length = stored
+        def probe_it():
+            return probe_batch(pair, probed, batch_prompts(config, batch, records, source), config, batch)
+        rows, layers, length = stored_batch(work, batch, key, probe_it) if work else probe_it()
         frames.append(rows)
         layer_frames.append(layers)
         lengths.append(length)
