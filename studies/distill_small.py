@@ -36,9 +36,14 @@ DEFAULTS = {
 
 
 def report(df: pd.DataFrame, config: dict) -> common.Report:
+    """``distill_tiny.report`` with the detectable differences to opd (``mde_*``) and, for each estimator
+    of ``config["also_against"]`` present (default none), the paired differences to it
+    (``distill_tiny.differences_to``: columns ``<short>_minus_<reference>``)."""
     said = distill_tiny.report(df, config, METRICS)
     table = pd.DataFrame(said.extra["summary"]).merge(distill_tiny.detectable_differences(df, distill_tiny.REFERENCE, METRICS),
                                                                on="estimator", how="left")
+    for ref in (r for r in config.get("also_against", ()) if r in set(df["estimator"])):
+        table = table.merge(distill_tiny.differences_to(df, ref, config["kl_threshold"], METRICS), on="estimator")
     text = said.extra["summary_note"] + "\n" + table.to_string(index=False, float_format=lambda x: f"{x:.4g}")
     return common.Report(text=text, extra={"summary": table.to_dict(orient="records"),
                                            "summary_note": said.extra["summary_note"]})

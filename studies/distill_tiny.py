@@ -156,6 +156,17 @@ def detectable_differences(df: pd.DataFrame, reference: str, metrics: dict = MET
     return pd.DataFrame(rows, columns=["estimator", *names])
 
 
+def differences_to(df: pd.DataFrame, reference: str, threshold: float, metrics: dict = METRICS) -> pd.DataFrame:
+    """Per estimator: the paired difference of each final metric to ``reference`` (estimator - reference on
+    the same seeds; mean, 95% t-interval, paired t-test p-value) and its detectable size, in the columns
+    ``<short>_minus_<reference>``, ``_low``, ``_high``, ``_p`` and ``_mde`` (NaN for the reference)."""
+    table = summary(df, threshold, reference=reference, metrics=metrics)
+    table = table.rename(columns=lambda c: c.replace("_diff", f"_minus_{reference}"))
+    table = table.merge(detectable_differences(df, reference, metrics, f"{{short}}_minus_{reference}_mde"),
+                        on="estimator", how="left")
+    return table[["estimator", *[c for c in table if f"_minus_{reference}" in c]]]
+
+
 def report(df: pd.DataFrame, config: dict, metrics: dict = METRICS) -> common.Report:
     table = summary(df, config["kl_threshold"], metrics=metrics)
     head = (f"{df['seed'].nunique()} paired seeds, {df['step'].max()} steps; differences are estimator - {REFERENCE} "

@@ -18,7 +18,7 @@ still at an edge.
 
 Confirmation. Fresh seeds 0..9, paired across estimators (seed s gives every estimator the same
 training prompts; the held-out set is the same for all), each estimator at its chosen learning
-rate for ``steps`` (240) steps, evaluated every 40. Reported per estimator over the seeds: the
+rate for ``steps`` (600) steps, evaluated every 40. Reported per estimator over the seeds: the
 final held-out accuracy and reverse KL (mean, 95% t-interval), the paired differences to opd and
 to vopd (mean, 95% t-interval, paired t-test p-value; ``distill_tiny.summary``), the steps to reach
 ``kl_threshold`` nats, and whether the curves flattened: the least-squares slope of the reverse KL
@@ -38,12 +38,13 @@ reverse KL and accuracy with 95% intervals. Every run is a ``vopd distill`` fold
 Quick mode (opd and vopd, 2 learning rates, 1 selection seed, 2 confirmation seeds, 20 steps) only
 checks the pipeline and decides nothing. Full mode: 5 x 4 x 3 = 60 selection runs of 120 steps (7,200
 steps), at most 30 more if every estimator's grid is extended twice (3,600 steps), and 5 x 10 = 50
-confirmation runs of 240 steps (12,000 steps): 19,200 to 22,800 steps with ``jobs`` 2. distill_tiny's
-full mode (50 runs x 400 steps of the same size, 2 processes) took 2,870 s of wall time on 2 cores, 0.14 s
-per step with evaluations; so about 45 to 55 minutes on an idle machine, plus about 5 minutes of process
-start-up (one process per run). The budgets are what the compute this study was given allowed (the first
-plan, 200 and 600 steps, needed about two hours of both cores); the tail slopes say whether 240 steps
-were enough for the curves to flatten.
+confirmation runs of 600 steps (30,000 steps), with ``jobs`` 2. distill_tiny's full mode (50 runs x 400
+steps of the same size, 2 processes) took 2,870 s of wall time on 2 cores, 0.14 s per step with
+evaluations; so about 1.5 hours on an idle machine, plus about 5 minutes of process start-up (one process
+per run). The confirmation first ran for 240 steps; its best curve (full_kl) was still falling then
+(-0.91 nats per 100 steps), so ``steps`` was raised to 600 and the kept runs continued from their
+step-240 checkpoints (``steps`` is resumable: the first 240 steps of each run are unchanged). The tail
+slopes say whether 600 steps were enough for the curves to flatten.
 
     python -m studies.distill_tuned [--quick]
 """
@@ -79,7 +80,7 @@ DEFAULTS = {
               "selection_steps": 20, "max_extensions": 1, "seeds": [0, 1], "steps": 20, "eval_every": 10,
               "num_eval": 50, "kl_threshold": 7.5, "jobs": 1, "work_dir": None, "note": QUICK_NOTE, **LOOP},
     "full": {"estimators": ESTIMATORS, "lrs": [1e-4, 3e-4, 1e-3, 3e-3], "selection_seeds": [100, 101, 102],
-             "selection_steps": 120, "max_extensions": 2, "seeds": list(range(10)), "steps": 240, "eval_every": 40,
+             "selection_steps": 120, "max_extensions": 2, "seeds": list(range(10)), "steps": 600, "eval_every": 40,
              "num_eval": 200, "kl_threshold": 4.0, "jobs": 2, "work_dir": "runs/distill_tuned_full", "note": None,
              **LOOP},
 }
@@ -242,16 +243,10 @@ def summary(df: pd.DataFrame, config: dict) -> pd.DataFrame:
     intervals, steps to the threshold) with the paired differences to each of ``REFERENCES`` present
     (columns ``<metric>_minus_<reference>``, ``_low``, ``_high``, ``_p`` and the detectable difference
     ``_mde``, ``distill_tiny.detectable_differences``), and the tail slopes."""
-    out, labels = None, metrics(config)
+    labels = metrics(config)
+    out = distill_tiny.summary(df, config["kl_threshold"], reference="(none)", metrics=labels)
     for ref in (r for r in REFERENCES if r in set(df["estimator"])):
-        table = distill_tiny.summary(df, config["kl_threshold"], reference=ref, metrics=labels)
-        table = table.rename(columns=lambda c: c.replace("_diff", f"_minus_{ref}"))
-        table = table.merge(distill_tiny.detectable_differences(df, ref, labels, f"{{short}}_minus_{ref}_mde"),
-                            on="estimator", how="left")
-        out = table if out is None else out.merge(table[["estimator", *[c for c in table if f"_minus_{ref}" in c]]],
-                                                  on="estimator")
-    if out is None:
-        out = distill_tiny.summary(df, config["kl_threshold"], reference="(none)", metrics=labels)
+        out = out.merge(distill_tiny.differences_to(df, ref, config["kl_threshold"], labels), on="estimator")
     lrs = df.groupby("estimator", sort=False)["lr"].first().rename("lr")
     out = out.merge(lrs, left_on="estimator", right_index=True)
     out = out[["estimator", "lr", *[c for c in out if c not in ("estimator", "lr")]]]

@@ -12,11 +12,12 @@ the student's samples (no verifier). The summary adds each paired difference's d
 Budget, sized to about an hour of both cores (a small-pair step costs 1.3 s for opd to 2.5 s for full_kl
 on one core, ``distill_small``'s manifest): estimators opd, vopd, opd_bstar, full_kl (vopd_topk left out:
 on the tiny pair it equalled vopd, and each estimator costs a quarter of the budget); grid 3e-4, 1e-3,
-3e-3 (10x) with at most one extension per estimator; selection 40 steps x 2 seeds; confirmation 80
+3e-3 (10x) with at most one extension per estimator; selection 40 steps x 2 seeds; confirmation 200
 steps x 6 seeds, evaluated every 20 steps on 32 held-out prompts. So 24 selection runs (960 steps), at
-most 8 more (320), and 24 confirmation runs (1,920 steps). The selection budget is half the
-confirmation's, as on the tiny pair: a short budget can favour larger learning rates, which the
-confirmation's tail slopes show.
+most 8 more (320), and 24 confirmation runs (4,800 steps). The confirmation first ran for 80 steps,
+where every curve but opd's was still falling; ``steps`` was raised to 200 and the kept runs continued
+from their step-80 checkpoints (the first 80 steps of each run are unchanged). A short selection budget
+can favour larger learning rates, which the confirmation's tail slopes show.
 
 Quick mode (opd and vopd, 2 learning rates, 1 selection seed, 2 confirmation seeds, 2 steps) only checks
 the pipeline and decides nothing.
@@ -40,7 +41,7 @@ DEFAULTS = {
               "selection_steps": 2, "max_extensions": 1, "seeds": [0, 1], "steps": 2, "eval_every": 1,
               "num_eval": 4, "jobs": 1, "work_dir": None, "note": distill_tuned.QUICK_NOTE, **LOOP},
     "full": {"estimators": ESTIMATORS, "lrs": [3e-4, 1e-3, 3e-3], "selection_seeds": [100, 101],
-             "selection_steps": 40, "max_extensions": 1, "seeds": list(range(6)), "steps": 80, "eval_every": 20,
+             "selection_steps": 40, "max_extensions": 1, "seeds": list(range(6)), "steps": 200, "eval_every": 20,
              "num_eval": 32, "jobs": 2, "work_dir": "runs/distill_tuned_small_full", "note": None, **LOOP},
 }
 

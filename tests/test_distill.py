@@ -12,10 +12,10 @@ import torch
 from vopd_analysis.distill import checkpoint as ckpt
 from vopd_analysis.distill import command, loop
 from vopd_analysis.distill.config import DistillConfig, check_config
-from vopd_analysis.distill.lock import LOCK
 from vopd_analysis.distill.metrics import Metrics
 from vopd_analysis.errors import InputError
 from vopd_analysis.lm import tiny
+from vopd_analysis.lock import LOCK
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,7 @@
 """``vopd probe`` and the probe library (``vopd_analysis.lm.probe``) on the committed tiny pair."""
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ import torch
 from vopd_analysis import cli, records
 from vopd_analysis import estimators as est
 from vopd_analysis.errors import InputError
+from vopd_analysis.lock import RunLock
 from vopd_analysis.lm import fused_score as fs
 from vopd_analysis.lm import loading, presets, probe, variance
 from vopd_analysis.lm import rollouts as ro
@@ -193,6 +195,27 @@ def test_vopd_probe_checks_its_out_before_any_work(tmp_path, capsys):
                          (str(tmp_path / "file" / "below"), "is a file, so the folder cannot be made")):
         assert cli.main(["probe", "--preset", "tiny", "--out", out]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_second_probe_on_the_same_outputs_is_refused_while_the_first_runs(tmp_path, capsys, monkeypatch):
+    """``OUT/<name>.lock`` is held while a probe runs (here by this process, as a running probe would hold
+    it): a second ``vopd probe`` with the same --out and --name is refused at once, naming the holder; another
+    --name in the same folder is not locked out. After release the lock file is gone."""
+    out = tmp_path / "p"
+    out.mkdir()
+    held = RunLock(out, "probe.lock", "vopd probe")
+    held.acquire()
+    try:
+        assert cli.main(["probe", "--preset", "tiny", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "in use by another vopd probe" in err and f"pid {os.getpid()}" in err
+        reached = []
+        monkeypatch.setattr(probe, "_probe", lambda args, preset, folder, started: reached.append(args.name) or 0)
+        assert cli.main(["probe", "--preset", "tiny", "--out", str(out), "--name", "other"]) == 0
+        assert reached == ["other"] and not (out / "other.lock").exists()
+    finally:
+        held.release()
+    assert not (out / "probe.lock").exists()
 
 
 def test_a_killed_probe_resumes_from_its_stored_batches(tiny_pair, tmp_path, monkeypatch):

@@ -22,10 +22,10 @@ import pytest
 from vopd_analysis import cli
 from vopd_analysis.distill import checkpoint as ckpt
 from vopd_analysis.distill import command, loop
-from vopd_analysis.distill.lock import LOCK, RunLock
 from vopd_analysis.distill.rundir import INPUTS
 from vopd_analysis.errors import InputError
 from vopd_analysis.lm import tasks, tiny
+from vopd_analysis.lock import LOCK, RunLock
 
 REPO = Path(__file__).resolve().parent.parent
 COMPARED = ("loss", "reverse_kl_sampled", "grad_norm", "response_tokens", "skipped", "lr")

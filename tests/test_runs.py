@@ -20,10 +20,10 @@ from scipy import stats as sps
 from vopd_analysis import cli
 from vopd_analysis.distill import checkpoint as ckpt
 from vopd_analysis.distill import compare, sweep
-from vopd_analysis.distill.lock import LOCK, RunLock
 from vopd_analysis.distill.metrics import Metrics
 from vopd_analysis.errors import InputError
 from vopd_analysis.lm import tiny
+from vopd_analysis.lock import LOCK, RunLock
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,13 +17,13 @@ from vopd_analysis import estimators as est  # noqa: E402
 from vopd_analysis.distill import checkpoint as ckpt  # noqa: E402
 from vopd_analysis.distill import command, trl_engine, trl_trainer  # noqa: E402  # noqa: E402
 from vopd_analysis.distill.config import check_values  # noqa: E402
-from vopd_analysis.distill.lock import LOCK  # noqa: E402
 from vopd_analysis.errors import InputError  # noqa: E402
 from vopd_analysis.lm import fused_score as fs  # noqa: E402
 from vopd_analysis.lm import loading, tasks, tiny  # noqa: E402
 from vopd_analysis.lm import rollouts as ro
 from vopd_analysis.lm import scoring as sc
 from vopd_analysis.lm.smoke import SMOKE_CHARS  # noqa: E402
+from vopd_analysis.lock import LOCK  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY = ("opd", "vopd", "vopd_topk", "full_kl", "opd_bstar")

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from studies import distill_tuned, distill_tuned_small
+from studies import distill_small, distill_tiny, distill_tuned, distill_tuned_small
 from vopd_analysis import cli
 from vopd_analysis.distill import compare, sweep
 from vopd_analysis.distill.config import DistillConfig
@@ -398,3 +398,27 @@ def test_the_small_pair_study_reports_its_own_metrics_and_power(monkeypatch, tmp
     assert vopd["tlogp_minus_opd_mde"] == pytest.approx(by_hand)
     assert vopd["tlogp_minus_opd"] == pytest.approx(d.mean()) and "acc_end" not in vopd
     assert (tmp_path / "distill_tuned_small.png").stat().st_size > 0
+
+
+def test_differences_to_a_second_reference_by_hand():
+    """``distill_tiny.differences_to``: the paired final differences to a named reference. Hand case: final
+    reverse KL of vopd 3, 4, 5 and opd_bstar 2, 4, 3 on seeds 0, 1, 2, so d = -1, 0, -2: mean -1, sd 1,
+    t = -sqrt(3) on 2 degrees of freedom. distill_small's report adds these columns for ``also_against``."""
+    finals = {"opd": [9, 8, 7], "vopd": [3, 4, 5], "opd_bstar": [2, 4, 3]}
+    df = pd.DataFrame([{"estimator": name, "seed": seed, "step": step, "eval_reverse_kl": 30.0 if step == 0 else kl,
+                        "eval_teacher_logprob": -7.0 + seed}
+                       for name, kls in finals.items() for seed, kl in enumerate(kls) for step in (0, 10)])
+    table = distill_tiny.differences_to(df, "vopd", 4.0, distill_small.METRICS).set_index("estimator")
+    half = sps.t.ppf(0.975, 2) / math.sqrt(3)
+    row = table.loc["opd_bstar"]
+    assert row["kl_minus_vopd"] == pytest.approx(-1.0)
+    assert (row["kl_minus_vopd_low"], row["kl_minus_vopd_high"]) == pytest.approx((-1 - half, -1 + half))
+    assert row["kl_minus_vopd_p"] == pytest.approx(2 * sps.t.sf(math.sqrt(3), 2))
+    assert row["kl_minus_vopd_mde"] == pytest.approx((sps.t.ppf(0.975, 2) + sps.t.ppf(0.8, 2)) / math.sqrt(3))
+    assert math.isnan(table.loc["vopd", "kl_minus_vopd"])
+    said = distill_small.report(df, {"kl_threshold": 4.0, "also_against": ["vopd", "absent"]})
+    summary = pd.DataFrame(said.extra["summary"]).set_index("estimator")
+    assert summary.loc["opd_bstar", "kl_minus_vopd"] == pytest.approx(-1.0)
+    assert summary.loc["opd_bstar", "kl_diff"] == pytest.approx(np.mean([2 - 9, 4 - 8, 3 - 7]))
+    assert "kl_minus_absent" not in summary
+    assert "kl_minus_vopd" not in pd.DataFrame(distill_small.report(df, {"kl_threshold": 4.0}).extra["summary"])

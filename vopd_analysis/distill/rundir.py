@@ -17,10 +17,10 @@ import torch
 
 from .. import records
 from ..errors import InputError
+from ..lock import RunLock
 from ..records import write_json_atomic
 from . import checkpoint as ckpt
 from .config import DistillConfig, changed_fields, flag_of, read_config
-from .lock import RunLock
 
 
 def check_resumable(out_dir: Path, cfg: DistillConfig) -> None:

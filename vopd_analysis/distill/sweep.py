@@ -55,8 +55,8 @@ if __name__ == "__main__":            # a worker (python -m ... --one): a Ctrl-C
 from .. import estimators as est  # noqa: E402
 from .. import params as prm  # noqa: E402
 from .. import records  # noqa: E402
+from ..lock import RunLock  # noqa: E402
 from . import command, compare, config, rundir, stopping  # noqa: E402
-from .lock import RunLock  # noqa: E402
 
 LOCK = "sweep.lock"
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -38,6 +39,7 @@ from .. import estimators as est
 from .. import params as prm
 from .. import provenance, records, stats
 from ..errors import InputError, exit_with
+from ..lock import RunLock
 from . import fused_score as fs
 from . import loading, tasks, variance
 from . import rollouts as ro
@@ -494,6 +496,21 @@ def main(argv=None) -> int:
         raise InputError("without --preset give --prompts FILE.jsonl")
     out = records.check_output(args.out, "--out", folder=True)
     if (out / f"{args.name}.json").exists():
+        raise InputError(f"--out {out} already holds {args.name}.json; choose another --out or --name")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, f"{args.name}.lock", "vopd probe")   # a second probe on the same outputs is refused at once
+    stale = lock.acquire()
+    if stale:
+        print(f"warning: {stale}", file=sys.stderr, flush=True)
+    try:
+        return _probe(args, preset, out, started)
+    finally:
+        lock.release()
+
+
+def _probe(args, preset, out: Path, started: float) -> int:
+    """The body of ``main`` once ``out`` is locked for ``args.name`` (``preset``: the ``--preset`` entry or None)."""
+    if (out / f"{args.name}.json").exists():     # written by a probe that finished while this one waited to start
         raise InputError(f"--out {out} already holds {args.name}.json; choose another --out or --name")
     prompt_records = tasks.read_jsonl(args.prompts) if args.prompts else None
     common = prm.with_shorthand(prm.parse_assignments(args.param), args.k)

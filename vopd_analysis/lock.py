@@ -1,5 +1,5 @@
 """The lock a run folder holds while its run lives (``RunLock``: ``<out>/run.lock``); ``vopd sweep`` locks
-its folder with the same class (``sweep.lock``)."""
+its folder with the same class (``sweep.lock``), and ``vopd probe`` its outputs (``OUT/<name>.lock``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..errors import InputError
+from .errors import InputError
 
 try:
     import fcntl
