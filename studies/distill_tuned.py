@@ -18,7 +18,7 @@ still at an edge.
 
 Confirmation. Fresh seeds 0..9, paired across estimators (seed s gives every estimator the same
 training prompts; the held-out set is the same for all), each estimator at its chosen learning
-rate for ``steps`` (600) steps, evaluated every 40. Reported per estimator over the seeds: the
+rate for ``steps`` (1,200) steps, evaluated every 40. Reported per estimator over the seeds: the
 final held-out accuracy and reverse KL (mean, 95% t-interval), the paired differences to opd and
 to vopd (mean, 95% t-interval, paired t-test p-value; ``distill_tiny.summary``), the steps to reach
 ``kl_threshold`` nats, and whether the curves flattened: the least-squares slope of the reverse KL
@@ -38,13 +38,13 @@ reverse KL and accuracy with 95% intervals. Every run is a ``vopd distill`` fold
 Quick mode (opd and vopd, 2 learning rates, 1 selection seed, 2 confirmation seeds, 20 steps) only
 checks the pipeline and decides nothing. Full mode: 5 x 4 x 3 = 60 selection runs of 120 steps (7,200
 steps), at most 30 more if every estimator's grid is extended twice (3,600 steps), and 5 x 10 = 50
-confirmation runs of 600 steps (30,000 steps), with ``jobs`` 2. distill_tiny's full mode (50 runs x 400
+confirmation runs of 1,200 steps (60,000 steps), with ``jobs`` 2. distill_tiny's full mode (50 runs x 400
 steps of the same size, 2 processes) took 2,870 s of wall time on 2 cores, 0.14 s per step with
-evaluations; so about 1.5 hours on an idle machine, plus about 5 minutes of process start-up (one process
-per run). The confirmation first ran for 240 steps; its best curve (full_kl) was still falling then
-(-0.91 nats per 100 steps), so ``steps`` was raised to 600 and the kept runs continued from their
-step-240 checkpoints (``steps`` is resumable: the first 240 steps of each run are unchanged). The tail
-slopes say whether 600 steps were enough for the curves to flatten.
+evaluations; so about 2.5 hours on an idle machine, plus about 5 minutes of process start-up (one process
+per run). The confirmation first ran for 240 steps, then 600; its best curve (full_kl) was still falling
+at both (-0.91 and -0.35 nats per 100 steps), so ``steps`` was raised each time and the kept runs continued
+from their last checkpoints (``steps`` is resumable: the earlier steps of each run are unchanged). The tail
+slopes say whether 1,200 steps were enough for the curves to flatten.
 
     python -m studies.distill_tuned [--quick]
 """
@@ -80,7 +80,7 @@ DEFAULTS = {
               "selection_steps": 20, "max_extensions": 1, "seeds": [0, 1], "steps": 20, "eval_every": 10,
               "num_eval": 50, "kl_threshold": 7.5, "jobs": 1, "work_dir": None, "note": QUICK_NOTE, **LOOP},
     "full": {"estimators": ESTIMATORS, "lrs": [1e-4, 3e-4, 1e-3, 3e-3], "selection_seeds": [100, 101, 102],
-             "selection_steps": 120, "max_extensions": 2, "seeds": list(range(10)), "steps": 600, "eval_every": 40,
+             "selection_steps": 120, "max_extensions": 2, "seeds": list(range(10)), "steps": 1200, "eval_every": 40,
              "num_eval": 200, "kl_threshold": 4.0, "jobs": 2, "work_dir": "runs/distill_tuned_full", "note": None,
              **LOOP},
 }

@@ -497,15 +497,18 @@ def main(argv=None) -> int:
     out = records.check_output(args.out, "--out", folder=True)
     if (out / f"{args.name}.json").exists():
         raise InputError(f"--out {out} already holds {args.name}.json; choose another --out or --name")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out, f"{args.name}.lock", "vopd probe")   # a second probe on the same outputs is refused at once
-    stale = lock.acquire()
-    if stale:
-        print(f"warning: {stale}", file=sys.stderr, flush=True)
     try:
+        stale = lock.acquire()
+        if stale:
+            print(f"warning: {stale}", file=sys.stderr, flush=True)
         return _probe(args, preset, out, started)
     finally:
         lock.release()
+        if created and not any(out.iterdir()):     # refused input leaves no folder behind
+            out.rmdir()
 
 
 def _probe(args, preset, out: Path, started: float) -> int:
