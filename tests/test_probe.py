@@ -11,10 +11,10 @@ import torch
 from vopd_analysis import cli, records
 from vopd_analysis import estimators as est
 from vopd_analysis.errors import InputError
-from vopd_analysis.lock import RunLock
 from vopd_analysis.lm import fused_score as fs
 from vopd_analysis.lm import loading, presets, probe, variance
 from vopd_analysis.lm import rollouts as ro
+from vopd_analysis.lock import RunLock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
