@@ -34,11 +34,10 @@ DEFAULTS = {
 
 def bstar_minus_vopd(df: pd.DataFrame) -> dict:
     """Paired differences opd_bstar - vopd of the final accuracy and reverse KL (mean, interval, p-value)."""
-    last = df[df["step"] == df["step"].max()].set_index(["estimator", "seed"])
-    seeds = last.loc["opd_bstar"].index.intersection(last.loc["vopd"].index)
+    last = distill_tiny.final_rows(df)
     out = {}
     for metric, (short, _) in distill_tiny.METRICS.items():
-        d = stats.paired_difference(last.loc["opd_bstar"].loc[seeds, metric], last.loc["vopd"].loc[seeds, metric])
+        d = stats.paired_difference(*distill_tiny.paired_finals(last, "opd_bstar", "vopd", metric))
         out[short] = {k: d[k] for k in ("mean", "low", "high", "p_value", "n")}
     return out
 

@@ -45,18 +45,17 @@ def compute(config: dict) -> tuple:
 def engine_contrast(df: pd.DataFrame) -> list:
     """Per estimator and metric: TRL's final mean, the built-in interval, inside or not, and TRL -
     builtin paired by seed (mean, interval, p-value)."""
-    last = df[df["step"] == df["step"].max()].set_index(["estimator", "seed"])
+    last = distill_tiny.final_rows(df)
     out = []
     for label in dict.fromkeys(df["estimator"]):
         engine, name = label.split("/", 1)
         if engine != "trl":
             continue
         ours, theirs = last.loc[f"builtin/{name}"], last.loc[label]
-        seeds = ours.index.intersection(theirs.index)
         for metric, (short, _) in distill_tiny.METRICS.items():
             mean, low, high = stats.mean_interval(ours[metric])
             trl_mean = float(theirs[metric].mean())
-            d = stats.paired_difference(theirs.loc[seeds, metric], ours.loc[seeds, metric])
+            d = stats.paired_difference(*distill_tiny.paired_finals(last, label, f"builtin/{name}", metric))
             out.append({"estimator": name, "metric": short, "builtin_mean": mean, "builtin_low": low,
                         "builtin_high": high, "trl_mean": trl_mean, "trl_inside": bool(low <= trl_mean <= high),
                         "trl_minus_builtin": d["mean"], "diff_low": d["low"], "diff_high": d["high"],

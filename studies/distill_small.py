@@ -43,7 +43,7 @@ def report(df: pd.DataFrame, config: dict) -> common.Report:
     table = pd.DataFrame(said.extra["summary"]).merge(distill_tiny.detectable_differences(df, distill_tiny.REFERENCE, METRICS),
                                                                on="estimator", how="left")
     for ref in (r for r in config.get("also_against", ()) if r in set(df["estimator"])):
-        table = table.merge(distill_tiny.differences_to(df, ref, config["kl_threshold"], METRICS), on="estimator")
+        table = table.merge(distill_tiny.differences_to(df, ref, METRICS), on="estimator")
     text = said.extra["summary_note"] + "\n" + table.to_string(index=False, float_format=lambda x: f"{x:.4g}")
     return common.Report(text=text, extra={"summary": table.to_dict(orient="records"),
                                            "summary_note": said.extra["summary_note"]})

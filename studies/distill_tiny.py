@@ -113,11 +113,23 @@ def steps_to_threshold(curve: pd.DataFrame, threshold: float) -> float:
     return float(hit["step"].min()) if len(hit) else float("nan")
 
 
+def final_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The evaluations at the last step, indexed by (estimator, seed)."""
+    return df[df["step"] == df["step"].max()].set_index(["estimator", "seed"])
+
+
+def paired_finals(last: pd.DataFrame, name: str, reference: str, metric: str) -> tuple:
+    """(``name``'s, ``reference``'s) final ``metric`` on the seeds both have, in the same order (``last``:
+    ``final_rows``), for a paired difference ``name`` - ``reference``."""
+    seeds = last.loc[name].index.intersection(last.loc[reference].index)
+    return last.loc[name].loc[seeds, metric], last.loc[reference].loc[seeds, metric]
+
+
 def summary(df: pd.DataFrame, threshold: float, reference: str = REFERENCE, metrics: dict = METRICS) -> pd.DataFrame:
     """Per estimator over seeds: start and final value of each metric (mean, 95% t-interval), the paired
     difference of the final values to ``reference`` (mean, interval, p-value), and steps to ``threshold``."""
     metrics = {m: v for m, v in metrics.items() if m in df}
-    last = df[df["step"] == df["step"].max()].set_index(["estimator", "seed"])
+    last = final_rows(df)
     first = df[df["step"] == 0].set_index(["estimator", "seed"])
     reach = {key: steps_to_threshold(g, threshold) for key, g in df.groupby(["estimator", "seed"])}
     out = []
@@ -128,8 +140,7 @@ def summary(df: pd.DataFrame, threshold: float, reference: str = REFERENCE, metr
             mean, low, high = stats.mean_interval(last.loc[name, metric])
             row.update({f"{short}_end": mean, f"{short}_end_low": low, f"{short}_end_high": high})
             if reference in last.index.get_level_values(0) and name != reference:
-                seeds = last.loc[name].index.intersection(last.loc[reference].index)
-                d = stats.paired_difference(last.loc[name].loc[seeds, metric], last.loc[reference].loc[seeds, metric])
+                d = stats.paired_difference(*paired_finals(last, name, reference, metric))
                 row.update({f"{short}_diff": d["mean"], f"{short}_diff_low": d["low"], f"{short}_diff_high": d["high"],
                             f"{short}_diff_p": d["p_value"]})
         steps = np.array([reach[(name, s)] for s in last.loc[name].index])
@@ -144,27 +155,36 @@ def detectable_differences(df: pd.DataFrame, reference: str, metrics: dict = MET
     """Per estimator other than ``reference``: the smallest paired difference of each final metric to
     ``reference`` that the seeds could detect (``stats.detectable_difference``: 80% power at the 5% level
     for the observed spread of the paired differences), in the columns ``column.format(short=...)``."""
-    last = df[df["step"] == df["step"].max()].set_index(["estimator", "seed"])
+    last = final_rows(df)
     names = [column.format(short=short) for short, _ in metrics.values()]
     rows = []
     for name in dict.fromkeys(df["estimator"]):
         if name == reference:
             continue
-        seeds = last.loc[name].index.intersection(last.loc[reference].index)
-        rows.append({"estimator": name, **{col: stats.detectable_difference(
-            last.loc[name].loc[seeds, m] - last.loc[reference].loc[seeds, m]) for col, m in zip(names, metrics)}})
+        row = {"estimator": name}
+        for col, metric in zip(names, metrics):
+            mine, theirs = paired_finals(last, name, reference, metric)
+            row[col] = stats.detectable_difference(mine - theirs)
+        rows.append(row)
     return pd.DataFrame(rows, columns=["estimator", *names])
 
 
-def differences_to(df: pd.DataFrame, reference: str, threshold: float, metrics: dict = METRICS) -> pd.DataFrame:
+def differences_to(df: pd.DataFrame, reference: str, metrics: dict = METRICS) -> pd.DataFrame:
     """Per estimator: the paired difference of each final metric to ``reference`` (estimator - reference on
     the same seeds; mean, 95% t-interval, paired t-test p-value) and its detectable size, in the columns
     ``<short>_minus_<reference>``, ``_low``, ``_high``, ``_p`` and ``_mde`` (NaN for the reference)."""
-    table = summary(df, threshold, reference=reference, metrics=metrics)
-    table = table.rename(columns=lambda c: c.replace("_diff", f"_minus_{reference}"))
-    table = table.merge(detectable_differences(df, reference, metrics, f"{{short}}_minus_{reference}_mde"),
-                        on="estimator", how="left")
-    return table[["estimator", *[c for c in table if f"_minus_{reference}" in c]]]
+    metrics = {m: v for m, v in metrics.items() if m in df}
+    last, rows = final_rows(df), []
+    for name in dict.fromkeys(df["estimator"]):
+        row = {"estimator": name}
+        for metric, (short, _) in metrics.items():
+            d = (stats.paired_difference(*paired_finals(last, name, reference, metric)) if name != reference
+                 else dict.fromkeys(("mean", "low", "high", "p_value"), float("nan")))
+            col = f"{short}_minus_{reference}"
+            row.update({col: d["mean"], f"{col}_low": d["low"], f"{col}_high": d["high"], f"{col}_p": d["p_value"]})
+        rows.append(row)
+    return pd.DataFrame(rows).merge(detectable_differences(df, reference, metrics, f"{{short}}_minus_{reference}_mde"),
+                                    on="estimator", how="left")
 
 
 def report(df: pd.DataFrame, config: dict, metrics: dict = METRICS) -> common.Report:

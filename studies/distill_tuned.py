@@ -40,7 +40,7 @@ checks the pipeline and decides nothing. Full mode: 5 x 4 x 3 = 60 selection run
 steps), at most 30 more if every estimator's grid is extended twice (3,600 steps), and 5 x 10 = 50
 confirmation runs of 1,200 steps (60,000 steps), with ``jobs`` 2. distill_tiny's full mode (50 runs x 400
 steps of the same size, 2 processes) took 2,870 s of wall time on 2 cores, 0.14 s per step with
-evaluations; so about 2.5 hours on an idle machine, plus about 5 minutes of process start-up (one process
+evaluations; so about 2.7 hours on an idle machine, plus about 5 minutes of process start-up (one process
 per run). The confirmation first ran for 240 steps, then 600; its best curve (full_kl) was still falling
 at both (-0.91 and -0.35 nats per 100 steps), so ``steps`` was raised each time and the kept runs continued
 from their last checkpoints (``steps`` is resumable: the earlier steps of each run are unchanged). The tail
@@ -246,7 +246,7 @@ def summary(df: pd.DataFrame, config: dict) -> pd.DataFrame:
     labels = metrics(config)
     out = distill_tiny.summary(df, config["kl_threshold"], reference="(none)", metrics=labels)
     for ref in (r for r in REFERENCES if r in set(df["estimator"])):
-        out = out.merge(distill_tiny.differences_to(df, ref, config["kl_threshold"], labels), on="estimator")
+        out = out.merge(distill_tiny.differences_to(df, ref, labels), on="estimator")
     lrs = df.groupby("estimator", sort=False)["lr"].first().rename("lr")
     out = out.merge(lrs, left_on="estimator", right_index=True)
     out = out[["estimator", "lr", *[c for c in out if c not in ("estimator", "lr")]]]

@@ -80,6 +80,17 @@ class RunLock:
             return stale
         raise InputError(f"could not lock {self.out_dir}: {self.path} keeps changing")
 
+    def __enter__(self) -> "RunLock":
+        """``with RunLock(...):`` takes the lock for the block, printing a stale lock's takeover as a
+        ``warning:`` line on stderr, and drops it at the end (also on an error)."""
+        stale = self.acquire()
+        if stale:
+            print(f"warning: {stale}", file=sys.stderr, flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
     def release(self) -> None:
         """Remove the lock file (if it is still ours) and drop the lock; a no-op if not held."""
         if self.fd is None:

@@ -340,11 +340,7 @@ def main(argv=None) -> int:
     estimators = parse_estimators(estimators_text, common)
     runs = plan(command.config_from_args(argparse.Namespace(**given)), estimators, seeds, out, lrs)
     out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out, LOCK, "vopd sweep")
-    stale = lock.acquire()                  # a second sweep on this folder is refused at once
-    if stale:
-        print(f"warning: {stale}", file=sys.stderr, flush=True)
-    try:
+    with RunLock(out, LOCK, "vopd sweep"):              # a second sweep on this folder is refused at once
         write_plan(out, runs, estimators, seeds, jobs, lrs)
         grid = f" x {len(lrs)} learning rate(s)" if lrs else ""
         print(f"sweep: {len(estimators)} estimator(s){grid} x {len(seeds)} seed(s) = {len(runs)} runs -> {out} "
@@ -356,8 +352,6 @@ def main(argv=None) -> int:
             compare.report(done, reference=reference, plot=out / "compare.png")
             if lrs and len(lrs) > 1:
                 print(f"each estimator at its best learning rate: vopd compare {out} --best-lr")
-    finally:
-        lock.release()
     for line in failures:
         print(f"failed: {line}", file=sys.stderr)
     return 1 if failures else 0

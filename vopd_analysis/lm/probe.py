@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -495,25 +494,19 @@ def main(argv=None) -> int:
     if preset is None and not args.prompts:
         raise InputError("without --preset give --prompts FILE.jsonl")
     out = records.check_output(args.out, "--out", folder=True)
-    if (out / f"{args.name}.json").exists():
-        raise InputError(f"--out {out} already holds {args.name}.json; choose another --out or --name")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out, f"{args.name}.lock", "vopd probe")   # a second probe on the same outputs is refused at once
     try:
-        stale = lock.acquire()
-        if stale:
-            print(f"warning: {stale}", file=sys.stderr, flush=True)
-        return _probe(args, preset, out, started)
+        with RunLock(out, f"{args.name}.lock", "vopd probe"):   # a second probe on these outputs is refused at once
+            return _probe(args, preset, out, started)
     finally:
-        lock.release()
         if created and not any(out.iterdir()):     # refused input leaves no folder behind
             out.rmdir()
 
 
 def _probe(args, preset, out: Path, started: float) -> int:
     """The body of ``main`` once ``out`` is locked for ``args.name`` (``preset``: the ``--preset`` entry or None)."""
-    if (out / f"{args.name}.json").exists():     # written by a probe that finished while this one waited to start
+    if (out / f"{args.name}.json").exists():     # checked under the lock: never overwrite a finished probe
         raise InputError(f"--out {out} already holds {args.name}.json; choose another --out or --name")
     prompt_records = tasks.read_jsonl(args.prompts) if args.prompts else None
     common = prm.with_shorthand(prm.parse_assignments(args.param), args.k)
